@@ -1,0 +1,1 @@
+"""partialstore: transactional partial saving of JAX PyTree checkpoints to any store."""

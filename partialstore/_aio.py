@@ -1,0 +1,55 @@
+"""One background event loop per process, so sync code can drive coroutines.
+
+The public API is synchronous (``save``) or future-based (``save_async``);
+the contract is async. Every coroutine partialstore runs goes through this
+loop, which lives in a daemon thread, so calls from any thread (including
+threads that already run their own loop, like Jupyter's) never nest loops.
+
+Example::
+
+    from partialstore._aio import run
+    data = run(backend.read("log/00000001.json"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def loop() -> asyncio.AbstractEventLoop:
+    """Return the process-wide background loop, starting it on first use."""
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            new_loop = asyncio.new_event_loop()
+            thread = threading.Thread(
+                target=new_loop.run_forever, name="partialstore-io", daemon=True
+            )
+            thread.start()
+            _loop = new_loop
+        return _loop
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Schedule ``coro`` on the background loop and return a thread-safe future."""
+    return asyncio.run_coroutine_threadsafe(coro, loop())
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the background loop and block until it finishes.
+
+    Must not be called from the background loop itself (it would deadlock).
+    """
+    if _loop is not None and threading.current_thread().name == "partialstore-io":
+        coro.close()
+        raise RuntimeError("partialstore._aio.run called from the partialstore I/O loop.")
+    return submit(coro).result(timeout)

@@ -1,0 +1,88 @@
+"""Exceptions raised by partialstore, grouped by what a handler would do.
+
+Every exception derives from :class:`PartialStoreError` and from the built-in
+that callers already catch, so ``except FileExistsError`` and
+``except FileNotFoundError`` keep working::
+
+    PartialStoreError
+    ├── AlreadyExistsError            (FileExistsError)  something is already there
+    │   └── CheckpointFinalizedError                     a finalized checkpoint is at the path
+    ├── NotFoundError                 (FileNotFoundError, KeyError)  nothing is there
+    ├── ConflictError                                    a concurrent writer changed it first
+    ├── InvalidInputError             (ValueError)       the caller passed something wrong
+    │   └── UnsupportedLeafError      (TypeError)        a tree leaf cannot be saved
+    ├── CorruptCheckpointError        (ValueError)       stored bytes or manifests are bad
+    ├── UnsupportedOperationError     (NotImplementedError)  the store cannot do this
+    └── BackendError                  (OSError)          the store failed
+        └── TransientBackendError                        ... and retrying may help
+
+Example::
+
+    try:
+        partialstore.save(path, tree)
+    except partialstore.errors.CheckpointFinalizedError:
+        ...  # the checkpoint is already published; pick a new path
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExistsError",
+    "BackendError",
+    "CheckpointFinalizedError",
+    "ConflictError",
+    "CorruptCheckpointError",
+    "InvalidInputError",
+    "NotFoundError",
+    "PartialStoreError",
+    "TransientBackendError",
+    "UnsupportedLeafError",
+    "UnsupportedOperationError",
+]
+
+
+class PartialStoreError(Exception):
+    """Base of every error partialstore raises on purpose."""
+
+
+class AlreadyExistsError(PartialStoreError, FileExistsError):
+    """An exclusive create found the key already present."""
+
+
+class CheckpointFinalizedError(AlreadyExistsError):
+    """A save or finalize found a finalized checkpoint (or a sealed session) at the path."""
+
+
+class NotFoundError(PartialStoreError, FileNotFoundError, KeyError):
+    """A key, checkpoint or partial-save session does not exist."""
+
+    # KeyError.__str__ quotes its argument; keep the readable OSError form.
+    __str__ = FileNotFoundError.__str__
+
+
+class ConflictError(PartialStoreError):
+    """A conditional write lost to a concurrent writer (version mismatch)."""
+
+
+class InvalidInputError(PartialStoreError, ValueError):
+    """An argument is malformed: a bad path, key, URL or option."""
+
+
+class UnsupportedLeafError(InvalidInputError, TypeError):
+    """A PyTree leaf has a type partialstore cannot save."""
+
+
+class CorruptCheckpointError(PartialStoreError, ValueError):
+    """Stored data is inconsistent: bad manifest, checksum mismatch, escaping path."""
+
+
+class UnsupportedOperationError(PartialStoreError, NotImplementedError):
+    """The backend lacks the capability this operation needs."""
+
+
+class BackendError(PartialStoreError, OSError):
+    """The storage service or filesystem failed in a way partialstore cannot classify."""
+
+
+class TransientBackendError(BackendError):
+    """A failure that may succeed when retried (timeouts, throttling, 5xx)."""

@@ -1,0 +1,1 @@
+"""Test helpers shipped with partialstore so third-party backends can reuse them."""
