@@ -1,0 +1,266 @@
+"""The public functions: save, save_async, finalize, load, metadata, discard, gc.
+
+Each resolves the path to a backend location, then runs the async core on
+partialstore's background loop. ``partialstore/__init__.py`` re-exports them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from partialstore import _aio, finalizing, loading, ordering, saving
+from partialstore.location import Location, resolve
+from partialstore.ordering import AsyncResponse
+
+__all__ = ["discard", "finalize", "gc", "load", "metadata", "save", "save_async"]
+
+PathLike = str | os.PathLike[str]
+
+
+def _queue_key(location: Location) -> tuple[int, str]:
+    return (id(location.backend), location.final_prefix)
+
+
+def _start_save(
+    path: PathLike,
+    state: Any,
+    custom_metadata: Mapping[str, Any] | None,
+    storage_options: Mapping[str, Any] | None,
+    *,
+    copy: bool,
+) -> AsyncResponse:
+    location = resolve(path, storage_options)
+    saving.check_writable(location)
+    snap = saving.snapshot(state, custom_metadata, copy=copy)
+    _aio.run(saving.raise_if_finalized(location))
+
+    async def commit() -> None:
+        await saving.commit_save(location, snap)
+
+    return ordering.schedule(_queue_key(location), commit)
+
+
+def save_async(
+    path: PathLike,
+    state: Any,
+    *,
+    custom_metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> AsyncResponse:
+    """Start a partial save of ``state`` into the session at ``path``; return at once.
+
+    Before returning, the state is validated and snapshotted: device arrays
+    are copied to host and numpy arrays are copied, so the caller may mutate
+    or free them immediately. Saves to one path run in call order, and
+    :func:`finalize` waits for those still running.
+
+    Example::
+
+        response = partialstore.save_async("gs://bucket/run/step_10", {"opt_state": opt})
+        ...  # keep training
+        response.result()
+
+    Args:
+      path: checkpoint path: a local path, ``os.PathLike`` or URL (``file://``,
+        ``memory://``, ``s3://``, ``gs://``, any fsspec protocol).
+      state: a PyTree of arrays and Python scalars (see :func:`save`).
+      custom_metadata: a JSON dict merged into the checkpoint's metadata.
+      storage_options: backend options (endpoint, credentials, ``single_writer``).
+
+    Returns:
+      An :class:`AsyncResponse`; ``result()`` blocks and re-raises the save's error.
+
+    Raises:
+      FileExistsError: a finalized checkpoint exists at ``path``
+        (:class:`~partialstore.errors.CheckpointFinalizedError`).
+      TypeError: a leaf cannot be saved (:class:`~partialstore.errors.UnsupportedLeafError`,
+        naming the leaf's key path); nothing is written.
+      ValueError: a bad path or ``custom_metadata``
+        (:class:`~partialstore.errors.InvalidInputError`).
+      NotImplementedError: the store has no atomic create and ``single_writer`` was not
+        promised (:class:`~partialstore.errors.UnsupportedOperationError`).
+    """
+    return _start_save(path, state, custom_metadata, storage_options, copy=True)
+
+
+def save(
+    path: PathLike,
+    state: Any,
+    *,
+    custom_metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Partially save ``state`` into the session at ``path`` and wait until it is committed.
+
+    The first save starts a session; each later save adds keys to it or
+    replaces them. Nothing is visible at ``path`` until :func:`finalize`.
+    A save is atomic: killed at any instant, it is either wholly in the
+    session or not at all.
+
+    Workflow::
+
+        path = "s3://bucket/run/step_100"
+        partialstore.save(path, {"params": params, "step": 100})
+        partialstore.save(path, {"opt_state": opt_state}, custom_metadata={"lr": 3e-4})
+        partialstore.finalize(path)           # publishes atomically; moves no array byte
+        restored = partialstore.load(path)
+
+    Additions and replacements (applied in commit order at finalize):
+
+    - a key not saved before is added;
+    - a key saved before is replaced: a later leaf replaces an earlier leaf
+      or whole subtree at the same key path, and a later subtree replaces an
+      earlier leaf; subtrees of the same container kind merge key by key;
+    - ``custom_metadata`` dicts merge key by key (nested dicts too), later
+      values winning.
+
+    Leaves may be ``jax.Array``, ``np.ndarray`` (every numeric dtype, bool and the
+    ml_dtypes kinds such as bfloat16 and float8), numpy scalars, Python ``int``,
+    ``float``, ``bool``, ``str`` and ``None``; containers are dicts, lists,
+    tuples, NamedTuples and registered pytree nodes, empty ones included.
+
+    Args, Raises: as :func:`save_async`, and whatever the save itself raised
+    (e.g. :class:`~partialstore.errors.CheckpointFinalizedError` if a concurrent
+    finalize sealed the session first: the save is then not in the checkpoint).
+    """
+    # The caller waits, so its arrays cannot change under us: skip the copy.
+    _start_save(path, state, custom_metadata, storage_options, copy=False).result()
+
+
+def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Publish the partial-save session at ``path`` as one finalized checkpoint.
+
+    Waits for this process's pending saves to ``path``, seals the session's
+    log (saves that commit later fail with ``FileExistsError``), merges the
+    saves into a manifest and publishes it: by an atomic rename where the
+    store has one, by an exclusive create of ``<path>/partialstore.json``
+    where it has not. No array byte is copied or moved, so finalize costs the
+    same for 1 MB or 1 TB. Killed at any instant, running it again completes
+    the same checkpoint.
+
+    Example::
+
+        partialstore.save(path, {"step": 1})
+        partialstore.finalize(path)
+
+    Raises:
+      FileExistsError: a finalized checkpoint exists at ``path`` (also for all but
+        one of several concurrent finalizers).
+      FileNotFoundError: there is no partial save session at ``path``.
+      partialstore.ordering.UnobservedSaveError: an earlier ``save_async`` to ``path``
+        failed and its result was never read; nothing was finalized.
+    """
+    location = resolve(path, storage_options)
+    saving.check_writable(location)
+    key = _queue_key(location)
+
+    async def run() -> None:
+        ordering.raise_unobserved_failures(key)
+        await finalizing.finalize(location)
+
+    ordering.schedule(key, run, track=False).result()
+
+
+def load(
+    path: PathLike,
+    *,
+    select: Sequence[Any] | str | None = None,
+    target: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Load a finalized checkpoint: the whole tree, selected subtrees, or a target layout.
+
+    Example::
+
+        state = partialstore.load(path)                          # numpy arrays
+        params = partialstore.load(path, select=["params"])      # only these bytes
+        sharded = partialstore.load(path, target=abstract_state) # jax.Arrays, placed
+
+    Args:
+      path: the checkpoint path.
+      select: key paths of the subtrees to read: ``"params/dense/0"``-style strings
+        or tuples of keys such as ``("params", "dense", 0)``. Other leaves are not read.
+      target: a PyTree whose leaves say what to return: ``jax.ShapeDtypeStruct``
+        with a sharding or a ``jax.Array`` give a ``jax.Array`` with that sharding
+        (each device's shard read by itself); other leaves come back as stored.
+        The result has the target's structure.
+      storage_options: backend options.
+
+    Returns:
+      Without ``target``: dicts, lists and tuples rebuilt as saved, arrays as
+      numpy arrays, scalars as the Python type saved.
+
+    Raises:
+      FileNotFoundError: no finalized checkpoint at ``path``, or ``select``/``target``
+        names a key it does not hold.
+      ValueError: a target shape differs from the stored one, or the manifest is
+        corrupt or points outside the checkpoint.
+    """
+    if select is not None and target is not None:
+        from partialstore.errors import InvalidInputError
+
+        raise InvalidInputError("Pass either select or target to load, not both.")
+    location = resolve(path, storage_options)
+
+    async def run() -> Any:
+        manifest = await loading.read_manifest(location)
+        if target is not None:
+            return await loading.load_into_target(location, manifest, target)
+        return await loading.load_tree(location, manifest, select=select)
+
+    return _aio.run(run())
+
+
+def metadata(
+    path: PathLike, *, storage_options: Mapping[str, Any] | None = None
+) -> loading.CheckpointMetadata:
+    """Describe a finalized checkpoint without reading array bytes.
+
+    Example::
+
+        info = partialstore.metadata(path)
+        info.tree["params"]["w"]   # LeafMetadata(kind='array', shape=(1024, 1024), dtype='float32')
+        info.custom_metadata, info.saves
+
+    Raises:
+      FileNotFoundError: no finalized checkpoint at ``path``.
+    """
+    location = resolve(path, storage_options)
+    manifest = _aio.run(loading.read_manifest(location))
+    return loading.read_metadata(location, manifest)
+
+
+def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Abandon the unfinalized session at ``path`` and delete its data.
+
+    Example::
+
+        partialstore.save(path, {"broken": x})
+        partialstore.discard(path)   # as if nothing had been saved
+
+    Raises:
+      FileExistsError: ``path`` is finalized (discard never deletes a checkpoint).
+      FileNotFoundError: there is no session at ``path``.
+    """
+    location = resolve(path, storage_options)
+    key = _queue_key(location)
+    ordering.schedule(key, lambda: finalizing.discard(location), track=False).result()
+
+
+def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Delete data in a finalized checkpoint that its manifest does not use.
+
+    Saves that were killed, lost to the seal, or wholly replaced leave such
+    data behind. Returns the deleted directories, relative to ``path``.
+
+    Example::
+
+        partialstore.gc(path)   # ["data/3f2a..."]
+
+    Raises:
+      FileNotFoundError: no finalized checkpoint at ``path``.
+    """
+    location = resolve(path, storage_options)
+    return _aio.run(finalizing.gc(location))

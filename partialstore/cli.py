@@ -1,0 +1,61 @@
+"""The ``partialstore`` command: ``demo`` and ``bench``.
+
+Example::
+
+    partialstore demo
+    partialstore demo --emulator gcs
+    partialstore bench finalize_latency --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main"]
+
+_BENCHMARKS = ("finalize_latency", "throughput")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="partialstore", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="save a model in pieces, finalize, load, verify")
+    demo.add_argument("url", nargs="?", help="checkpoint path or URL (default: a temp folder)")
+    demo.add_argument("--storage-options", help="JSON dict of backend options")
+    demo.add_argument(
+        "--emulator",
+        choices=("s3", "gcs"),
+        help="start a local S3 (moto) or GCS (fake-gcs-server) on 127.0.0.1 and use it",
+    )
+    demo.add_argument("--scale", type=int, default=1, help="width multiplier of the model")
+
+    bench = commands.add_parser("bench", help="run a benchmark script (from a source checkout)")
+    bench.add_argument("name", choices=_BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``partialstore`` command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from partialstore import demo
+
+        return demo.main(args)
+    try:
+        module = importlib.import_module(f"benchmarks.{args.name}")
+    except ModuleNotFoundError:
+        print(
+            "partialstore bench runs the scripts in benchmarks/ of a source checkout: "
+            "run it from the repository root.",
+            file=sys.stderr,
+        )
+        return 2
+    return int(module.main(args.args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

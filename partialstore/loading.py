@@ -1,0 +1,233 @@
+"""Reading finalized checkpoints: the whole tree, selected subtrees, or a target layout.
+
+Only the manifest says what a checkpoint holds, so ``metadata`` is one read
+and ``load(select=...)`` reads only the bytes of the selected leaves.
+
+Example::
+
+    manifest = await read_manifest(location)
+    tree = await load_tree(location, manifest, select=["params/dense"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from partialstore import arrays, tree
+from partialstore.errors import (
+    CorruptCheckpointError,
+    InvalidInputError,
+    NotFoundError,
+)
+from partialstore.location import Location
+from partialstore.manifest import decode_manifest
+
+__all__ = ["CheckpointMetadata", "LeafMetadata", "load_tree", "read_manifest", "read_metadata"]
+
+_ARRAY_KINDS = ("array", "jax_array", "np_scalar")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafMetadata:
+    """What a stored leaf is, without its bytes.
+
+    Attributes:
+      kind: "array", "jax_array", "np_scalar", "int", "float", "bool", "str" or "none".
+      shape: array shape (``()`` for scalars).
+      dtype: numpy dtype name for array kinds, else ``None``.
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMetadata:
+    """The result of :func:`partialstore.metadata`.
+
+    Attributes:
+      tree: the checkpoint's structure with a :class:`LeafMetadata` at every leaf.
+      custom_metadata: the merged ``custom_metadata`` of every save.
+      saves: one dict per save the checkpoint was built from, in log order
+        (``save_id``, ``log``, ``created``, ``num_leaves``).
+      finalized: when the checkpoint was sealed (ISO 8601, UTC).
+    """
+
+    tree: Any
+    custom_metadata: Any
+    saves: list[dict[str, Any]]
+    finalized: str | None
+
+
+async def read_manifest(location: Location) -> dict[str, Any]:
+    """Read and check the manifest of the finalized checkpoint at ``location``.
+
+    Raises:
+      NotFoundError: no finalized checkpoint (says when a session is still open).
+      CorruptCheckpointError: the manifest is malformed.
+    """
+    backend = location.backend
+    try:
+        body = await backend.read(location.manifest_key)
+    except NotFoundError as error:
+        hint = ""
+        if await backend.list_children(location.log_prefix):
+            hint = " A partial save session exists there: call partialstore.finalize first."
+        raise NotFoundError(f"No finalized checkpoint at {location.path}.{hint}") from error
+    return decode_manifest(location.manifest_key, body)
+
+
+def _paths(manifest: dict[str, Any], field: str) -> list[tuple[tree.KeyPath, dict[str, Any]]]:
+    return [(tree.decode_path(entry["path"]), entry) for entry in manifest[field]]
+
+
+def _nodes(manifest: dict[str, Any]) -> dict[tree.KeyPath, tree.Node]:
+    return {
+        path: tree.Node(path=path, kind=entry["kind"], type_name=entry.get("type"))
+        for path, entry in _paths(manifest, "nodes")
+    }
+
+
+def _leaf_metadata(entry: dict[str, Any]) -> LeafMetadata:
+    if entry["kind"] in _ARRAY_KINDS:
+        data = entry.get("data")
+        if not isinstance(data, dict):
+            raise CorruptCheckpointError(f"Array leaf {entry['path']!r} has no data descriptor.")
+        return LeafMetadata(entry["kind"], tuple(data["shape"]), data["dtype"])
+    return LeafMetadata(entry["kind"], (), None)
+
+
+def read_metadata(location: Location, manifest: dict[str, Any]) -> CheckpointMetadata:
+    """Build :class:`CheckpointMetadata` from a manifest (no array bytes read)."""
+    values = {path: _leaf_metadata(entry) for path, entry in _paths(manifest, "leaves")}
+    return CheckpointMetadata(
+        tree=tree.build_tree(_nodes(manifest), values),
+        custom_metadata=manifest.get("custom_metadata"),
+        saves=list(manifest["saves"]),
+        finalized=manifest.get("finalized"),
+    )
+
+
+def _python_value(entry: dict[str, Any], array: np.ndarray | None) -> Any:
+    if entry["kind"] == "np_scalar":
+        return array[()]
+    if array is not None:
+        return array
+    return tree.decode_value(entry["kind"], entry.get("value"))
+
+
+def _selected(
+    leaves: list[tuple[tree.KeyPath, dict[str, Any]]], select: Sequence[Any] | str
+) -> list[tuple[tree.KeyPath, dict[str, Any]]]:
+    selectors = (
+        [tree.parse_selector(select)]
+        if isinstance(select, str)
+        else [tree.parse_selector(s) for s in select]
+    )
+    chosen = [(p, e) for p, e in leaves if any(tree.selector_matches(s, p) for s in selectors)]
+    for selector in selectors:
+        if not any(tree.selector_matches(selector, p) for p, _ in chosen):
+            raise NotFoundError(f"select names {selector!r}, which the checkpoint does not hold.")
+    return chosen
+
+
+async def load_tree(
+    location: Location, manifest: dict[str, Any], *, select: Sequence[Any] | str | None
+) -> Any:
+    """Load the whole tree (or the ``select``-ed subtrees) as numpy arrays and Python values."""
+    leaves = _paths(manifest, "leaves")
+    nodes = _nodes(manifest)
+    if select is not None:
+        leaves = _selected(leaves, select)
+        kept = {p[:i] for p, _ in leaves for i in range(len(p))}
+        nodes = {path: node for path, node in nodes.items() if path in kept}
+    with_data = [(p, e) for p, e in leaves if e["kind"] in _ARRAY_KINDS]
+    loaded = await arrays.read_arrays(
+        location.backend, location.final_prefix, [(e["data"], None) for _, e in with_data]
+    )
+    by_path = {p: a for (p, _), a in zip(with_data, loaded, strict=True)}
+    values = {p: _python_value(e, by_path.get(p)) for p, e in leaves}
+    return tree.build_tree(nodes, values)
+
+
+async def load_into_target(location: Location, manifest: dict[str, Any], target: Any) -> Any:
+    """Load the leaves ``target`` names, shaped and placed as its leaves say.
+
+    A target leaf that is a ``jax.ShapeDtypeStruct`` with a sharding, or a
+    ``jax.Array``, comes back as a ``jax.Array`` with that sharding; each
+    device's shard is read by itself, so a process reads only what it holds.
+    A numpy-array leaf comes back as numpy; any other leaf as stored.
+    """
+    import jax  # deferred: loading without a target should not pay for jax
+
+    stored = dict(_paths(manifest, "leaves"))
+    paths, target_leaves, treedef = tree.target_leaf_paths(target)
+    requests: list[tuple[dict[str, Any], tuple[slice, ...] | None]] = []
+    plans: list[Any] = []
+    for path, wanted in zip(paths, target_leaves, strict=True):
+        entry = stored.get(path)
+        if entry is None:
+            raise NotFoundError(
+                f"Target leaf {tree.format_path(path)} is not in the checkpoint at {location.path}."
+            )
+        sharding = getattr(wanted, "sharding", None)
+        if entry["kind"] not in _ARRAY_KINDS:
+            plans.append(("value", tree.decode_value(entry["kind"], entry.get("value"))))
+            continue
+        shape = tuple(entry["data"]["shape"])
+        if hasattr(wanted, "shape") and tuple(wanted.shape) != shape:
+            raise InvalidInputError(
+                f"Target leaf {tree.format_path(path)} has shape {tuple(wanted.shape)}, but the "
+                f"checkpoint holds shape {shape}."
+            )
+        dtype = getattr(wanted, "dtype", None)
+        if isinstance(sharding, jax.sharding.Sharding):
+            index_map = sharding.addressable_devices_indices_map(shape)
+            first = len(requests)
+            unique = list(dict.fromkeys(_index_key(i, shape) for i in index_map.values()))
+            requests += [(entry["data"], _read_index(key, shape)) for key in unique]
+            plans.append(("sharded", shape, sharding, dtype, first, unique))
+        else:
+            requests.append((entry["data"], None))
+            plans.append(("whole", entry["kind"], dtype, len(requests) - 1))
+    loaded = await arrays.read_arrays(location.backend, location.final_prefix, requests)
+    values = [_realize(plan, loaded) for plan in plans]
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(index, shape, strict=True))
+
+
+def _read_index(
+    key: tuple[tuple[int, int], ...], shape: tuple[int, ...]
+) -> tuple[slice, ...] | None:
+    if all(start == 0 and stop == n for (start, stop), n in zip(key, shape, strict=True)):
+        return None  # the whole array: lets the reader skip slicing
+    return tuple(slice(start, stop) for start, stop in key)
+
+
+def _realize(plan: tuple[Any, ...], loaded: list[np.ndarray]) -> Any:
+    import jax
+
+    if plan[0] == "value":
+        return plan[1]
+    if plan[0] == "whole":
+        _, kind, dtype, position = plan
+        array = loaded[position]
+        if dtype is not None:
+            array = array.astype(dtype, copy=False)
+        return array[()] if kind == "np_scalar" else array
+    _, shape, sharding, dtype, first, unique = plan
+    shards = {key: loaded[first + i] for i, key in enumerate(unique)}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        block = shards[_index_key(index, shape)]
+        return block.astype(dtype, copy=False) if dtype is not None else block
+
+    return jax.make_array_from_callback(shape, sharding, shard)

@@ -1,0 +1,154 @@
+"""The checkpoint manifest: the merge of every save record before the seal.
+
+Merging replays save records in log order over a tree of key paths:
+
+- a leaf replaces whatever was at its path (a leaf, or a whole subtree);
+- a container replaces an earlier leaf at its path, and replaces an earlier
+  container of another kind (a dict where a list was) with its whole subtree;
+- a container of the same kind merges: earlier children it does not mention
+  stay, so saves of ``{"a": {"x": 1}}`` then ``{"a": {"y": 2}}`` give both.
+
+``custom_metadata`` merges the same way (nested dicts merged, later values
+win). The manifest is a pure function of the log, serialized
+deterministically, so concurrent or repeated finalizers write the same bytes.
+
+Example::
+
+    body = build_manifest(entries_before_seal, seal_entry)
+    manifest = decode_manifest(body)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from partialstore.errors import CorruptCheckpointError
+from partialstore.txlog import LogEntry, record_key
+
+__all__ = ["FORMAT", "VERSION", "build_manifest", "decode_manifest", "merge_metadata"]
+
+FORMAT = "partialstore"
+VERSION = 1
+
+PathKey = tuple[tuple[str, Any], ...]
+
+
+def merge_metadata(base: Any, update: Any) -> Any:
+    """Deep-merge ``update`` into ``base`` (dicts recursively; anything else replaced).
+
+    Example::
+
+        merge_metadata({"a": {"x": 1}}, {"a": {"y": 2}})  # {"a": {"x": 1, "y": 2}}
+    """
+    if isinstance(base, dict) and isinstance(update, dict):
+        merged = dict(base)
+        for key, value in update.items():
+            merged[key] = merge_metadata(merged.get(key), value) if key in merged else value
+        return merged
+    return update
+
+
+def _path_key(encoded: Any, where: str) -> PathKey:
+    if not isinstance(encoded, list):
+        raise CorruptCheckpointError(f"{where}: a key path must be a list, got {encoded!r}.")
+    try:
+        return tuple((str(kind), key) for kind, key in encoded)
+    except (TypeError, ValueError) as error:
+        raise CorruptCheckpointError(f"{where}: malformed key path {encoded!r}.") from error
+
+
+class _Tree:
+    """Key paths -> entries, with a child index so subtree removal is linear overall."""
+
+    def __init__(self) -> None:
+        self.entries: dict[PathKey, tuple[str, dict[str, Any]]] = {}
+        self.children: dict[PathKey, set[PathKey]] = {}
+
+    def remove_subtree(self, path: PathKey) -> None:
+        stack = [path]
+        while stack:
+            current = stack.pop()
+            if self.entries.pop(current, None) is not None and current:
+                self.children.get(current[:-1], set()).discard(current)
+            stack.extend(self.children.pop(current, ()))
+
+    def put(self, path: PathKey, role: str, entry: dict[str, Any]) -> None:
+        self.entries[path] = (role, entry)
+        if path:
+            self.children.setdefault(path[:-1], set()).add(path)
+
+    def apply_node(self, path: PathKey, node: dict[str, Any]) -> None:
+        existing = self.entries.get(path)
+        if existing is not None and existing[0] == "node" and existing[1]["kind"] == node["kind"]:
+            self.entries[path] = ("node", node)  # same container kind: merge children
+            return
+        self.remove_subtree(path)
+        self.put(path, "node", node)
+
+    def apply_leaf(self, path: PathKey, leaf: dict[str, Any]) -> None:
+        self.remove_subtree(path)
+        self.put(path, "leaf", leaf)
+
+
+def build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str) -> bytes:
+    """Merge the save records before ``seal`` into manifest bytes.
+
+    ``log_prefix`` is only used to name records in error messages.
+    """
+    tree = _Tree()
+    custom_metadata: Any = None
+    saves = []
+    for entry in entries:
+        record = entry.record
+        where = record_key(log_prefix, entry.number)
+        # Parents first, so a container record never lands under a stale leaf.
+        for node in sorted(record.get("nodes", []), key=lambda n: len(n["path"])):
+            tree.apply_node(_path_key(node["path"], where), node)
+        for leaf in record.get("leaves", []):
+            tree.apply_leaf(_path_key(leaf["path"], where), leaf)
+        if record.get("custom_metadata") is not None:
+            custom_metadata = merge_metadata(custom_metadata, record["custom_metadata"])
+        saves.append(
+            {
+                "log": f"log/{entry.number:08d}.json",
+                "save_id": record["save_id"],
+                "created": record.get("created"),
+                "num_leaves": len(record.get("leaves", [])),
+            }
+        )
+    body = {
+        "format": FORMAT,
+        "version": VERSION,
+        "finalized": seal.record.get("created"),
+        "seal": f"log/{seal.number:08d}.json",
+        "custom_metadata": custom_metadata,
+        "saves": saves,
+        "nodes": [entry for role, entry in tree.entries.values() if role == "node"],
+        "leaves": [entry for role, entry in tree.entries.values() if role == "leaf"],
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_manifest(where: str, data: bytes) -> dict[str, Any]:
+    """Parse and check a manifest read from ``where``.
+
+    Raises:
+      CorruptCheckpointError: not JSON, not a partialstore manifest, unknown version.
+    """
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCheckpointError(f"Manifest {where} is not valid JSON: {error}.") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptCheckpointError(f"{where} is not a partialstore manifest.")
+    if manifest.get("version") != VERSION:
+        raise CorruptCheckpointError(
+            f"Manifest {where} has format version {manifest.get('version')!r}; this partialstore "
+            f"reads version {VERSION}. Upgrade partialstore to read it."
+        )
+    for field in ("nodes", "leaves", "saves"):
+        if not isinstance(manifest.get(field), list):
+            raise CorruptCheckpointError(f"Manifest {where} lacks a {field!r} list.")
+    return manifest

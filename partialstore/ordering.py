@@ -1,0 +1,122 @@
+"""Per-path ordering of saves and finalize inside one process.
+
+Saves to one path run in call order, and finalize waits for the saves queued
+before it. Each operation is a task on the background loop that first takes
+the path's FIFO lock; tasks start in submission order, so they take it in
+call order too.
+
+A save that fails is reported through its :class:`AsyncResponse`. If nobody
+looked at that response before the next finalize of the path, finalize
+raises the failure instead of publishing a checkpoint that silently lacks it.
+
+Example::
+
+    response = schedule(key, coroutine)   # runs after earlier work on `key`
+    response.result()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any
+
+from partialstore import _aio
+from partialstore.errors import PartialStoreError
+
+__all__ = ["AsyncResponse", "UnobservedSaveError", "raise_unobserved_failures", "schedule"]
+
+
+class UnobservedSaveError(PartialStoreError):
+    """An earlier ``save_async`` to this path failed and its result was never read."""
+
+
+class AsyncResponse:
+    """Handle of a background save, as returned by :func:`partialstore.save_async`.
+
+    Example::
+
+        response = partialstore.save_async(path, {"step": 1})
+        ...                       # training goes on
+        response.result()         # raises what the save raised, if anything
+    """
+
+    def __init__(self, future: concurrent.futures.Future[None]) -> None:
+        self._future = future
+        self.observed = False
+
+    def result(self, timeout: float | None = None) -> None:
+        """Block until the save is committed; re-raise its error if it failed.
+
+        Raises:
+          TimeoutError: ``timeout`` seconds passed first (the save goes on).
+        """
+        try:
+            self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"Save did not finish within {timeout} s; it is still running."
+            ) from None
+        finally:
+            if self._future.done():
+                self.observed = True
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed or failed)."""
+        return self._future.done()
+
+    def failure(self) -> BaseException | None:
+        """The save's exception once finished, else ``None``."""
+        if not self._future.done() or self._future.cancelled():
+            return None
+        return self._future.exception()
+
+
+_locks: dict[Hashable, asyncio.Lock] = {}  # touched only on the background loop
+_responses: dict[Hashable, list[AsyncResponse]] = {}
+_responses_lock = threading.Lock()
+
+
+async def _ordered(key: Hashable, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    lock = _locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        return await make()
+
+
+def schedule(
+    key: Hashable, make: Callable[[], Coroutine[Any, Any, Any]], *, track: bool = True
+) -> AsyncResponse:
+    """Run ``make()`` on the background loop after all earlier work on ``key``."""
+    response = AsyncResponse(_aio.submit(_ordered(key, make)))
+    if track:
+        with _responses_lock:
+            # Keep only responses that may still turn into an unread failure.
+            pending = [
+                r
+                for r in _responses.get(key, [])
+                if not r.observed and not (r.done() and r.failure() is None)
+            ]
+            _responses[key] = [*pending, response]
+    return response
+
+
+def raise_unobserved_failures(key: Hashable) -> None:
+    """Raise if a finished save on ``key`` failed and nobody read its result.
+
+    Called by finalize after it has waited for the queue; each failure is
+    reported once.
+    """
+    with _responses_lock:
+        responses = _responses.pop(key, [])
+    failures = [r.failure() for r in responses if not r.observed]
+    failures = [f for f in failures if f is not None]
+    for response in responses:
+        response.observed = True
+    if failures:
+        raise UnobservedSaveError(
+            f"{len(failures)} earlier save_async call(s) to this path failed and their results "
+            f"were never read; the first failure: {failures[0]!r}. Nothing was finalized. "
+            "Fix or repeat those saves, then call finalize again."
+        ) from failures[0]

@@ -1,0 +1,168 @@
+"""Partial save: snapshot a tree, write its arrays, then commit one log record.
+
+The order is what makes a save crash safe: all array bytes go to a fresh
+``data/<save-id>/`` directory first, and only then is the log record created
+(the commit point). A save killed before that leaves unreferenced bytes and
+no trace in the log; one killed after it is complete.
+
+Example::
+
+    save(location, {"params": params}, custom_metadata={"step": 10}, copy=False)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from partialstore import arrays, tree, txlog
+from partialstore.errors import (
+    CheckpointFinalizedError,
+    InvalidInputError,
+    UnsupportedLeafError,
+    UnsupportedOperationError,
+)
+from partialstore.faults import crash_point
+from partialstore.location import Location
+
+__all__ = ["Snapshot", "check_writable", "commit_save", "snapshot"]
+
+
+class Snapshot:
+    """A tree flattened and copied to host memory, ready to be written."""
+
+    __slots__ = ("custom_metadata", "leaves", "nodes")
+
+    def __init__(
+        self, leaves: list[tree.Leaf], nodes: list[tree.Node], custom_metadata: Any
+    ) -> None:
+        self.leaves = leaves
+        self.nodes = nodes
+        self.custom_metadata = custom_metadata
+
+
+def _check_custom_metadata(custom_metadata: Any) -> Any:
+    if custom_metadata is None:
+        return None
+    if not isinstance(custom_metadata, Mapping):
+        raise InvalidInputError(
+            f"custom_metadata must be a dict of JSON values, got {type(custom_metadata).__name__}."
+        )
+    try:
+        # Round trip now so a bad value fails before any byte is written.
+        return json.loads(json.dumps(dict(custom_metadata), allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"custom_metadata is not JSON-serializable: {error}.") from error
+
+
+def snapshot(state: Any, custom_metadata: Any, *, copy: bool) -> Snapshot:
+    """Flatten and validate ``state``; copy its arrays when ``copy`` is set.
+
+    Raises:
+      UnsupportedLeafError: a leaf (or an array dtype) cannot be saved; names its key path.
+      InvalidInputError: ``custom_metadata`` is not a JSON dict.
+    """
+    metadata = _check_custom_metadata(custom_metadata)
+    leaves, nodes = tree.flatten(state, copy_arrays=copy)
+    for leaf in leaves:
+        if leaf.array is not None:
+            try:
+                arrays.check_array_supported(leaf.array)
+            except UnsupportedLeafError as error:
+                raise UnsupportedLeafError(
+                    f"Leaf {tree.format_path(leaf.path)} cannot be saved: {error}"
+                ) from error
+    return Snapshot(leaves, nodes, metadata)
+
+
+def check_writable(location: Location) -> None:
+    """Refuse stores on which concurrent writers could lose saves, unless opted out.
+
+    Raises:
+      UnsupportedOperationError: the backend has no atomic create and the user did
+        not promise a single writer.
+    """
+    backend = location.backend
+    if backend.capabilities.atomic_create or getattr(backend, "single_writer", False):
+        return
+    raise UnsupportedOperationError(
+        f"{backend!r} cannot create objects atomically, so concurrent writers to "
+        f"{location.path} could overwrite each other's log records and lose saves. If exactly "
+        "one process ever writes to this path, pass storage_options={'single_writer': True}."
+    )
+
+
+async def raise_if_finalized(location: Location) -> None:
+    """Raise :class:`CheckpointFinalizedError` if the checkpoint is already published."""
+    if await location.backend.exists(location.manifest_key):
+        raise CheckpointFinalizedError(
+            f"A finalized checkpoint already exists at {location.path}; partial saves cannot "
+            "change it. Delete it first or save to a new path."
+        )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def _leaf_entry(leaf: tree.Leaf, descriptor: dict[str, Any] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": tree.encode_path(leaf.path), "kind": leaf.kind}
+    if descriptor is not None:
+        entry["data"] = descriptor
+    else:
+        entry["value"] = tree.encode_value(leaf)
+    return entry
+
+
+async def commit_save(location: Location, snap: Snapshot) -> int:
+    """Write ``snap``'s arrays under a fresh save directory, then append its log record.
+
+    Returns the log number of the committed record.
+
+    Raises:
+      CheckpointFinalizedError: the session was finalized before this save committed;
+        its data is removed and it is not part of the checkpoint.
+    """
+    backend = location.backend
+    save_id = uuid.uuid4().hex
+    data_dir = location.data_dir(save_id)
+    with_arrays = [leaf for leaf in snap.leaves if leaf.array is not None]
+    descriptors = await arrays.write_arrays(
+        backend, location.staging_prefix, data_dir, [leaf.array for leaf in with_arrays]
+    )
+    by_leaf = {id(leaf): d for leaf, d in zip(with_arrays, descriptors, strict=True)}
+    crash_point("save.after_data")
+    record = {
+        "kind": "save",
+        "save_id": save_id,
+        "created": _now(),
+        "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+        "custom_metadata": snap.custom_metadata,
+        "nodes": [
+            {"path": tree.encode_path(n.path), "kind": n.kind, "type": n.type_name}
+            for n in snap.nodes
+        ],
+        "leaves": [_leaf_entry(leaf, by_leaf.get(id(leaf))) for leaf in snap.leaves],
+    }
+    crash_point("save.before_log_append")
+    try:
+        number, _ = await txlog.append(backend, location.log_prefix, txlog.encode_record(record))
+    except CheckpointFinalizedError:
+        await backend.delete_prefix(f"{location.staging_prefix}/{data_dir}")
+        raise
+    crash_point("save.after_log_append")
+    if location.uses_rename and await backend.exists(location.manifest_key):
+        # Finalize renamed the session away while this save ran, so the record
+        # just went into a fresh, orphaned staging prefix. Nothing can ever
+        # finalize that (the path is published), so drop it and say so.
+        await backend.delete_prefix(location.staging_prefix)
+        raise CheckpointFinalizedError(
+            f"{location.path} was finalized while this save was in flight; the save is not "
+            "part of the checkpoint. Save to a new path."
+        )
+    return number
