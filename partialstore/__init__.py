@@ -13,33 +13,56 @@ disk, memory, S3, GCS or any fsspec filesystem::
     partialstore.finalize(path)
     state = partialstore.load(path)
 
-This file is the whole public surface.
+This file is the whole public surface. Names resolve on first use, so
+``import partialstore.backend`` (e.g. in a third-party backend) does not pay
+for importing JAX and TensorStore.
 """
 
-from partialstore import errors
-from partialstore.api import discard, finalize, gc, load, metadata, save, save_async
-from partialstore.backend import Backend, Capabilities
-from partialstore.loading import CheckpointMetadata, LeafMetadata
-from partialstore.ordering import AsyncResponse, UnobservedSaveError
-from partialstore.registry import open_backend, register_backend
+from __future__ import annotations
 
-__all__ = [
-    "AsyncResponse",
-    "Backend",
-    "Capabilities",
-    "CheckpointMetadata",
-    "LeafMetadata",
-    "UnobservedSaveError",
-    "discard",
-    "errors",
-    "finalize",
-    "gc",
-    "load",
-    "metadata",
-    "open_backend",
-    "register_backend",
-    "save",
-    "save_async",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from partialstore import errors
+    from partialstore.api import discard, finalize, gc, load, metadata, save, save_async
+    from partialstore.backend import Backend, Capabilities
+    from partialstore.loading import CheckpointMetadata, LeafMetadata
+    from partialstore.ordering import AsyncResponse, UnobservedSaveError
+    from partialstore.registry import open_backend, register_backend
+
+_EXPORTS = {
+    "save": "partialstore.api",
+    "save_async": "partialstore.api",
+    "finalize": "partialstore.api",
+    "load": "partialstore.api",
+    "metadata": "partialstore.api",
+    "discard": "partialstore.api",
+    "gc": "partialstore.api",
+    "AsyncResponse": "partialstore.ordering",
+    "UnobservedSaveError": "partialstore.ordering",
+    "CheckpointMetadata": "partialstore.loading",
+    "LeafMetadata": "partialstore.loading",
+    "Backend": "partialstore.backend",
+    "Capabilities": "partialstore.backend",
+    "open_backend": "partialstore.registry",
+    "register_backend": "partialstore.registry",
+}
+
+__all__ = sorted([*_EXPORTS, "errors"])
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "errors":
+        return importlib.import_module("partialstore.errors")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'partialstore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
