@@ -49,7 +49,24 @@ _EXPORTS = {
     "register_backend": "partialstore.registry",
 }
 
-__all__ = sorted([*_EXPORTS, "errors"])
+__all__ = [
+    "AsyncResponse",
+    "Backend",
+    "Capabilities",
+    "CheckpointMetadata",
+    "LeafMetadata",
+    "UnobservedSaveError",
+    "discard",
+    "errors",
+    "finalize",
+    "gc",
+    "load",
+    "metadata",
+    "open_backend",
+    "register_backend",
+    "save",
+    "save_async",
+]
 __version__ = "0.1.0"
 
 
