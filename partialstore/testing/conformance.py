@@ -1,0 +1,658 @@
+"""The one conformance suite every backend runs unchanged.
+
+The core relies on the :class:`~partialstore.backend.Backend` contract alone;
+this suite is the proof that a backend keeps it. A backend's test module
+subclasses :class:`BackendConformance` and provides the ``backend_url``
+fixture (zarr-python's ``StoreTests`` pattern)::
+
+    import uuid
+    import pytest
+    from partialstore.testing.conformance import BackendConformance
+
+    class TestMemoryBackend(BackendConformance):
+        shared_across_processes = False  # a memory store lives in one process
+
+        @pytest.fixture
+        def backend_url(self) -> tuple[str, dict]:
+            return f"memory://{uuid.uuid4().hex}", {}
+
+Optional class attributes and hooks:
+
+- ``xfail_reasons``: ``{test_name: reason}`` for tests an emulator cannot
+  pass (it is weaker than the real service). The suite marks those tests
+  ``xfail(strict=True)``, so an emulator that gets fixed shows up.
+- ``shared_across_processes``: ``False`` for stores that live inside one
+  process; the cross-process races then skip, naming that reason.
+- ``open_backend(url, storage_options)``: how the suite opens a backend
+  (default :func:`partialstore.registry.open_backend`); override it to
+  construct a backend directly (e.g. with an explicit fsspec filesystem).
+
+Tests a backend cannot support are decided by capability, never skipped
+silently: a backend without ``atomic_rename`` must raise
+``UnsupportedOperationError`` from ``rename``; a backend without
+``atomic_create`` must refuse ``create`` unless opened with the storage
+option ``single_writer=True`` (then the non-race create tests run on it).
+The only skips are races a capability rules out, and the TensorStore test
+when ``kvstore_spec`` is ``None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import multiprocessing
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from partialstore import registry
+from partialstore._aio import run
+from partialstore.backend import Backend, Capabilities
+from partialstore.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    UnsupportedOperationError,
+)
+from partialstore.testing import race_workers
+
+__all__ = ["BackendConformance"]
+
+LARGE = 64 * 1024 * 1024
+THREADS, THREAD_ROUNDS, THREAD_PAYLOAD = 8, 20, 256 * 1024
+PROCESSES, PROCESS_ROUNDS, PROCESS_PAYLOAD = 4, 10, 2 * 1024 * 1024
+CAS_THREADS, CAS_ROUNDS = 6, 10
+ATOMIC_WRITE_PAYLOAD, ATOMIC_WRITES = 4 * 1024 * 1024, 10
+INVALID_KEYS = ("../x", "/abs", "a//b", "a/", "a/./b", "a/../b", "")
+CHILD_TIMEOUT_S = 180.0
+
+
+def _random(size: int) -> bytes:
+    return np.random.default_rng().integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def _can_create(backend: Backend) -> bool:
+    return backend.capabilities.atomic_create or bool(getattr(backend, "single_writer", False))
+
+
+def _run_children(target: Any, args_for: Any, count: int) -> list[Any]:
+    """Start ``count`` spawned workers sharing a barrier; return their records by worker."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(count), ctx.Queue()
+    procs = [
+        ctx.Process(target=target, args=(*args_for(w), barrier, results)) for w in range(count)
+    ]
+    for proc in procs:
+        proc.start()
+    by_worker: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(count):
+            status, worker, payload = results.get(timeout=CHILD_TIMEOUT_S)
+            if status == "ok":
+                by_worker[worker] = payload
+            else:
+                errors.append(f"worker {worker}:\n{payload}")
+    except queue.Empty:
+        errors.append(f"only {len(by_worker)} of {count} workers reported in time")
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if errors:
+        pytest.fail("race worker failed:\n" + "\n".join(errors))
+    return [by_worker[w] for w in range(count)]
+
+
+class BackendConformance:
+    """Subclass in a test module and provide the ``backend_url`` fixture.
+
+    ``backend_url`` returns ``(root URL unique per test, storage_options)``;
+    the options must be picklable, since child processes open their own
+    backend from them.
+    """
+
+    #: test name -> why the emulator is weaker than the real service (strict xfail).
+    xfail_reasons: dict[str, str] = {}
+    #: False for stores that exist only inside one process (memory stores).
+    shared_across_processes: bool = True
+
+    # ----------------------------------------------------------------- fixtures
+
+    def open_backend(self, url: str, storage_options: Mapping[str, Any]) -> Backend:
+        """Open the backend under test; override to construct it directly."""
+        return registry.open_backend(url, dict(storage_options))
+
+    @pytest.fixture(autouse=True)
+    def _apply_xfail_reasons(self, request: pytest.FixtureRequest) -> None:
+        unknown = sorted(name for name in self.xfail_reasons if not hasattr(self, name))
+        if unknown:
+            pytest.fail(f"xfail_reasons names tests that do not exist: {unknown}")
+        reason = self.xfail_reasons.get(request.node.originalname)
+        if reason:
+            request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+
+    @pytest.fixture
+    def backend(self, backend_url: tuple[str, dict[str, Any]]) -> Iterator[Backend]:
+        url, options = backend_url
+        instance = self.open_backend(url, options)
+        yield instance
+        # Roots are unique per test; emptying them keeps memory stores from growing.
+        run(instance.delete_prefix(""))
+        run(instance.close())
+
+    @pytest.fixture
+    def creator(
+        self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
+    ) -> Iterator[Backend]:
+        """A backend on the same root that may ``create``.
+
+        The backend itself when it creates atomically (or was opened with
+        ``single_writer``), otherwise a sibling opened with
+        ``single_writer=True``: that mode is the user's promise that nobody
+        races, so only the non-race tests use it.
+        """
+        if _can_create(backend):
+            yield backend
+            return
+        url, options = backend_url
+        sibling = self.open_backend(url, {**options, "single_writer": True})
+        assert getattr(sibling, "single_writer", False) is True
+        yield sibling
+        run(sibling.close())
+
+    def _expect_create_refused(self, backend: Backend) -> None:
+        """Without atomic create (and no single-writer promise), create must refuse."""
+        if _can_create(backend):
+            return
+        with pytest.raises(UnsupportedOperationError):
+            run(backend.create("refused/key", b"x"))
+        assert not run(backend.exists("refused/key"))
+
+    def _skip_unless_racing_creates(self, backend: Backend) -> None:
+        if not backend.capabilities.atomic_create:
+            pytest.skip("capability atomic_create is False: there is no atomic create to race")
+
+    # ------------------------------------------------------------------- basics
+
+    def test_capabilities_and_url(self, backend: Backend, backend_url: tuple[str, dict]) -> None:
+        assert isinstance(backend.capabilities, Capabilities)
+        assert isinstance(backend.url, str) and backend.url
+        assert isinstance(getattr(backend, "single_writer", False), bool)
+
+    def test_create_then_read(self, backend: Backend, creator: Backend) -> None:
+        self._expect_create_refused(backend)
+        run(creator.create("c/one.json", b'{"a": 1}'))
+        data = run(backend.read("c/one.json"))
+        assert isinstance(data, bytes)
+        assert data == b'{"a": 1}'
+        assert run(backend.exists("c/one.json"))
+
+    def test_create_existing_raises(self, backend: Backend, creator: Backend) -> None:
+        self._expect_create_refused(backend)
+        run(creator.create("c/key", b"original"))
+        with pytest.raises(AlreadyExistsError) as info:
+            run(creator.create("c/key", b"intruder"))
+        assert isinstance(info.value, FileExistsError)
+        assert run(backend.read("c/key")) == b"original"
+        # A key written by plain write counts as existing too.
+        run(backend.write("c/written", b"w"))
+        with pytest.raises(FileExistsError):
+            run(creator.create("c/written", b"intruder"))
+        assert run(backend.read("c/written")) == b"w"
+
+    def test_create_race_threads(self, backend: Backend) -> None:
+        self._skip_unless_racing_creates(backend)
+        barrier = threading.Barrier(THREADS)
+        outcomes: list[list[str]] = [[] for _ in range(THREADS)]
+
+        def racer(worker: int) -> None:
+            # Each thread drives its own event loop: real parallelism, and the
+            # contract says coroutines may be awaited from any loop.
+            loop = asyncio.new_event_loop()
+            try:
+                for round_ in range(THREAD_ROUNDS):
+                    payload = race_workers.race_payload(worker, round_, THREAD_PAYLOAD)
+                    barrier.wait(race_workers.BARRIER_TIMEOUT_S)
+                    try:
+                        loop.run_until_complete(backend.create(f"race/{round_}", payload))
+                        outcomes[worker].append("won")
+                    except AlreadyExistsError:
+                        outcomes[worker].append("lost")
+                    except Exception as exc:
+                        outcomes[worker].append(f"error: {exc!r}")
+            finally:
+                loop.close()
+
+        threads = [threading.Thread(target=racer, args=(w,)) for w in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self._check_create_race(backend, outcomes, THREAD_ROUNDS, THREAD_PAYLOAD)
+
+    def test_create_race_processes(
+        self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
+    ) -> None:
+        self._skip_unless_racing_creates(backend)
+        if not self.shared_across_processes:
+            pytest.skip("store is process-local: other processes cannot see it")
+        url, options = backend_url
+        keys = [f"prace/{round_}" for round_ in range(PROCESS_ROUNDS)]
+        outcomes = _run_children(
+            race_workers.create_race_worker,
+            lambda w: (url, options, keys, w, PROCESS_PAYLOAD),
+            PROCESSES,
+        )
+        self._check_create_race(backend, outcomes, PROCESS_ROUNDS, PROCESS_PAYLOAD, "prace")
+
+    def _check_create_race(
+        self,
+        backend: Backend,
+        outcomes: list[list[str]],
+        rounds: int,
+        size: int,
+        prefix: str = "race",
+    ) -> None:
+        for round_ in range(rounds):
+            per_worker = [worker_outcomes[round_] for worker_outcomes in outcomes]
+            errors = [o for o in per_worker if o not in ("won", "lost")]
+            assert not errors, f"round {round_}: unexpected errors {errors}"
+            winners = [w for w, o in enumerate(per_worker) if o == "won"]
+            assert len(winners) == 1, f"round {round_}: winners {winners}, expected exactly one"
+            stored = run(backend.read(f"{prefix}/{round_}"))
+            assert stored == race_workers.race_payload(winners[0], round_, size), (
+                f"round {round_}: stored bytes are not the winner's"
+            )
+
+    def test_write_overwrite(self, backend: Backend) -> None:
+        run(backend.write("w/key", b"first"))
+        assert run(backend.read("w/key")) == b"first"
+        run(backend.write("w/key", b"second, longer"))
+        assert run(backend.read("w/key")) == b"second, longer"
+        run(backend.write("w/key", b"3"))
+        assert run(backend.read("w/key")) == b"3"
+        assert run(backend.list("w")) == ["w/key"]
+
+    def test_write_overwrite_is_atomic(self, backend: Backend) -> None:
+        payloads = (_random(ATOMIC_WRITE_PAYLOAD), _random(ATOMIC_WRITE_PAYLOAD))
+        run(backend.write("atomic/key", payloads[0]))
+        first_read, stop = threading.Event(), threading.Event()
+        seen: list[str] = []
+
+        def reader() -> None:
+            loop = asyncio.new_event_loop()
+            try:
+                while True:
+                    done = stop.is_set()
+                    data = loop.run_until_complete(backend.read("atomic/key"))
+                    seen.append("ok" if data in payloads else f"torn read of {len(data)} bytes")
+                    first_read.set()
+                    if done:
+                        return
+            except Exception as exc:
+                seen.append(f"error: {exc!r}")
+                first_read.set()
+            finally:
+                loop.close()
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        first_read.wait(60)
+        try:
+            for i in range(ATOMIC_WRITES):
+                run(backend.write("atomic/key", payloads[(i + 1) % 2]))
+        finally:
+            stop.set()
+            thread.join()
+        bad = [s for s in seen if s != "ok"]
+        assert not bad, f"{len(bad)} of {len(seen)} concurrent reads were not whole: {bad[:3]}"
+        assert run(backend.read("atomic/key")) == payloads[ATOMIC_WRITES % 2]
+
+    def test_read_ranges(self, backend: Backend) -> None:
+        data = bytes(range(256)) * 4
+        run(backend.write("r/key", data))
+        assert run(backend.read("r/key", start=2, end=5)) == data[2:5]
+        assert run(backend.read("r/key", start=1000)) == data[1000:]
+        assert run(backend.read("r/key", end=7)) == data[:7]
+        assert run(backend.read("r/key", start=0, end=len(data))) == data
+        assert run(backend.read("r/key", start=10, end=10)) == b""
+        # An end past the object is clipped, like a slice.
+        assert run(backend.read("r/key", start=1020, end=5000)) == data[1020:]
+
+    def test_list_after_writes(self, backend: Backend) -> None:
+        keys = ["a/x", "a/y/z", "a/y/w", "a/y-1", "ab/x", "b", "c/d/e/f"]
+        for key in keys:
+            run(backend.write(key, key.encode()))
+        assert run(backend.list()) == sorted(keys)
+        assert run(backend.list("")) == sorted(keys)
+        # Directory semantics: "a" must not match "ab/x" or "a/y-1"'s siblings' names.
+        assert run(backend.list("a")) == ["a/x", "a/y-1", "a/y/w", "a/y/z"]
+        assert run(backend.list("a/y")) == ["a/y/w", "a/y/z"]
+        assert run(backend.list("ab")) == ["ab/x"]
+        assert run(backend.list("c/d")) == ["c/d/e/f"]
+        assert run(backend.list("b")) == []  # a key, not a prefix
+        assert run(backend.list("nothing")) == []
+
+    def test_list_children(self, backend: Backend) -> None:
+        for key in ["a/x", "a/y/z", "a/y-1", "ab/x", "b"]:
+            run(backend.write(key, b"."))
+        assert run(backend.list_children()) == ["a", "ab", "b"]
+        assert run(backend.list_children("a")) == ["x", "y", "y-1"]
+        assert run(backend.list_children("a/y")) == ["z"]
+        assert run(backend.list_children("nothing")) == []
+
+    def test_delete_is_idempotent(self, backend: Backend) -> None:
+        run(backend.write("d/key", b"x"))
+        run(backend.write("d/other", b"y"))
+        run(backend.delete("d/key"))
+        assert not run(backend.exists("d/key"))
+        with pytest.raises(NotFoundError):
+            run(backend.read("d/key"))
+        run(backend.delete("d/key"))
+        run(backend.delete("never/there"))
+        assert run(backend.list("d")) == ["d/other"]
+
+    def test_delete_prefix(self, backend: Backend) -> None:
+        for key in ["p/a", "p/b/c", "p/b/d", "p2/x", "pq"]:
+            run(backend.write(key, b"."))
+        run(backend.delete_prefix("p/b"))
+        assert run(backend.list()) == ["p/a", "p2/x", "pq"]
+        run(backend.delete_prefix("p"))
+        assert run(backend.list()) == ["p2/x", "pq"]
+        run(backend.delete_prefix("p"))  # already gone: not an error
+        run(backend.delete_prefix("never/there"))
+        assert run(backend.read("p2/x")) == b"."
+
+    def test_exists(self, backend: Backend) -> None:
+        assert not run(backend.exists("e/key"))
+        run(backend.write("e/key", b"x"))
+        assert run(backend.exists("e/key"))
+        assert not run(backend.exists("e"))  # a prefix is not an object
+        assert not run(backend.exists("e/ke"))
+        run(backend.delete("e/key"))
+        assert not run(backend.exists("e/key"))
+
+    def test_large_object_through_create(self, backend: Backend, creator: Backend) -> None:
+        self._expect_create_refused(backend)
+        data = _random(LARGE)
+        run(creator.create("big/created.bin", data))
+        assert run(backend.read("big/created.bin")) == data
+        assert run(backend.read("big/created.bin", start=LARGE - 10)) == data[-10:]
+
+    def test_large_object_through_write(self, backend: Backend) -> None:
+        data = _random(LARGE)
+        run(backend.write("big/written.bin", data))
+        assert run(backend.read("big/written.bin")) == data
+
+    def test_empty_objects(self, backend: Backend, creator: Backend) -> None:
+        self._expect_create_refused(backend)
+        run(creator.create("empty/created", b""))
+        run(backend.write("empty/written", b""))
+        for key in ("empty/created", "empty/written"):
+            assert run(backend.read(key)) == b""
+            assert run(backend.read(key, start=0, end=0)) == b""
+            assert run(backend.exists(key))
+        assert run(backend.list("empty")) == ["empty/created", "empty/written"]
+
+    def test_keys_with_spaces_and_unicode(self, backend: Backend, creator: Backend) -> None:
+        self._expect_create_refused(backend)
+        key = "dir with space/ünïcødé ключ.json"
+        run(creator.create(key, "ключ".encode()))
+        run(backend.write("dir with space/日本 語", b"jp"))
+        assert run(backend.list("dir with space")) == sorted([key, "dir with space/日本 語"])
+        assert run(backend.list_children()) == ["dir with space"]
+        assert run(backend.read(key)) == "ключ".encode()
+        assert run(backend.exists(key))
+        run(backend.delete(key))
+        assert run(backend.list("dir with space")) == ["dir with space/日本 語"]
+
+    def test_keys_with_url_special_characters(self, backend: Backend) -> None:
+        keys = sorted(["s/p%20ct", "s/plus+sign", "s/a&b=c", "s/q?mark", "s/hash#tag"])
+        for key in keys:
+            run(backend.write(key, key.encode()))
+        assert run(backend.list("s")) == keys
+        for key in keys:
+            assert run(backend.read(key)) == key.encode()
+
+    def test_missing_keys_raise_not_found(self, backend: Backend) -> None:
+        for call in (
+            lambda: backend.read("missing/key"),
+            lambda: backend.read("missing/key", start=1, end=2),
+        ):
+            with pytest.raises(NotFoundError) as info:
+                run(call())
+            assert isinstance(info.value, FileNotFoundError)
+            assert isinstance(info.value, KeyError)
+            assert "missing/key" in str(info.value)
+        with pytest.raises(KeyError):
+            run(backend.read("missing/key"))
+        assert not run(backend.exists("missing/key"))
+        assert run(backend.list("missing")) == []
+        run(backend.write("present/key", b"x"))
+        with pytest.raises(FileNotFoundError):
+            run(backend.read("present"))  # a prefix is not an object
+
+    def test_invalid_keys_raise_invalid_input(self, backend: Backend, creator: Backend) -> None:
+        for key in INVALID_KEYS:
+            for call in (
+                lambda k=key: creator.create(k, b"x"),
+                lambda k=key: backend.write(k, b"x"),
+                lambda k=key: backend.read(k),
+                lambda k=key: backend.exists(k),
+                lambda k=key: backend.delete(k),
+            ):
+                with pytest.raises(InvalidInputError):
+                    run(call())
+        for prefix in (k for k in INVALID_KEYS if k):
+            with pytest.raises(InvalidInputError):
+                run(backend.list(prefix))
+            with pytest.raises(InvalidInputError):
+                run(backend.delete_prefix(prefix))
+        assert run(backend.list()) == []
+
+    def test_awaitable_from_foreign_loops(self, backend: Backend) -> None:
+        async def roundtrip(name: str) -> list[str]:
+            await backend.write(f"loops/{name}", name.encode())
+            assert await backend.read(f"loops/{name}") == name.encode()
+            assert await backend.exists(f"loops/{name}")
+            return await backend.list("loops")
+
+        errors: list[BaseException] = []
+
+        def in_thread(name: str) -> None:
+            try:
+                asyncio.run(roundtrip(name))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=in_thread, args=(f"t{i}",)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert asyncio.run(roundtrip("main")) == ["loops/main", "loops/t0", "loops/t1", "loops/t2"]
+        assert run(backend.list("loops")) == ["loops/main", "loops/t0", "loops/t1", "loops/t2"]
+
+    # ------------------------------------------------------------------ rename
+
+    def test_rename_moves_all_keys(self, backend: Backend) -> None:
+        for key in ["src/a", "src/b/c", "src/b/d", "srcx/keep"]:
+            run(backend.write(key, key.encode()))
+        if not backend.capabilities.atomic_rename:
+            with pytest.raises(UnsupportedOperationError):
+                run(backend.rename("src", "dst"))
+            assert run(backend.list("src")) == ["src/a", "src/b/c", "src/b/d"]
+            assert run(backend.list("dst")) == []
+            return
+        run(backend.rename("src", "deeper/dst"))
+        assert run(backend.list("src")) == []
+        assert run(backend.list("deeper/dst")) == [
+            "deeper/dst/a",
+            "deeper/dst/b/c",
+            "deeper/dst/b/d",
+        ]
+        assert run(backend.read("deeper/dst/b/c")) == b"src/b/c"
+        assert run(backend.list("srcx")) == ["srcx/keep"]
+
+    def test_rename_never_replaces(self, backend: Backend) -> None:
+        run(backend.write("src/a", b"src"))
+        run(backend.write("dst/z", b"dst"))
+        if not backend.capabilities.atomic_rename:
+            with pytest.raises(UnsupportedOperationError):
+                run(backend.rename("src", "dst"))
+        else:
+            with pytest.raises(AlreadyExistsError) as info:
+                run(backend.rename("src", "dst"))
+            assert isinstance(info.value, FileExistsError)
+        assert run(backend.list("src")) == ["src/a"]
+        assert run(backend.list("dst")) == ["dst/z"]
+        assert run(backend.read("dst/z")) == b"dst"
+
+    def test_rename_missing_source(self, backend: Backend) -> None:
+        expected = (
+            NotFoundError if backend.capabilities.atomic_rename else UnsupportedOperationError
+        )
+        with pytest.raises(expected):
+            run(backend.rename("no/such/src", "dst"))
+        assert run(backend.list()) == []
+
+    # ---------------------------------------------------------- compare-and-swap
+
+    def test_compare_and_swap(self, backend: Backend) -> None:
+        run(backend.write("cas/key", b"v1"))
+        if not backend.capabilities.compare_and_swap:
+            with pytest.raises(UnsupportedOperationError):
+                run(backend.read_versioned("cas/key"))
+            with pytest.raises(UnsupportedOperationError):
+                run(backend.write("cas/key", b"v2", if_version="any"))
+            assert run(backend.read("cas/key")) == b"v1"
+            return
+        data, version = run(backend.read_versioned("cas/key"))
+        assert data == b"v1" and isinstance(version, str)
+        run(backend.write("cas/key", b"v2", if_version=version))
+        with pytest.raises(ConflictError):
+            run(backend.write("cas/key", b"stale", if_version=version))
+        assert run(backend.read("cas/key")) == b"v2"
+        data, version2 = run(backend.read_versioned("cas/key"))
+        assert data == b"v2" and version2 != version
+        # A plain write also moves the version on.
+        run(backend.write("cas/key", b"v3"))
+        with pytest.raises(ConflictError):
+            run(backend.write("cas/key", b"stale", if_version=version2))
+        with pytest.raises(NotFoundError):
+            run(backend.read_versioned("cas/missing"))
+        with pytest.raises((ConflictError, NotFoundError)):
+            run(backend.write("cas/missing", b"x", if_version=version2))
+        assert not run(backend.exists("cas/missing"))
+
+    def test_compare_and_swap_race_threads(self, backend: Backend) -> None:
+        if not backend.capabilities.compare_and_swap:
+            pytest.skip(
+                "capability compare_and_swap is False (refusal is in test_compare_and_swap)"
+            )
+        run(backend.write("cas/race", b"start"))
+        barrier = threading.Barrier(CAS_THREADS)
+        outcomes: list[list[str]] = [[] for _ in range(CAS_THREADS)]
+
+        def racer(worker: int) -> None:
+            loop = asyncio.new_event_loop()
+            try:
+                for round_ in range(CAS_ROUNDS):
+                    barrier.wait(race_workers.BARRIER_TIMEOUT_S)
+                    _, version = loop.run_until_complete(backend.read_versioned("cas/race"))
+                    barrier.wait(race_workers.BARRIER_TIMEOUT_S)
+                    payload = race_workers.race_payload(worker, round_, 4096)
+                    try:
+                        loop.run_until_complete(
+                            backend.write("cas/race", payload, if_version=version)
+                        )
+                        outcomes[worker].append("won")
+                    except ConflictError:
+                        outcomes[worker].append("lost")
+                    except Exception as exc:
+                        outcomes[worker].append(f"error: {exc!r}")
+                    barrier.wait(race_workers.BARRIER_TIMEOUT_S)
+            finally:
+                loop.close()
+
+        threads = [threading.Thread(target=racer, args=(w,)) for w in range(CAS_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for round_ in range(CAS_ROUNDS):
+            per_worker = [o[round_] for o in outcomes]
+            assert sorted(per_worker) == ["lost"] * (CAS_THREADS - 1) + ["won"], per_worker
+        last_winner = [o[-1] for o in outcomes].index("won")
+        expected = race_workers.race_payload(last_winner, CAS_ROUNDS - 1, 4096)
+        assert run(backend.read("cas/race")) == expected
+
+    def test_compare_and_swap_race_processes(
+        self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
+    ) -> None:
+        if not backend.capabilities.compare_and_swap:
+            pytest.skip(
+                "capability compare_and_swap is False (refusal is in test_compare_and_swap)"
+            )
+        if not self.shared_across_processes:
+            pytest.skip("store is process-local: other processes cannot see it")
+        run(backend.write("cas/prace", b"start"))
+        url, options = backend_url
+        records = _run_children(
+            race_workers.cas_race_worker,
+            lambda w: (url, options, "cas/prace", PROCESS_ROUNDS, w),
+            PROCESSES,
+        )
+        previous = b"start"
+        for round_ in range(PROCESS_ROUNDS):
+            per_worker = [r[round_] for r in records]
+            assert {digest for _, digest, _ in per_worker} == {
+                hashlib.sha256(previous).hexdigest()
+            }, f"round {round_}: workers read different or unexpected data"
+            outcomes = [outcome for _, _, outcome in per_worker]
+            assert sorted(outcomes) == ["lost"] * (PROCESSES - 1) + ["won"], outcomes
+            previous = race_workers.race_payload(outcomes.index("won"), round_, 4096)
+        assert run(backend.read("cas/prace")) == previous
+
+    # --------------------------------------------------------------- TensorStore
+
+    def test_tensorstore_zarr3_on_kvstore_spec(self, backend: Backend) -> None:
+        spec = backend.kvstore_spec("arr")
+        if spec is None:
+            pytest.skip("kvstore_spec is None: TensorStore cannot reach this store")
+        import tensorstore as ts
+
+        context = backend.tensorstore_context()
+        kwargs: dict[str, Any] = {"context": ts.Context(context)} if context else {}
+        values = np.arange(24, dtype=np.float32).reshape(6, 4) + 1
+        array = ts.open(
+            {
+                "driver": "zarr3",
+                "kvstore": spec,
+                "metadata": {
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [3, 2]}}
+                },
+            },
+            create=True,
+            dtype=ts.float32,
+            shape=[6, 4],
+            **kwargs,
+        ).result()
+        array.write(values).result()
+        reopened = ts.open({"driver": "zarr3", "kvstore": spec}, **kwargs).result()
+        np.testing.assert_array_equal(reopened.read().result(), values)
+        expected = ["arr/c/0/0", "arr/c/0/1", "arr/c/1/0", "arr/c/1/1", "arr/zarr.json"]
+        assert run(backend.list("arr")) == expected
+        metadata = json.loads(run(backend.read("arr/zarr.json")))
+        assert metadata["zarr_format"] == 3 and metadata["shape"] == [6, 4]
+        assert len(run(backend.read("arr/c/1/1"))) > 0
