@@ -149,8 +149,18 @@ def _children(obj: Any, path: KeyPath) -> list[tuple[PathEntry, Any]] | None:
                 f"{type(culprit).__qualname__}; dict keys must be all str or all int "
                 "(jax cannot order mixed keys)."
             )
+    below_root = False
+
+    def stop_below_root(_: Any) -> bool:
+        # jax asks about the root first and then about each child: stopping at
+        # every call after the first flattens exactly one level, even when a
+        # child is the root itself (a cycle, reported by the caller).
+        nonlocal below_root
+        stopped, below_root = below_root, True
+        return stopped
+
     try:
-        keyed, treedef = jtu.tree_flatten_with_path(obj, is_leaf=lambda x: x is not obj)
+        keyed, treedef = jtu.tree_flatten_with_path(obj, is_leaf=stop_below_root)
     except Exception as exc:  # jax raises plain TypeError/ValueError from user flatten code
         raise InvalidInputError(
             f"Cannot flatten the pytree node at {format_path(path)!r} ({type_name(obj)}): {exc}"
@@ -353,8 +363,11 @@ def build_tree(nodes: Mapping[KeyPath, Node], values: Mapping[KeyPath, Any]) -> 
             )
     children: dict[KeyPath, set[PathEntry]] = collections.defaultdict(set)
     for path in (*values, *nodes):
-        for depth in range(len(path)):
-            children[path[:depth]].add(path[depth])
+        # Climb only until a parent is already linked, so deep trees cost
+        # O(paths x depth) rather than a set insert per prefix of every path.
+        while path and path[-1] not in children[path[:-1]]:
+            children[path[:-1]].add(path[-1])
+            path = path[:-1]
     if not nodes and not values:
         return {}
     if () in values:
