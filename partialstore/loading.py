@@ -121,19 +121,37 @@ def _python_value(entry: dict[str, Any], array: np.ndarray | None) -> Any:
     return tree.decode_value(entry["kind"], entry.get("value"))
 
 
-def _selected(
-    leaves: list[tuple[tree.KeyPath, dict[str, Any]]], select: Sequence[Any] | str
-) -> list[tuple[tree.KeyPath, dict[str, Any]]]:
-    selectors = (
-        [tree.parse_selector(select)]
-        if isinstance(select, str)
-        else [tree.parse_selector(s) for s in select]
-    )
+def _selectors(select: Sequence[Any] | str) -> list[Any]:
+    if isinstance(select, str):
+        return [tree.parse_selector(select)]
+    if not isinstance(select, Sequence) or not select:
+        raise InvalidInputError(
+            "select must be a non-empty list of key paths ('a/b' strings or tuples of keys), "
+            f"got {select!r}."
+        )
+    return [tree.parse_selector(s) for s in select]
+
+
+def _select(
+    leaves: list[tuple[tree.KeyPath, dict[str, Any]]],
+    nodes: dict[tree.KeyPath, tree.Node],
+    select: Sequence[Any] | str,
+) -> tuple[list[tuple[tree.KeyPath, dict[str, Any]]], dict[tree.KeyPath, tree.Node]]:
+    """Keep the selected leaves, and the containers in and around the selected subtrees."""
+    selectors = _selectors(select)
     chosen = [(p, e) for p, e in leaves if any(tree.selector_matches(s, p) for s in selectors)]
+    kept_nodes = {
+        path: node
+        for path, node in nodes.items()
+        if any(tree.selector_matches(s, path, include_ancestors=True) for s in selectors)
+    }
     for selector in selectors:
-        if not any(tree.selector_matches(selector, p) for p, _ in chosen):
+        found = any(tree.selector_matches(selector, p) for p, _ in chosen) or any(
+            tree.selector_matches(selector, p) for p in kept_nodes
+        )
+        if not found:
             raise NotFoundError(f"select names {selector!r}, which the checkpoint does not hold.")
-    return chosen
+    return chosen, kept_nodes
 
 
 async def load_tree(
@@ -143,9 +161,7 @@ async def load_tree(
     leaves = _paths(manifest, "leaves")
     nodes = _nodes(manifest)
     if select is not None:
-        leaves = _selected(leaves, select)
-        kept = {p[:i] for p, _ in leaves for i in range(len(p))}
-        nodes = {path: node for path, node in nodes.items() if path in kept}
+        leaves, nodes = _select(leaves, nodes, select)
     with_data = [(p, e) for p, e in leaves if e["kind"] in _ARRAY_KINDS]
     loaded = await arrays.read_arrays(
         location.backend, location.final_prefix, [(e["data"], None) for _, e in with_data]
