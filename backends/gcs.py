@@ -1,0 +1,467 @@
+"""Google Cloud Storage backend (``gs://bucket/prefix``, ``gcs://``) through gcsfs.
+
+Every operation is one or a few GCS JSON-API requests issued through gcsfs's
+aiohttp session, forwarded to gcsfs's loop thread
+(:mod:`partialstore.backends._fsspec_async`), so methods may be awaited from
+any event loop. Each backend owns its own filesystem
+(``skip_instance_cache=True``) and never consults fsspec's listing cache.
+
+The backend uses the plain ``gcsfs.core.GCSFileSystem`` class on purpose:
+``gcsfs.GCSFileSystem`` is, by default, an experimental subclass that asks
+every bucket for its type over gRPC before uploads; against an emulator (and
+anywhere gRPC is blocked) each such call stalls for about 60 s. Zonal
+("Rapid") buckets, which need that gRPC path, are therefore not supported;
+standard and hierarchical-namespace buckets are.
+
+How the contract maps onto GCS:
+
+- ``create``: upload with ``ifGenerationMatch=0`` (gcsfs ``mode="create"``,
+  a multipart upload below 50 MiB, a resumable one above); HTTP 412 ->
+  :class:`AlreadyExistsError`. GCS decides the precondition atomically.
+- ``write``: a plain upload (objects are replaced atomically).
+  ``write(..., if_version=generation)`` uploads with
+  ``ifGenerationMatch=<generation>``; 412 or 404 -> :class:`ConflictError`.
+  ``read_versioned`` returns the generation that was read.
+- ``list``: ``objects.list`` by prefix (strongly consistent); names ending in
+  ``/`` (folder placeholders) are dropped. ``list_children`` uses the ``/``
+  delimiter.
+- ``delete_prefix``: list, then batched deletes (JSON batch API on
+  storage.googleapis.com; emulators have no batch API, so one DELETE each).
+- ``rename``: not offered (``atomic_rename=False``): GCS renames copy bytes.
+
+Storage options are gcsfs's (``project``, ``token``, ``endpoint_url``,
+``requester_pays``, ...) plus partialstore's ``single_writer``, kept as
+:attr:`GCSBackend.single_writer`. An emulator is reached with
+``{"endpoint_url": "http://127.0.0.1:4443", "token": "anon"}`` or the
+``STORAGE_EMULATOR_HOST`` environment variable.
+
+TensorStore (:meth:`GCSBackend.kvstore_spec`) reaches the bytes with its
+``gcs`` driver, whose spec has no endpoint member: TensorStore only reaches a
+non-Google endpoint through the environment variable
+``TENSORSTORE_GCS_HTTP_URL`` (read whenever a kvstore is opened), and skips
+the credential lookup when ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` is set. So with a
+custom endpoint, ``kvstore_spec`` returns a spec only if
+``TENSORSTORE_GCS_HTTP_URL`` names that same endpoint; otherwise it returns
+``None`` (array bytes then go through ``read``/``write``) and logs once how to
+enable TensorStore. Against real GCS, TensorStore uses Google's default
+credentials.
+
+Example::
+
+    from partialstore import registry
+    backend = registry.open_backend(
+        "gs://bucket/ckpts", {"endpoint_url": "http://127.0.0.1:4443", "token": "anon"}
+    )
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from partialstore.backends._fsspec_async import on_loop
+
+from partialstore.backend import Backend, Capabilities, join_key, validate_key
+from partialstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    TransientBackendError,
+)
+
+__all__ = ["GCSBackend", "map_gcs_error"]
+
+logger = logging.getLogger(__name__)
+
+_GOOGLE_HOSTS = ("https://storage.googleapis.com", "https://www.googleapis.com")
+_DELETE_BATCH = 100  # the JSON batch API's limit
+_DELETE_CONCURRENCY = 16
+_LIST_PAGE = 1000
+_warned_endpoints: set[tuple[str | None, str | None]] = set()
+
+
+def _status(err: BaseException) -> int | None:
+    code = getattr(err, "code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and code.isdigit():
+        return int(code)
+    status = getattr(err, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def map_gcs_error(err: BaseException, action: str, where: str) -> Exception:
+    """Translate a gcsfs/aiohttp/google-auth failure of ``action`` on ``where``.
+
+    Example::
+
+        raise map_gcs_error(err, "read", "gs://bucket/key") from err
+    """
+    import aiohttp
+
+    if isinstance(err, (NotFoundError, AlreadyExistsError, ConflictError, BackendError)):
+        return err
+    status = _status(err)
+    detail = f"{type(err).__name__}: {err}"
+    if isinstance(err, FileNotFoundError) or status == 404:
+        return NotFoundError(f"Cannot {action} {where}: no such object or bucket.")
+    if isinstance(err, FileExistsError) or status == 412:
+        return AlreadyExistsError(f"Cannot {action} {where}: a precondition failed (412).")
+    transient_types: tuple[type[BaseException], ...] = (
+        TimeoutError,
+        aiohttp.ClientError,
+        ConnectionError,
+    )
+    try:
+        import requests
+
+        transient_types += (requests.exceptions.RequestException,)
+    except ImportError:  # pragma: no cover - gcsfs depends on requests
+        pass
+    if isinstance(err, transient_types) or (
+        status is not None and (status >= 500 or status in (408, 429))
+    ):
+        return TransientBackendError(
+            f"{action.capitalize()} {where} failed; retrying may help ({detail})."
+        )
+    if status in (401, 403) or "Forbidden" in str(err):
+        return BackendError(
+            f"Cannot {action} {where}: access denied; check credentials ({detail})."
+        )
+    return BackendError(f"{action.capitalize()} {where} failed ({detail}).")
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("gs", "gcs"):
+        raise InvalidInputError(f"GCSBackend needs a gs://bucket[/prefix] URL, got {url!r}.")
+    rest = rest.split("?", 1)[0].strip("/")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise InvalidInputError(f"GCS URL {url!r} has no bucket name.")
+    prefix = prefix.strip("/")
+    validate_key(prefix, allow_empty=True)
+    return bucket, prefix
+
+
+def _normalize_endpoint(url: str | None) -> str | None:
+    if not url or url == "default":
+        return None
+    url = url.rstrip("/")
+    return url if url.startswith(("http://", "https://")) else f"http://{url}"
+
+
+class GCSBackend(Backend):
+    """Backend over one GCS bucket and prefix.
+
+    Args:
+      url: ``gs://bucket[/prefix]`` (``gcs://`` accepted).
+      storage_options: gcsfs options (``project``, ``token``,
+        ``endpoint_url``, ...) plus ``single_writer``.
+
+    Example::
+
+        backend = GCSBackend("gs://bucket/run1", {"token": "google_default"})
+        await backend.create("log/00000001.json", b"{}")
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        # The plain class, not gcsfs.GCSFileSystem: see the module docstring.
+        from gcsfs.core import GCSFileSystem
+
+        self.url = url
+        self.bucket, self.root = _split_url(url)
+        options = dict(storage_options or {})
+        self.single_writer = bool(options.pop("single_writer", False))
+        options.pop("skip_instance_cache", None)
+        options.pop("asynchronous", None)
+        self._options = options
+        try:
+            self._fs = GCSFileSystem(skip_instance_cache=True, **options)
+        except (TypeError, ValueError) as err:
+            raise InvalidInputError(f"Bad storage_options for {url}: {err}") from err
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(atomic_create=True, atomic_rename=False, compare_and_swap=True)
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        return join_key(self.root, validate_key(key))
+
+    def _dir(self, prefix: str) -> str:
+        full = join_key(self.root, validate_key(prefix, allow_empty=True))
+        return f"{full}/" if full else ""
+
+    def _where(self, key: str) -> str:
+        return f"gs://{self.bucket}/{key}"
+
+    def _relative(self, full: str) -> str:
+        return full[len(self.root) + 1 :] if self.root else full
+
+    async def _call(self, method: str, path: str, *args: str, **kwargs: Any) -> Any:
+        fs = self._fs
+        return await on_loop(fs.loop, lambda: fs._call(method, path, *args, **kwargs))
+
+    # -- writes -------------------------------------------------------------------
+
+    async def create(self, key: str, data: bytes) -> None:
+        full = self._key(key)
+        fs = self._fs
+        try:
+            await on_loop(
+                fs.loop, lambda: fs._pipe_file(f"{self.bucket}/{full}", data, mode="create")
+            )
+        except Exception as err:
+            if isinstance(err, FileExistsError) or _status(err) == 412:
+                raise AlreadyExistsError(
+                    f"Cannot create {self._where(full)}: the object already exists "
+                    "(ifGenerationMatch=0 failed)."
+                ) from err
+            raise map_gcs_error(err, "create", self._where(full)) from err
+
+    async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
+        full = self._key(key)
+        fs = self._fs
+        if if_version is None:
+            try:
+                await on_loop(fs.loop, lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
+            except Exception as err:
+                raise map_gcs_error(err, "write", self._where(full)) from err
+            return
+        if not str(if_version).isdigit():
+            raise ConflictError(
+                f"Conditional write of {self._where(full)}: {if_version!r} is not a GCS "
+                "generation (use the version returned by read_versioned)."
+            )
+        try:
+            await self._upload(full, data, ifGenerationMatch=str(if_version))
+        except Exception as err:
+            if isinstance(err, (FileExistsError, FileNotFoundError)) or _status(err) in (412, 404):
+                raise ConflictError(
+                    f"Conditional write of {self._where(full)} failed: its generation is no "
+                    f"longer {if_version} (another writer changed or deleted it)."
+                ) from err
+            raise map_gcs_error(err, "write", self._where(full)) from err
+
+    async def _upload(self, full: str, data: bytes, **params: str) -> dict[str, Any]:
+        """One multipart (metadata + media) upload request with query ``params``.
+
+        gcsfs's own uploads only know ``ifGenerationMatch=0``; compare-and-swap
+        needs an arbitrary generation, and one request keeps it atomic.
+        """
+        from urllib.parse import quote
+
+        fs = self._fs
+        boundary = "==partialstore-boundary=="
+        head = (
+            f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+            f"{json.dumps({'name': full})}\r\n"
+            f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        body = head + bytes(data) + f"\r\n--{boundary}--".encode()
+        url = f"{fs._location}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
+        return await on_loop(
+            fs.loop,
+            lambda: fs._call(
+                "POST",
+                url,
+                uploadType="multipart",
+                headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
+                data=body,
+                json_out=True,
+                **params,
+            ),
+        )
+
+    # -- reads --------------------------------------------------------------------
+
+    async def _get(self, full: str, range_header: str | None, generation: str | None) -> bytes:
+        fs = self._fs
+        url = fs.url(f"{self.bucket}/{full}", generation=generation)
+        headers = {"Range": range_header} if range_header else {}
+        _, data = await on_loop(fs.loop, lambda: fs._call("GET", url, headers=headers))
+        return bytes(data)
+
+    async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        full = self._key(key)
+        if (start is not None and start < 0) or (end is not None and end < 0):
+            return (await self.read(key))[start:end]
+        if start == 0:
+            start = None
+        if start is not None and end is not None and end <= start:
+            if not await self.exists(key):
+                raise NotFoundError(f"Cannot read {self._where(full)}: no such object.")
+            return b""
+        range_header = None
+        if start is not None or end is not None:
+            range_header = f"bytes={start or 0}-{'' if end is None else end - 1}"
+        try:
+            return await self._get(full, range_header, None)
+        except Exception as err:
+            if range_header and _status(err) == 416:
+                return b""  # the range starts past the end: Python slicing gives b""
+            raise map_gcs_error(err, "read", self._where(full)) from err
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        full = self._key(key)
+        try:
+            meta = await self._call("GET", "b/{}/o/{}", self.bucket, full, json_out=True)
+            generation = str(meta["generation"])
+            # Read exactly that generation, so data and version always agree.
+            return await self._get(full, None, generation), generation
+        except Exception as err:
+            raise map_gcs_error(err, "read", self._where(full)) from err
+
+    async def exists(self, key: str) -> bool:
+        full = self._key(key)
+        try:
+            await self._call("GET", "b/{}/o/{}", self.bucket, full, fields="name")
+        except Exception as err:
+            mapped = map_gcs_error(err, "check existence of", self._where(full))
+            if isinstance(mapped, NotFoundError):
+                return False
+            raise mapped from err
+        return True
+
+    async def _list_raw(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[str]]:
+        names: list[str] = []
+        dirs: list[str] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"prefix": prefix, "maxResults": _LIST_PAGE}
+            if delimiter:
+                params["delimiter"] = delimiter
+            if token:
+                params["pageToken"] = token
+            try:
+                page = await self._call("GET", "b/{}/o", self.bucket, json_out=True, **params)
+            except Exception as err:
+                raise map_gcs_error(err, "list", f"gs://{self.bucket}/{prefix}") from err
+            names.extend(item["name"] for item in page.get("items", ()))
+            dirs.extend(page.get("prefixes", ()))
+            token = page.get("nextPageToken")
+            if not token:
+                return names, dirs
+
+    async def list(self, prefix: str = "") -> list[str]:
+        names, _ = await self._list_raw(self._dir(prefix), None)
+        # A name ending in "/" is a folder placeholder, not data.
+        return sorted(self._relative(n) for n in names if not n.endswith("/"))
+
+    async def list_children(self, prefix: str = "") -> list[str]:
+        base = self._dir(prefix)
+        names, dirs = await self._list_raw(base, "/")
+        children = {n[len(base) :] for n in names} | {d[len(base) :].rstrip("/") for d in dirs}
+        children.discard("")
+        return sorted(children)
+
+    # -- deletes ------------------------------------------------------------------
+
+    async def delete(self, key: str) -> None:
+        full = self._key(key)
+        try:
+            await self._call("DELETE", "b/{}/o/{}", self.bucket, full)
+        except Exception as err:
+            mapped = map_gcs_error(err, "delete", self._where(full))
+            if not isinstance(mapped, NotFoundError):
+                raise mapped from err
+
+    async def delete_prefix(self, prefix: str) -> None:
+        base = self._dir(prefix)
+        names, _ = await self._list_raw(base, None)
+        if not names:
+            return
+        fs = self._fs
+        if fs.on_google:
+            paths = [f"{self.bucket}/{n}" for n in names]
+            batches = [paths[i : i + _DELETE_BATCH] for i in range(0, len(paths), _DELETE_BATCH)]
+            results = await asyncio.gather(
+                *(on_loop(fs.loop, lambda b=b: fs._rm_files(b)) for b in batches)
+            )
+            failures = [
+                r
+                for out in results
+                for r in out
+                if isinstance(r, Exception) and "404" not in str(r) and "No such" not in str(r)
+            ]
+            if failures:
+                raise BackendError(
+                    f"Deleting {len(failures)} objects under gs://{self.bucket}/{base} failed, "
+                    f"e.g. {failures[0]}"
+                )
+            return
+        # Emulators have no batch endpoint: one DELETE per object, bounded.
+        limit = asyncio.Semaphore(_DELETE_CONCURRENCY)
+
+        async def delete_one(name: str) -> None:
+            async with limit:
+                await self.delete(self._relative(name))
+
+        await asyncio.gather(*(delete_one(n) for n in names))
+
+    # -- TensorStore --------------------------------------------------------------
+
+    def _endpoint(self) -> str | None:
+        """The custom endpoint gcsfs talks to, or ``None`` for Google's."""
+        endpoint = _normalize_endpoint(
+            self._options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+        )
+        if endpoint is None or endpoint.startswith(_GOOGLE_HOSTS):
+            return None
+        return endpoint
+
+    def kvstore_spec(self, prefix: str) -> dict[str, Any] | None:
+        """TensorStore ``gcs`` kvstore for the bytes under ``prefix``, or ``None``.
+
+        ``None`` when gcsfs talks to a custom endpoint that TensorStore would
+        not reach (``TENSORSTORE_GCS_HTTP_URL`` unset or different).
+
+        Example::
+
+            ts.KvStore.open(backend.kvstore_spec("data/abc")).result()
+        """
+        spec: dict[str, Any] = {"driver": "gcs", "bucket": self.bucket, "path": self._dir(prefix)}
+        ours = self._endpoint()
+        theirs = _normalize_endpoint(os.environ.get("TENSORSTORE_GCS_HTTP_URL"))
+        if theirs is not None and theirs.startswith(_GOOGLE_HOSTS):
+            theirs = None
+        anonymous_emulator = (
+            ours is not None
+            and self._options.get("token") == "anon"
+            and not os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING")
+        )
+        if ours == theirs and not anonymous_emulator:
+            if self._options.get("requester_pays"):
+                project = self._options.get("requester_pays")
+                if not isinstance(project, str):
+                    project = self._options.get("project") or self._fs.project
+                spec["gcs_user_project"] = {"project_id": project}
+            return spec
+        if (ours, theirs) not in _warned_endpoints:
+            _warned_endpoints.add((ours, theirs))
+            logger.warning(
+                "TensorStore cannot reach %s for %s (TENSORSTORE_GCS_HTTP_URL=%s, or no "
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING for anonymous access); array bytes "
+                "will go through gcsfs instead. Set TENSORSTORE_GCS_HTTP_URL=%s (and "
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING for an emulator) to use TensorStore.",
+                ours or "storage.googleapis.com",
+                self.url,
+                theirs or "<unset>",
+                ours or "<unset>",
+            )
+        return None
+
+    async def close(self) -> None:
+        fs = self._fs
+        session = getattr(fs, "_session", None)
+        if session is not None and not session.closed:
+            await on_loop(fs.loop, session.close)

@@ -1,0 +1,533 @@
+"""S3 backend (``s3://bucket/prefix``) through s3fs's async API.
+
+Every operation is one or a few plain S3 requests issued through s3fs's
+aiobotocore client, forwarded to s3fs's own loop thread
+(:mod:`partialstore.backends._fsspec_async`), so methods may be awaited from
+any event loop. Each backend owns its own ``S3FileSystem``
+(``skip_instance_cache=True``): endpoints and credentials never leak between
+backends, and fsspec's listing cache is never consulted.
+
+How the contract maps onto S3:
+
+- ``create``: ``PutObject`` (or ``CompleteMultipartUpload`` past 100 MiB)
+  with ``If-None-Match: *``. S3 answers 412 ``PreconditionFailed`` when the
+  key exists -> :class:`AlreadyExistsError`. S3 may answer 409
+  ``ConditionalRequestConflict`` when a conflicting operation on the same key
+  was in flight; AWS documents that the write did not happen and must be
+  retried, so ``create`` retries it a few times (then 412 or success decides)
+  and raises :class:`TransientBackendError` if the conflict persists.
+- ``write``: a plain ``PutObject`` (S3 replaces objects atomically).
+  ``write(..., if_version=etag)`` sends ``If-Match: <etag>``; 412, 409 or a
+  vanished key -> :class:`ConflictError`. ``read_versioned`` returns the ETag.
+- ``list``: ``ListObjectsV2`` without delimiter (S3 listings are strongly
+  consistent); zero-byte "directory" placeholders (keys ending in ``/``) are
+  not keys and are dropped. ``list_children`` uses the ``/`` delimiter.
+- ``delete_prefix``: list, then ``DeleteObjects`` in batches of 1000.
+- ``rename``: not offered (``atomic_rename=False``): S3 has no rename, a
+  "rename" copies every byte and is not atomic.
+
+Storage options (all optional) are s3fs's: ``endpoint_url``, ``key``,
+``secret``, ``token``, ``anon``, ``profile``, ``client_kwargs`` (e.g.
+``{"region_name": ...}``), ``config_kwargs``... Without them the standard AWS
+chain applies (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
+``~/.aws``, instance roles; ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for
+the endpoint). partialstore's own option ``single_writer`` is accepted and
+kept as :attr:`S3Backend.single_writer`.
+
+TensorStore (:meth:`S3Backend.kvstore_spec`) reaches the same bytes with its
+``s3`` driver. Its spec cannot carry an access key, so credentials are passed
+as: ``{"type": "anonymous"}`` for ``anon``; ``{"type": "profile"}`` for a
+``profile`` option; ``{"type": "environment"}`` when explicit ``key``/
+``secret`` equal the ``AWS_*`` environment variables; otherwise, for explicit
+keys, a credentials file in a private temporary directory (mode 0600, removed
+by :meth:`S3Backend.close` or at exit) named by a ``profile`` credential.
+Without explicit credentials TensorStore uses its default AWS chain.
+
+Example::
+
+    from partialstore import registry
+    backend = registry.open_backend(
+        "s3://bucket/ckpts", {"endpoint_url": "http://127.0.0.1:5000", "key": "k", "secret": "s"}
+    )
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from partialstore.backends._fsspec_async import on_loop
+
+from partialstore.backend import Backend, Capabilities, join_key, validate_key
+from partialstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    TransientBackendError,
+)
+
+__all__ = ["S3Backend"]
+
+_DELETE_BATCH = 1000  # DeleteObjects' limit
+_DELETE_CONCURRENCY = 8
+_CONFLICT_RETRIES = 4
+
+
+# Error codes that mean "try again later" (throttling, server trouble).
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ConditionalRequestConflict",
+    }
+)
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
+
+
+def _client_error(err: BaseException) -> Any:
+    """The botocore ``ClientError`` behind ``err`` (s3fs wraps it as ``__cause__``)."""
+    from botocore.exceptions import ClientError
+
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ClientError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def client_error_code(err: BaseException) -> str | None:
+    """The S3 error code (``"NoSuchKey"``, ``"PreconditionFailed"``, ...) behind ``err``.
+
+    Falls back to the HTTP status as a string when the response had no body
+    (HEAD requests), and to ``None`` when no S3 response is involved.
+    """
+    client_error = _client_error(err)
+    if client_error is None:
+        return None
+    response = getattr(client_error, "response", None) or {}
+    code = (response.get("Error") or {}).get("Code")
+    if code:
+        return str(code)
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return str(status) if status else None
+
+
+def _http_status(err: BaseException) -> int | None:
+    client_error = _client_error(err)
+    if client_error is None:
+        return None
+    response = getattr(client_error, "response", None) or {}
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return int(status) if status else None
+
+
+def map_s3_error(err: BaseException, action: str, where: str) -> Exception:
+    """Translate an s3fs/botocore/aiohttp failure of ``action`` on ``where`` into our tree.
+
+    Example::
+
+        raise map_s3_error(err, "read", "s3://bucket/key") from err
+    """
+    import aiohttp
+    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(err, (NotFoundError, AlreadyExistsError, ConflictError, BackendError)):
+        return err
+    code = client_error_code(err)
+    status = _http_status(err)
+    detail = f"{type(err).__name__}: {err}"
+    if code == "NoSuchBucket":
+        return NotFoundError(f"Cannot {action} {where}: the bucket does not exist ({detail}).")
+    if code in _NOT_FOUND_CODES or (code is None and isinstance(err, FileNotFoundError)):
+        return NotFoundError(f"Cannot {action} {where}: no such object.")
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        return BackendError(
+            f"Cannot {action} {where}: no AWS credentials found; pass key/secret in "
+            f"storage_options or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({detail})."
+        )
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return BackendError(
+            f"Cannot {action} {where}: access denied; check credentials ({detail})."
+        )
+    if (
+        code in _TRANSIENT_CODES
+        or (status is not None and (status >= 500 or status == 429))
+        or isinstance(err, (TimeoutError, aiohttp.ClientError, ConnectionError))
+        or (code is None and isinstance(err, BotoCoreError))
+    ):
+        return TransientBackendError(
+            f"{action.capitalize()} {where} failed; retrying may help ({detail})."
+        )
+    return BackendError(f"{action.capitalize()} {where} failed ({detail}).")
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("s3", "s3a"):
+        raise InvalidInputError(f"S3Backend needs an s3://bucket[/prefix] URL, got {url!r}.")
+    rest = rest.split("?", 1)[0].strip("/")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise InvalidInputError(f"S3 URL {url!r} has no bucket name.")
+    prefix = prefix.strip("/")
+    validate_key(prefix, allow_empty=True)
+    return bucket, prefix
+
+
+class S3Backend(Backend):
+    """Backend over one S3 bucket and prefix.
+
+    Args:
+      url: ``s3://bucket[/prefix]`` (``s3a://`` accepted).
+      storage_options: s3fs options (``endpoint_url``, ``key``, ``secret``,
+        ``client_kwargs``, ...) plus ``single_writer``.
+
+    Example::
+
+        backend = S3Backend("s3://bucket/run1", {"endpoint_url": "http://127.0.0.1:9000"})
+        await backend.create("log/00000001.json", b"{}")
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        import s3fs
+
+        self.url = url
+        self.bucket, self.root = _split_url(url)
+        options = dict(storage_options or {})
+        self.single_writer = bool(options.pop("single_writer", False))
+        options.pop("skip_instance_cache", None)
+        options.pop("asynchronous", None)
+        self._options = options
+        try:
+            self._fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        except TypeError as err:
+            raise InvalidInputError(f"Bad storage_options for {url}: {err}") from err
+        self._credentials_dir: str | None = None
+        self._cleanup: weakref.finalize[Any, Any] | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(atomic_create=True, atomic_rename=False, compare_and_swap=True)
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        return join_key(self.root, validate_key(key))
+
+    def _dir(self, prefix: str) -> str:
+        """The S3 prefix (with trailing ``/``, or ``""`` for the bucket root) of ``prefix``."""
+        full = join_key(self.root, validate_key(prefix, allow_empty=True))
+        return f"{full}/" if full else ""
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    async def _s3(self, method: str, **kwargs: Any) -> Any:
+        fs = self._fs
+        return await on_loop(fs.loop, lambda: fs._call_s3(method, Bucket=self.bucket, **kwargs))
+
+    # -- writes -------------------------------------------------------------------
+
+    async def create(self, key: str, data: bytes) -> None:
+        full = self._key(key)
+        fs = self._fs
+        path = f"{self.bucket}/{full}"
+        for attempt in range(_CONFLICT_RETRIES):
+            try:
+                await on_loop(fs.loop, lambda: fs._pipe_file(path, data, mode="create"))
+                return
+            except Exception as err:
+                code = client_error_code(err)
+                if code == "ConditionalRequestConflict" and attempt + 1 < _CONFLICT_RETRIES:
+                    # 409: a concurrent operation on this key was in flight and
+                    # our write did not happen; AWS says to retry.
+                    await asyncio.sleep(0.05 * 2**attempt)
+                    continue
+                if code in ("PreconditionFailed", "412") or isinstance(err, FileExistsError):
+                    raise AlreadyExistsError(
+                        f"Cannot create {self._where(full)}: the object already exists "
+                        "(If-None-Match: * failed)."
+                    ) from err
+                raise map_s3_error(err, "create", self._where(full)) from err
+        raise TransientBackendError(  # pragma: no cover - loop always returns or raises
+            f"Creating {self._where(full)} kept conflicting with concurrent writers."
+        )
+
+    async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
+        full = self._key(key)
+        fs = self._fs
+        if if_version is None:
+            try:
+                await on_loop(fs.loop, lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
+            except Exception as err:
+                raise map_s3_error(err, "write", self._where(full)) from err
+            return
+        try:
+            # One PUT (up to 5 GiB): If-Match is only honoured as a whole-request condition.
+            await self._s3("put_object", Key=full, Body=data, IfMatch=if_version)
+        except Exception as err:
+            code = client_error_code(err)
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                raise ConflictError(
+                    f"Conditional write of {self._where(full)} failed: its version is no "
+                    f"longer {if_version!r} (another writer changed it)."
+                ) from err
+            if code in ("NoSuchKey", "404"):
+                raise ConflictError(
+                    f"Conditional write of {self._where(full)} failed: the object was deleted "
+                    f"since version {if_version!r} was read."
+                ) from err
+            raise map_s3_error(err, "write", self._where(full)) from err
+
+    # -- reads --------------------------------------------------------------------
+
+    async def _get(self, full: str, range_header: str | None) -> tuple[bytes, str]:
+        extra = {"Range": range_header} if range_header else {}
+        fs = self._fs
+
+        async def get_and_read() -> tuple[bytes, str]:
+            resp = await fs._call_s3("get_object", Bucket=self.bucket, Key=full, **extra)
+            body = resp["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return data, str(resp.get("ETag", ""))
+
+        return await on_loop(fs.loop, get_and_read)
+
+    async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        full = self._key(key)
+        if (start is not None and start < 0) or (end is not None and end < 0):
+            # Negative offsets count from the end: fetch all, slice like Python.
+            return (await self.read(key))[start:end]
+        if start == 0:
+            start = None
+        if start is not None and end is not None and end <= start:
+            if not await self.exists(key):
+                raise NotFoundError(f"Cannot read {self._where(full)}: no such object.")
+            return b""
+        range_header = None
+        if start is not None or end is not None:
+            range_header = f"bytes={start or 0}-{'' if end is None else end - 1}"
+        try:
+            data, _ = await self._get(full, range_header)
+        except Exception as err:
+            if range_header and client_error_code(err) in ("InvalidRange", "416"):
+                return b""  # the range starts past the end: Python slicing gives b""
+            raise map_s3_error(err, "read", self._where(full)) from err
+        return data
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        full = self._key(key)
+        try:
+            return await self._get(full, None)
+        except Exception as err:
+            raise map_s3_error(err, "read", self._where(full)) from err
+
+    async def exists(self, key: str) -> bool:
+        full = self._key(key)
+        try:
+            await self._s3("head_object", Key=full)
+        except Exception as err:
+            if client_error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            mapped = map_s3_error(err, "check existence of", self._where(full))
+            if isinstance(mapped, NotFoundError):
+                return False
+            raise mapped from err
+        return True
+
+    async def _list_raw(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[str]]:
+        """All keys and common prefixes under the S3 prefix ``prefix``."""
+        fs = self._fs
+
+        async def pages() -> tuple[list[str], list[str]]:
+            await fs.set_session()
+            client = await fs.get_s3(self.bucket)
+            paginator = client.get_paginator("list_objects_v2")
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if delimiter:
+                kwargs["Delimiter"] = delimiter
+            keys: list[str] = []
+            dirs: list[str] = []
+            async for page in paginator.paginate(**kwargs):
+                keys.extend(item["Key"] for item in page.get("Contents", ()))
+                dirs.extend(item["Prefix"] for item in page.get("CommonPrefixes", ()))
+            return keys, dirs
+
+        try:
+            return await on_loop(fs.loop, pages)
+        except Exception as err:
+            raise map_s3_error(err, "list", f"s3://{self.bucket}/{prefix}") from err
+
+    def _relative(self, full: str) -> str:
+        return full[len(self.root) + 1 :] if self.root else full
+
+    async def list(self, prefix: str = "") -> list[str]:
+        keys, _ = await self._list_raw(self._dir(prefix), None)
+        # A key ending in "/" is a console-made "directory" placeholder, not data.
+        return sorted(self._relative(k) for k in keys if not k.endswith("/"))
+
+    async def list_children(self, prefix: str = "") -> list[str]:
+        base = self._dir(prefix)
+        keys, dirs = await self._list_raw(base, "/")
+        names = {k[len(base) :] for k in keys} | {d[len(base) :].rstrip("/") for d in dirs}
+        names.discard("")
+        return sorted(names)
+
+    # -- deletes ------------------------------------------------------------------
+
+    async def delete(self, key: str) -> None:
+        full = self._key(key)
+        try:
+            await self._s3("delete_object", Key=full)
+        except Exception as err:
+            mapped = map_s3_error(err, "delete", self._where(full))
+            if not isinstance(mapped, NotFoundError) or client_error_code(err) == "NoSuchBucket":
+                raise mapped from err
+
+    async def delete_prefix(self, prefix: str) -> None:
+        base = self._dir(prefix)
+        keys, _ = await self._list_raw(base, None)
+        batches = [keys[i : i + _DELETE_BATCH] for i in range(0, len(keys), _DELETE_BATCH)]
+        limit = asyncio.Semaphore(_DELETE_CONCURRENCY)
+
+        async def delete_batch(batch: list[str]) -> None:
+            async with limit:
+                try:
+                    out = await self._s3(
+                        "delete_objects",
+                        Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                    )
+                except Exception as err:
+                    raise map_s3_error(
+                        err, "delete objects under", f"s3://{self.bucket}/{base}"
+                    ) from err
+                errors = [e for e in out.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+                if errors:
+                    first = errors[0]
+                    raise BackendError(
+                        f"Deleting {len(errors)} objects under s3://{self.bucket}/{base} failed, "
+                        f"e.g. {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                    )
+
+        await asyncio.gather(*(delete_batch(b) for b in batches))
+
+    # -- TensorStore --------------------------------------------------------------
+
+    def _endpoint(self) -> str | None:
+        client_kwargs = self._options.get("client_kwargs") or {}
+        return (
+            self._options.get("endpoint_url")
+            or client_kwargs.get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+
+    def _region(self) -> str | None:
+        client_kwargs = self._options.get("client_kwargs") or {}
+        config_kwargs = self._options.get("config_kwargs") or {}
+        return (
+            client_kwargs.get("region_name")
+            or config_kwargs.get("region_name")
+            or self._options.get("region_name")
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+        )
+
+    def _tensorstore_credentials(self) -> dict[str, Any] | None:
+        opts = self._options
+        if opts.get("anon"):
+            return {"type": "anonymous"}
+        key = opts.get("key") or opts.get("username")
+        secret = opts.get("secret") or opts.get("password")
+        token = opts.get("token")
+        if not (key and secret):
+            if opts.get("profile"):
+                return {"type": "profile", "profile": str(opts["profile"])}
+            return None  # TensorStore's default chain, like botocore's
+        env = os.environ
+        if (
+            env.get("AWS_ACCESS_KEY_ID") == key
+            and env.get("AWS_SECRET_ACCESS_KEY") == secret
+            and env.get("AWS_SESSION_TOKEN") == token
+        ):
+            return {"type": "environment"}
+        return self._credentials_file(str(key), str(secret), token)
+
+    def _credentials_file(self, key: str, secret: str, token: str | None) -> dict[str, Any]:
+        if self._credentials_dir is None:
+            # mkdtemp makes the directory 0700; the files inside are 0600.
+            directory = tempfile.mkdtemp(prefix="partialstore-aws-")
+            lines = [
+                "[partialstore]",
+                f"aws_access_key_id = {key}",
+                f"aws_secret_access_key = {secret}",
+            ]
+            if token:
+                lines.append(f"aws_session_token = {token}")
+            for name, text in (("credentials", "\n".join(lines) + "\n"), ("config", "")):
+                fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(text)
+            self._credentials_dir = directory
+            self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True)
+        return {
+            "type": "profile",
+            "profile": "partialstore",
+            "credentials_file": os.path.join(self._credentials_dir, "credentials"),
+            "config_file": os.path.join(self._credentials_dir, "config"),
+        }
+
+    def kvstore_spec(self, prefix: str) -> dict[str, Any] | None:
+        """TensorStore ``s3`` kvstore for the bytes under ``prefix``.
+
+        Example::
+
+            ts.KvStore.open(backend.kvstore_spec("data/abc")).result()
+        """
+        spec: dict[str, Any] = {
+            "driver": "s3",
+            "bucket": self.bucket,
+            "path": self._dir(prefix),
+            "use_conditional_write": True,
+        }
+        endpoint = self._endpoint()
+        region = self._region()
+        if endpoint:
+            spec["endpoint"] = endpoint
+            region = region or "us-east-1"  # TensorStore needs a region with an endpoint
+        if region:
+            spec["aws_region"] = region
+        credentials = self._tensorstore_credentials()
+        if credentials is not None:
+            spec["aws_credentials"] = credentials
+        return spec
+
+    async def close(self) -> None:
+        fs = self._fs
+        creator = getattr(fs, "_s3creator", None)
+        if creator is not None and fs._s3 is not None:
+            fs._s3 = None
+            await on_loop(fs.loop, lambda: creator.__aexit__(None, None, None))
+        if self._cleanup is not None:
+            self._cleanup()
