@@ -1,0 +1,509 @@
+"""Local filesystem backend: plain paths and ``file://`` URLs.
+
+How each primitive keeps the contract on a POSIX filesystem:
+
+- ``create``: write a temp file in the target directory, fsync it, then
+  ``os.link(tmp, final)``. ``link`` fails with ``EEXIST`` atomically, so of
+  many creators exactly one wins, and the winner's file appears whole.
+- ``write``: temp file, fsync, ``os.replace``, fsync of the directory.
+- ``rename``: ``renameat2(..., RENAME_NOREPLACE)`` through libc, because plain
+  ``os.rename`` silently replaces an empty target directory. Whether the
+  filesystem supports it is probed once per device at construction;
+  ``capabilities.atomic_rename`` reports the answer.
+- Versioned writes: the version is the SHA-256 of the content, checked and
+  replaced under an exclusive ``flock`` on the key's directory, which other
+  processes (and other threads, through their own descriptors) respect.
+  Plain writes and deletes take the same lock, so they order with CAS.
+
+Temp files are named ``.<name>.tmp-<32 hex>`` and never listed. A local
+filesystem cannot hold a key and a prefix of the same name (``a`` and
+``a/b``); that raises :class:`~partialstore.errors.BackendError`. ``file://``
+URLs are taken literally (no percent-decoding), as fsspec does.
+
+Example::
+
+    from partialstore import registry
+    from partialstore._aio import run
+
+    backend = registry.open_backend("/tmp/ckpts")
+    run(backend.create("run1/log/00000001.json", b"{}"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from partialstore.backend import Backend, Capabilities, validate_key
+from partialstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PartialStoreError,
+    TransientBackendError,
+    UnsupportedOperationError,
+)
+
+__all__ = ["LocalBackend", "is_temp_name"]
+
+T = TypeVar("T")
+
+_TEMP_RE = re.compile(r"^\..*\.tmp-[0-9a-f]{32}$", re.DOTALL)
+_TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT}
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+# Create attempts when a concurrent delete_prefix removes the directory under us.
+_CREATE_ATTEMPTS = 5
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of this backend's in-flight temp files.
+
+    Example::
+
+        is_temp_name(".x.json.tmp-" + "0" * 32)  # True
+    """
+    return bool(_TEMP_RE.match(name))
+
+
+def _temp_path(final_path: str) -> str:
+    directory, name = os.path.split(final_path)
+    # Keep the name short enough for NAME_MAX even for long keys.
+    return os.path.join(directory, f".{name[:40]}.tmp-{uuid.uuid4().hex}")
+
+
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+_probe_cache: dict[int, tuple[bool, bool]] = {}
+_probe_lock = threading.Lock()
+
+
+def _rename_noreplace(src: str, dst: str) -> None:
+    """``renameat2(src, dst, RENAME_NOREPLACE)``; raises ``OSError`` with the errno."""
+    assert _RENAMEAT2 is not None
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), src, None, dst)
+
+
+def _nearest_existing_dir(path: str) -> str:
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _probe(root: str) -> tuple[bool, bool]:
+    """``(atomic_rename, dir_flock)`` for the filesystem that holds (or will hold) ``root``.
+
+    Probed in a scratch directory inside the root's nearest existing
+    ancestor, once per device: whether ``renameat2(RENAME_NOREPLACE)``
+    works (some filesystems answer ``EINVAL``) and whether an exclusive
+    ``flock`` on a directory works (NFS's emulation refuses read-only fds).
+    """
+    anchor = _nearest_existing_dir(root)
+    try:
+        device = os.stat(anchor).st_dev
+    except OSError:
+        return False, False
+    with _probe_lock:
+        if device in _probe_cache:
+            return _probe_cache[device]
+        try:
+            scratch = tempfile.mkdtemp(prefix=".partialstore-probe-", dir=anchor)
+        except OSError:
+            return False, False  # not writable: nothing to promise, do not cache
+        try:
+            rename_ok = False
+            if _RENAMEAT2 is not None:
+                os.mkdir(os.path.join(scratch, "a"))
+                os.mkdir(os.path.join(scratch, "b"))
+                try:
+                    _rename_noreplace(os.path.join(scratch, "a"), os.path.join(scratch, "b"))
+                except OSError as exc:
+                    # EEXIST is the right answer: the flag is honoured.
+                    rename_ok = exc.errno == errno.EEXIST
+            try:
+                with _dir_lock(scratch):
+                    flock_ok = True
+            except OSError:
+                flock_ok = False
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        _probe_cache[device] = (rename_ok, flock_ok)
+        return rename_ok, flock_ok
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: str) -> Iterator[None]:
+    """Exclusive ``flock`` on ``directory``; per open file description, so threads conflict too."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    with open(fd, "wb", buffering=0, closefd=True) as handle:
+        view = memoryview(data)
+        while view:
+            view = view[handle.write(view) :]
+        os.fsync(fd)
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _check_range(start: int | None, end: int | None) -> None:
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise InvalidInputError(f"Read {name} must be a non-negative int, got {value!r}.")
+
+
+def root_from_url(url: str) -> str:
+    """The absolute directory a local URL names (``file://`` or a plain path).
+
+    Example::
+
+        root_from_url("file:///tmp/ckpts")  # "/tmp/ckpts"
+    """
+    path = url
+    if path.lower().startswith("file://"):
+        path = path[len("file://") :]
+        if path.startswith("localhost/"):
+            path = path[len("localhost") :]
+    if not path:
+        raise InvalidInputError(f"Local URL {url!r} names no directory.")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+class LocalBackend(Backend):
+    """Backend over a local (POSIX) directory.
+
+    Args:
+      url: a plain path or ``file://`` URL; the directory need not exist yet.
+      storage_options: only ``single_writer`` (accepted for uniformity; this
+        backend creates atomically regardless).
+
+    Example::
+
+        backend = LocalBackend("/tmp/ckpts", {})
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
+        options = dict(storage_options)
+        single_writer = options.pop("single_writer", False)
+        if not isinstance(single_writer, bool):
+            raise InvalidInputError(
+                f"storage option single_writer must be a bool, got {single_writer!r}."
+            )
+        if options:
+            raise InvalidInputError(
+                f"LocalBackend takes no storage options besides single_writer, got "
+                f"{sorted(options)} for {url!r}."
+            )
+        self.single_writer = single_writer
+        self.url = url
+        self.root = root_from_url(url)
+        atomic_rename, flock_ok = _probe(self.root)
+        self._capabilities = Capabilities(
+            atomic_create=True,
+            atomic_rename=atomic_rename,
+            compare_and_swap=flock_ok,
+            durable=True,
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    # ------------------------------------------------------------------ helpers
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *validate_key(key).split("/"))
+
+    def _prefix_path(self, prefix: str) -> str:
+        validate_key(prefix, allow_empty=True)
+        return os.path.join(self.root, *prefix.split("/")) if prefix else self.root
+
+    def _error(self, exc: OSError, action: str, key: str) -> Exception:
+        where = f"{action} {key!r} under {self.root}"
+        if isinstance(exc, FileNotFoundError):
+            return NotFoundError(f"Cannot {where}: no such key.")
+        if isinstance(exc, FileExistsError):
+            return AlreadyExistsError(f"Cannot {where}: it already exists.")
+        if isinstance(exc, NotADirectoryError | IsADirectoryError):
+            return BackendError(
+                f"Cannot {where}: a key and a prefix of the same name cannot both exist on a "
+                f"local filesystem ({exc})."
+            )
+        if exc.errno in _TRANSIENT:
+            return TransientBackendError(f"Cannot {where} (retry may help): {exc}")
+        return BackendError(f"Cannot {where}: {exc}")
+
+    async def _call(self, action: str, key: str, function: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(function)
+        except OSError as exc:
+            if isinstance(exc, PartialStoreError):
+                raise
+            raise self._error(exc, action, key) from exc
+
+    def _makedirs(self, directory: str) -> None:
+        """``os.makedirs`` that also fsyncs each new directory's parent (durable entries)."""
+        missing: list[str] = []
+        path = directory
+        while not os.path.isdir(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", path) from None
+            _fsync_dir(os.path.dirname(path))
+
+    # ------------------------------------------------------------------ contract
+
+    async def create(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        await self._call("create", key, lambda: self._create(key, path, data))
+
+    def _create(self, key: str, path: str, data: bytes) -> None:
+        directory = os.path.dirname(path)
+        for attempt in range(_CREATE_ATTEMPTS):
+            self._makedirs(directory)
+            temp = _temp_path(path)
+            try:
+                _write_file(temp, data)
+            except FileNotFoundError:
+                # A concurrent delete_prefix removed the directory; make it again.
+                if attempt + 1 == _CREATE_ATTEMPTS:
+                    raise
+                continue
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                raise AlreadyExistsError(
+                    f"Cannot create {key!r} under {self.root}: it already exists."
+                ) from None
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+            _fsync_dir(directory)
+            return
+
+    async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
+        path = self._path(key)
+        if if_version is not None and not self._capabilities.compare_and_swap:
+            raise UnsupportedOperationError(
+                f"Cannot write {key!r} with if_version under {self.root}: this filesystem "
+                "refused directory locks (flock), so compare-and-swap is unavailable."
+            )
+        await self._call("write", key, lambda: self._write(key, path, data, if_version))
+
+    def _write(self, key: str, path: str, data: bytes, if_version: str | None) -> None:
+        directory = os.path.dirname(path)
+        self._makedirs(directory)
+        temp = _temp_path(path)
+        try:
+            _write_file(temp, data)
+            with self._maybe_lock(directory):
+                if if_version is not None:
+                    self._check_version(key, path, if_version)
+                os.replace(temp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        _fsync_dir(directory)
+
+    def _maybe_lock(self, directory: str) -> contextlib.AbstractContextManager[None]:
+        if self._capabilities.compare_and_swap:
+            return _dir_lock(directory)
+        return contextlib.nullcontext()
+
+    def _check_version(self, key: str, path: str, expected: str) -> None:
+        try:
+            with open(path, "rb") as handle:
+                current: str | None = _digest(handle.read())
+        except (FileNotFoundError, IsADirectoryError):
+            current = None
+        if current != expected:
+            raise ConflictError(
+                f"Conditional write of {key!r} under {self.root} lost: the stored version is "
+                f"{current or 'absent'}, expected {expected}. Re-read it and retry."
+            )
+
+    async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        path = self._path(key)
+        _check_range(start, end)
+        return await self._call("read", key, lambda: self._read(key, path, start, end))
+
+    def _read(self, key: str, path: str, start: int | None, end: int | None) -> bytes:
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below; open errors mapped here
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError(f"Cannot read {key!r} under {self.root}: no such key.") from None
+        with handle:
+            if start:
+                handle.seek(start)
+            if end is None:
+                return handle.read()
+            return handle.read(max(end - (start or 0), 0))
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        data = await self.read(key)
+        return data, _digest(data)
+
+    async def exists(self, key: str) -> bool:
+        path = self._path(key)
+        return await asyncio.to_thread(os.path.isfile, path)
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        await self._call("delete", key, lambda: self._delete(path))
+
+    def _delete(self, path: str) -> None:
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            return
+        # No directory fsync: a delete that a crash undoes is harmless here
+        # (gc deletes again), and gc deletes many files.
+        missing = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+        with contextlib.suppress(*missing), self._maybe_lock(directory):
+            os.unlink(path)
+
+    async def delete_prefix(self, prefix: str) -> None:
+        path = self._prefix_path(prefix)
+        await self._call("delete prefix", prefix, lambda: self._delete_tree(path))
+
+    @staticmethod
+    def _delete_tree(path: str) -> None:
+        def ignore_missing(_function: Any, _path: str, exc: Any) -> None:
+            error = exc[1] if isinstance(exc, tuple) else exc
+            if not isinstance(error, FileNotFoundError):
+                raise error
+
+        for attempt in range(_CREATE_ATTEMPTS):
+            if not os.path.isdir(path):
+                return
+            try:
+                if sys.version_info >= (3, 12):
+                    shutil.rmtree(path, onexc=ignore_missing)
+                else:
+                    shutil.rmtree(path, onerror=ignore_missing)
+                return
+            except OSError as exc:
+                # A concurrent writer added a file after rmtree emptied a directory.
+                if exc.errno != errno.ENOTEMPTY or attempt + 1 == _CREATE_ATTEMPTS:
+                    raise
+
+    async def list(self, prefix: str = "") -> list[str]:
+        path = self._prefix_path(prefix)
+        return await self._call("list", prefix, lambda: self._list(path))
+
+    def _list(self, base: str) -> list[str]:
+        keys: list[str] = []
+        root_len = len(self.root.rstrip(os.sep)) + 1
+        for directory, _dirs, files in os.walk(base):
+            for name in files:
+                if not is_temp_name(name):
+                    keys.append(os.path.join(directory, name)[root_len:].replace(os.sep, "/"))
+        return sorted(keys)
+
+    async def rename(self, src_prefix: str, dst_prefix: str) -> None:
+        validate_key(src_prefix)
+        validate_key(dst_prefix)
+        if not self._capabilities.atomic_rename:
+            await super().rename(src_prefix, dst_prefix)
+            return
+        if f"{dst_prefix}/".startswith(f"{src_prefix}/") or f"{src_prefix}/".startswith(
+            f"{dst_prefix}/"
+        ):
+            raise InvalidInputError(
+                f"Cannot rename {src_prefix!r} to {dst_prefix!r} under {self.root}: "
+                "one contains the other."
+            )
+        src, dst = self._prefix_path(src_prefix), self._prefix_path(dst_prefix)
+        await self._call("rename", src_prefix, lambda: self._rename(src_prefix, src, dst))
+
+    def _rename(self, src_prefix: str, src: str, dst: str) -> None:
+        if not os.path.isdir(src):
+            raise NotFoundError(f"Cannot rename {src_prefix!r} under {self.root}: no such prefix.")
+        self._makedirs(os.path.dirname(dst))
+        try:
+            _rename_noreplace(src, dst)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise AlreadyExistsError(
+                    f"Cannot rename {src_prefix!r} to {dst!r}: the target already exists "
+                    "(rename never replaces)."
+                ) from None
+            if exc.errno == errno.ENOENT:
+                raise NotFoundError(
+                    f"Cannot rename {src_prefix!r} under {self.root}: no such prefix."
+                ) from None
+            raise
+        _fsync_dir(os.path.dirname(dst))
+        _fsync_dir(os.path.dirname(src))
+
+    def kvstore_spec(self, prefix: str) -> dict[str, Any] | None:
+        """TensorStore ``file`` kvstore for the directory under ``prefix``.
+
+        Example::
+
+            LocalBackend("/tmp/c", {}).kvstore_spec("data/x")
+            # {"driver": "file", "path": "/tmp/c/data/x/"}
+        """
+        return {"driver": "file", "path": self._prefix_path(prefix).rstrip(os.sep) + "/"}
