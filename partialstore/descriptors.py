@@ -1,0 +1,228 @@
+"""Array descriptors: what the manifest records per leaf, and their validation.
+
+A descriptor is a JSON object. Its path is relative to the checkpoint root
+and must stay below ``data/``: the manifest is data read from a store, so a
+damaged or hostile one must not make a load read (or a gc delete) anything
+outside the checkpoint. :func:`parse` rejects unknown formats, absolute
+paths, ``..``/``.``/empty segments, backslashes and paths outside
+``data/`` with :class:`~partialstore.errors.CorruptCheckpointError`.
+
+Two formats (see :mod:`partialstore.arrays` for when each is used)::
+
+    {"format": "zarr3", "path": "data/<sid>/a00003", "dtype": "bfloat16",
+     "storage_dtype": "bfloat16", "shape": [4096, 4096], "chunks": [2048, 4096],
+     "checksum": "crc32c"}
+    {"format": "packed", "path": "data/<sid>/packed-0000.bin", "offset": 128,
+     "nbytes": 48, "dtype": "float32", "shape": [3, 4], "crc32c": 2868146129}
+
+Example::
+
+    leaf = parse(descriptor)       # Zarr3Leaf or PackedLeaf, or raises
+    descriptor_nbytes(descriptor)  # 48
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from partialstore.backend import validate_key
+from partialstore.dtypes import MAX_RANK, dtype_from_name
+from partialstore.errors import CorruptCheckpointError, InvalidInputError
+from partialstore.packing import PackedLeaf
+
+__all__ = [
+    "DATA_PREFIX",
+    "FORMAT_PACKED",
+    "FORMAT_ZARR3",
+    "Index",
+    "Leaf",
+    "PackedLeaf",
+    "Zarr3Leaf",
+    "check_save_dir",
+    "descriptor_nbytes",
+    "normalize_index",
+    "parse",
+]
+
+FORMAT_ZARR3 = "zarr3"
+FORMAT_PACKED = "packed"
+#: Every array path lives below this top-level directory of the checkpoint.
+DATA_PREFIX = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Zarr3Leaf:
+    """A validated zarr3 descriptor; ``storage`` is the zarr3 data type on disk."""
+
+    path: str
+    dtype: np.dtype[Any]
+    storage: np.dtype[Any]
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+
+
+Leaf = Zarr3Leaf | PackedLeaf
+
+
+def _bad(descriptor: Any, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"Bad array descriptor {descriptor!r}: {why}. The checkpoint manifest is damaged."
+    )
+
+
+def _int(descriptor: Any, value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(descriptor, f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _ints(descriptor: Any, value: Any, what: str, minimum: int) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or len(value) > MAX_RANK:
+        raise _bad(descriptor, f"{what} must be a list of at most {MAX_RANK} integers")
+    return tuple(_int(descriptor, v, what, minimum) for v in value)
+
+
+def _check_path(descriptor: Any, path: Any) -> str:
+    if not isinstance(path, str) or "\\" in path:
+        raise _bad(descriptor, f"path {path!r} is not a clean relative key")
+    try:
+        validate_key(path)
+    except InvalidInputError:
+        raise _bad(descriptor, f"path {path!r} is not a clean relative key") from None
+    parts = path.split("/")
+    if parts[0] != DATA_PREFIX or len(parts) < 2:
+        raise _bad(descriptor, f"path {path!r} is not below {DATA_PREFIX!r}/")
+    return path
+
+
+def parse(descriptor: Any) -> Leaf:
+    """Validate ``descriptor`` and return it as a :class:`Zarr3Leaf` or :class:`PackedLeaf`.
+
+    Example::
+
+        parse({"format": "packed", "path": "../x", ...})  # raises CorruptCheckpointError
+
+    Raises:
+      CorruptCheckpointError: anything malformed, including escaping paths.
+    """
+    if not isinstance(descriptor, dict):
+        raise _bad(descriptor, "it is not a JSON object")
+    kind = descriptor.get("format")
+    if kind not in (FORMAT_ZARR3, FORMAT_PACKED):
+        raise _bad(descriptor, f"unknown format {kind!r} (known: 'zarr3', 'packed')")
+    path = _check_path(descriptor, descriptor.get("path"))
+    dtype = dtype_from_name(descriptor.get("dtype"))
+    shape = _ints(descriptor, descriptor.get("shape"), "shape", 0)
+    if kind == FORMAT_PACKED:
+        offset = _int(descriptor, descriptor.get("offset"), "offset", 0)
+        nbytes = _int(descriptor, descriptor.get("nbytes"), "nbytes", 0)
+        if nbytes != math.prod(shape) * dtype.itemsize:
+            raise _bad(descriptor, f"nbytes {nbytes} does not match shape {shape} of {dtype}")
+        crc = _int(descriptor, descriptor.get("crc32c"), "crc32c", 0)
+        return PackedLeaf(path, offset, nbytes, dtype, shape, crc)
+    chunks = _ints(descriptor, descriptor.get("chunks"), "chunks", 1)
+    if len(chunks) != len(shape):
+        raise _bad(descriptor, f"chunks {list(chunks)} and shape {list(shape)} differ in rank")
+    storage = dtype_from_name(descriptor.get("storage_dtype", descriptor["dtype"]))
+    if storage.itemsize != dtype.itemsize:
+        raise _bad(descriptor, f"storage dtype {storage} is not as wide as {dtype}")
+    return Zarr3Leaf(path, dtype, storage, shape, chunks)
+
+
+def descriptor_nbytes(descriptor: dict[str, Any]) -> int:
+    """Bytes of the whole array a descriptor stands for (its in-memory size).
+
+    Example::
+
+        descriptor_nbytes({"format": "zarr3", "dtype": "float32", "shape": [3, 4], ...})  # 48
+
+    Raises:
+      CorruptCheckpointError: the descriptor is malformed.
+    """
+    leaf = parse(descriptor)
+    return math.prod(leaf.shape) * leaf.dtype.itemsize
+
+
+def check_save_dir(save_dir: str) -> str:
+    """Return ``save_dir`` if it is a clean key below ``data/``, else raise InvalidInputError."""
+    try:
+        validate_key(save_dir)
+    except InvalidInputError as error:
+        raise InvalidInputError(f"Bad save directory: {error}") from None
+    if save_dir.split("/", 1)[0] != DATA_PREFIX or "/" not in save_dir:
+        raise InvalidInputError(
+            f"Save directory {save_dir!r} must be below '{DATA_PREFIX}/' (e.g. 'data/<save-id>')."
+        )
+    return save_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """A read's index as a step-1 bounding ``box`` plus the stepped slices inside it.
+
+    ``inner`` is None when every step is 1 (the box is the answer).
+    """
+
+    box: tuple[tuple[int, int], ...]
+    inner: tuple[slice, ...] | None
+
+    def box_slices(self) -> tuple[slice, ...]:
+        """The box as slices, for TensorStore or numpy indexing."""
+        return tuple(slice(lo, hi) for lo, hi in self.box)
+
+    def is_whole(self, shape: tuple[int, ...]) -> bool:
+        """Whether the index selects all of an array of ``shape``, in order."""
+        return self.inner is None and all(
+            lo == 0 and hi == n for (lo, hi), n in zip(self.box, shape, strict=True)
+        )
+
+    def apply_inner(self, box_array: np.ndarray) -> np.ndarray:
+        """Apply ``inner`` to the array read for the box (a C-contiguous result)."""
+        if self.inner is None:
+            return box_array
+        return np.ascontiguousarray(box_array[self.inner])
+
+
+def normalize_index(index: Any, shape: tuple[int, ...]) -> Index:
+    """Turn ``None`` or a tuple of slices (Python semantics) into an :class:`Index`.
+
+    Missing trailing slices mean whole dimensions. TensorStore indexes
+    absolute coordinates (-1 is not "the last"), so slices are resolved
+    against ``shape`` here and steps are applied by numpy after the read.
+
+    Example::
+
+        normalize_index((slice(-2, None),), (10, 3)).box  # ((8, 10), (0, 3))
+
+    Raises:
+      InvalidInputError: ``index`` is not a tuple/list of at most ``len(shape)`` slices.
+    """
+    if index is None:
+        return Index(tuple((0, n) for n in shape), None)
+    if not isinstance(index, tuple | list) or len(index) > len(shape):
+        raise InvalidInputError(
+            f"Index {index!r} must be a tuple of at most {len(shape)} slices for shape {shape}."
+        )
+    box: list[tuple[int, int]] = []
+    inner: list[slice] = []
+    stepped = False
+    for axis, size in enumerate(shape):
+        item = index[axis] if axis < len(index) else slice(None)
+        if not isinstance(item, slice):
+            raise InvalidInputError(f"Index {index!r} must hold only slices, got {item!r}.")
+        picked = range(*item.indices(size))
+        if len(picked) == 0:
+            box.append((0, 0))
+            inner.append(slice(0, 0))
+            continue
+        first, last = picked[0], picked[-1]
+        lo, hi = min(first, last), max(first, last) + 1
+        box.append((lo, hi))
+        stop = last - lo + (1 if picked.step > 0 else -1)
+        inner.append(slice(first - lo, stop if stop >= 0 else None, picked.step))
+        stepped = stepped or picked.step != 1
+    return Index(tuple(box), tuple(inner) if stepped else None)

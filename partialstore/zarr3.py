@@ -1,0 +1,330 @@
+"""One leaf as one zarr3 array, written and read by TensorStore on any backend.
+
+Where the backend offers a TensorStore kvstore (``kvstore_spec``: local
+``file``, ``s3``, ``gcs``), TensorStore talks to the store directly and
+writes/reads chunks in parallel. Where it does not (memory, generic fsspec),
+the same zarr3 bytes go through the backend: TensorStore encodes into a
+private in-memory kvstore whose keys are then moved with ``backend.write``;
+a load fetches ``zarr.json`` plus only the chunks that intersect the index
+with ``backend.read`` and lets TensorStore decode them from memory. Either
+way the stored bytes are identical, so a checkpoint can be copied between
+stores with any tool.
+
+Chunks are regular, ``default`` key encoding (``c/0/1``), codecs
+``bytes`` (little-endian) then optionally ``crc32c``; every chunk is stored
+even when all zeros, and loads open with ``fill_missing_data_reads=False``,
+so a lost chunk is reported as damage instead of read as zeros.
+
+Example::
+
+    descriptor = await write_array(backend, "ckpt", "data/s1/a00000", x, ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import weakref
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import tensorstore as ts
+
+from partialstore.backend import Backend, join_key
+from partialstore.descriptors import FORMAT_ZARR3, Index, Zarr3Leaf
+from partialstore.dtypes import dtype_name, storage_dtype_name
+from partialstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    CorruptCheckpointError,
+    NotFoundError,
+    TransientBackendError,
+)
+
+__all__ = ["choose_chunks", "gather", "read_array_group", "write_array"]
+
+T = TypeVar("T")
+
+# One TensorStore context per backend, so saves and loads share its
+# connection pools, credentials and I/O concurrency limits.
+_contexts: weakref.WeakKeyDictionary[Backend, ts.Context] = weakref.WeakKeyDictionary()
+
+
+def backend_context(backend: Backend) -> ts.Context:
+    """The TensorStore context for ``backend`` (built from ``tensorstore_context()``, cached)."""
+    context = _contexts.get(backend)
+    if context is None:
+        extra = backend.tensorstore_context()
+        context = ts.Context(extra) if extra is not None else ts.Context()
+        _contexts[backend] = context
+    return context
+
+
+def backend_kvstore(backend: Backend, key: str) -> dict[str, Any] | None:
+    """``backend.kvstore_spec(key)`` with a directory-style trailing ``/``, or None."""
+    spec = backend.kvstore_spec(key)
+    if spec is None:
+        return None
+    spec = dict(spec)
+    if spec.get("path") and not str(spec["path"]).endswith("/"):
+        spec["path"] = f"{spec['path']}/"
+    return spec
+
+
+async def gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Like ``asyncio.gather``, but the first failure cancels the rest before it is raised."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def choose_chunks(shape: Sequence[int], itemsize: int, target: int) -> list[int]:
+    """Chunk shape of about ``target`` bytes, splitting leading dimensions first.
+
+    Trailing dimensions stay whole while they fit, so a chunk is one
+    contiguous run of the C-order array; chunk counts are balanced
+    (1000 rows at 600 per chunk become 2 x 500, not 600 + 400).
+
+    Example::
+
+        choose_chunks([65536, 4096], 4, 16 << 20)  # [1024, 4096]
+    """
+    chunks = [max(1, int(n)) for n in shape]
+    for axis in range(len(chunks)):
+        row = itemsize * math.prod(chunks[axis + 1 :])
+        if row * chunks[axis] <= target:
+            break
+        per_chunk = max(1, target // row)
+        count = -(-chunks[axis] // per_chunk)
+        chunks[axis] = -(-chunks[axis] // count)
+    return chunks
+
+
+def _metadata(
+    shape: Sequence[int], storage: str, chunks: Sequence[int], logical: str, checksum: bool
+) -> dict[str, Any]:
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if checksum:
+        codecs.append({"name": "crc32c"})
+    return {
+        "shape": list(shape),
+        "data_type": storage,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "codecs": codecs,
+        # Tells other tools what a raw-bytes storage type (uint8 for uint4) means.
+        "attributes": {"partialstore_dtype": logical},
+    }
+
+
+def _store_view(array: np.ndarray, storage: str) -> np.ndarray:
+    """The array TensorStore writes: native byte order, viewed as the storage type."""
+    if array.dtype.byteorder not in "=|":
+        array = array.astype(array.dtype.newbyteorder("="))
+    if storage != dtype_name(array.dtype):
+        array = array.view(np.dtype(storage))
+    return array
+
+
+def ts_error(error: Exception, action: str, *, reading: bool) -> Exception:
+    """Translate a TensorStore error (a ValueError whose text starts with a status code)."""
+    text = str(error)
+    code = text.split(":", 1)[0].strip()
+    message = f"{action}: {text}"
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"):
+        return TransientBackendError(message)
+    if code == "ALREADY_EXISTS":
+        return AlreadyExistsError(message)
+    if reading and code in (
+        "NOT_FOUND",
+        "DATA_LOSS",
+        "FAILED_PRECONDITION",
+        "INVALID_ARGUMENT",
+        "OUT_OF_RANGE",
+    ):
+        return CorruptCheckpointError(f"{message}. The checkpoint is damaged or incomplete.")
+    return BackendError(message)
+
+
+async def write_array(
+    backend: Backend,
+    root: str,
+    path: str,
+    array: np.ndarray,
+    *,
+    memory: ts.Context | None,
+    chunk_bytes: int,
+    checksum: bool,
+    semaphore: asyncio.Semaphore,
+) -> dict[str, Any]:
+    """Write ``array`` as the zarr3 array ``<root>/<path>`` and return its descriptor.
+
+    ``memory`` is the caller's private in-memory context, used when the
+    backend has no kvstore (shared by the arrays of one save).
+    """
+    logical = dtype_name(array.dtype)
+    storage = storage_dtype_name(logical)
+    chunks = choose_chunks(array.shape, array.dtype.itemsize, chunk_bytes)
+    kvstore = backend_kvstore(backend, join_key(root, path))
+    via_backend = kvstore is None
+    if kvstore is None:
+        context = memory if memory is not None else ts.Context()
+        kvstore = {"driver": "memory", "path": f"{path}/"}
+    else:
+        context = backend_context(backend)
+    spec = {
+        "driver": "zarr3",
+        "kvstore": kvstore,
+        "metadata": _metadata(array.shape, storage, chunks, logical, checksum),
+        "store_data_equal_to_fill_value": True,
+    }
+    action = f"Writing a {logical}{list(array.shape)} array to {join_key(root, path)!r}"
+    try:
+        store = await ts.open(spec, create=True, context=context)
+        await store.write(_store_view(array, storage))
+    except ValueError as error:
+        raise ts_error(error, action, reading=False) from None
+    if via_backend:
+        await _move_to_backend(backend, root, path, context, semaphore)
+    return {
+        "format": FORMAT_ZARR3,
+        "path": path,
+        "dtype": logical,
+        "storage_dtype": storage,
+        "shape": list(array.shape),
+        "chunks": chunks,
+        "checksum": "crc32c" if checksum else None,
+    }
+
+
+async def _move_to_backend(
+    backend: Backend, root: str, path: str, context: ts.Context, semaphore: asyncio.Semaphore
+) -> None:
+    """Move every key TensorStore wrote under ``path`` in memory to the backend."""
+    memory = await ts.KvStore.open({"driver": "memory", "path": f"{path}/"}, context=context)
+    keys = [key.decode() for key in await memory.list()]
+
+    async def move(key: str) -> None:
+        async with semaphore:
+            value = (await memory.read(key)).value
+            await backend.write(join_key(root, path, key), value)
+            # Drop each chunk once moved, so memory holds about one copy at a time.
+            await memory.delete_range(ts.KvStore.KeyRange(key, key + "\x00"))
+
+    await gather([move(key) for key in keys])
+
+
+def chunk_keys(leaf: Zarr3Leaf, index: Index) -> list[str]:
+    """Keys of the chunks (``default`` encoding, ``/`` separator) that ``index`` touches.
+
+    Example::
+
+        chunk_keys(leaf_with_chunks_10x4, Index(((0, 15), (0, 4)), None))  # ["c/0/0", "c/1/0"]
+    """
+    if not leaf.shape:
+        return ["c"]
+    axes = []
+    for (lo, hi), chunk in zip(index.box, leaf.chunks, strict=True):
+        if hi <= lo:
+            return []
+        axes.append(range(lo // chunk, (hi - 1) // chunk + 1))
+    keys = ["c"]
+    for axis in axes:
+        keys = [f"{prefix}/{i}" for prefix in keys for i in axis]
+    return keys
+
+
+async def _fetch_to_memory(
+    backend: Backend,
+    root: str,
+    path: str,
+    members: Sequence[tuple[int, Zarr3Leaf, Index]],
+    context: ts.Context,
+    semaphore: asyncio.Semaphore,
+) -> None:
+    """Copy ``zarr.json`` and the chunks ``members`` need from the backend into memory."""
+    keys = {"zarr.json"}
+    for _, leaf, index in members:
+        keys.update(chunk_keys(leaf, index))
+    memory = await ts.KvStore.open({"driver": "memory", "path": f"{path}/"}, context=context)
+
+    async def fetch(key: str) -> None:
+        async with semaphore:
+            try:
+                value = await backend.read(join_key(root, path, key))
+            except NotFoundError:
+                raise CorruptCheckpointError(
+                    f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged "
+                    "or incomplete."
+                ) from None
+            await memory.write(key, value)
+
+    await gather([fetch(key) for key in sorted(keys)])
+
+
+def _check_store(store: ts.TensorStore, leaf: Zarr3Leaf, where: str) -> None:
+    found = (
+        tuple(store.shape),
+        store.dtype.numpy_dtype,
+        tuple(store.chunk_layout.read_chunk.shape),
+    )
+    wanted = (leaf.shape, leaf.storage, leaf.chunks)
+    if found != wanted:
+        raise CorruptCheckpointError(
+            f"Array {where!r} holds shape {found[0]}, dtype {found[1]}, chunks {found[2]} but "
+            f"the manifest says shape {wanted[0]}, dtype {wanted[1]}, chunks {wanted[2]}. The "
+            "checkpoint is damaged."
+        )
+
+
+async def read_array_group(
+    backend: Backend,
+    root: str,
+    path: str,
+    members: Sequence[tuple[int, Zarr3Leaf, Index]],
+    *,
+    memory: ts.Context | None,
+    semaphore: asyncio.Semaphore,
+) -> list[tuple[int, np.ndarray]]:
+    """Open ``<root>/<path>`` once and read every ``(request id, leaf, index)`` of it.
+
+    Returns ``(request id, array)`` pairs; each array is fresh and writable.
+    """
+    where = join_key(root, path)
+    kvstore = backend_kvstore(backend, where)
+    via_backend = kvstore is None
+    if kvstore is None:
+        context = memory if memory is not None else ts.Context()
+        await _fetch_to_memory(backend, root, path, members, context, semaphore)
+        kvstore = {"driver": "memory", "path": f"{path}/"}
+    else:
+        context = backend_context(backend)
+    spec = {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
+    try:
+        try:
+            store = await ts.open(spec, open=True, read=True, context=context)
+        except ValueError as error:
+            raise ts_error(error, f"Opening array {where!r}", reading=True) from None
+        for _, leaf, _ in members:
+            _check_store(store, leaf, where)
+
+        async def read_one(request_id: int, leaf: Zarr3Leaf, index: Index) -> tuple[int, Any]:
+            try:
+                array = await store[index.box_slices()].read()
+            except ValueError as error:
+                raise ts_error(error, f"Reading array {where!r}", reading=True) from None
+            if leaf.storage != leaf.dtype:
+                array = array.view(leaf.dtype)
+            return request_id, index.apply_inner(array)
+
+        return await gather([read_one(*member) for member in members])
+    finally:
+        if via_backend:
+            scratch = await ts.KvStore.open({"driver": "memory"}, context=context)
+            await scratch.delete_range(ts.KvStore.KeyRange(f"{path}/", f"{path}0"))
