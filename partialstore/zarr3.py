@@ -269,10 +269,11 @@ async def _fetch_to_memory(
 
 
 def _check_store(store: ts.TensorStore, leaf: Zarr3Leaf, where: str) -> None:
+    chunk_shape = store.chunk_layout.read_chunk.shape  # None for a 0-d array
     found = (
         tuple(store.shape),
         store.dtype.numpy_dtype,
-        tuple(store.chunk_layout.read_chunk.shape),
+        tuple(chunk_shape) if chunk_shape is not None else (),
     )
     wanted = (leaf.shape, leaf.storage, leaf.chunks)
     if found != wanted:
