@@ -59,7 +59,14 @@ from partialstore.errors import (
     UnsupportedOperationError,
 )
 
-__all__ = ["LocalBackend", "is_temp_name"]
+__all__ = [
+    "LocalBackend",
+    "create_file",
+    "is_temp_name",
+    "makedirs_durable",
+    "replace_file",
+    "root_from_url",
+]
 
 T = TypeVar("T")
 
@@ -197,6 +204,86 @@ def _write_file(path: str, data: bytes) -> None:
         os.fsync(fd)
 
 
+def makedirs_durable(directory: str) -> None:
+    """``os.makedirs`` that also fsyncs each new directory's parent, so the entries survive.
+
+    Raises ``NotADirectoryError`` when a file is in the way.
+
+    Example::
+
+        makedirs_durable("/tmp/c/log")
+    """
+    missing: list[str] = []
+    path = directory
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", path) from None
+        _fsync_dir(os.path.dirname(path))
+
+
+def create_file(path: str, data: bytes) -> None:
+    """Create ``path`` holding ``data`` only if absent, atomically and durably.
+
+    Temp file in the same directory, fsync, ``os.link`` (fails with
+    ``EEXIST`` atomically, and the file appears whole), unlink the temp,
+    fsync the directory. The directory must exist.
+
+    Raises:
+      FileExistsError: ``path`` exists (another creator won).
+
+    Example::
+
+        create_file("/tmp/c/log/00000001.json", b"{}")
+    """
+    temp = _temp_path(path)
+    _write_file(temp, data)
+    try:
+        os.link(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    _fsync_dir(os.path.dirname(path))
+
+
+def replace_file(
+    path: str,
+    data: bytes,
+    *,
+    lock: contextlib.AbstractContextManager[None] | None = None,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Atomically and durably replace ``path`` with ``data`` (temp, fsync, ``os.replace``).
+
+    The slow part (writing and syncing the temp file) happens outside
+    ``lock``; only ``check`` (which may raise to abandon the write) and the
+    replace run inside it. The directory must exist.
+
+    Example::
+
+        replace_file("/tmp/c/partialstore.json", b"{}")
+    """
+    temp = _temp_path(path)
+    try:
+        _write_file(temp, data)
+        with lock or contextlib.nullcontext():
+            if check is not None:
+                check()
+            os.replace(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    _fsync_dir(os.path.dirname(path))
+
+
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -296,24 +383,6 @@ class LocalBackend(Backend):
                 raise
             raise self._error(exc, action, key) from exc
 
-    def _makedirs(self, directory: str) -> None:
-        """``os.makedirs`` that also fsyncs each new directory's parent (durable entries)."""
-        missing: list[str] = []
-        path = directory
-        while not os.path.isdir(path):
-            missing.append(path)
-            parent = os.path.dirname(path)
-            if parent == path:
-                break
-            path = parent
-        for path in reversed(missing):
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                if not os.path.isdir(path):
-                    raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", path) from None
-            _fsync_dir(os.path.dirname(path))
-
     # ------------------------------------------------------------------ contract
 
     async def create(self, key: str, data: bytes) -> None:
@@ -323,26 +392,18 @@ class LocalBackend(Backend):
     def _create(self, key: str, path: str, data: bytes) -> None:
         directory = os.path.dirname(path)
         for attempt in range(_CREATE_ATTEMPTS):
-            self._makedirs(directory)
-            temp = _temp_path(path)
+            makedirs_durable(directory)
             try:
-                _write_file(temp, data)
-            except FileNotFoundError:
-                # A concurrent delete_prefix removed the directory; make it again.
-                if attempt + 1 == _CREATE_ATTEMPTS:
-                    raise
-                continue
-            try:
-                os.link(temp, path)
+                create_file(path, data)
+                return
             except FileExistsError:
                 raise AlreadyExistsError(
                     f"Cannot create {key!r} under {self.root}: it already exists."
                 ) from None
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
-            _fsync_dir(directory)
-            return
+            except FileNotFoundError:
+                # A concurrent delete_prefix removed the directory; make it again.
+                if attempt + 1 == _CREATE_ATTEMPTS:
+                    raise
 
     async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
         path = self._path(key)
@@ -355,18 +416,9 @@ class LocalBackend(Backend):
 
     def _write(self, key: str, path: str, data: bytes, if_version: str | None) -> None:
         directory = os.path.dirname(path)
-        self._makedirs(directory)
-        temp = _temp_path(path)
-        try:
-            _write_file(temp, data)
-            with self._maybe_lock(directory):
-                if if_version is not None:
-                    self._check_version(key, path, if_version)
-                os.replace(temp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-        _fsync_dir(directory)
+        makedirs_durable(directory)
+        check = None if if_version is None else lambda: self._check_version(key, path, if_version)
+        replace_file(path, data, lock=self._maybe_lock(directory), check=check)
 
     def _maybe_lock(self, directory: str) -> contextlib.AbstractContextManager[None]:
         if self._capabilities.compare_and_swap:
@@ -481,7 +533,7 @@ class LocalBackend(Backend):
     def _rename(self, src_prefix: str, src: str, dst: str) -> None:
         if not os.path.isdir(src):
             raise NotFoundError(f"Cannot rename {src_prefix!r} under {self.root}: no such prefix.")
-        self._makedirs(os.path.dirname(dst))
+        makedirs_durable(os.path.dirname(dst))
         try:
             _rename_noreplace(src, dst)
         except OSError as exc:
