@@ -15,9 +15,11 @@ standard and hierarchical-namespace buckets are.
 
 How the contract maps onto GCS:
 
-- ``create``: upload with ``ifGenerationMatch=0`` (gcsfs ``mode="create"``,
-  a multipart upload below 50 MiB, a resumable one above); HTTP 412 ->
-  :class:`AlreadyExistsError`. GCS decides the precondition atomically.
+- ``create``: one multipart upload request with ``ifGenerationMatch=0``,
+  whatever the size (creates are small records; a single request keeps the
+  precondition and the bytes together, and fake-gcs-server ignores
+  preconditions on resumable uploads); HTTP 412 -> :class:`AlreadyExistsError`.
+  GCS decides the precondition atomically.
 - ``write``: a plain upload (objects are replaced atomically).
   ``write(..., if_version=generation)`` uploads with
   ``ifGenerationMatch=<generation>``; 412 or 404 -> :class:`ConflictError`.
@@ -142,7 +144,7 @@ def _split_url(url: str) -> tuple[str, str]:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("gs", "gcs"):
         raise InvalidInputError(f"GCSBackend needs a gs://bucket[/prefix] URL, got {url!r}.")
-    rest = rest.split("?", 1)[0].strip("/")
+    rest = rest.rstrip("/")
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise InvalidInputError(f"GCS URL {url!r} has no bucket name.")
@@ -215,11 +217,9 @@ class GCSBackend(Backend):
 
     async def create(self, key: str, data: bytes) -> None:
         full = self._key(key)
-        fs = self._fs
         try:
-            await on_loop(
-                fs.loop, lambda: fs._pipe_file(f"{self.bucket}/{full}", data, mode="create")
-            )
+            # One request carries body and precondition, whatever the size: see _upload.
+            await self._upload(full, data, ifGenerationMatch="0")
         except Exception as err:
             if isinstance(err, FileExistsError) or _status(err) == 412:
                 raise AlreadyExistsError(
@@ -255,8 +255,12 @@ class GCSBackend(Backend):
     async def _upload(self, full: str, data: bytes, **params: str) -> dict[str, Any]:
         """One multipart (metadata + media) upload request with query ``params``.
 
-        gcsfs's own uploads only know ``ifGenerationMatch=0``; compare-and-swap
-        needs an arbitrary generation, and one request keeps it atomic.
+        Conditional writes always go through this single request, never
+        through gcsfs's resumable path (which it takes from 50 MiB): the
+        precondition and the bytes then travel and succeed or fail together,
+        and fake-gcs-server, which ignores preconditions on resumable uploads,
+        is held to the same rule as GCS. gcsfs's own uploads also only know
+        ``ifGenerationMatch=0``, while compare-and-swap needs any generation.
         """
         from urllib.parse import quote
 

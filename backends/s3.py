@@ -183,7 +183,7 @@ def _split_url(url: str) -> tuple[str, str]:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("s3", "s3a"):
         raise InvalidInputError(f"S3Backend needs an s3://bucket[/prefix] URL, got {url!r}.")
-    rest = rest.split("?", 1)[0].strip("/")
+    rest = rest.rstrip("/")
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise InvalidInputError(f"S3 URL {url!r} has no bucket name.")

@@ -1,13 +1,172 @@
-"""The S3 backend passes the conformance suite against a real moto server."""
+"""The S3 backend against a real moto server: the conformance suite plus S3 specifics."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import stat
 
+import numpy as np
+import pytest
+import tensorstore as ts
+from botocore.exceptions import ClientError, EndpointConnectionError
+from partialstore.backends.s3 import S3Backend, map_s3_error
+
+from partialstore import registry
+from partialstore._aio import run
+from partialstore.errors import (
+    BackendError,
+    InvalidInputError,
+    NotFoundError,
+    TransientBackendError,
+)
 from partialstore.testing.conformance import BackendConformance
+from partialstore.testing.servers import MotoS3Server
 
 
 class TestS3Backend(BackendConformance):
+    # Measured: moto checks If-None-Match without a lock, so racing creators
+    # can both win once bodies pass moto's ~5 MiB in-memory buffer (8 MiB: 13
+    # of 30 rounds had several winners). The suite races 256 KiB and 2 MiB
+    # bodies, which moto decides correctly, so nothing is marked xfail.
+    xfail_reasons: dict[str, str] = {}
+
     @pytest.fixture
     def backend_url(self, s3_url: tuple[str, dict]) -> tuple[str, dict]:
         return s3_url
+
+
+def _open(url: str, options: dict) -> S3Backend:
+    backend = registry.open_backend(url, options)
+    assert isinstance(backend, S3Backend)
+    return backend
+
+
+def test_kvstore_spec_uses_environment_credentials_when_they_match(s3_url) -> None:
+    url, options = s3_url
+    backend = _open(url, options)
+    spec = backend.kvstore_spec("data/abc")
+    bucket = url.split("/")[2]
+    assert spec == {
+        "driver": "s3",
+        "bucket": bucket,
+        "path": "root/data/abc/",
+        "use_conditional_write": True,
+        "endpoint": options["endpoint_url"],
+        "aws_region": "us-east-1",
+        "aws_credentials": {"type": "environment"},
+    }
+    run(backend.close())
+
+
+def test_kvstore_spec_hands_explicit_keys_over_in_a_private_file(s3_url, monkeypatch) -> None:
+    url, options = s3_url
+    # Keys that differ from the environment cannot use {"type": "environment"}.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    backend = _open(url, options)
+    spec = backend.kvstore_spec("arr")
+    credentials = spec["aws_credentials"]
+    assert credentials["type"] == "profile"
+    path = credentials["credentials_file"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    with open(path) as handle:
+        assert "aws_secret_access_key = testing" in handle.read()
+    # TensorStore really opens the store with it.
+    kvstore = ts.KvStore.open(spec).result()
+    kvstore.write("k", b"v").result()
+    assert run(backend.read("arr/k")) == b"v"
+    run(backend.close())
+    assert not os.path.exists(os.path.dirname(path))
+
+
+def test_kvstore_spec_anonymous_and_default_chain(monkeypatch) -> None:
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    anonymous = S3Backend("s3://bucket/p", {"anon": True})
+    assert anonymous.kvstore_spec("")["aws_credentials"] == {"type": "anonymous"}
+    default = S3Backend("s3://bucket", {})
+    # No endpoint, region or credentials: TensorStore's own AWS chain decides.
+    assert default.kvstore_spec("x") == {
+        "driver": "s3",
+        "bucket": "bucket",
+        "path": "x/",
+        "use_conditional_write": True,
+    }
+    profile = S3Backend("s3://bucket", {"profile": "work"})
+    assert profile.kvstore_spec("x")["aws_credentials"] == {"type": "profile", "profile": "work"}
+
+
+def test_zarr_array_written_by_tensorstore_is_listed(s3_url) -> None:
+    url, options = s3_url
+    backend = _open(url, options)
+    array = ts.open(
+        {"driver": "zarr3", "kvstore": backend.kvstore_spec("a")},
+        create=True,
+        dtype=ts.int32,
+        shape=[4],
+    ).result()
+    array.write(np.arange(4, dtype=np.int32)).result()
+    assert run(backend.list("a")) == ["a/c/0", "a/zarr.json"]
+    run(backend.close())
+
+
+def test_directory_placeholders_are_not_keys(s3_url) -> None:
+    url, options = s3_url
+    backend = _open(url, options)
+    run(backend.write("dir/real", b"x"))
+    # The S3 console makes zero-byte "folder/" objects; they are not data.
+    run(backend._s3("put_object", Key="root/dir/", Body=b""))
+    run(backend._s3("put_object", Key="root/", Body=b""))
+    assert run(backend.list()) == ["dir/real"]
+    assert run(backend.list("dir")) == ["dir/real"]
+    assert run(backend.list_children()) == ["dir"]
+    assert run(backend.list_children("dir")) == ["real"]
+    run(backend.close())
+
+
+def test_missing_bucket_is_reported(moto_server: MotoS3Server) -> None:
+    backend = _open("s3://no-such-bucket-here/x", moto_server.storage_options())
+    with pytest.raises(NotFoundError, match="bucket does not exist"):
+        run(backend.read("k"))
+    with pytest.raises(NotFoundError, match="no-such-bucket-here"):
+        run(backend.create("k", b"x"))
+    run(backend.close())
+
+
+def test_single_writer_option_is_accepted() -> None:
+    backend = S3Backend("s3://bucket/x", {"single_writer": True, "anon": True})
+    assert backend.single_writer is True
+    assert backend.capabilities.atomic_create
+    assert not backend.capabilities.atomic_rename
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3:///x", "s3://b/../x", "s3://b/a//c", "gs://b/x"])
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(InvalidInputError):
+        S3Backend(url, {"anon": True})
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    response = {
+        "Error": {"Code": code, "Message": code},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, "PutObject")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (_client_error("NoSuchKey", 404), NotFoundError),
+        (_client_error("SlowDown", 503), TransientBackendError),
+        (_client_error("InternalError", 500), TransientBackendError),
+        (_client_error("ConditionalRequestConflict", 409), TransientBackendError),
+        (_client_error("AccessDenied", 403), BackendError),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), TransientBackendError),
+        (TimeoutError("read timed out"), TransientBackendError),
+    ],
+)
+def test_error_mapping(error: Exception, expected: type[Exception]) -> None:
+    mapped = map_s3_error(error, "read", "s3://b/k")
+    assert type(mapped) is expected
+    assert "s3://b/k" in str(mapped)
