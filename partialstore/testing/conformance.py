@@ -33,16 +33,14 @@ silently: a backend without ``atomic_rename`` must raise
 ``atomic_create`` must refuse ``create`` unless opened with the storage
 option ``single_writer=True`` (then the non-race create tests run on it).
 The only skips are races a capability rules out, and the TensorStore test
-when ``kvstore_spec`` is ``None``.
+when ``kvstore_spec`` is ``None``. The race tests live in
+:mod:`partialstore.testing.conformance_races`, mixed in here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import multiprocessing
-import queue
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -60,17 +58,13 @@ from partialstore.errors import (
     NotFoundError,
     UnsupportedOperationError,
 )
-from partialstore.testing import race_workers
+from partialstore.testing.conformance_races import RaceConformance
 
 __all__ = ["BackendConformance"]
 
 LARGE = 64 * 1024 * 1024
-THREADS, THREAD_ROUNDS, THREAD_PAYLOAD = 8, 20, 256 * 1024
-PROCESSES, PROCESS_ROUNDS, PROCESS_PAYLOAD = 4, 10, 2 * 1024 * 1024
-CAS_THREADS, CAS_ROUNDS = 6, 10
 ATOMIC_WRITE_PAYLOAD, ATOMIC_WRITES = 4 * 1024 * 1024, 10
 INVALID_KEYS = ("../x", "/abs", "a//b", "a/", "a/./b", "a/../b", "")
-CHILD_TIMEOUT_S = 180.0
 
 
 def _random(size: int) -> bytes:
@@ -81,38 +75,7 @@ def _can_create(backend: Backend) -> bool:
     return backend.capabilities.atomic_create or bool(getattr(backend, "single_writer", False))
 
 
-def _run_children(target: Any, args_for: Any, count: int) -> list[Any]:
-    """Start ``count`` spawned workers sharing a barrier; return their records by worker."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(count), ctx.Queue()
-    procs = [
-        ctx.Process(target=target, args=(*args_for(w), barrier, results)) for w in range(count)
-    ]
-    for proc in procs:
-        proc.start()
-    by_worker: dict[int, Any] = {}
-    errors: list[str] = []
-    try:
-        for _ in range(count):
-            status, worker, payload = results.get(timeout=CHILD_TIMEOUT_S)
-            if status == "ok":
-                by_worker[worker] = payload
-            else:
-                errors.append(f"worker {worker}:\n{payload}")
-    except queue.Empty:
-        errors.append(f"only {len(by_worker)} of {count} workers reported in time")
-    finally:
-        for proc in procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    if errors:
-        pytest.fail("race worker failed:\n" + "\n".join(errors))
-    return [by_worker[w] for w in range(count)]
-
-
-class BackendConformance:
+class BackendConformance(RaceConformance):
     """Subclass in a test module and provide the ``backend_url`` fixture.
 
     ``backend_url`` returns ``(root URL unique per test, storage_options)``;
@@ -122,8 +85,7 @@ class BackendConformance:
 
     #: test name -> why the emulator is weaker than the real service (strict xfail).
     xfail_reasons: dict[str, str] = {}
-    #: False for stores that exist only inside one process (memory stores).
-    shared_across_processes: bool = True
+    # Also ``shared_across_processes: bool = True``, from RaceConformance.
 
     # ----------------------------------------------------------------- fixtures
 
@@ -177,10 +139,6 @@ class BackendConformance:
             run(backend.create("refused/key", b"x"))
         assert not run(backend.exists("refused/key"))
 
-    def _skip_unless_racing_creates(self, backend: Backend) -> None:
-        if not backend.capabilities.atomic_create:
-            pytest.skip("capability atomic_create is False: there is no atomic create to race")
-
     # ------------------------------------------------------------------- basics
 
     def test_capabilities_and_url(self, backend: Backend, backend_url: tuple[str, dict]) -> None:
@@ -208,70 +166,6 @@ class BackendConformance:
         with pytest.raises(FileExistsError):
             run(creator.create("c/written", b"intruder"))
         assert run(backend.read("c/written")) == b"w"
-
-    def test_create_race_threads(self, backend: Backend) -> None:
-        self._skip_unless_racing_creates(backend)
-        barrier = threading.Barrier(THREADS)
-        outcomes: list[list[str]] = [[] for _ in range(THREADS)]
-
-        def racer(worker: int) -> None:
-            # Each thread drives its own event loop: real parallelism, and the
-            # contract says coroutines may be awaited from any loop.
-            loop = asyncio.new_event_loop()
-            try:
-                for round_ in range(THREAD_ROUNDS):
-                    payload = race_workers.race_payload(worker, round_, THREAD_PAYLOAD)
-                    barrier.wait(race_workers.BARRIER_TIMEOUT_S)
-                    try:
-                        loop.run_until_complete(backend.create(f"race/{round_}", payload))
-                        outcomes[worker].append("won")
-                    except AlreadyExistsError:
-                        outcomes[worker].append("lost")
-                    except Exception as exc:
-                        outcomes[worker].append(f"error: {exc!r}")
-            finally:
-                loop.close()
-
-        threads = [threading.Thread(target=racer, args=(w,)) for w in range(THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        self._check_create_race(backend, outcomes, THREAD_ROUNDS, THREAD_PAYLOAD)
-
-    def test_create_race_processes(
-        self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
-    ) -> None:
-        self._skip_unless_racing_creates(backend)
-        if not self.shared_across_processes:
-            pytest.skip("store is process-local: other processes cannot see it")
-        url, options = backend_url
-        keys = [f"prace/{round_}" for round_ in range(PROCESS_ROUNDS)]
-        outcomes = _run_children(
-            race_workers.create_race_worker,
-            lambda w: (url, options, keys, w, PROCESS_PAYLOAD),
-            PROCESSES,
-        )
-        self._check_create_race(backend, outcomes, PROCESS_ROUNDS, PROCESS_PAYLOAD, "prace")
-
-    def _check_create_race(
-        self,
-        backend: Backend,
-        outcomes: list[list[str]],
-        rounds: int,
-        size: int,
-        prefix: str = "race",
-    ) -> None:
-        for round_ in range(rounds):
-            per_worker = [worker_outcomes[round_] for worker_outcomes in outcomes]
-            errors = [o for o in per_worker if o not in ("won", "lost")]
-            assert not errors, f"round {round_}: unexpected errors {errors}"
-            winners = [w for w, o in enumerate(per_worker) if o == "won"]
-            assert len(winners) == 1, f"round {round_}: winners {winners}, expected exactly one"
-            stored = run(backend.read(f"{prefix}/{round_}"))
-            assert stored == race_workers.race_payload(winners[0], round_, size), (
-                f"round {round_}: stored bytes are not the winner's"
-            )
 
     def test_write_overwrite(self, backend: Backend) -> None:
         run(backend.write("w/key", b"first"))
@@ -554,75 +448,6 @@ class BackendConformance:
         with pytest.raises((ConflictError, NotFoundError)):
             run(backend.write("cas/missing", b"x", if_version=version2))
         assert not run(backend.exists("cas/missing"))
-
-    def test_compare_and_swap_race_threads(self, backend: Backend) -> None:
-        if not backend.capabilities.compare_and_swap:
-            pytest.skip(
-                "capability compare_and_swap is False (refusal is in test_compare_and_swap)"
-            )
-        run(backend.write("cas/race", b"start"))
-        barrier = threading.Barrier(CAS_THREADS)
-        outcomes: list[list[str]] = [[] for _ in range(CAS_THREADS)]
-
-        def racer(worker: int) -> None:
-            loop = asyncio.new_event_loop()
-            try:
-                for round_ in range(CAS_ROUNDS):
-                    barrier.wait(race_workers.BARRIER_TIMEOUT_S)
-                    _, version = loop.run_until_complete(backend.read_versioned("cas/race"))
-                    barrier.wait(race_workers.BARRIER_TIMEOUT_S)
-                    payload = race_workers.race_payload(worker, round_, 4096)
-                    try:
-                        loop.run_until_complete(
-                            backend.write("cas/race", payload, if_version=version)
-                        )
-                        outcomes[worker].append("won")
-                    except ConflictError:
-                        outcomes[worker].append("lost")
-                    except Exception as exc:
-                        outcomes[worker].append(f"error: {exc!r}")
-                    barrier.wait(race_workers.BARRIER_TIMEOUT_S)
-            finally:
-                loop.close()
-
-        threads = [threading.Thread(target=racer, args=(w,)) for w in range(CAS_THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for round_ in range(CAS_ROUNDS):
-            per_worker = [o[round_] for o in outcomes]
-            assert sorted(per_worker) == ["lost"] * (CAS_THREADS - 1) + ["won"], per_worker
-        last_winner = [o[-1] for o in outcomes].index("won")
-        expected = race_workers.race_payload(last_winner, CAS_ROUNDS - 1, 4096)
-        assert run(backend.read("cas/race")) == expected
-
-    def test_compare_and_swap_race_processes(
-        self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
-    ) -> None:
-        if not backend.capabilities.compare_and_swap:
-            pytest.skip(
-                "capability compare_and_swap is False (refusal is in test_compare_and_swap)"
-            )
-        if not self.shared_across_processes:
-            pytest.skip("store is process-local: other processes cannot see it")
-        run(backend.write("cas/prace", b"start"))
-        url, options = backend_url
-        records = _run_children(
-            race_workers.cas_race_worker,
-            lambda w: (url, options, "cas/prace", PROCESS_ROUNDS, w),
-            PROCESSES,
-        )
-        previous = b"start"
-        for round_ in range(PROCESS_ROUNDS):
-            per_worker = [r[round_] for r in records]
-            assert {digest for _, digest, _ in per_worker} == {
-                hashlib.sha256(previous).hexdigest()
-            }, f"round {round_}: workers read different or unexpected data"
-            outcomes = [outcome for _, _, outcome in per_worker]
-            assert sorted(outcomes) == ["lost"] * (PROCESSES - 1) + ["won"], outcomes
-            previous = race_workers.race_payload(outcomes.index("won"), round_, 4096)
-        assert run(backend.read("cas/prace")) == previous
 
     # --------------------------------------------------------------- TensorStore
 

@@ -1,44 +1,52 @@
-"""Child-process workers for the conformance suite's cross-process races.
+"""Child processes for the conformance suite's cross-process races.
 
-They live in an importable module (not in a test file) because the suite
-starts them with the ``spawn`` start method: a spawned child imports the
-worker by module path and opens its own backend from the picklable
-``(url, storage_options)`` pair, exactly like a second host would.
+Each worker is a fresh interpreter (``python -m partialstore.testing.race_workers``)
+that opens its own backend from the pickled ``(url, storage_options)``,
+exactly like a second host would. Plain subprocesses start faster than
+``multiprocessing``'s spawn (which re-imports the parent's ``__main__``,
+pytest included) and need nothing but pipes.
 
-Every worker reports one message on ``results``: ``("ok", worker, records)``
-or ``("error", worker, traceback_text)``, so the parent can fail with the
-child's real error instead of a hang.
+Protocol, one line each way: the parent sends the pickled job (base64) on
+stdin. At every barrier the worker prints ``ready`` and waits for ``go``;
+the parent sends ``go`` to all workers only when all are ready, so their
+operations start together. At the end the worker prints ``result <base64
+pickle>``, or ``error <base64 traceback>`` at any point.
 
 Example (what the suite does)::
 
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [
-        ctx.Process(target=create_race_worker,
-                    args=(url, opts, keys, w, 1 << 20, barrier, results))
-        for w in range(4)
-    ]
+    records = run_workers("create", url, options, count=4,
+                          keys=["k/0", "k/1"], size=1 << 20)
+    # records[w] == ["won", "lost"] etc.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import pickle
+import subprocess
+import sys
+import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["cas_race_worker", "create_race_worker", "race_payload"]
+__all__ = ["RaceWorkerError", "race_payload", "run_workers"]
 
-# A worker that waits longer than this at a barrier has lost a sibling.
-BARRIER_TIMEOUT_S = 60.0
+# Longest wait for all workers at one barrier, and for their results.
+BARRIER_TIMEOUT_S = 120.0
+
+
+class RaceWorkerError(RuntimeError):
+    """A worker process failed or stopped answering; carries its traceback."""
 
 
 def race_payload(worker: int, round_: int, size: int) -> bytes:
-    """Deterministic bytes unique to ``(worker, round_)``, so the parent can recompute them.
+    """Deterministic bytes unique to ``(worker, round_)``, so any process can recompute them.
 
     Example::
 
-        race_payload(0, 3, 1024)[:8]  # same bytes in every process
+        race_payload(0, 3, 1024)[:8]  # the same bytes in every process
     """
     header = f"worker={worker} round={round_};".encode()
     block = hashlib.sha256(header).digest()
@@ -47,80 +55,158 @@ def race_payload(worker: int, round_: int, size: int) -> bytes:
     return header + body
 
 
-def create_race_worker(
-    url: str,
-    storage_options: Mapping[str, Any],
-    keys: Sequence[str],
-    worker: int,
-    size: int,
-    barrier: Any,
-    results: Any,
-) -> None:
-    """Race ``create`` on each key in turn with the sibling workers.
+def _encode(value: Any) -> str:
+    return base64.b64encode(pickle.dumps(value)).decode()
 
-    Records, per key, ``"won"``, ``"lost"`` (AlreadyExistsError) or the
-    unexpected error's repr.
+
+def _decode(text: str) -> Any:
+    return pickle.loads(base64.b64decode(text))
+
+
+# ----------------------------------------------------------------- parent side
+
+
+def _barriers(kind: str, job: Mapping[str, Any]) -> int:
+    return len(job["keys"]) if kind == "create" else 2 * job["rounds"]
+
+
+def run_workers(
+    kind: str, url: str, storage_options: Mapping[str, Any], *, count: int, **job: Any
+) -> list[Any]:
+    """Run ``count`` workers of ``kind`` (``"create"`` or ``"cas"``); return records by worker.
+
+    ``job`` holds the kind's parameters: ``keys`` and ``size`` for
+    ``"create"``; ``key`` and ``rounds`` for ``"cas"``.
+
+    Raises:
+      RaceWorkerError: a worker failed, exited, or missed a barrier.
     """
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "partialstore.testing.race_workers"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    # A hung worker would block readline forever; the watchdog kills them all.
+    watchdog = threading.Timer(BARRIER_TIMEOUT_S * 4, lambda: [p.kill() for p in procs])
+    watchdog.start()
+    try:
+        for worker, proc in enumerate(procs):
+            spec = {"kind": kind, "url": url, "options": dict(storage_options), "worker": worker}
+            _send(proc, _encode({**spec, **job}))
+        for _ in range(_barriers(kind, job)):
+            for worker, proc in enumerate(procs):
+                _expect(proc, worker, "ready")
+            for proc in procs:
+                _send(proc, "go")
+        return [_decode(_expect(proc, w, "result")) for w, proc in enumerate(procs)]
+    finally:
+        watchdog.cancel()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+
+
+def _send(proc: subprocess.Popen[str], line: str) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+    except BrokenPipeError:
+        pass  # the worker died; _expect reports its error
+
+
+def _expect(proc: subprocess.Popen[str], worker: int, word: str) -> str:
+    assert proc.stdout is not None
+    while True:
+        raw = proc.stdout.readline()
+        line = raw.rstrip("\n")
+        head, _, rest = line.partition(" ")
+        if head == word:
+            return rest
+        if head == "error":
+            raise RaceWorkerError(f"race worker {worker} failed:\n{_decode(rest)}")
+        if not raw:
+            break
+        # Anything else is stray output of a library in the worker; skip it.
+    raise RaceWorkerError(
+        f"race worker {worker} exited (code {proc.poll()}) before sending {word!r}"
+    )
+
+
+# ------------------------------------------------------------------ child side
+
+
+def _barrier() -> None:
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("race worker: parent went away")
+
+
+def _create_job(backend: Any, job: Mapping[str, Any]) -> list[str]:
+    """Race ``create`` on each key; per key ``won``/``lost``/``error: ...``."""
+    from partialstore._aio import run
+    from partialstore.errors import AlreadyExistsError
+
+    records: list[str] = []
+    for round_, key in enumerate(job["keys"]):
+        payload = race_payload(job["worker"], round_, job["size"])
+        _barrier()
+        try:
+            run(backend.create(key, payload))
+            records.append("won")
+        except AlreadyExistsError:
+            records.append("lost")
+        except Exception as exc:  # reported to the parent, which fails the test
+            records.append(f"error: {exc!r}")
+    return records
+
+
+def _cas_job(backend: Any, job: Mapping[str, Any]) -> list[tuple[int, str, str]]:
+    """Race versioned writes on one key; per round ``(round, sha256 read, outcome)``."""
+    from partialstore._aio import run
+    from partialstore.errors import ConflictError
+
+    records: list[tuple[int, str, str]] = []
+    for round_ in range(job["rounds"]):
+        _barrier()
+        data, version = run(backend.read_versioned(job["key"]))
+        # Everyone holds the same version before anyone writes.
+        _barrier()
+        payload = race_payload(job["worker"], round_, 4096)
+        try:
+            run(backend.write(job["key"], payload, if_version=version))
+            outcome = "won"
+        except ConflictError:
+            outcome = "lost"
+        except Exception as exc:  # reported to the parent, which fails the test
+            outcome = f"error: {exc!r}"
+        records.append((round_, hashlib.sha256(data).hexdigest(), outcome))
+    return records
+
+
+def main() -> None:
+    """Worker entry point: read the job, run it in step with the parent, print the result."""
     try:
         from partialstore import registry
         from partialstore._aio import run
-        from partialstore.errors import AlreadyExistsError
 
-        backend = registry.open_backend(url, dict(storage_options))
-        records: list[str] = []
-        for round_, key in enumerate(keys):
-            payload = race_payload(worker, round_, size)
-            barrier.wait(BARRIER_TIMEOUT_S)
-            try:
-                run(backend.create(key, payload))
-                records.append("won")
-            except AlreadyExistsError:
-                records.append("lost")
-            except Exception as exc:  # reported to the parent, which fails the test
-                records.append(f"error: {exc!r}")
+        job = _decode(sys.stdin.readline())
+        backend = registry.open_backend(job["url"], job["options"])
+        records = (_create_job if job["kind"] == "create" else _cas_job)(backend, job)
         run(backend.close())
-        results.put(("ok", worker, records))
+        print("result " + _encode(records), flush=True)
     except BaseException:
-        results.put(("error", worker, traceback.format_exc()))
+        print("error " + _encode(traceback.format_exc()), flush=True)
+        raise
 
 
-def cas_race_worker(
-    url: str,
-    storage_options: Mapping[str, Any],
-    key: str,
-    rounds: int,
-    worker: int,
-    barrier: Any,
-    results: Any,
-) -> None:
-    """Race compare-and-swap writes on one key, one round at a time.
-
-    Each round every worker reads ``(data, version)``, waits for all the
-    others to have read the same version, then writes with
-    ``if_version``. Records ``(round, sha256_of_data_read, outcome)``.
-    """
-    try:
-        from partialstore import registry
-        from partialstore._aio import run
-        from partialstore.errors import ConflictError
-
-        backend = registry.open_backend(url, dict(storage_options))
-        records: list[tuple[int, str, str]] = []
-        for round_ in range(rounds):
-            barrier.wait(BARRIER_TIMEOUT_S)
-            data, version = run(backend.read_versioned(key))
-            # Everyone holds the same version before anyone writes.
-            barrier.wait(BARRIER_TIMEOUT_S)
-            digest = hashlib.sha256(data).hexdigest()
-            try:
-                run(backend.write(key, race_payload(worker, round_, 4096), if_version=version))
-                outcome = "won"
-            except ConflictError:
-                outcome = "lost"
-            except Exception as exc:  # reported to the parent, which fails the test
-                outcome = f"error: {exc!r}"
-            records.append((round_, digest, outcome))
-        run(backend.close())
-        results.put(("ok", worker, records))
-    except BaseException:
-        results.put(("error", worker, traceback.format_exc()))
+if __name__ == "__main__":
+    main()
