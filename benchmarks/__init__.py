@@ -1,0 +1,16 @@
+"""Benchmarks for partialstore, side by side with Orbax and the raw storage limits.
+
+Two scripts, each with ``main(argv) -> int`` and ``--quick`` for a smoke run:
+
+- :mod:`benchmarks.finalize_latency`: finalize time against total bytes,
+  number of saves and leaves per save, plus each store's floor.
+- :mod:`benchmarks.throughput`: save per call, total save time, finalize,
+  load and peak RSS on workloads a-e.
+
+Example::
+
+    python -m benchmarks.finalize_latency --quick --stores local --out /tmp/bench
+    python -m benchmarks.throughput --quick --stores local,s3,gcs --out /tmp/bench
+
+See ``benchmarks/README.md`` for what each figure means and how it is measured.
+"""

@@ -1,0 +1,397 @@
+"""Save and load throughput of partialstore, Orbax and the raw limits, on three stores.
+
+Workloads (float32 random arrays; ``--quick`` shrinks every one to seconds):
+
+- ``a``: 4 saves x 4 leaves x 16 MiB (256 MiB)
+- ``b``: 4 saves x 250 leaves x 4 KiB (small leaves)
+- ``c``: 1 save of one 1 GiB array
+- ``d``: 16 saves x 1 leaf x 16 MiB
+- ``e``: 256 saves x 1 leaf x 64 KiB (many saves)
+
+Per repetition (fresh path each time): every ``save`` call is timed and its
+peak RSS measured, then ``finalize``, then ``load`` of the whole tree (the
+first repetition also checks every loaded byte). The raw TensorStore
+baseline writes and reads the same arrays, each as its own zarr3 array with
+the chunk grid and codecs partialstore used for that shape (read from
+partialstore's own ``zarr.json`` files in the same run); on local disk
+``np.save`` + ``fsync`` is a second raw limit.
+
+Usage::
+
+    python -m benchmarks.throughput [--quick] [--stores local,s3,gcs] [--out DIR]
+    partialstore bench throughput --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from benchmarks import report
+from benchmarks.baselines import orbax_missing
+from benchmarks.common import (
+    GiB,
+    MiB,
+    add_common_arguments,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_stats,
+    machine_description,
+    parse_list,
+    ratio,
+)
+from benchmarks.stores import STORE_NAMES, started_stores
+from benchmarks.systems import CHECKPOINT_SYSTEMS, RAW_SYSTEMS, Workload
+from benchmarks.worker import exit_status, expected_count, run_group
+
+SYSTEMS = CHECKPOINT_SYSTEMS + RAW_SYSTEMS
+WORKLOADS = ("a", "b", "c", "d", "e")
+
+
+def workloads(quick: bool) -> list[Workload]:
+    """Workloads a-e (full sizes, or tiny ones for ``--quick``).
+
+    Example::
+
+        [w.total_bytes for w in workloads(quick=False)]
+    """
+    if quick:
+        return [
+            Workload("a", 2, 2, 256 << 10, "2 saves x 2 leaves x 256 KiB"),
+            Workload("b", 2, 25, 4096, "2 saves x 25 leaves x 4 KiB"),
+            Workload("c", 1, 1, 2 * MiB, "1 save of one 2 MiB array"),
+            Workload("d", 4, 1, 256 << 10, "4 saves x 1 leaf x 256 KiB"),
+            Workload("e", 8, 1, 4096, "8 saves x 1 leaf x 4 KiB"),
+        ]
+    return [
+        Workload("a", 4, 4, 16 * MiB, "4 saves x 4 leaves x 16 MiB"),
+        Workload("b", 4, 250, 4096, "4 saves x 250 leaves x 4 KiB"),
+        Workload("c", 1, 1, GiB, "1 save of one 1 GiB array"),
+        Workload("d", 16, 1, 16 * MiB, "16 saves x 1 leaf x 16 MiB"),
+        Workload("e", 256, 1, 64 << 10, "256 saves x 1 leaf x 64 KiB"),
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.throughput",
+        description="Save/load throughput and peak RSS of partialstore, Orbax, raw "
+        "TensorStore and np.save on local disk, S3 (moto) and GCS (fake-gcs-server).",
+    )
+    add_common_arguments(parser, systems=SYSTEMS)
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated workloads (default: {','.join(WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--emulator-max-bytes",
+        type=int,
+        default=GiB,
+        help="on S3/GCS emulators, workloads larger than this have their leaves shrunk to "
+        "fit (every system on that store gets the same shrunk workload; default 1 GiB)",
+    )
+    return parser
+
+
+def _plan(
+    store: str, systems: list[str], works: list[Workload], args: argparse.Namespace
+) -> list[list[dict[str, Any]]]:
+    """Groups of jobs (one worker each), partialstore before the raw systems."""
+    if store != "local":
+        works = [w.scaled_to(args.emulator_max_bytes) for w in works]
+    order = [s for s in ("partialstore", "orbax", "tensorstore", "numpy") if s in systems]
+    if store != "local" and "numpy" in order:
+        order.remove("numpy")  # np.save writes files: local disk only
+
+    def job(system: str, chosen: list[Workload]) -> dict[str, Any]:
+        return {
+            "kind": "throughput",
+            "system": system,
+            "workloads": [w.to_json() for w in chosen],
+            "reps": args.reps,
+            "budget_s": args.budget_s,
+        }
+
+    groups: list[list[dict[str, Any]]] = []
+    probe = [{"kind": "orbax_probe", "system": "orbax"}] if store != "local" else []
+    if args.quick:
+        # One worker per store: process start-up (JAX, Orbax imports) dominates tiny runs.
+        jobs = []
+        for system in order:
+            jobs.extend((probe if system == "orbax" else []) + [job(system, works)])
+        return [jobs]
+    if "orbax" in order and probe:
+        groups.append(probe)
+    for work in works:
+        groups.extend([job(system, [work])] for system in order)
+    return groups
+
+
+def _timeout(jobs: list[dict[str, Any]], budget_s: float) -> float:
+    total = 90.0
+    for job in jobs:
+        total += (budget_s * 1.5 + 60) * max(1, len(job.get("workloads", [])))
+    return total
+
+
+def _throughput(work: dict[str, Any], stats: dict[str, Any] | None) -> str:
+    if not stats or not stats.get("median"):
+        return "n/a"
+    return f"{work['total_bytes'] / MiB / stats['median']:.3g} MiB/s"
+
+
+def _rss_cell(entry: dict[str, Any]) -> str:
+    rss = entry.get("save_rss") or {}
+    if "max_extra_bytes" not in rss:
+        return "n/a"
+    state = rss.get("state_bytes_of_that_call") or 0
+    share = f" ({rss['max_extra_bytes'] / state:.0%} of its state)" if state else ""
+    return f"+{fmt_bytes(rss['max_extra_bytes'])}{share}"
+
+
+def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    index = {(r["workload"]["name"], r["store"], r["system"]): r for r in results}
+    rows = []
+    for name, store in sorted({(r["workload"]["name"], r["store"]) for r in results}):
+
+        def med(system: str, field: str, name: str = name, store: str = store) -> float | None:
+            entry = index.get((name, store, system))
+            if not entry or entry.get("status") != "ok" or not entry.get(field):
+                return None
+            return entry[field]["median"]
+
+        rows.append(
+            {
+                "workload": name,
+                "store": store,
+                "save_vs_tensorstore": ratio(
+                    med("partialstore", "save_total"), med("tensorstore", "save_total")
+                ),
+                "save_finalize_vs_tensorstore": ratio(
+                    med("partialstore", "save_plus_finalize"), med("tensorstore", "save_total")
+                ),
+                "load_vs_tensorstore": ratio(
+                    med("partialstore", "load"), med("tensorstore", "load")
+                ),
+                "save_vs_numpy": ratio(
+                    med("partialstore", "save_total"), med("numpy", "save_total")
+                ),
+                "load_vs_numpy": ratio(med("partialstore", "load"), med("numpy", "load")),
+                "save_per_call_vs_orbax": ratio(
+                    med("partialstore", "save_per_call"), med("orbax", "save_per_call")
+                ),
+                "finalize_vs_orbax": ratio(
+                    med("partialstore", "finalize"), med("orbax", "finalize")
+                ),
+                "load_vs_orbax": ratio(med("partialstore", "load"), med("orbax", "load")),
+            }
+        )
+    return rows
+
+
+def render_tables(result: dict[str, Any]) -> str:
+    """The markdown report of a throughput result (what is printed on stdout)."""
+    out = [f"## Save / load throughput ({'quick' if result['quick'] else 'full'} run)", ""]
+    if result.get("orbax"):
+        out.append("Orbax on each store (probed with a tiny save/finalize/load in this run):")
+        out.append("")
+        out.append(report.orbax_table(result["orbax"]))
+        out.append("")
+    rows = []
+    for r in result["results"]:
+        work = r["workload"]
+        label = f"{work['name']}: {work.get('description') or ''}".strip()
+        if r.get("status") != "ok":
+            why = (
+                "does not run (see the Orbax table)"
+                if r.get("status") == "does not run"
+                else f"{r.get('status')}: {r.get('reason', '')}"
+            )
+            rows.append([label, r["store"], r["system"], why] + [""] * 7)
+            continue
+        note = f" ({r['note']})" if r.get("note") else ""
+        rows.append(
+            [
+                label + note,
+                r["store"],
+                r["system"],
+                fmt_stats(r.get("save_per_call")),
+                fmt_stats(r.get("save_total")),
+                fmt_stats(r.get("finalize")),
+                fmt_stats(r.get("load")),
+                _throughput(work, r.get("save_plus_finalize")),
+                _throughput(work, r.get("load")),
+                _rss_cell(r),
+                f"+{fmt_bytes(r.get('load_rss', {}).get('max_extra_bytes', 0))}",
+            ]
+        )
+    out.append(
+        report.markdown_table(
+            [
+                "workload",
+                "store",
+                "system",
+                "save per call",
+                "save total",
+                "finalize",
+                "load",
+                "save+finalize MiB/s",
+                "load MiB/s",
+                "peak RSS added by a save",
+                "RSS added by load",
+            ],
+            rows,
+        )
+    )
+    out.append("")
+    out.append("### Ratios of medians from this run (time ratios: below 1 = partialstore faster)")
+    out.append("")
+    out.append(
+        report.markdown_table(
+            [
+                "workload",
+                "store",
+                "save / raw TS",
+                "save+finalize / raw TS",
+                "load / raw TS",
+                "save / np.save",
+                "load / np.load",
+                "save per call / Orbax",
+                "finalize / Orbax",
+                "load / Orbax",
+            ],
+            [
+                [
+                    r["workload"],
+                    r["store"],
+                    fmt_ratio(r["save_vs_tensorstore"]),
+                    fmt_ratio(r["save_finalize_vs_tensorstore"]),
+                    fmt_ratio(r["load_vs_tensorstore"]),
+                    fmt_ratio(r["save_vs_numpy"]),
+                    fmt_ratio(r["load_vs_numpy"]),
+                    fmt_ratio(r["save_per_call_vs_orbax"]),
+                    fmt_ratio(r["finalize_vs_orbax"]),
+                    fmt_ratio(r["load_vs_orbax"]),
+                ]
+                for r in result["ratios"]
+            ],
+        )
+    )
+    out.append("")
+    out.append(
+        "Cells: median [min .. max] over repetitions (n shown when below 3); save per call "
+        "over every call of every repetition. Raw systems write everything in one call. "
+        "Peak RSS: VmHWM during the call minus VmRSS before it (see benchmarks/README.md)."
+    )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the throughput benchmark; print the table, write JSON and PNG to ``--out``.
+
+    Example::
+
+        main(["--quick", "--stores", "local", "--out", "/tmp/bench"])
+    """
+    args = _parser().parse_args(argv)
+    stores = parse_list(args.stores, STORE_NAMES, "store")
+    systems = parse_list(args.systems, SYSTEMS, "system")
+    chosen = parse_list(args.workloads, WORKLOADS, "workload")
+    args.reps = args.reps or (2 if args.quick else 3)
+    args.budget_s = args.budget_s or (30.0 if args.quick else 120.0)
+    works = [w for w in workloads(args.quick) if w.name in chosen]
+    os.makedirs(args.out, exist_ok=True)
+    out_json = os.path.join(args.out, "throughput.json")
+    out_png = os.path.join(args.out, "throughput.png")
+    out_md = os.path.join(args.out, "throughput.md")
+    log_path = os.path.join(args.out, "throughput-workers.log")
+    tmp_root = tempfile.mkdtemp(prefix="partialstore-bench-", dir=args.tmp_dir)
+    started = time.monotonic()
+    machine = machine_description(tmp_root)
+    events: list[dict[str, Any]] = []
+    workers: list[dict[str, Any]] = []
+    unavailable: dict[tuple[str, str], str] = {}
+    try:
+        with started_stores(stores, tmp_root) as envs:
+            plan = [
+                (store, jobs) for store in stores for jobs in _plan(store, systems, works, args)
+            ]
+            bar = report.ProgressBar(sum(expected_count(j) for _, j in plan), "throughput")
+            unavailable.update(orbax_missing(stores, systems))
+            layouts: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for store, jobs in plan:
+                for job in jobs:
+                    if job.get("system") == "tensorstore":
+                        job["layouts"] = {
+                            w["name"]: layouts.get((store, w["name"]), []) for w in job["workloads"]
+                        }
+
+                def step(event: dict[str, Any]) -> None:
+                    what = event.get("workload", {}).get("name") or event.get("type", "")
+                    bar.step(f"{event['store']} {event.get('system', '')} {what}")
+                    if event.get("system") == "partialstore" and event.get("layouts"):
+                        layouts[(event["store"], event["workload"]["name"])] = event["layouts"]
+
+                group_events, record = run_group(
+                    envs[store],
+                    jobs,
+                    timeout_s=_timeout(jobs, args.budget_s),
+                    log_path=log_path,
+                    cwd=tmp_root,
+                    unavailable=unavailable,
+                    on_event=step,
+                )
+                events.extend(group_events)
+                workers.append(record)
+            bar.close()
+            store_info = {
+                name: {"server": env.server, "endpoint_url": env.endpoint_url}
+                for name, env in envs.items()
+            }
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    results = [e for e in events if e.get("type") == "throughput"]
+    result = {
+        "benchmark": "throughput",
+        "format": 1,
+        "command": "python -m benchmarks.throughput " + " ".join(argv or sys.argv[1:]),
+        "quick": bool(args.quick),
+        "config": {
+            "stores": stores,
+            "systems": systems,
+            "workloads": [w.to_json() for w in works],
+            "reps": args.reps,
+            "budget_s_per_workload": args.budget_s,
+            "emulator_max_bytes": args.emulator_max_bytes,
+        },
+        "machine": machine,
+        "stores": store_info,
+        "orbax": report.orbax_status(stores, systems, events, unavailable),
+        "results": results,
+        "ratios": _ratios(results),
+        "workers": workers,
+        "elapsed_s": time.monotonic() - started,
+    }
+    tables = render_tables(result)
+    report.write_json(out_json, result)
+    with open(out_md, "w") as handle:
+        handle.write(tables + "\n")
+    report.plot_throughput(
+        results,
+        out_png,
+        title=f"Save+finalize and load throughput ({'quick' if args.quick else 'full'} run, "
+        f"{machine['cpu_count']} CPUs)",
+    )
+    print(tables)
+    print(f"\nWrote {out_json}, {out_png} and {out_md}", file=sys.stderr)
+    return exit_status(workers, results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,657 @@
+"""Measurements run in child processes, one fresh interpreter per group of jobs.
+
+Why child processes: every system starts from a clean heap (so peak RSS is
+not flattered or inflated by an earlier system's leftovers), Orbax cannot
+slow partialstore through shared caches or threads, and a measurement that
+runs past its time budget can be killed without losing the run.
+
+The parent calls :func:`run_worker` with a task (a store and a list of jobs);
+the child (``python -m benchmarks.worker``) reads it as JSON on stdin and
+writes one JSON event per line on a private copy of stdout; its own stdout
+and stderr (library logging) go to a log file in the output folder.
+
+Each worker first runs one tiny untimed save/finalize/load (or raw
+write/read), so one-off costs (imports, first connection, first TensorStore
+context) are not charged to the first measured point.
+
+Example::
+
+    outcome = run_worker(
+        {"store": store.to_json(), "jobs": [{"kind": "floor", "reps": 5}]},
+        store, timeout_s=120, log_path="/tmp/bench/worker.log",
+    )
+    outcome.events[0]["total"]["median"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from benchmarks.common import REPO_ROOT, Budget, measure_call, peak_rss, stats_json
+from benchmarks.stores import StoreEnv
+from benchmarks.systems import (
+    Workload,
+    build_states,
+    flat_arrays,
+    make_checkpoint_system,
+    state_bytes,
+    verify_arrays,
+    verify_tree,
+)
+
+Emit = Callable[[dict[str, Any]], None]
+# partialstore's zarr3 layouts seen by this worker, by workload name, for a
+# raw TensorStore job later in the same worker (quick runs group jobs).
+_LAYOUTS: dict[str, list[dict[str, Any]]] = {}
+WARMUP = Workload("warmup", saves=1, leaves=1, leaf_bytes=4096)
+
+
+# ---------------------------------------------------------------------------
+# Child side
+
+
+def _job_floor(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
+    """One small ``create`` and one ``list`` through partialstore's backend for the store."""
+    from partialstore import registry
+    from partialstore._aio import run
+
+    url = store.fresh("floor")
+    root = store.group_of(url)
+    if store.is_local:
+        os.makedirs(root, exist_ok=True)
+    backend = registry.open_backend(root, store.storage_options)
+    creates: list[float] = []
+    lists: list[float] = []
+    try:
+        run(backend.create("warm/0.json", b"{}"))  # untimed: first connection
+        run(backend.list("warm"))
+        for i in range(max(3, int(job["reps"]))):
+            start = time.perf_counter()
+            run(backend.create(f"floor/{i:08d}.json", b'{"kind": "floor"}'))
+            middle = time.perf_counter()
+            run(backend.list("floor"))
+            end = time.perf_counter()
+            creates.append(middle - start)
+            lists.append(end - middle)
+    finally:
+        run(backend.close())
+        store.remove(url)
+    emit(
+        {
+            "type": "floor",
+            "store": store.name,
+            "backend": type(backend).__name__,
+            "create": stats_json(creates),
+            "list": stats_json(lists),
+            "total": stats_json([c + li for c, li in zip(creates, lists, strict=True)]),
+        }
+    )
+
+
+def _job_orbax_probe(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
+    from benchmarks.baselines import orbax_probe
+
+    emit({"type": "probe", "store": store.name, "system": "orbax", "reason": orbax_probe(store)})
+
+
+def _warm_up_checkpoint(system: Any, store: StoreEnv) -> None:
+    url = store.fresh("warmup")
+    try:
+        for state in build_states(WARMUP, seed=1):
+            system.save(url, state)
+        system.finalize(url)
+        system.load(url)
+    finally:
+        store.remove(url)
+
+
+def _scales(work: Workload, axis: str) -> dict[str, float]:
+    # What each phase's cost grows with: saves write bytes (or leaves when the
+    # leaves are tiny), finalize handles keys.
+    save_scale = work.total_bytes if axis == "bytes" else work.keys
+    return {"save": float(save_scale), "finalize": float(work.keys)}
+
+
+def _job_finalize_series(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
+    """Finalize latency at each point of one series, for one checkpoint system."""
+    system = make_checkpoint_system(job["system"], store)
+    _warm_up_checkpoint(system, store)
+    reps = int(job["reps"])
+    budget = Budget(
+        float(job["budget_s"]), exponents={"save": 1.0, "finalize": system.cost_exponent}
+    )
+    for point in job["points"]:
+        work = Workload.from_json(point)
+        base = {
+            "type": "finalize_point",
+            "store": store.name,
+            "system": system.name,
+            "series": job["series"],
+            "workload": work.to_json(),
+            "reps_planned": reps,
+        }
+        scales = _scales(work, job.get("axis", "keys"))
+        skip = budget.check(scales)
+        if skip:
+            emit(base | {"status": "skipped", "reason": skip})
+            continue
+        try:
+            states = build_states(work, seed=2)
+            finals: list[float] = []
+            saves: list[float] = []
+            started = time.perf_counter()
+            for _ in range(reps):
+                url = store.fresh(f"{job['series']}-{work.name}")
+                try:
+                    t0 = time.perf_counter()
+                    for state in states:
+                        system.save(url, state)
+                    t1 = time.perf_counter()
+                    system.finalize(url)
+                    t2 = time.perf_counter()
+                finally:
+                    store.remove(url)
+                saves.append(t1 - t0)
+                finals.append(t2 - t1)
+                spent = time.perf_counter() - started
+                if len(finals) < reps and spent + spent / len(finals) > budget.seconds_per_point:
+                    break
+            del states
+            n = len(finals)
+            budget.record(
+                scales, {"save": sum(saves) / n * reps, "finalize": sum(finals) / n * reps}
+            )
+            note = "" if n == reps else f"stopped after {n} of {reps} reps: over budget"
+            emit(
+                base
+                | {
+                    "status": "ok",
+                    "finalize": stats_json(finals),
+                    "saves_total": stats_json(saves),
+                    "note": note,
+                }
+            )
+        except Exception as err:
+            emit(base | {"status": "error", "reason": _error_text(err)})
+
+
+def _measure_checkpoint_rep(
+    system: Any, store: StoreEnv, work: Workload, states: list[Any], verify: bool
+) -> dict[str, Any]:
+    url = store.fresh(f"tp-{work.name}")
+    calls: list[float] = []
+    call_rss: list[dict[str, Any]] = []
+    gc.collect()  # once per repetition; per call only malloc_trim (see peak_rss)
+    try:
+        for state in states:
+            seconds, rss, _ = measure_call(
+                lambda state=state: system.save(url, state), collect=False
+            )
+            calls.append(seconds)
+            call_rss.append(rss.to_json() | {"state_bytes": state_bytes(state)})
+        fin_seconds, fin_rss, _ = measure_call(lambda: system.finalize(url), collect=False)
+        with peak_rss(collect=False) as load_rss:
+            start = time.perf_counter()
+            loaded = system.load(url)
+            load_seconds = time.perf_counter() - start
+        problem = verify_tree(loaded, states) if verify else None
+        del loaded
+        layouts: list[dict[str, Any]] = []
+        if verify and system.name == "partialstore":
+            from benchmarks.baselines import discover_layouts
+
+            layouts = discover_layouts(store, url)
+    finally:
+        store.remove(url)
+    return {
+        "calls": calls,
+        "call_rss": call_rss,
+        "finalize": fin_seconds,
+        "finalize_rss": fin_rss.to_json(),
+        "load": load_seconds,
+        "load_rss": load_rss.to_json(),
+        "problem": problem,
+        "layouts": layouts,
+    }
+
+
+def _measure_raw_rep(
+    system: str,
+    store: StoreEnv,
+    work: Workload,
+    arrays: dict[str, Any],
+    layouts: list[dict[str, Any]],
+    verify: bool,
+) -> dict[str, Any]:
+    from benchmarks import baselines
+
+    url = store.fresh(f"raw-{work.name}")
+    sources: dict[str, int] = {}
+    gc.collect()  # once per repetition, as for the checkpoint systems
+    try:
+        if system == "tensorstore":
+            kvstore = store.kvstore(url)
+            seconds, rss, sources = measure_call(
+                lambda: baselines.raw_write(kvstore, arrays, layouts), collect=False
+            )
+            with peak_rss(collect=False) as load_rss:
+                start = time.perf_counter()
+                loaded = baselines.raw_read(kvstore, list(arrays))
+                load_seconds = time.perf_counter() - start
+        else:
+            seconds, rss, _ = measure_call(
+                lambda: baselines.numpy_write(url, arrays), collect=False
+            )
+            with peak_rss(collect=False) as load_rss:
+                start = time.perf_counter()
+                loaded = baselines.numpy_read(url, list(arrays))
+                load_seconds = time.perf_counter() - start
+        problem = verify_arrays(loaded, arrays) if verify else None
+        del loaded
+    finally:
+        store.remove(url)
+    total = sum(a.nbytes for a in arrays.values())
+    return {
+        "calls": [],
+        "call_rss": [rss.to_json() | {"state_bytes": total}],
+        "write": seconds,
+        "load": load_seconds,
+        "load_rss": load_rss.to_json(),
+        "problem": problem,
+        "layout_sources": sources,
+    }
+
+
+def _rss_summary(call_rss: list[dict[str, Any]]) -> dict[str, Any]:
+    worst = max(call_rss, key=lambda r: r["extra"])
+    return {
+        "max_extra_bytes": worst["extra"],
+        "state_bytes_of_that_call": worst["state_bytes"],
+        "max_peak_bytes": max(r["peak"] for r in call_rss),
+        "method": worst["method"],
+        "calls": call_rss,
+    }
+
+
+def _job_throughput(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
+    """Save per call, total save, finalize, load and peak RSS for each workload."""
+    name = job["system"]
+    raw = name in ("tensorstore", "numpy")
+    system = None if raw else make_checkpoint_system(name, store)
+    if system is not None:
+        _warm_up_checkpoint(system, store)
+    reps = int(job["reps"])
+    for data in job["workloads"]:
+        work = Workload.from_json(data)
+        base = {
+            "type": "throughput",
+            "store": store.name,
+            "system": name,
+            "workload": work.to_json(),
+            "reps_planned": reps,
+        }
+        try:
+            states = build_states(work, seed=3)
+            arrays = flat_arrays(states) if raw else {}
+            layouts = job.get("layouts", {}).get(work.name) or _LAYOUTS.get(work.name, [])
+            if raw:  # untimed warm-up on this store with this workload's first array
+                first = dict(list(arrays.items())[:1])
+                _measure_raw_rep(name, store, WARMUP, first, layouts, verify=False)
+            results = []
+            started = time.perf_counter()
+            for rep in range(reps):
+                if raw:
+                    results.append(_measure_raw_rep(name, store, work, arrays, layouts, rep == 0))
+                else:
+                    results.append(_measure_checkpoint_rep(system, store, work, states, rep == 0))
+                spent = time.perf_counter() - started
+                if rep + 1 < reps and spent + spent / (rep + 1) > float(job["budget_s"]):
+                    break
+            del states, arrays
+            summary = _summarize_throughput(results, reps, raw)
+            if summary.get("layouts"):
+                _LAYOUTS[work.name] = summary["layouts"]
+            emit(base | summary)
+        except Exception as err:
+            emit(base | {"status": "error", "reason": _error_text(err)})
+
+
+def _summarize_throughput(results: list[dict[str, Any]], reps: int, raw: bool) -> dict[str, Any]:
+    n = len(results)
+    problem = results[0]["problem"]
+    summary: dict[str, Any] = {
+        "status": "error" if problem else "ok",
+        "reason": f"loaded data does not match what was saved: {problem}" if problem else "",
+        "verified": problem is None,
+        "note": "" if n == reps else f"stopped after {n} of {reps} reps: over budget",
+        "load": stats_json([r["load"] for r in results]),
+        "save_rss": _rss_summary([c for r in results for c in r["call_rss"]]),
+        "load_rss": {
+            "max_extra_bytes": max(r["load_rss"]["extra"] for r in results),
+            "max_peak_bytes": max(r["load_rss"]["peak"] for r in results),
+        },
+    }
+    if raw:
+        summary["save_total"] = stats_json([r["write"] for r in results])
+        summary["save_per_call"] = None
+        summary["finalize"] = None
+        summary["save_plus_finalize"] = summary["save_total"]
+        summary["layout_sources"] = results[0]["layout_sources"]
+    else:
+        summary["save_per_call"] = stats_json([c for r in results for c in r["calls"]])
+        summary["save_total"] = stats_json([sum(r["calls"]) for r in results])
+        summary["finalize"] = stats_json([r["finalize"] for r in results])
+        summary["save_plus_finalize"] = stats_json(
+            [sum(r["calls"]) + r["finalize"] for r in results]
+        )
+        summary["layouts"] = results[0]["layouts"]
+    return summary
+
+
+def _error_text(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:400] if lines else ''}"
+
+
+JOBS: dict[str, Callable[[dict[str, Any], StoreEnv, Emit], None]] = {
+    "floor": _job_floor,
+    "orbax_probe": _job_orbax_probe,
+    "finalize_series": _job_finalize_series,
+    "throughput": _job_throughput,
+}
+
+
+def _emit_unavailable(job: dict[str, Any], store: StoreEnv, reason: str, emit: Emit) -> None:
+    """One "does not run" event per point or workload of a job its system cannot run."""
+    if job["kind"] == "orbax_probe":
+        emit({"type": "probe", "store": store.name, "system": "orbax", "reason": reason})
+    elif job["kind"] == "finalize_series":
+        for point in job["points"]:
+            emit(
+                {
+                    "type": "finalize_point",
+                    "store": store.name,
+                    "system": job["system"],
+                    "series": job["series"],
+                    "workload": Workload.from_json(point).to_json(),
+                    "status": "does not run",
+                    "reason": reason,
+                }
+            )
+    elif job["kind"] == "throughput":
+        for data in job["workloads"]:
+            emit(
+                {
+                    "type": "throughput",
+                    "store": store.name,
+                    "system": job["system"],
+                    "workload": Workload.from_json(data).to_json(),
+                    "status": "does not run",
+                    "reason": reason,
+                }
+            )
+
+
+def child_main(stdin: TextIO = sys.stdin) -> int:
+    """Entry point of a worker process: run the jobs of the task read from ``stdin``."""
+    task = json.load(stdin)
+    # Keep the event stream clean: library prints go to the log with stderr.
+    events = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def emit(event: dict[str, Any]) -> None:
+        events.write(json.dumps(event) + "\n")
+
+    store = StoreEnv.from_json(task["store"])
+    unavailable: dict[str, str] = {}
+
+    def emit_and_note(event: dict[str, Any]) -> None:
+        if event.get("type") == "probe" and event.get("reason"):
+            unavailable[event["system"]] = event["reason"]
+        emit(event)
+
+    for job in task["jobs"]:
+        try:
+            reason = unavailable.get(job.get("system", ""))
+            if reason:
+                _emit_unavailable(job, store, reason, emit)
+                continue
+            JOBS[job["kind"]](job, store, emit_and_note)
+        except Exception as err:
+            traceback.print_exc()
+            emit({"type": "job_error", "job": job["kind"], "reason": _error_text(err)})
+    emit({"type": "done"})
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Parent side
+
+
+@dataclasses.dataclass
+class WorkerOutcome:
+    """What a worker reported: its events, and ``status`` ok / timeout / crashed."""
+
+    events: list[dict[str, Any]]
+    status: str
+    detail: str
+    seconds: float
+
+
+def _log_tail(path: str, limit: int = 1500) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - limit))
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run_worker(
+    task: dict[str, Any],
+    store: StoreEnv,
+    *,
+    timeout_s: float,
+    log_path: str,
+    cwd: str | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> WorkerOutcome:
+    """Run ``task`` in a fresh ``python -m benchmarks.worker`` and collect its events.
+
+    The worker is killed after ``timeout_s``; the events it sent before are kept.
+    """
+    env = dict(os.environ)
+    env.update(store.env)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    started = time.monotonic()
+    with open(log_path, "ab") as log:
+        log.write(f"\n===== worker: {json.dumps(task)[:500]}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            cwd=cwd or str(REPO_ROOT),
+            env=env,
+        )
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(json.dumps(task).encode())
+    process.stdin.close()
+    lines: queue.Queue[bytes | None] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    events: list[dict[str, Any]] = []
+    deadline = started + timeout_s
+    status, detail = "crashed", ""
+    while True:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            process.kill()
+            status = "timeout"
+            detail = f"worker killed after {timeout_s:.0f} s (time budget)"
+            break
+        if line is None:
+            break
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("type") == "done":
+            status = "ok"
+            continue
+        events.append(event)
+        if on_event is not None:
+            on_event(event)
+    returncode = process.wait()
+    if status == "crashed":
+        detail = f"worker exited with code {returncode}: {_log_tail(log_path)}"
+    return WorkerOutcome(events, status, detail, time.monotonic() - started)
+
+
+def _expected(job: dict[str, Any]) -> list[tuple[str, ...]]:
+    kind = job["kind"]
+    if kind == "finalize_series":
+        return [("finalize_point", job["system"], job["series"], p["name"]) for p in job["points"]]
+    if kind == "throughput":
+        return [("throughput", job["system"], w["name"]) for w in job["workloads"]]
+    return [(kind,)]
+
+
+def _identity(event: dict[str, Any]) -> tuple[str, ...]:
+    kind = event.get("type", "")
+    if kind == "finalize_point":
+        return (kind, event["system"], event["series"], event["workload"]["name"])
+    if kind == "throughput":
+        return (kind, event["system"], event["workload"]["name"])
+    return ({"probe": "orbax_probe"}.get(kind, kind),)
+
+
+def run_group(
+    store: StoreEnv,
+    jobs: list[dict[str, Any]],
+    *,
+    timeout_s: float,
+    log_path: str,
+    cwd: str,
+    unavailable: dict[tuple[str, str], str] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run ``jobs`` in one worker; return its events and a record of the worker.
+
+    Every point or workload a job asked for gets an event: where the worker
+    was killed or crashed before reporting one, an ``error`` event saying so
+    is added, so nothing silently disappears from the tables.
+
+    ``unavailable`` maps ``(store, system)`` to why that system does not run
+    there (filled from Orbax probes as they report); such jobs are answered
+    with "does not run" events without starting a worker.
+    """
+    unavailable = unavailable if unavailable is not None else {}
+    answered: list[dict[str, Any]] = []
+    runnable = []
+    for job in jobs:
+        reason = unavailable.get((store.name, job.get("system", "")))
+        if reason:
+            _emit_unavailable(job, store, reason, answered.append)
+        else:
+            runnable.append(job)
+    for event in answered:
+        if on_event is not None:
+            on_event(event)
+    if not runnable:
+        record = {"store": store.name, "jobs": [], "status": "ok", "detail": "", "seconds": 0.0}
+        return answered, record
+
+    def note(event: dict[str, Any]) -> None:
+        if event.get("type") == "probe" and event.get("reason"):
+            unavailable[(store.name, event["system"])] = event["reason"]
+        if on_event is not None:
+            on_event(event)
+
+    jobs = runnable
+    outcome = run_worker(
+        {"store": store.to_json(), "jobs": jobs},
+        store,
+        timeout_s=timeout_s,
+        log_path=log_path,
+        cwd=cwd,
+        on_event=note,
+    )
+    events = answered + [e for e in outcome.events if e.get("type") != "job_error"]
+    job_errors = [e["reason"] for e in outcome.events if e.get("type") == "job_error"]
+    detail = "; ".join(job_errors) or f"{outcome.status}: {outcome.detail}"
+    seen = {_identity(e) for e in events}
+    for job in jobs:
+        for ident in _expected(job):
+            if ident in seen:
+                continue
+            event: dict[str, Any] = {
+                "type": ident[0] if ident[0] != "orbax_probe" else "probe",
+                "store": store.name,
+                "status": "error",
+                "reason": f"not measured: {detail}"[:600],
+            }
+            if ident[0] == "finalize_point":
+                point = next(p for p in job["points"] if p["name"] == ident[3])
+                event |= {
+                    "system": ident[1],
+                    "series": ident[2],
+                    "workload": Workload.from_json(point).to_json(),
+                }
+            elif ident[0] == "throughput":
+                work = next(w for w in job["workloads"] if w["name"] == ident[2])
+                event |= {"system": ident[1], "workload": Workload.from_json(work).to_json()}
+            elif ident[0] == "orbax_probe":
+                event |= {"system": "orbax", "reason": event["reason"]}
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+    record = {
+        "store": store.name,
+        "jobs": [
+            {k: v for k, v in job.items() if k not in ("points", "workloads", "layouts")}
+            for job in jobs
+        ],
+        "status": outcome.status,
+        "detail": (outcome.detail + " " + "; ".join(job_errors)).strip()[-1500:],
+        "seconds": outcome.seconds,
+    }
+    return events, record
+
+
+def expected_count(jobs: list[dict[str, Any]]) -> int:
+    """How many events (progress steps) ``jobs`` will produce."""
+    return sum(len(_expected(job)) for job in jobs)
+
+
+def exit_status(workers: list[dict[str, Any]], results: list[dict[str, Any]]) -> int:
+    """1 if a worker failed or a figure errored (not for "does not run"/"skipped"), else 0."""
+    failed = any(w["status"] != "ok" for w in workers)
+    errored = any(r.get("status") == "error" for r in results)
+    return 1 if failed or errored else 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
