@@ -156,24 +156,42 @@ def _probe(root: str) -> tuple[bool, bool]:
         except OSError:
             return False, False  # not writable: nothing to promise, do not cache
         try:
-            rename_ok = False
-            if _RENAMEAT2 is not None:
-                os.mkdir(os.path.join(scratch, "a"))
-                os.mkdir(os.path.join(scratch, "b"))
-                try:
-                    _rename_noreplace(os.path.join(scratch, "a"), os.path.join(scratch, "b"))
-                except OSError as exc:
-                    # EEXIST is the right answer: the flag is honoured.
-                    rename_ok = exc.errno == errno.EEXIST
-            try:
-                with _dir_lock(scratch):
-                    flock_ok = True
-            except OSError:
-                flock_ok = False
+            answer = _probe_in(scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        _probe_cache[device] = (rename_ok, flock_ok)
-        return rename_ok, flock_ok
+        if answer is None:
+            return False, False  # inconclusive (the scratch dir was disturbed): promise nothing
+        _probe_cache[device] = answer
+        return answer
+
+
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _probe_in(scratch: str) -> tuple[bool, bool] | None:
+    """Probe inside ``scratch``; ``None`` when an unrelated error makes the answer unknown."""
+    rename_ok = False
+    try:
+        if _RENAMEAT2 is not None:
+            os.mkdir(os.path.join(scratch, "a"))
+            os.mkdir(os.path.join(scratch, "b"))
+            try:
+                _rename_noreplace(os.path.join(scratch, "a"), os.path.join(scratch, "b"))
+            except OSError as exc:
+                # EEXIST is the right answer: the flag is honoured.
+                if exc.errno not in _UNSUPPORTED | {errno.EEXIST}:
+                    return None
+                rename_ok = exc.errno == errno.EEXIST
+        try:
+            with _dir_lock(scratch):
+                flock_ok = True
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED | {errno.EBADF, errno.ENOLCK}:
+                return None
+            flock_ok = False
+    except OSError:
+        return None
+    return rename_ok, flock_ok
 
 
 @contextlib.contextmanager

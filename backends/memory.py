@@ -124,6 +124,9 @@ class MemoryBackend(Backend):
 
     async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         full = self._full(key)
+        for name, value in (("start", start), ("end", end)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise InvalidInputError(f"Read {name} must be a non-negative int, got {value!r}.")
         with _lock:
             entry = _store.get(full)
         if entry is None:
