@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 import uuid
@@ -107,6 +108,9 @@ def _emulated(kind: str | None) -> Iterator[tuple[str | None, dict[str, Any]]]:
 
     server = servers.MotoS3Server() if kind == "s3" else servers.FakeGcsServer()
     server.start()
+    # TensorStore reads its GCS endpoint from the environment only.
+    saved_env = {name: os.environ.get(name) for name in server.env()}
+    os.environ.update(server.env())
     try:
         bucket = f"demo-{uuid.uuid4().hex[:12]}"
         server.create_bucket(bucket)
@@ -114,6 +118,11 @@ def _emulated(kind: str | None) -> Iterator[tuple[str | None, dict[str, Any]]]:
         yield f"{scheme}://{bucket}/checkpoints/step_1000", server.storage_options()
     finally:
         server.stop()
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_demo(

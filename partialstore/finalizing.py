@@ -65,7 +65,7 @@ async def _seal(location: Location) -> tuple[list[txlog.LogEntry], txlog.LogEntr
         )
         try:
             number, numbers = await txlog.append(
-                backend, location.log_prefix, seal, what="finalize"
+                backend, location.log_prefix, seal, what="finalize", known=entries
             )
         except CheckpointFinalizedError:
             # Another finalizer sealed first: complete the manifest its seal fixes.

@@ -126,22 +126,34 @@ async def read_all(backend: Backend, log_prefix: str) -> list[LogEntry]:
 
 
 async def append(
-    backend: Backend, log_prefix: str, data: bytes, *, what: str = "save"
+    backend: Backend,
+    log_prefix: str,
+    data: bytes,
+    *,
+    what: str = "save",
+    known: Sequence[LogEntry] = (),
 ) -> tuple[int, list[int]]:
     """Append ``data`` as the next record; return its number and the numbers before it.
+
+    ``known`` are records the caller has just read (in log order); when the
+    last of them is a save, the first attempt goes straight to the number
+    after it, saving a list and a read.
 
     Raises:
       CheckpointFinalizedError: the log is sealed (a finalize committed first).
     """
-    known_saves: set[int] = set()  # records are immutable: read each at most once
-    while True:
+    known_saves = {e.number for e in known if not is_seal(e.record)}  # records are immutable
+    numbers = [e.number for e in known]
+    if not (numbers and numbers[-1] in known_saves):
         numbers = await list_numbers(backend, log_prefix)
+    while True:
         last = numbers[-1] if numbers else 0
         if last and last not in known_saves:
             try:
                 last_record = await _read(backend, log_prefix, last)
             except NotFoundError:
-                continue  # the session was discarded under us; list again
+                numbers = await list_numbers(backend, log_prefix)
+                continue  # the session was discarded under us; look again
             if is_seal(last_record):
                 raise CheckpointFinalizedError(
                     f"Cannot append the {what} record to {log_prefix}: the session was "
@@ -151,5 +163,6 @@ async def append(
         try:
             await backend.create(record_key(log_prefix, last + 1), data)
         except AlreadyExistsError:
+            numbers = await list_numbers(backend, log_prefix)
             continue  # another writer took this number; look again
         return last + 1, numbers
