@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import tempfile
 import weakref
@@ -77,7 +78,7 @@ __all__ = ["S3Backend"]
 
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _DELETE_CONCURRENCY = 8
-_CONFLICT_RETRIES = 4
+_CONFLICT_RETRIES = 6
 
 
 # Error codes that mean "try again later" (throttling, server trouble).
@@ -258,8 +259,10 @@ class S3Backend(Backend):
                 code = client_error_code(err)
                 if code == "ConditionalRequestConflict" and attempt + 1 < _CONFLICT_RETRIES:
                     # 409: a concurrent operation on this key was in flight and
-                    # our write did not happen; AWS says to retry.
-                    await asyncio.sleep(0.05 * 2**attempt)
+                    # our write did not happen; AWS says to retry (a multipart
+                    # upload from scratch, which _pipe_file does after aborting).
+                    # Jitter keeps the retrying racers apart.
+                    await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
                     continue
                 if code in ("PreconditionFailed", "412") or isinstance(err, FileExistsError):
                     raise AlreadyExistsError(
