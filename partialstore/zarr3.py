@@ -187,7 +187,12 @@ async def write_array(
     action = f"Writing a {logical}{list(array.shape)} array to {join_key(root, path)!r}"
     try:
         store = await ts.open(spec, create=True, context=context)
-        await store.write(_store_view(array, storage))
+        # Let TensorStore encode straight from the caller's buffer instead of
+        # first copying it into its chunk cache: 0.25 vs 0.17 GiB/s for a
+        # 256 MiB array on this VM. Safe because write_arrays' caller keeps the
+        # arrays unchanged until it returns, and the store (with the default
+        # zero-byte cache pool) is dropped when this function returns.
+        await store.write(_store_view(array, storage), can_reference_source_data_indefinitely=True)
     except ValueError as error:
         raise ts_error(error, action, reading=False) from None
     if via_backend:

@@ -24,6 +24,7 @@ import tensorstore as ts
 from partialstore import registry
 from partialstore._aio import run
 from partialstore.arrays import (
+    PACK_THRESHOLD,
     descriptor_nbytes,
     dtype_from_name,
     dtype_name,
@@ -200,13 +201,13 @@ def test_scalars_empty_strided_and_big_endian_inputs(
 
 
 def test_sizes_pick_the_format_and_paths_use_a_counter(backend: Backend) -> None:
-    arrays = [np.zeros(10), np.zeros(300_000, np.uint8), np.zeros(1)]
+    arrays = [np.zeros(10), np.zeros(PACK_THRESHOLD, np.uint8), np.zeros(1)]
     descriptors = run(write_arrays(backend, ROOT, SAVE, arrays))
     assert [d["format"] for d in descriptors] == ["packed", "zarr3", "packed"]
     assert descriptors[1]["path"] == "data/s1/a00001"
     assert descriptors[0]["path"] == descriptors[2]["path"] == "data/s1/packed-0000.bin"
     assert descriptors[2]["offset"] % 64 == 0
-    assert [descriptor_nbytes(d) for d in descriptors] == [80, 300_000, 8]
+    assert [descriptor_nbytes(d) for d in descriptors] == [80, PACK_THRESHOLD, 8]
 
 
 def test_bad_save_dir_is_rejected(backend: Backend) -> None:
@@ -229,7 +230,9 @@ def test_chunk_shape_splits_leading_dims_evenly() -> None:
 
 def test_large_array_partial_reads(backend: Backend) -> None:
     array = np.arange(512 * 300, dtype=np.float32).reshape(512, 300)
-    (descriptor,) = run(write_arrays(backend, ROOT, SAVE, [array], chunk_bytes=64 << 10))
+    (descriptor,) = run(
+        write_arrays(backend, ROOT, SAVE, [array], pack_threshold=0, chunk_bytes=64 << 10)
+    )
     assert descriptor["format"] == "zarr3"
     assert descriptor["chunks"] == [52, 300]
     keys = run(backend.list(join_key(ROOT, descriptor["path"], "c")))
