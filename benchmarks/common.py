@@ -489,7 +489,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, systems: tuple[str,
         default=None,
         help="time budget in seconds per point and system (all repetitions together); "
         "larger points predicted to exceed it are reported as skipped "
-        "(default 120; quick: 30)",
+        "(default 150; quick: 30)",
     )
     parser.add_argument(
         "--tmp-dir",

@@ -126,7 +126,8 @@ class Workload:
         if self.total_bytes <= max_total_bytes:
             return self
         leaf = max(4, (max_total_bytes // self.keys) // 4 * 4)
-        return dataclasses.replace(self, leaf_bytes=leaf)
+        note = f"{self.saves} saves x {self.leaves} leaves x {leaf} B (shrunk to fit the emulator)"
+        return dataclasses.replace(self, leaf_bytes=leaf, description=note)
 
 
 def leaf_shape(leaf_bytes: int) -> tuple[int, ...]:
