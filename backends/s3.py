@@ -63,6 +63,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from partialstore.backends._fsspec_async import on_loop
+from partialstore.backends._s3_errors import client_error_code, map_s3_error
 
 from partialstore.backend import Backend, Capabilities, join_key, validate_key
 from partialstore.errors import (
@@ -74,109 +75,11 @@ from partialstore.errors import (
     TransientBackendError,
 )
 
-__all__ = ["S3Backend"]
+__all__ = ["S3Backend", "map_s3_error"]
 
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _DELETE_CONCURRENCY = 8
 _CONFLICT_RETRIES = 6
-
-
-# Error codes that mean "try again later" (throttling, server trouble).
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "ConditionalRequestConflict",
-    }
-)
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
-
-
-def _client_error(err: BaseException) -> Any:
-    """The botocore ``ClientError`` behind ``err`` (s3fs wraps it as ``__cause__``)."""
-    from botocore.exceptions import ClientError
-
-    seen: BaseException | None = err
-    for _ in range(5):
-        if seen is None:
-            return None
-        if isinstance(seen, ClientError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def client_error_code(err: BaseException) -> str | None:
-    """The S3 error code (``"NoSuchKey"``, ``"PreconditionFailed"``, ...) behind ``err``.
-
-    Falls back to the HTTP status as a string when the response had no body
-    (HEAD requests), and to ``None`` when no S3 response is involved.
-    """
-    client_error = _client_error(err)
-    if client_error is None:
-        return None
-    response = getattr(client_error, "response", None) or {}
-    code = (response.get("Error") or {}).get("Code")
-    if code:
-        return str(code)
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    return str(status) if status else None
-
-
-def _http_status(err: BaseException) -> int | None:
-    client_error = _client_error(err)
-    if client_error is None:
-        return None
-    response = getattr(client_error, "response", None) or {}
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    return int(status) if status else None
-
-
-def map_s3_error(err: BaseException, action: str, where: str) -> Exception:
-    """Translate an s3fs/botocore/aiohttp failure of ``action`` on ``where`` into our tree.
-
-    Example::
-
-        raise map_s3_error(err, "read", "s3://bucket/key") from err
-    """
-    import aiohttp
-    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
-
-    if isinstance(err, (NotFoundError, AlreadyExistsError, ConflictError, BackendError)):
-        return err
-    code = client_error_code(err)
-    status = _http_status(err)
-    detail = f"{type(err).__name__}: {err}"
-    if code == "NoSuchBucket":
-        return NotFoundError(f"Cannot {action} {where}: the bucket does not exist ({detail}).")
-    if code in _NOT_FOUND_CODES or (code is None and isinstance(err, FileNotFoundError)):
-        return NotFoundError(f"Cannot {action} {where}: no such object.")
-    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-        return BackendError(
-            f"Cannot {action} {where}: no AWS credentials found; pass key/secret in "
-            f"storage_options or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({detail})."
-        )
-    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return BackendError(
-            f"Cannot {action} {where}: access denied; check credentials ({detail})."
-        )
-    if (
-        code in _TRANSIENT_CODES
-        or (status is not None and (status >= 500 or status == 429))
-        or isinstance(err, (TimeoutError, aiohttp.ClientError, ConnectionError))
-        or (code is None and isinstance(err, BotoCoreError))
-    ):
-        return TransientBackendError(
-            f"{action.capitalize()} {where} failed; retrying may help ({detail})."
-        )
-    return BackendError(f"{action.capitalize()} {where} failed ({detail}).")
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -213,7 +116,12 @@ class S3Backend(Backend):
         self.url = url
         self.bucket, self.root = _split_url(url)
         options = dict(storage_options or {})
-        self.single_writer = bool(options.pop("single_writer", False))
+        single_writer = options.pop("single_writer", False)
+        if not isinstance(single_writer, bool):
+            raise InvalidInputError(
+                f"storage option single_writer must be a bool, got {single_writer!r}."
+            )
+        self.single_writer = single_writer
         options.pop("skip_instance_cache", None)
         options.pop("asynchronous", None)
         self._options = options
@@ -319,18 +227,17 @@ class S3Backend(Backend):
 
     async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         full = self._key(key)
-        if (start is not None and start < 0) or (end is not None and end < 0):
-            # Negative offsets count from the end: fetch all, slice like Python.
-            return (await self.read(key))[start:end]
-        if start == 0:
-            start = None
-        if start is not None and end is not None and end <= start:
+        for name, value in (("start", start), ("end", end)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise InvalidInputError(f"Read {name} must be a non-negative int, got {value!r}.")
+        first = start or 0
+        if end is not None and end <= first:
             if not await self.exists(key):
                 raise NotFoundError(f"Cannot read {self._where(full)}: no such object.")
             return b""
         range_header = None
-        if start is not None or end is not None:
-            range_header = f"bytes={start or 0}-{'' if end is None else end - 1}"
+        if first or end is not None:
+            range_header = f"bytes={first}-{'' if end is None else end - 1}"
         try:
             data, _ = await self._get(full, range_header)
         except Exception as err:

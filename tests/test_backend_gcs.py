@@ -100,6 +100,25 @@ def test_missing_bucket_is_reported(gcs_server: FakeGcsServer) -> None:
         run(backend.list())
 
 
+def test_read_edge_ranges(gcs_url) -> None:
+    backend = _open(*gcs_url)
+    run(backend.write("k", b"0123456789"))
+    assert run(backend.read("k", end=0)) == b""
+    assert run(backend.read("k", start=0, end=0)) == b""
+    assert run(backend.read("k", start=4, end=2)) == b""
+    assert run(backend.read("k", start=10)) == b""
+    assert run(backend.read("k", start=0)) == b"0123456789"
+    assert run(backend.read("k", end=3)) == b"012"
+    with pytest.raises(NotFoundError):
+        run(backend.read("gone", end=0))
+    for bad in ({"start": -1}, {"end": -2}, {"start": 1.5}):
+        with pytest.raises(InvalidInputError):
+            run(backend.read("k", **bad))
+    with pytest.raises(InvalidInputError, match="single_writer"):
+        _open(gcs_url[0], {**gcs_url[1], "single_writer": "yes"})
+    run(backend.close())
+
+
 def test_single_writer_option_is_accepted() -> None:
     backend = GCSBackend("gs://bucket/x", {"single_writer": True, "token": "anon"})
     assert backend.single_writer is True

@@ -24,10 +24,11 @@ from partialstore.testing.servers import MotoS3Server
 
 
 class TestS3Backend(BackendConformance):
-    # Measured: moto checks If-None-Match without a lock, so racing creators
-    # can both win once bodies pass moto's ~5 MiB in-memory buffer (8 MiB: 13
-    # of 30 rounds had several winners). The suite races 256 KiB and 2 MiB
-    # bodies, which moto decides correctly, so nothing is marked xfail.
+    # Stock moto checks If-None-Match/If-Match without a lock, so racing
+    # conditional writes could all win (measured: 8 MiB creates had several
+    # winners in 13 of 30 rounds; compare-and-swap had 2 winners in 3 of 180
+    # rounds under load). MotoS3Server serializes moto's writes, which gives
+    # it S3's atomic conditions, so no race needs to be marked xfail.
     xfail_reasons: dict[str, str] = {}
 
     @pytest.fixture
@@ -130,6 +131,25 @@ def test_missing_bucket_is_reported(moto_server: MotoS3Server) -> None:
         run(backend.read("k"))
     with pytest.raises(NotFoundError, match="no-such-bucket-here"):
         run(backend.create("k", b"x"))
+    run(backend.close())
+
+
+def test_read_edge_ranges(s3_url) -> None:
+    backend = _open(*s3_url)
+    run(backend.write("k", b"0123456789"))
+    assert run(backend.read("k", end=0)) == b""
+    assert run(backend.read("k", start=0, end=0)) == b""
+    assert run(backend.read("k", start=4, end=2)) == b""
+    assert run(backend.read("k", start=10)) == b""
+    assert run(backend.read("k", start=0)) == b"0123456789"
+    assert run(backend.read("k", end=3)) == b"012"
+    with pytest.raises(NotFoundError):
+        run(backend.read("gone", end=0))
+    for bad in ({"start": -1}, {"end": -2}, {"start": 1.5}):
+        with pytest.raises(InvalidInputError):
+            run(backend.read("k", **bad))
+    with pytest.raises(InvalidInputError, match="single_writer"):
+        _open(s3_url[0], {**s3_url[1], "single_writer": "yes"})
     run(backend.close())
 
 

@@ -1,0 +1,125 @@
+"""How S3 failures (botocore, s3fs, aiohttp) map onto partialstore's error tree.
+
+s3fs turns a botocore ``ClientError`` into a built-in ``OSError`` and keeps
+the original as ``__cause__``; the S3 error code ("NoSuchKey",
+"PreconditionFailed", "SlowDown", ...) is read from there, so the mapping
+does not depend on s3fs's own translation table.
+
+Example::
+
+    try:
+        ...
+    except Exception as err:
+        raise map_s3_error(err, "read", "s3://bucket/key") from err
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from partialstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    ConflictError,
+    NotFoundError,
+    TransientBackendError,
+)
+
+__all__ = ["client_error_code", "map_s3_error"]
+
+# Error codes that mean "try again later" (throttling, server trouble).
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ConditionalRequestConflict",
+    }
+)
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
+
+
+def _client_error(err: BaseException) -> Any:
+    """The botocore ``ClientError`` behind ``err`` (s3fs wraps it as ``__cause__``)."""
+    from botocore.exceptions import ClientError
+
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ClientError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def client_error_code(err: BaseException) -> str | None:
+    """The S3 error code (``"NoSuchKey"``, ``"PreconditionFailed"``, ...) behind ``err``.
+
+    Falls back to the HTTP status as a string when the response had no body
+    (HEAD requests), and to ``None`` when no S3 response is involved.
+    """
+    client_error = _client_error(err)
+    if client_error is None:
+        return None
+    response = getattr(client_error, "response", None) or {}
+    code = (response.get("Error") or {}).get("Code")
+    if code:
+        return str(code)
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return str(status) if status else None
+
+
+def _http_status(err: BaseException) -> int | None:
+    client_error = _client_error(err)
+    if client_error is None:
+        return None
+    response = getattr(client_error, "response", None) or {}
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return int(status) if status else None
+
+
+def map_s3_error(err: BaseException, action: str, where: str) -> Exception:
+    """Translate an s3fs/botocore/aiohttp failure of ``action`` on ``where`` into our tree.
+
+    Example::
+
+        raise map_s3_error(err, "read", "s3://bucket/key") from err
+    """
+    import aiohttp
+    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(err, (NotFoundError, AlreadyExistsError, ConflictError, BackendError)):
+        return err
+    code = client_error_code(err)
+    status = _http_status(err)
+    detail = f"{type(err).__name__}: {err}"
+    if code == "NoSuchBucket":
+        return NotFoundError(f"Cannot {action} {where}: the bucket does not exist ({detail}).")
+    if code in _NOT_FOUND_CODES or (code is None and isinstance(err, FileNotFoundError)):
+        return NotFoundError(f"Cannot {action} {where}: no such object.")
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        return BackendError(
+            f"Cannot {action} {where}: no AWS credentials found; pass key/secret in "
+            f"storage_options or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({detail})."
+        )
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return BackendError(
+            f"Cannot {action} {where}: access denied; check credentials ({detail})."
+        )
+    if (
+        code in _TRANSIENT_CODES
+        or (status is not None and (status >= 500 or status == 429))
+        or isinstance(err, (TimeoutError, aiohttp.ClientError, ConnectionError))
+        or (code is None and isinstance(err, BotoCoreError))
+    ):
+        return TransientBackendError(
+            f"{action.capitalize()} {where} failed; retrying may help ({detail})."
+        )
+    return BackendError(f"{action.capitalize()} {where} failed ({detail}).")
