@@ -230,33 +230,52 @@ def measure_call(fn: Callable[[], T], *, collect: bool = True) -> tuple[float, R
 class Budget:
     """Decides whether the next, larger point of a series fits its time budget.
 
-    A point's cost (all its repetitions) is predicted from the last point that
-    ran, component by component: ``seconds * (scale / last_scale) ** exponent``
-    summed over components such as ``"save"`` (linear in what is written) and
-    ``"finalize"`` (exponent 2 for Orbax, whose finalize checks every pair of
-    keys for prefix conflicts; 1 otherwise). Once a point is skipped, every
+    A point's cost (all its repetitions) is predicted component by component
+    (``"save"``, ``"finalize"``) from the points that ran before it:
+    ``last_seconds * (scale / last_scale) ** k``. With two earlier points, ``k``
+    is the growth measured between them, clamped to ``[1, exponents[name]]``
+    (``exponents`` holds the worst growth expected: 2 for Orbax's finalize,
+    which checks every pair of keys for prefix conflicts; 1 otherwise). With
+    one earlier point ``k`` is 1: small points are dominated by fixed costs,
+    so extrapolating them with the worst exponent would skip points that fit.
+    A prediction that is too low is caught by the worker's watchdog, which
+    kills a point that runs past its budget. Once a point is skipped, every
     larger point of the series is skipped too, with the same reason.
 
     Example::
 
         budget = Budget(seconds_per_point=60, exponents={"save": 1, "finalize": 2})
-        budget.record({"save": 100, "finalize": 100}, {"save": 1.0, "finalize": 1.0})
-        budget.check({"save": 1000, "finalize": 1000})  # 'skipped: over budget (...)'
+        budget.record({"save": 10, "finalize": 10}, {"save": 1.0, "finalize": 1.0})
+        budget.check({"save": 100, "finalize": 100})  # 'skipped: over budget (...)'
     """
 
     seconds_per_point: float
     exponents: dict[str, float] = dataclasses.field(default_factory=dict)
-    last: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    history: list[tuple[dict[str, float], dict[str, float]]] = dataclasses.field(
+        default_factory=list
+    )
     exhausted: str | None = None
+
+    def _growth(self, name: str) -> float:
+        worst = self.exponents.get(name, 1.0)
+        if len(self.history) < 2:
+            return 1.0
+        (x1, y1), (x2, y2) = ((h[0][name], h[1][name]) for h in self.history[-2:])
+        if x1 <= 0 or x2 <= x1 or y1 <= 0 or y2 <= 0:
+            return 1.0
+        measured = math.log(y2 / y1) / math.log(x2 / x1)
+        return min(max(measured, 1.0), worst)
 
     def predict(self, scales: dict[str, float]) -> float | None:
         """Predicted seconds for a point with ``scales``, or ``None`` before any point ran."""
-        if not self.last:
+        if not self.history:
             return None
+        last_scales, last_seconds = self.history[-1]
         total = 0.0
-        for name, (last_scale, last_seconds) in self.last.items():
+        for name, seconds in last_seconds.items():
+            last_scale = last_scales[name]
             growth = scales.get(name, last_scale) / last_scale if last_scale > 0 else 1.0
-            total += last_seconds * growth ** self.exponents.get(name, 1.0)
+            total += seconds * growth ** self._growth(name)
         return total
 
     def check(self, scales: dict[str, float]) -> str | None:
@@ -268,14 +287,14 @@ class Budget:
             self.exhausted = (
                 f"skipped: over budget (predicted {predicted:.0f} s for this point, "
                 f"> {self.seconds_per_point:.0f} s per point; extrapolated from the "
-                f"previous point with exponents {self.exponents})"
+                f"previous points)"
             )
             return self.exhausted
         return None
 
     def record(self, scales: dict[str, float], seconds: dict[str, float]) -> None:
         """Remember what a point that ran cost (seconds for all its repetitions)."""
-        self.last = {name: (scales[name], seconds[name]) for name in seconds}
+        self.history.append((dict(scales), dict(seconds)))
 
 
 # ---------------------------------------------------------------------------

@@ -208,6 +208,8 @@ def _cell(point: dict[str, Any] | None) -> str:
         return f"{text} ({point['note']})" if point.get("note") else text
     if point.get("status") == "does not run":
         return "does not run (see the Orbax table)"
+    if point.get("status") == "skipped":
+        return str(point.get("reason", "skipped"))
     return f"{point.get('status')}: {point.get('reason', '')}"
 
 
@@ -423,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(out_json, result)
     with open(out_md, "w") as handle:
         handle.write(tables + "\n")
+    print(tables, flush=True)
     report.plot_finalize_scaling(
         points,
         {k: v for k, v in floors.items() if v},
@@ -431,7 +434,6 @@ def main(argv: list[str] | None = None) -> int:
         title=f"Finalize latency ({'quick' if args.quick else 'full'} run, "
         f"{machine['cpu_count']} CPUs); dotted: store floor",
     )
-    print(tables)
     print(f"\nWrote {out_json}, {out_png} and {out_md}", file=sys.stderr)
     return exit_status(workers, points)
 

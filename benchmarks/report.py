@@ -143,7 +143,15 @@ def plot_finalize_scaling(
       series_axes: ``{series: (x field label, x scale kind "bytes"|"count")}``.
     """
     plt = _pyplot()
-    names = [s for s in series_axes if any(p["series"] == s for p in points)] or list(series_axes)
+    names = [s for s in series_axes if any(p["series"] == s for p in points)]
+    if not names:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no scaling series in this run", ha="center", va="center")
+        fig.suptitle(title, fontsize=10)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.4), squeeze=False)
     for ax, series in zip(axes[0], names, strict=True):
         label, kind = series_axes[series]

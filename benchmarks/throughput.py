@@ -210,11 +210,10 @@ def render_tables(result: dict[str, Any]) -> str:
         work = r["workload"]
         label = f"{work['name']}: {work.get('description') or ''}".strip()
         if r.get("status") != "ok":
-            why = (
-                "does not run (see the Orbax table)"
-                if r.get("status") == "does not run"
-                else f"{r.get('status')}: {r.get('reason', '')}"
-            )
+            why = {
+                "does not run": "does not run (see the Orbax table)",
+                "skipped": str(r.get("reason", "skipped")),
+            }.get(r.get("status", ""), f"{r.get('status')}: {r.get('reason', '')}")
             rows.append([label, r["store"], r["system"], why] + [""] * 7)
             continue
         note = f" ({r['note']})" if r.get("note") else ""
@@ -384,13 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(out_json, result)
     with open(out_md, "w") as handle:
         handle.write(tables + "\n")
+    print(tables, flush=True)
     report.plot_throughput(
         results,
         out_png,
         title=f"Save+finalize and load throughput ({'quick' if args.quick else 'full'} run, "
         f"{machine['cpu_count']} CPUs)",
     )
-    print(tables)
     print(f"\nWrote {out_json}, {out_png} and {out_md}", file=sys.stderr)
     return exit_status(workers, results)
 

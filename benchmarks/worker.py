@@ -51,6 +51,9 @@ from benchmarks.systems import (
 )
 
 Emit = Callable[[dict[str, Any]], None]
+# A point still running at budget * factor + slack gets its worker killed.
+POINT_KILL_FACTOR = 1.25
+POINT_KILL_SLACK_S = 30.0
 # partialstore's zarr3 layouts seen by this worker, by workload name, for a
 # raw TensorStore job later in the same worker (quick runs group jobs).
 _LAYOUTS: dict[str, list[dict[str, Any]]] = {}
@@ -116,6 +119,16 @@ def _warm_up_checkpoint(system: Any, store: StoreEnv) -> None:
         store.remove(url)
 
 
+def _started(job: dict[str, Any], work: Workload) -> dict[str, Any]:
+    return {
+        "type": "point_started",
+        "system": job["system"],
+        "series": job.get("series", ""),
+        "name": work.name,
+        "budget_s": float(job["budget_s"]),
+    }
+
+
 def _scales(work: Workload, axis: str) -> dict[str, float]:
     # What each phase's cost grows with: saves write bytes (or leaves when the
     # leaves are tiny), finalize handles keys.
@@ -146,6 +159,7 @@ def _job_finalize_series(job: dict[str, Any], store: StoreEnv, emit: Emit) -> No
         if skip:
             emit(base | {"status": "skipped", "reason": skip})
             continue
+        emit(_started(job, work))
         try:
             states = build_states(work, seed=2)
             finals: list[float] = []
@@ -301,6 +315,7 @@ def _job_throughput(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
             "workload": work.to_json(),
             "reps_planned": reps,
         }
+        emit(_started(job, work))
         try:
             states = build_states(work, seed=3)
             arrays = flat_arrays(states) if raw else {}
@@ -503,14 +518,26 @@ def run_worker(
     threading.Thread(target=pump, daemon=True).start()
     events: list[dict[str, Any]] = []
     deadline = started + timeout_s
+    point: dict[str, Any] | None = None  # the point running now, with its own deadline
     status, detail = "crashed", ""
     while True:
+        now = time.monotonic()
+        wait_until = min(deadline, point["deadline"]) if point else deadline
         try:
-            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            line = lines.get(timeout=max(0.01, wait_until - now))
         except queue.Empty:
             process.kill()
-            status = "timeout"
-            detail = f"worker killed after {timeout_s:.0f} s (time budget)"
+            if point and time.monotonic() >= point["deadline"]:
+                status = "killed over budget"
+                ran = time.monotonic() - point["started"]
+                detail = (
+                    f"skipped: over budget ({point['name']} ran past its "
+                    f"{point['budget_s']:.0f} s budget; worker killed after {ran:.0f} s)"
+                )
+                events.append({**point, "type": "killed_point", "reason": detail})
+            else:
+                status = "timeout"
+                detail = f"worker killed after {timeout_s:.0f} s (time budget)"
             break
         if line is None:
             break
@@ -521,6 +548,16 @@ def run_worker(
         if event.get("type") == "done":
             status = "ok"
             continue
+        if event.get("type") == "point_started":
+            # Orbax cannot be interrupted inside a call, so a point that runs
+            # far past its budget is stopped by killing the worker.
+            budget = float(event["budget_s"])
+            point = event | {
+                "started": time.monotonic(),
+                "deadline": time.monotonic() + budget * POINT_KILL_FACTOR + POINT_KILL_SLACK_S,
+            }
+            continue
+        point = None
         events.append(event)
         if on_event is not None:
             on_event(event)
@@ -599,19 +636,37 @@ def run_group(
         cwd=cwd,
         on_event=note,
     )
-    events = answered + [e for e in outcome.events if e.get("type") != "job_error"]
+    killed = [e for e in outcome.events if e.get("type") == "killed_point"]
+    events = answered + [
+        e for e in outcome.events if e.get("type") not in ("job_error", "killed_point")
+    ]
     job_errors = [e["reason"] for e in outcome.events if e.get("type") == "job_error"]
     detail = "; ".join(job_errors) or f"{outcome.status}: {outcome.detail}"
     seen = {_identity(e) for e in events}
     for job in jobs:
+        over_budget = ""
         for ident in _expected(job):
             if ident in seen:
                 continue
+            status, reason = "error", f"not measured: {detail}"[:600]
+            kill = killed[0] if killed else None
+            if (
+                kill
+                and kill["system"] == job.get("system")
+                and kill["series"] == job.get("series", "")
+            ):
+                if ident[-1] == kill["name"]:
+                    over_budget = kill["reason"]
+                    status, reason = "skipped", over_budget
+                elif over_budget and job["kind"] == "finalize_series":
+                    # Points grow along a series: the later ones would run longer still.
+                    status = "skipped"
+                    reason = f"skipped: over budget (a smaller point ran past it: {over_budget})"
             event: dict[str, Any] = {
                 "type": ident[0] if ident[0] != "orbax_probe" else "probe",
                 "store": store.name,
-                "status": "error",
-                "reason": f"not measured: {detail}"[:600],
+                "status": status,
+                "reason": reason,
             }
             if ident[0] == "finalize_point":
                 point = next(p for p in job["points"] if p["name"] == ident[3])
@@ -648,7 +703,7 @@ def expected_count(jobs: list[dict[str, Any]]) -> int:
 
 def exit_status(workers: list[dict[str, Any]], results: list[dict[str, Any]]) -> int:
     """1 if a worker failed or a figure errored (not for "does not run"/"skipped"), else 0."""
-    failed = any(w["status"] != "ok" for w in workers)
+    failed = any(w["status"] not in ("ok", "killed over budget") for w in workers)
     errored = any(r.get("status") == "error" for r in results)
     return 1 if failed or errored else 0
 

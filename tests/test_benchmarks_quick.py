@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import finalize_latency, report, throughput  # noqa: E402
+from benchmarks import finalize_latency, report, throughput, worker  # noqa: E402
 from benchmarks.common import Budget, Stats, loglog_slope, peak_rss  # noqa: E402
 from benchmarks.stores import StoreEnv  # noqa: E402
 from benchmarks.worker import run_group  # noqa: E402
@@ -210,6 +210,33 @@ def test_killed_worker_reports_every_point_it_did_not_measure(tmp_path: Path) ->
         assert event["reason"].startswith("not measured: timeout")
 
 
+def test_point_running_past_its_budget_is_killed_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "POINT_KILL_SLACK_S", 0.0)
+    store = StoreEnv(name="local", root=str(tmp_path / "store"))
+    points = finalize_latency.series_points("saves", quick=True)
+    job = {
+        "kind": "finalize_series",
+        "system": "partialstore",
+        "series": "saves",
+        "axis": "keys",
+        "points": [p.to_json() for p in points],
+        "reps": 2,
+        "budget_s": 0.0001,
+    }
+    events, record = run_group(
+        store, [job], timeout_s=300, log_path=str(tmp_path / "log"), cwd=str(tmp_path)
+    )
+    assert record["status"] == "killed over budget"
+    first, second = events
+    assert first["status"] == "skipped"
+    assert "ran past its" in first["reason"] and "worker killed" in first["reason"]
+    assert second["status"] == "skipped"
+    assert second["reason"].startswith("skipped: over budget (a smaller point ran past it")
+    assert worker.exit_status([record], events) == 0
+
+
 def test_full_run_sizes_cover_the_issue_ranges() -> None:
     by_bytes = finalize_latency.series_points("bytes", quick=False)
     assert by_bytes[0].total_bytes == 1 << 20 and by_bytes[-1].total_bytes == 1 << 30
@@ -239,9 +266,13 @@ def test_stats_budget_slope_and_rss_helpers() -> None:
     budget = Budget(60, exponents={"save": 1.0, "finalize": 2.0})
     assert budget.check({"save": 1, "finalize": 1}) is None  # nothing to predict from
     budget.record({"save": 10, "finalize": 10}, {"save": 1.0, "finalize": 1.0})
-    assert budget.predict({"save": 20, "finalize": 20}) == pytest.approx(2.0 + 4.0)
-    assert budget.check({"save": 20, "finalize": 20}) is None
-    reason = budget.check({"save": 10, "finalize": 100})
+    # One earlier point: linear growth assumed.
+    assert budget.predict({"save": 20, "finalize": 20}) == pytest.approx(2.0 + 2.0)
+    # Two: the measured growth, clamped to [1, worst exponent].
+    budget.record({"save": 20, "finalize": 20}, {"save": 2.0, "finalize": 8.0})
+    assert budget.predict({"save": 40, "finalize": 40}) == pytest.approx(4.0 + 32.0)
+    assert budget.check({"save": 40, "finalize": 40}) is None
+    reason = budget.check({"save": 20, "finalize": 200})
     assert reason is not None and reason.startswith("skipped: over budget")
     assert budget.check({"save": 1, "finalize": 1}) == reason  # larger points stay skipped
 
