@@ -100,8 +100,15 @@ def build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str)
     tree = _Tree()
     custom_metadata: Any = None
     saves = []
+    seen: set[str] = set()
     for entry in entries:
         record = entry.record
+        # A create whose response was lost is retried by the HTTP client and
+        # reports "exists" though it landed; the save then appends again.
+        # Both records carry the same save id: count it once.
+        if record["save_id"] in seen:
+            continue
+        seen.add(record["save_id"])
         where = record_key(log_prefix, entry.number)
         # Parents first, so a container record never lands under a stale leaf.
         for node in sorted(record.get("nodes", []), key=lambda n: len(n["path"])):

@@ -139,3 +139,11 @@ def test_manifest_bytes_are_deterministic():
 def test_decode_manifest_rejects_malformed(body):
     with pytest.raises(CorruptCheckpointError):
         decode_manifest("ckpt/partialstore.json", body)
+
+
+def test_duplicate_records_of_one_save_count_once():
+    first = record({("a",): 1}, {(): "dict"}, save_id="s1")
+    second = record({("a",): 2}, {(): "dict"}, save_id="s2")
+    m = merged(first, second, dict(first))  # s1 appended twice (a retried create)
+    assert [s["save_id"] for s in m["saves"]] == ["s1", "s2"]
+    assert leaf_values(m) == {("a",): 2}
