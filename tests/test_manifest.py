@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -15,10 +16,13 @@ def key(*names: str) -> list[list[str]]:
     return [["key", n] for n in names]
 
 
+_ids = itertools.count()
+
+
 def record(leaves: dict[tuple[str, ...], int], nodes: dict[tuple[str, ...], str], **extra):
     return {
         "kind": "save",
-        "save_id": extra.pop("save_id", "s"),
+        "save_id": extra.pop("save_id", f"save-{next(_ids)}"),
         "nodes": [{"path": key(*p), "kind": k, "type": None} for p, k in nodes.items()],
         "leaves": [{"path": key(*p), "kind": "int", "value": v} for p, v in leaves.items()],
         **extra,
