@@ -35,18 +35,22 @@ from benchmarks.baselines import orbax_missing
 from benchmarks.common import (
     GiB,
     MiB,
-    add_common_arguments,
     fmt_ratio,
     fmt_seconds,
     fmt_stats,
     loglog_slope,
     machine_description,
-    parse_list,
     ratio,
+)
+from benchmarks.runner import (
+    add_common_arguments,
+    exit_status,
+    expected_count,
+    parse_list,
+    run_group,
 )
 from benchmarks.stores import STORE_NAMES, started_stores
 from benchmarks.systems import CHECKPOINT_SYSTEMS, Workload
-from benchmarks.worker import exit_status, expected_count, run_group
 
 SERIES = ("bytes", "saves", "leaves", "anchor")
 # x-axis of each plotted series: (label, kind).

@@ -37,17 +37,21 @@ from benchmarks.baselines import orbax_missing
 from benchmarks.common import (
     GiB,
     MiB,
-    add_common_arguments,
     fmt_bytes,
     fmt_ratio,
     fmt_stats,
     machine_description,
-    parse_list,
     ratio,
+)
+from benchmarks.runner import (
+    add_common_arguments,
+    exit_status,
+    expected_count,
+    parse_list,
+    run_group,
 )
 from benchmarks.stores import STORE_NAMES, started_stores
 from benchmarks.systems import CHECKPOINT_SYSTEMS, RAW_SYSTEMS, Workload
-from benchmarks.worker import exit_status, expected_count, run_group
 
 SYSTEMS = CHECKPOINT_SYSTEMS + RAW_SYSTEMS
 WORKLOADS = ("a", "b", "c", "d", "e")

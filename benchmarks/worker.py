@@ -5,40 +5,32 @@ not flattered or inflated by an earlier system's leftovers), Orbax cannot
 slow partialstore through shared caches or threads, and a measurement that
 runs past its time budget can be killed without losing the run.
 
-The parent calls :func:`run_worker` with a task (a store and a list of jobs);
-the child (``python -m benchmarks.worker``) reads it as JSON on stdin and
-writes one JSON event per line on a private copy of stdout; its own stdout
-and stderr (library logging) go to a log file in the output folder.
+The parent (:mod:`benchmarks.runner`) starts ``python -m benchmarks.worker``
+with a task (a store and a list of jobs) as JSON on stdin; the worker writes
+one JSON event per line on a private copy of stdout; its own stdout and
+stderr (library logging) go to a log file in the output folder.
 
 Each worker first runs one tiny untimed save/finalize/load (or raw
 write/read), so one-off costs (imports, first connection, first TensorStore
 context) are not charged to the first measured point.
 
-Example::
+Example (what the parent sends)::
 
-    outcome = run_worker(
-        {"store": store.to_json(), "jobs": [{"kind": "floor", "reps": 5}]},
-        store, timeout_s=120, log_path="/tmp/bench/worker.log",
-    )
-    outcome.events[0]["total"]["median"]
+    {"store": {...}, "jobs": [{"kind": "floor", "reps": 5}]}
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
-import queue
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from benchmarks.common import REPO_ROOT, Budget, measure_call, peak_rss, stats_json
+from benchmarks.common import Budget, measure_call, peak_rss, stats_json
 from benchmarks.stores import StoreEnv
 from benchmarks.systems import (
     Workload,
@@ -51,9 +43,6 @@ from benchmarks.systems import (
 )
 
 Emit = Callable[[dict[str, Any]], None]
-# A point still running at budget * factor + slack gets its worker killed.
-POINT_KILL_FACTOR = 1.25
-POINT_KILL_SLACK_S = 30.0
 # partialstore's zarr3 layouts seen by this worker, by workload name, for a
 # raw TensorStore job later in the same worker (quick runs group jobs).
 _LAYOUTS: dict[str, list[dict[str, Any]]] = {}
@@ -387,7 +376,7 @@ JOBS: dict[str, Callable[[dict[str, Any], StoreEnv, Emit], None]] = {
 }
 
 
-def _emit_unavailable(job: dict[str, Any], store: StoreEnv, reason: str, emit: Emit) -> None:
+def emit_unavailable(job: dict[str, Any], store: StoreEnv, reason: str, emit: Emit) -> None:
     """One "does not run" event per point or workload of a job its system cannot run."""
     if job["kind"] == "orbax_probe":
         emit({"type": "probe", "store": store.name, "system": "orbax", "reason": reason})
@@ -441,7 +430,7 @@ def child_main(stdin: TextIO = sys.stdin) -> int:
         try:
             reason = unavailable.get(job.get("system", ""))
             if reason:
-                _emit_unavailable(job, store, reason, emit)
+                emit_unavailable(job, store, reason, emit)
                 continue
             JOBS[job["kind"]](job, store, emit_and_note)
         except Exception as err:
@@ -449,263 +438,6 @@ def child_main(stdin: TextIO = sys.stdin) -> int:
             emit({"type": "job_error", "job": job["kind"], "reason": _error_text(err)})
     emit({"type": "done"})
     return 0
-
-
-# ---------------------------------------------------------------------------
-# Parent side
-
-
-@dataclasses.dataclass
-class WorkerOutcome:
-    """What a worker reported: its events, and ``status`` ok / timeout / crashed."""
-
-    events: list[dict[str, Any]]
-    status: str
-    detail: str
-    seconds: float
-
-
-def _log_tail(path: str, limit: int = 1500) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - limit))
-            return log.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def run_worker(
-    task: dict[str, Any],
-    store: StoreEnv,
-    *,
-    timeout_s: float,
-    log_path: str,
-    cwd: str | None = None,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
-) -> WorkerOutcome:
-    """Run ``task`` in a fresh ``python -m benchmarks.worker`` and collect its events.
-
-    The worker is killed after ``timeout_s``; the events it sent before are kept.
-    """
-    env = dict(os.environ)
-    env.update(store.env)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    started = time.monotonic()
-    with open(log_path, "ab") as log:
-        log.write(f"\n===== worker: {json.dumps(task)[:500]}\n".encode())
-        log.flush()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            cwd=cwd or str(REPO_ROOT),
-            env=env,
-        )
-    assert process.stdin is not None and process.stdout is not None
-    process.stdin.write(json.dumps(task).encode())
-    process.stdin.close()
-    lines: queue.Queue[bytes | None] = queue.Queue()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    events: list[dict[str, Any]] = []
-    deadline = started + timeout_s
-    point: dict[str, Any] | None = None  # the point running now, with its own deadline
-    status, detail = "crashed", ""
-    while True:
-        now = time.monotonic()
-        wait_until = min(deadline, point["deadline"]) if point else deadline
-        try:
-            line = lines.get(timeout=max(0.01, wait_until - now))
-        except queue.Empty:
-            process.kill()
-            if point and time.monotonic() >= point["deadline"]:
-                status = "killed over budget"
-                ran = time.monotonic() - point["started"]
-                detail = (
-                    f"skipped: over budget ({point['name']} ran past its "
-                    f"{point['budget_s']:.0f} s budget; worker killed after {ran:.0f} s)"
-                )
-                events.append({**point, "type": "killed_point", "reason": detail})
-            else:
-                status = "timeout"
-                detail = f"worker killed after {timeout_s:.0f} s (time budget)"
-            break
-        if line is None:
-            break
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("type") == "done":
-            status = "ok"
-            continue
-        if event.get("type") == "point_started":
-            # Orbax cannot be interrupted inside a call, so a point that runs
-            # far past its budget is stopped by killing the worker.
-            budget = float(event["budget_s"])
-            point = event | {
-                "started": time.monotonic(),
-                "deadline": time.monotonic() + budget * POINT_KILL_FACTOR + POINT_KILL_SLACK_S,
-            }
-            continue
-        point = None
-        events.append(event)
-        if on_event is not None:
-            on_event(event)
-    returncode = process.wait()
-    if status == "crashed":
-        detail = f"worker exited with code {returncode}: {_log_tail(log_path)}"
-    return WorkerOutcome(events, status, detail, time.monotonic() - started)
-
-
-def _expected(job: dict[str, Any]) -> list[tuple[str, ...]]:
-    kind = job["kind"]
-    if kind == "finalize_series":
-        return [("finalize_point", job["system"], job["series"], p["name"]) for p in job["points"]]
-    if kind == "throughput":
-        return [("throughput", job["system"], w["name"]) for w in job["workloads"]]
-    return [(kind,)]
-
-
-def _identity(event: dict[str, Any]) -> tuple[str, ...]:
-    kind = event.get("type", "")
-    if kind == "finalize_point":
-        return (kind, event["system"], event["series"], event["workload"]["name"])
-    if kind == "throughput":
-        return (kind, event["system"], event["workload"]["name"])
-    return ({"probe": "orbax_probe"}.get(kind, kind),)
-
-
-def run_group(
-    store: StoreEnv,
-    jobs: list[dict[str, Any]],
-    *,
-    timeout_s: float,
-    log_path: str,
-    cwd: str,
-    unavailable: dict[tuple[str, str], str] | None = None,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run ``jobs`` in one worker; return its events and a record of the worker.
-
-    Every point or workload a job asked for gets an event: where the worker
-    was killed or crashed before reporting one, an ``error`` event saying so
-    is added, so nothing silently disappears from the tables.
-
-    ``unavailable`` maps ``(store, system)`` to why that system does not run
-    there (filled from Orbax probes as they report); such jobs are answered
-    with "does not run" events without starting a worker.
-    """
-    unavailable = unavailable if unavailable is not None else {}
-    answered: list[dict[str, Any]] = []
-    runnable = []
-    for job in jobs:
-        reason = unavailable.get((store.name, job.get("system", "")))
-        if reason:
-            _emit_unavailable(job, store, reason, answered.append)
-        else:
-            runnable.append(job)
-    for event in answered:
-        if on_event is not None:
-            on_event(event)
-    if not runnable:
-        record = {"store": store.name, "jobs": [], "status": "ok", "detail": "", "seconds": 0.0}
-        return answered, record
-
-    def note(event: dict[str, Any]) -> None:
-        if event.get("type") == "probe" and event.get("reason"):
-            unavailable[(store.name, event["system"])] = event["reason"]
-        if on_event is not None:
-            on_event(event)
-
-    jobs = runnable
-    outcome = run_worker(
-        {"store": store.to_json(), "jobs": jobs},
-        store,
-        timeout_s=timeout_s,
-        log_path=log_path,
-        cwd=cwd,
-        on_event=note,
-    )
-    killed = [e for e in outcome.events if e.get("type") == "killed_point"]
-    events = answered + [
-        e for e in outcome.events if e.get("type") not in ("job_error", "killed_point")
-    ]
-    job_errors = [e["reason"] for e in outcome.events if e.get("type") == "job_error"]
-    detail = "; ".join(job_errors) or f"{outcome.status}: {outcome.detail}"
-    seen = {_identity(e) for e in events}
-    for job in jobs:
-        over_budget = ""
-        for ident in _expected(job):
-            if ident in seen:
-                continue
-            status, reason = "error", f"not measured: {detail}"[:600]
-            kill = killed[0] if killed else None
-            if (
-                kill
-                and kill["system"] == job.get("system")
-                and kill["series"] == job.get("series", "")
-            ):
-                if ident[-1] == kill["name"]:
-                    over_budget = kill["reason"]
-                    status, reason = "skipped", over_budget
-                elif over_budget and job["kind"] == "finalize_series":
-                    # Points grow along a series: the later ones would run longer still.
-                    status = "skipped"
-                    reason = f"skipped: over budget (a smaller point ran past it: {over_budget})"
-            event: dict[str, Any] = {
-                "type": ident[0] if ident[0] != "orbax_probe" else "probe",
-                "store": store.name,
-                "status": status,
-                "reason": reason,
-            }
-            if ident[0] == "finalize_point":
-                point = next(p for p in job["points"] if p["name"] == ident[3])
-                event |= {
-                    "system": ident[1],
-                    "series": ident[2],
-                    "workload": Workload.from_json(point).to_json(),
-                }
-            elif ident[0] == "throughput":
-                work = next(w for w in job["workloads"] if w["name"] == ident[2])
-                event |= {"system": ident[1], "workload": Workload.from_json(work).to_json()}
-            elif ident[0] == "orbax_probe":
-                event |= {"system": "orbax", "reason": event["reason"]}
-            events.append(event)
-            if on_event is not None:
-                on_event(event)
-    record = {
-        "store": store.name,
-        "jobs": [
-            {k: v for k, v in job.items() if k not in ("points", "workloads", "layouts")}
-            for job in jobs
-        ],
-        "status": outcome.status,
-        "detail": (outcome.detail + " " + "; ".join(job_errors)).strip()[-1500:],
-        "seconds": outcome.seconds,
-    }
-    return events, record
-
-
-def expected_count(jobs: list[dict[str, Any]]) -> int:
-    """How many events (progress steps) ``jobs`` will produce."""
-    return sum(len(_expected(job)) for job in jobs)
-
-
-def exit_status(workers: list[dict[str, Any]], results: list[dict[str, Any]]) -> int:
-    """1 if a worker failed or a figure errored (not for "does not run"/"skipped"), else 0."""
-    failed = any(w["status"] not in ("ok", "killed over budget") for w in workers)
-    errored = any(r.get("status") == "error" for r in results)
-    return 1 if failed or errored else 0
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import finalize_latency, report, throughput, worker  # noqa: E402
+from benchmarks import finalize_latency, report, runner, throughput  # noqa: E402
 from benchmarks.common import Budget, Stats, loglog_slope, peak_rss  # noqa: E402
+from benchmarks.runner import run_group  # noqa: E402
 from benchmarks.stores import StoreEnv  # noqa: E402
-from benchmarks.worker import run_group  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -213,7 +213,7 @@ def test_killed_worker_reports_every_point_it_did_not_measure(tmp_path: Path) ->
 def test_point_running_past_its_budget_is_killed_and_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker, "POINT_KILL_SLACK_S", 0.0)
+    monkeypatch.setattr(runner, "POINT_KILL_SLACK_S", 0.0)
     store = StoreEnv(name="local", root=str(tmp_path / "store"))
     points = finalize_latency.series_points("saves", quick=True)
     job = {
@@ -234,7 +234,7 @@ def test_point_running_past_its_budget_is_killed_and_reported(
     assert "ran past its" in first["reason"] and "worker killed" in first["reason"]
     assert second["status"] == "skipped"
     assert second["reason"].startswith("skipped: over budget (a smaller point ran past it")
-    assert worker.exit_status([record], events) == 0
+    assert runner.exit_status([record], events) == 0
 
 
 def test_full_run_sizes_cover_the_issue_ranges() -> None:
