@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -45,9 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         from partialstore import demo
 
         return demo.main(args)
+    # The benchmark scripts live beside the package in a source checkout; the
+    # console script's sys.path does not hold the checkout, so add it.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "benchmarks").is_dir() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
     try:
         module = importlib.import_module(f"benchmarks.{args.name}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as error:
+        if error.name not in ("benchmarks", f"benchmarks.{args.name}"):
+            raise
         print(
             "partialstore bench runs the scripts in benchmarks/ of a source checkout: "
             "run it from the repository root.",
