@@ -386,6 +386,13 @@ def test_missing_data_and_mismatched_metadata_are_corruption(backend: Backend) -
             run(read_arrays(backend, ROOT, [(descriptor, None)]))
 
 
+def test_damaged_zarr_metadata_is_corruption(backend: Backend) -> None:
+    (descriptor,) = run(write_arrays(backend, ROOT, SAVE, [np.ones((8, 8))], pack_threshold=0))
+    run(backend.write(join_key(ROOT, descriptor["path"], "zarr.json"), b'{"zarr_format": 3,'))
+    with pytest.raises(CorruptCheckpointError, match=r"zarr\.json"):
+        run(read_arrays(backend, ROOT, [(descriptor, None)]))
+
+
 @pytest.mark.parametrize(
     "change",
     [
