@@ -9,10 +9,12 @@ chosen by size:
   ``kvstore_spec``. Large arrays are split along their leading dimensions
   into chunks of about :data:`CHUNK_BYTES`, which TensorStore writes and
   reads in parallel. Chunks are plain little-endian bytes followed by a
-  zarr3 ``crc32c`` checksum, so any zarr3 reader (TensorStore, zarr-python
-  v3) can open them without partialstore.
-- **packed** (smaller leaves): copied into a few ``packed-NNNN.bin``
-  objects with one write each; see :mod:`partialstore.packing`.
+  zarr3 ``crc32c`` checksum, so zarr3 readers open them without
+  partialstore: TensorStore reads every dtype; zarr-python 3.1.6 reads the
+  numpy dtypes but not bfloat16/float8 (no such zarr data types there yet).
+- **packed** (leaves below :data:`PACK_THRESHOLD`, 1 MiB): copied into a few
+  ``packed-NNNN.bin`` objects with one write each; see
+  :mod:`partialstore.packing`.
 
 Backends without a TensorStore kvstore (``kvstore_spec`` returns ``None``:
 memory, generic fsspec) get exactly the same bytes: TensorStore encodes each
