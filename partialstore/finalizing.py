@@ -33,7 +33,7 @@ from partialstore.faults import crash_point
 from partialstore.location import DATA_DIR, Location
 from partialstore.manifest import build_manifest, decode_manifest
 
-__all__ = ["discard", "finalize", "gc"]
+__all__ = ["discard", "drop_stray_staging", "finalize", "gc"]
 
 
 def _already_finalized(location: Location) -> CheckpointFinalizedError:
@@ -77,7 +77,9 @@ async def _seal(location: Location) -> tuple[list[txlog.LogEntry], txlog.LogEntr
                 backend, location.log_prefix, [n for n in numbers if n not in known]
             )
             entries.append(txlog.LogEntry(number, txlog.decode_record("seal", seal)))
-    seal_index = next(i for i, entry in enumerate(entries) if txlog.is_seal(entry.record))
+    seal_index = next((i for i, e in enumerate(entries) if txlog.is_seal(e.record)), None)
+    if seal_index is None:  # the sealed session was renamed away between our reads
+        raise await _no_session(location)
     return entries[:seal_index], entries[seal_index]
 
 
@@ -92,23 +94,40 @@ async def finalize(location: Location) -> None:
     backend = location.backend
     if location.uses_rename and await backend.exists(location.manifest_key):
         raise _already_finalized(location)
+    try:
+        await _seal_merge_publish(location)
+    except (NotFoundError, AlreadyExistsError) as error:
+        # With rename, a concurrent finalizer may move the session away at any
+        # step (reads, seal, manifest write, rename) and the loser then sees
+        # missing or existing keys. Report that as what it is.
+        if await backend.exists(location.manifest_key):
+            if location.uses_rename:
+                await drop_stray_staging(location)
+            raise _already_finalized(location) from error
+        raise
+    crash_point("finalize.after_publish")
+
+
+async def _seal_merge_publish(location: Location) -> None:
+    backend = location.backend
     saves, seal = await _seal(location)
     body = build_manifest(saves, seal, location.log_prefix)
     if location.uses_rename:
         await backend.write(location.staging_manifest_key, body)
         crash_point("finalize.after_manifest_write")
-        try:
-            await backend.rename(location.staging_prefix, location.final_prefix)
-        except (AlreadyExistsError, NotFoundError) as error:
-            if await backend.exists(location.manifest_key):
-                raise _already_finalized(location) from error
-            raise
+        await backend.rename(location.staging_prefix, location.final_prefix)
     else:
-        try:
-            await backend.create(location.manifest_key, body)
-        except AlreadyExistsError as error:
-            raise _already_finalized(location) from error
-    crash_point("finalize.after_publish")
+        await backend.create(location.manifest_key, body)
+
+
+async def drop_stray_staging(location: Location) -> None:
+    """Delete a staging prefix recreated after the session was renamed away.
+
+    Only called once the checkpoint is published: no session can live at a
+    finalized path, so anything under the staging prefix then is debris of a
+    writer that lost a race (a seal or save record created after the rename).
+    """
+    await location.backend.delete_prefix(location.staging_prefix)
 
 
 async def discard(location: Location) -> None:

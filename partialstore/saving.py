@@ -28,6 +28,7 @@ from partialstore.errors import (
     UnsupportedOperationError,
 )
 from partialstore.faults import crash_point
+from partialstore.finalizing import drop_stray_staging
 from partialstore.location import Location
 
 __all__ = ["Snapshot", "check_writable", "commit_save", "snapshot"]
@@ -128,8 +129,39 @@ async def commit_save(location: Location, snap: Snapshot) -> int:
       CheckpointFinalizedError: the session was finalized before this save committed;
         its data is removed and it is not part of the checkpoint.
     """
-    backend = location.backend
     save_id = uuid.uuid4().hex
+    try:
+        number = await _write_and_append(location, snap, save_id)
+    except CheckpointFinalizedError:
+        # Its data stays: if our create landed but its response was lost, the
+        # record may be in the checkpoint after all. gc removes it otherwise.
+        raise
+    except Exception as error:
+        # With rename, a finalize may move the session away while this save
+        # writes; TensorStore or the backend then fail on vanished directories.
+        if location.uses_rename and await location.backend.exists(location.manifest_key):
+            await drop_stray_staging(location)
+            raise _finalized_in_flight(location) from error
+        raise
+    crash_point("save.after_log_append")
+    if location.uses_rename and await location.backend.exists(location.manifest_key):
+        # Finalize renamed the session away while this save ran, so the record
+        # just went into a fresh, orphaned staging prefix. Nothing can ever
+        # finalize that (the path is published), so drop it and say so.
+        await drop_stray_staging(location)
+        raise _finalized_in_flight(location)
+    return number
+
+
+def _finalized_in_flight(location: Location) -> CheckpointFinalizedError:
+    return CheckpointFinalizedError(
+        f"{location.path} was finalized while this save was in flight; the save is not "
+        "part of the checkpoint. Save to a new path."
+    )
+
+
+async def _write_and_append(location: Location, snap: Snapshot, save_id: str) -> int:
+    backend = location.backend
     data_dir = location.data_dir(save_id)
     with_arrays = [leaf for leaf in snap.leaves if leaf.array is not None]
     descriptors = await arrays.write_arrays(
@@ -150,19 +182,5 @@ async def commit_save(location: Location, snap: Snapshot) -> int:
         "leaves": [_leaf_entry(leaf, by_leaf.get(id(leaf))) for leaf in snap.leaves],
     }
     crash_point("save.before_log_append")
-    try:
-        number, _ = await txlog.append(backend, location.log_prefix, txlog.encode_record(record))
-    except CheckpointFinalizedError:
-        await backend.delete_prefix(f"{location.staging_prefix}/{data_dir}")
-        raise
-    crash_point("save.after_log_append")
-    if location.uses_rename and await backend.exists(location.manifest_key):
-        # Finalize renamed the session away while this save ran, so the record
-        # just went into a fresh, orphaned staging prefix. Nothing can ever
-        # finalize that (the path is published), so drop it and say so.
-        await backend.delete_prefix(location.staging_prefix)
-        raise CheckpointFinalizedError(
-            f"{location.path} was finalized while this save was in flight; the save is not "
-            "part of the checkpoint. Save to a new path."
-        )
+    number, _ = await txlog.append(backend, location.log_prefix, txlog.encode_record(record))
     return number
