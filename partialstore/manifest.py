@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from partialstore.errors import CorruptCheckpointError
-from partialstore.txlog import LogEntry, record_key
+from partialstore.txlog import LogEntry, paused_gc, record_key
 
 __all__ = ["FORMAT", "VERSION", "build_manifest", "decode_manifest", "merge_metadata"]
 
@@ -99,6 +99,11 @@ def build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str)
 
     ``log_prefix`` is only used to name records in error messages.
     """
+    with paused_gc():
+        return _build_manifest(entries, seal, log_prefix)
+
+
+def _build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str) -> bytes:
     tree = _Tree()
     custom_metadata: Any = None
     saves = []

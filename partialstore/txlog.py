@@ -17,9 +17,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from partialstore.backend import Backend
@@ -38,6 +40,7 @@ __all__ = [
     "encode_record",
     "is_seal",
     "list_numbers",
+    "paused_gc",
     "read_all",
 ]
 
@@ -47,6 +50,24 @@ _NAME = re.compile(r"^(\d{8})\.json$")
 # Reading records is latency bound on object stores; bound the fan-out so a
 # log of thousands of saves does not open thousands of connections at once.
 _READ_CONCURRENCY = 64
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small objects.
+
+    Merging 10^4 leaf entries allocates enough containers to trigger full
+    collections, each of which walks every object of the process (JAX's
+    included): measured, that tripled the cost of a 6,000-leaf merge. The
+    objects built here hold no cycles, so nothing is lost by waiting.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def record_key(log_prefix: str, number: int) -> str:
@@ -63,7 +84,8 @@ def encode_record(record: dict[str, Any]) -> bytes:
 def decode_record(key: str, data: bytes) -> dict[str, Any]:
     """Parse and check one record; raise :class:`CorruptCheckpointError` if malformed."""
     try:
-        record = json.loads(data)
+        with paused_gc():
+            record = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CorruptCheckpointError(f"Log record {key} is not valid JSON: {error}.") from error
     if not isinstance(record, dict) or record.get("format") != FORMAT:
