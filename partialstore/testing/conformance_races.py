@@ -8,10 +8,11 @@ processes are fresh interpreters that open their own backend from the
 picklable ``(url, storage_options)``, like a second host would
 (:mod:`partialstore.testing.race_workers`).
 
-Races skip only by capability: without ``atomic_create`` there is nothing
-to race, without ``compare_and_swap`` no conditional write, and a
-process-local store (``shared_across_processes = False``) has no other
-process to race with.
+Nothing is skipped. Without ``atomic_create`` (or ``compare_and_swap``) the
+same racers check that the refusal holds under concurrency: every racer is
+refused and nothing is written. For a process-local store
+(``shared_across_processes = False``) the process races check that another
+process indeed sees none of this process's keys.
 
 Example (run only the races of one backend)::
 
@@ -29,7 +30,7 @@ import pytest
 
 from partialstore._aio import run
 from partialstore.backend import Backend
-from partialstore.errors import AlreadyExistsError, ConflictError
+from partialstore.errors import AlreadyExistsError, ConflictError, UnsupportedOperationError
 from partialstore.testing import race_workers
 
 __all__ = ["RaceConformance"]
@@ -52,12 +53,50 @@ class RaceConformance:
         except race_workers.RaceWorkerError as exc:
             pytest.fail(str(exc))
 
-    def _skip_unless_racing_creates(self, backend: Backend) -> None:
-        if not backend.capabilities.atomic_create:
-            pytest.skip("capability atomic_create is False: there is no atomic create to race")
+    @staticmethod
+    def _race_refusals(call: Any) -> list[str]:
+        """Run ``call(loop)`` in THREADS threads at once; return how each ended."""
+        barrier = threading.Barrier(THREADS)
+        outcomes: list[str] = [""] * THREADS
+
+        def racer(worker: int) -> None:
+            loop = asyncio.new_event_loop()
+            try:
+                barrier.wait(race_workers.BARRIER_TIMEOUT_S)
+                loop.run_until_complete(call(worker))
+                outcomes[worker] = "written"
+            except UnsupportedOperationError:
+                outcomes[worker] = "refused"
+            except Exception as exc:
+                outcomes[worker] = f"error: {exc!r}"
+            finally:
+                loop.close()
+
+        threads = [threading.Thread(target=racer, args=(w,)) for w in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return outcomes
+
+    def _check_isolated_from_other_processes(
+        self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
+    ) -> None:
+        run(backend.write("isolation/key", b"only here"))
+        url, options = backend_url
+        seen = race_workers.exists_in_other_process(url, options, "isolation/key")
+        assert seen is False, "a store declared process-local is visible from another process"
 
     def test_create_race_threads(self, backend: Backend) -> None:
-        self._skip_unless_racing_creates(backend)
+        if not backend.capabilities.atomic_create:
+            # No atomic create: concurrent creators must all be refused, never
+            # fall back to a check-then-write that could let two of them win.
+            outcomes = self._race_refusals(
+                lambda worker: backend.create("race/refused", b"%d" % worker)
+            )
+            assert outcomes == ["refused"] * THREADS, outcomes
+            assert not run(backend.exists("race/refused"))
+            return
         barrier = threading.Barrier(THREADS)
         outcomes: list[list[str]] = [[] for _ in range(THREADS)]
 
@@ -89,10 +128,15 @@ class RaceConformance:
     def test_create_race_processes(
         self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
     ) -> None:
-        self._skip_unless_racing_creates(backend)
         if not self.shared_across_processes:
-            pytest.skip("store is process-local: other processes cannot see it")
+            self._check_isolated_from_other_processes(backend, backend_url)
+            return
         url, options = backend_url
+        if not backend.capabilities.atomic_create:
+            outcomes = self._workers("create", url, options, keys=["prace/0"], size=1024)
+            assert all(o == ["refused"] for o in outcomes), outcomes
+            assert not run(backend.exists("prace/0"))
+            return
         keys = [f"prace/{round_}" for round_ in range(PROCESS_ROUNDS)]
         outcomes = self._workers("create", url, options, keys=keys, size=PROCESS_PAYLOAD)
         self._check_create_race(backend, outcomes, PROCESS_ROUNDS, PROCESS_PAYLOAD, "prace")
@@ -119,11 +163,14 @@ class RaceConformance:
             )
 
     def test_compare_and_swap_race_threads(self, backend: Backend) -> None:
-        if not backend.capabilities.compare_and_swap:
-            pytest.skip(
-                "capability compare_and_swap is False (refusal is in test_compare_and_swap)"
-            )
         run(backend.write("cas/race", b"start"))
+        if not backend.capabilities.compare_and_swap:
+            outcomes = self._race_refusals(
+                lambda worker: backend.write("cas/race", b"%d" % worker, if_version="any")
+            )
+            assert outcomes == ["refused"] * THREADS, outcomes
+            assert run(backend.read("cas/race")) == b"start"
+            return
         barrier = threading.Barrier(CAS_THREADS)
         outcomes: list[list[str]] = [[] for _ in range(CAS_THREADS)]
 
@@ -163,14 +210,16 @@ class RaceConformance:
     def test_compare_and_swap_race_processes(
         self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
     ) -> None:
-        if not backend.capabilities.compare_and_swap:
-            pytest.skip(
-                "capability compare_and_swap is False (refusal is in test_compare_and_swap)"
-            )
         if not self.shared_across_processes:
-            pytest.skip("store is process-local: other processes cannot see it")
+            self._check_isolated_from_other_processes(backend, backend_url)
+            return
         run(backend.write("cas/prace", b"start"))
         url, options = backend_url
+        if not backend.capabilities.compare_and_swap:
+            records = self._workers("cas", url, options, key="cas/prace", rounds=1)
+            assert [r[0][2] for r in records] == ["refused"] * PROCESSES, records
+            assert run(backend.read("cas/prace")) == b"start"
+            return
         records = self._workers("cas", url, options, key="cas/prace", rounds=PROCESS_ROUNDS)
         previous = b"start"
         for round_ in range(PROCESS_ROUNDS):

@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["RaceWorkerError", "race_payload", "run_workers"]
+__all__ = ["RaceWorkerError", "exists_in_other_process", "race_payload", "run_workers"]
 
 # Longest wait for all workers at one barrier, and for their results.
 BARRIER_TIMEOUT_S = 120.0
@@ -153,7 +153,7 @@ def _barrier() -> None:
 def _create_job(backend: Any, job: Mapping[str, Any]) -> list[str]:
     """Race ``create`` on each key; per key ``won``/``lost``/``error: ...``."""
     from partialstore._aio import run
-    from partialstore.errors import AlreadyExistsError
+    from partialstore.errors import AlreadyExistsError, UnsupportedOperationError
 
     records: list[str] = []
     for round_, key in enumerate(job["keys"]):
@@ -164,6 +164,8 @@ def _create_job(backend: Any, job: Mapping[str, Any]) -> list[str]:
             records.append("won")
         except AlreadyExistsError:
             records.append("lost")
+        except UnsupportedOperationError:
+            records.append("refused")
         except Exception as exc:  # reported to the parent, which fails the test
             records.append(f"error: {exc!r}")
     return records
@@ -172,12 +174,16 @@ def _create_job(backend: Any, job: Mapping[str, Any]) -> list[str]:
 def _cas_job(backend: Any, job: Mapping[str, Any]) -> list[tuple[int, str, str]]:
     """Race versioned writes on one key; per round ``(round, sha256 read, outcome)``."""
     from partialstore._aio import run
-    from partialstore.errors import ConflictError
+    from partialstore.errors import ConflictError, UnsupportedOperationError
 
     records: list[tuple[int, str, str]] = []
     for round_ in range(job["rounds"]):
         _barrier()
-        data, version = run(backend.read_versioned(job["key"]))
+        try:
+            data, version = run(backend.read_versioned(job["key"]))
+        except UnsupportedOperationError:
+            # No compare-and-swap: the conditional write below must be refused too.
+            data, version = b"", "unsupported"
         # Everyone holds the same version before anyone writes.
         _barrier()
         payload = race_payload(job["worker"], round_, 4096)
@@ -186,10 +192,37 @@ def _cas_job(backend: Any, job: Mapping[str, Any]) -> list[tuple[int, str, str]]
             outcome = "won"
         except ConflictError:
             outcome = "lost"
+        except UnsupportedOperationError:
+            outcome = "refused"
         except Exception as exc:  # reported to the parent, which fails the test
             outcome = f"error: {exc!r}"
         records.append((round_, hashlib.sha256(data).hexdigest(), outcome))
     return records
+
+
+def exists_in_other_process(url: str, storage_options: Mapping[str, Any], key: str) -> bool:
+    """Whether a fresh process that opens ``url`` sees ``key`` (for process-local stores).
+
+    Example::
+
+        exists_in_other_process("memory://x", {}, "k")  # False: memory is per process
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "partialstore.testing.race_workers"],
+        input=_encode({"kind": "exists", "url": url, "options": dict(storage_options), "key": key})
+        + "\n",
+        capture_output=True,
+        text=True,
+        timeout=BARRIER_TIMEOUT_S,
+        check=False,
+    )
+    for line in proc.stdout.splitlines():
+        head, _, rest = line.partition(" ")
+        if head == "result":
+            return bool(_decode(rest))
+        if head == "error":
+            raise RaceWorkerError(f"exists worker failed:\n{_decode(rest)}")
+    raise RaceWorkerError(f"exists worker exited (code {proc.returncode}) without a result")
 
 
 def main() -> None:
@@ -200,7 +233,10 @@ def main() -> None:
 
         job = _decode(sys.stdin.readline())
         backend = registry.open_backend(job["url"], job["options"])
-        records = (_create_job if job["kind"] == "create" else _cas_job)(backend, job)
+        if job["kind"] == "exists":
+            records: Any = run(backend.exists(job["key"]))
+        else:
+            records = (_create_job if job["kind"] == "create" else _cas_job)(backend, job)
         run(backend.close())
         print("result " + _encode(records), flush=True)
     except BaseException:
