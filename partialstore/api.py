@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from partialstore import _aio, finalizing, loading, ordering, saving
+from partialstore import _aio, finalizing, loading, multihost, ordering, saving
 from partialstore.location import Location, resolve
 from partialstore.ordering import AsyncResponse
 
@@ -35,9 +35,11 @@ def _start_save(
     saving.check_writable(location)
     snap = saving.snapshot(state, custom_metadata, copy=copy)
     _aio.run(saving.raise_if_finalized(location))
+    # Taken in call order, so every process of a JAX job names the same operation.
+    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
 
     async def commit() -> None:
-        await saving.commit_save(location, snap)
+        await saving.commit_save(location, snap, op=op)
 
     return ordering.schedule(_queue_key(location), commit)
 
@@ -121,6 +123,12 @@ def save(
     ``float``, ``bool``, ``str`` and ``None``; containers are dicts, lists,
     tuples, NamedTuples and registered pytree nodes, empty ones included.
 
+    In a multi-process JAX job (``jax.distributed`` initialized), every
+    process calls ``save`` with the same global tree, path and order: each
+    writes only the shards of global ``jax.Array`` leaves that it owns, the
+    primary process writes everything else and commits, and all return (or
+    raise) together. :func:`finalize` is then called by every process too.
+
     Args, Raises: as :func:`save_async`, and whatever the save itself raised
     (e.g. :class:`~partialstore.errors.CheckpointFinalizedError` if a concurrent
     finalize sealed the session first: the save is then not in the checkpoint).
@@ -138,7 +146,8 @@ def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None
     store has one, by an exclusive create of ``<path>/partialstore.json``
     where it has not. No array byte is copied or moved, so finalize costs the
     same for 1 MB or 1 TB. Killed at any instant, running it again completes
-    the same checkpoint.
+    the same checkpoint. In a multi-process JAX job every process calls it;
+    the primary finalizes and the others wait and return or raise as it did.
 
     Example::
 
@@ -155,12 +164,29 @@ def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None
     location = resolve(path, storage_options)
     saving.check_writable(location)
     key = _queue_key(location)
+    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
 
     async def run() -> None:
         ordering.raise_unobserved_failures(key)
-        await finalizing.finalize(location)
+        if op is None:
+            await finalizing.finalize(location)
+        else:
+            await _finalize_collective(location, op)
 
     ordering.schedule(key, run, track=False).result()
+
+
+async def _finalize_collective(location: Location, op: str) -> None:
+    """Finalize on the primary only; every process returns or raises as it did."""
+    if not multihost.is_primary():
+        multihost.decode_outcome(await multihost.broadcast(f"{op}/outcome", None), "Finalize")
+        return
+    try:
+        await finalizing.finalize(location)
+    except Exception as error:
+        await multihost.broadcast(f"{op}/outcome", multihost.encode_outcome(error))
+        raise
+    await multihost.broadcast(f"{op}/outcome", multihost.encode_outcome(None))
 
 
 def load(

@@ -12,6 +12,9 @@ chosen by size:
   zarr3 ``crc32c`` checksum, so zarr3 readers open them without
   partialstore: TensorStore reads every dtype; zarr-python 3.1.6 reads the
   numpy dtypes but not bfloat16/float8 (no such zarr data types there yet).
+  A ``jax.Array`` sharded across the processes of a JAX job is always
+  zarr3, with chunks that tile its shards; each process writes its own
+  shards (see :mod:`partialstore.multihost`).
 - **packed** (leaves below :data:`PACK_THRESHOLD`, 1 MiB): copied into a few
   ``packed-NNNN.bin`` objects with one write each; see
   :mod:`partialstore.packing`.
@@ -77,6 +80,7 @@ from partialstore.descriptors import (
 )
 from partialstore.dtypes import check_array_supported, dtype_from_name, dtype_name
 from partialstore.errors import CorruptCheckpointError, NotFoundError
+from partialstore.multihost import ShardedArray
 
 __all__ = [
     "CHUNK_BYTES",
@@ -124,12 +128,13 @@ async def write_arrays(
     backend: Backend,
     root: str,
     save_dir: str,
-    arrays: Sequence[np.ndarray],
+    arrays: Sequence[np.ndarray | ShardedArray],
     *,
     pack_threshold: int = PACK_THRESHOLD,
     chunk_bytes: int = CHUNK_BYTES,
     pack_bytes: int = PACK_BYTES,
     checksum: bool = True,
+    primary: bool = True,
 ) -> list[dict[str, Any]]:
     """Write every array of one save under ``join_key(root, save_dir)``; return descriptors.
 
@@ -153,6 +158,12 @@ async def write_arrays(
       pack_bytes: split packs at about this size.
       checksum: add zarr3's ``crc32c`` codec to every chunk (packed leaves
         always carry a CRC-32C).
+      primary: whether this is the primary process of a multi-process save
+        (see :mod:`partialstore.multihost`). :class:`ShardedArray` entries
+        (one process's shards of a global array) always become zarr3 arrays,
+        written by every process; numpy arrays and ``zarr.json`` files are
+        written only by the primary, so the others return only the
+        descriptors of their ``ShardedArray`` entries.
 
     Returns:
       One JSON-serializable descriptor per array, in order, with paths relative to ``root``.
@@ -164,18 +175,24 @@ async def write_arrays(
     """
     save_dir = check_save_dir(save_dir)
     for array in arrays:
-        check_array_supported(array)
+        check_array_supported(array.probe() if isinstance(array, ShardedArray) else array)
     descriptors: list[dict[str, Any] | None] = [None] * len(arrays)
     semaphore = asyncio.Semaphore(BACKEND_CONCURRENCY)
     # A fresh context is a private in-memory kvstore, used only by backends
     # without a TensorStore kvstore; creating it allocates nothing.
     memory = ts.Context()
 
-    small = [(i, a.nbytes) for i, a in enumerate(arrays) if a.nbytes < pack_threshold]
+    # Shards are never packed: every process writes its own into one zarr3 array.
+    small = [
+        (i, a.nbytes)
+        for i, a in enumerate(arrays)
+        if a.nbytes < pack_threshold and not isinstance(a, ShardedArray)
+    ]
     jobs: list[Awaitable[None]] = []
     for number, members in enumerate(packing.plan_packs(small, pack_bytes)):
-        path = join_key(save_dir, f"packed-{number:04d}.bin")
-        jobs.append(_write_pack(backend, root, path, arrays, members, descriptors))
+        if primary:
+            path = join_key(save_dir, f"packed-{number:04d}.bin")
+            jobs.append(_write_pack(backend, root, path, arrays, members, descriptors))
 
     async def write_large(i: int) -> None:
         descriptors[i] = await zarr3.write_array(
@@ -187,10 +204,15 @@ async def write_arrays(
             chunk_bytes=chunk_bytes,
             checksum=checksum,
             semaphore=semaphore,
+            primary=primary,
         )
 
     packed_ids = {i for i, _ in small}
-    jobs.extend(write_large(i) for i in range(len(arrays)) if i not in packed_ids)
+    jobs.extend(
+        write_large(i)
+        for i in range(len(arrays))
+        if i not in packed_ids and (primary or isinstance(arrays[i], ShardedArray))
+    )
     await zarr3.gather(jobs)
     return [d for d in descriptors if d is not None]
 
@@ -199,7 +221,7 @@ async def _write_pack(
     backend: Backend,
     root: str,
     path: str,
-    arrays: Sequence[np.ndarray],
+    arrays: Sequence[Any],
     members: list[packing.PackMember],
     descriptors: list[dict[str, Any] | None],
 ) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "decode_value",
     "encode_inline",
     "fallback_leaf_kind",
+    "is_sharded_across_processes",
     "snapshot",
     "start_host_copy",
     "type_name",
@@ -136,14 +137,6 @@ def _check_jax_array(obj: jax.Array, path: KeyPath) -> None:
         )
     if obj.is_deleted():
         raise _unsupported(path, obj, "the array has been deleted or donated.")
-    if not obj.is_fully_addressable and not obj.is_fully_replicated:
-        raise _unsupported(
-            path,
-            obj,
-            "the array is sharded across processes and this process holds only part of it; "
-            "flatten() snapshots whole arrays, so only fully addressable or fully "
-            "replicated arrays are supported here.",
-        )
     problem = check_dtype(obj.dtype)
     if problem is not None:
         raise _unsupported(path, obj, problem)
@@ -237,6 +230,15 @@ def fallback_leaf_kind(obj: Any, path: KeyPath) -> str:
         "supported leaves are arrays, numpy/Python scalars, str and None; "
         "register container classes with jax.tree_util.",
     )
+
+
+def is_sharded_across_processes(obj: jax.Array) -> bool:
+    """Whether this process holds only part of ``obj`` (a multi-process global array).
+
+    Such a leaf is snapshotted as its owned shards
+    (:func:`partialstore.multihost.snapshot_shards`), not as one host array.
+    """
+    return not obj.is_fully_addressable and not obj.is_fully_replicated
 
 
 def start_host_copy(obj: jax.Array) -> None:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from partialstore import arrays, tree, txlog
+from partialstore import arrays, multihost, tree, txlog
 from partialstore.errors import (
     CheckpointFinalizedError,
     InvalidInputError,
@@ -71,9 +71,11 @@ def snapshot(state: Any, custom_metadata: Any, *, copy: bool) -> Snapshot:
     metadata = _check_custom_metadata(custom_metadata)
     leaves, nodes = tree.flatten(state, copy_arrays=copy)
     for leaf in leaves:
-        if leaf.array is not None:
+        if leaf.array is not None or leaf.shards is not None:
             try:
-                arrays.check_array_supported(leaf.array)
+                arrays.check_array_supported(
+                    leaf.array if leaf.array is not None else leaf.shards.probe()
+                )
             except UnsupportedLeafError as error:
                 raise UnsupportedLeafError(
                     f"Leaf {tree.format_path(leaf.path)} cannot be saved: {error}"
@@ -120,18 +122,51 @@ def _leaf_entry(leaf: tree.Leaf, descriptor: dict[str, Any] | None) -> dict[str,
     return entry
 
 
-async def commit_save(location: Location, snap: Snapshot) -> int:
+async def commit_save(location: Location, snap: Snapshot, *, op: str | None = None) -> int:
     """Write ``snap``'s arrays under a fresh save directory, then append its log record.
 
-    Returns the log number of the committed record.
+    Returns the log number of the committed record. ``op`` is set in a
+    multi-process JAX job (:func:`partialstore.multihost.next_op`): every
+    process writes its shards into the save directory the primary names,
+    the primary appends the record once all have written, and every process
+    returns the same number or raises.
 
     Raises:
       CheckpointFinalizedError: the session was finalized before this save committed;
         its data is removed and it is not part of the checkpoint.
     """
-    save_id = uuid.uuid4().hex
+    if op is None:
+        return await _commit(location, snap, uuid.uuid4().hex, None)
+    primary = multihost.is_primary()
+    save_id = await multihost.broadcast(f"{op}/save_id", uuid.uuid4().hex if primary else None)
+    if not primary:
+        return await _commit_secondary(location, snap, save_id, op)
     try:
-        number = await _write_and_append(location, snap, save_id)
+        number = await _commit(location, snap, save_id, op)
+    except Exception as error:
+        await multihost.broadcast(f"{op}/outcome", multihost.encode_outcome(error))
+        raise
+    await multihost.broadcast(f"{op}/outcome", multihost.encode_outcome(None, str(number)))
+    return number
+
+
+async def _commit_secondary(location: Location, snap: Snapshot, save_id: str, op: str) -> int:
+    """A non-primary process's part: write its shards, report, wait for the primary."""
+    own: Exception | None = None
+    try:
+        await _write_data(location, snap, save_id, primary=False)
+    except Exception as error:
+        own = error
+    await multihost.gather_to_primary(f"{op}/wrote", multihost.encode_outcome(own))
+    outcome = await multihost.broadcast(f"{op}/outcome", None)
+    if own is not None:
+        raise own
+    return int(multihost.decode_outcome(outcome, "The save"))
+
+
+async def _commit(location: Location, snap: Snapshot, save_id: str, op: str | None) -> int:
+    try:
+        number = await _write_and_append(location, snap, save_id, op)
     except CheckpointFinalizedError:
         # Its data stays: if our create landed but its response was lost, the
         # record may be in the checkpoint after all. gc removes it otherwise.
@@ -160,14 +195,33 @@ def _finalized_in_flight(location: Location) -> CheckpointFinalizedError:
     )
 
 
-async def _write_and_append(location: Location, snap: Snapshot, save_id: str) -> int:
-    backend = location.backend
-    data_dir = location.data_dir(save_id)
-    with_arrays = [leaf for leaf in snap.leaves if leaf.array is not None]
+async def _write_data(
+    location: Location, snap: Snapshot, save_id: str, *, primary: bool = True
+) -> dict[int, dict[str, Any]]:
+    """Write the arrays this process owns; return descriptors by ``id(leaf)`` (primary only)."""
+    with_arrays = [leaf for leaf in snap.leaves if leaf.data is not None]
     descriptors = await arrays.write_arrays(
-        backend, location.staging_prefix, data_dir, [leaf.array for leaf in with_arrays]
+        location.backend,
+        location.staging_prefix,
+        location.data_dir(save_id),
+        [leaf.data for leaf in with_arrays],
+        primary=primary,
     )
-    by_leaf = {id(leaf): d for leaf, d in zip(with_arrays, descriptors, strict=True)}
+    if not primary:
+        return {}
+    return {id(leaf): d for leaf, d in zip(with_arrays, descriptors, strict=True)}
+
+
+async def _write_and_append(
+    location: Location, snap: Snapshot, save_id: str, op: str | None
+) -> int:
+    backend = location.backend
+    by_leaf = await _write_data(location, snap, save_id)
+    if op is not None:
+        # Every process must have written its shards before the record exists.
+        statuses = await multihost.gather_to_primary(f"{op}/wrote", multihost.encode_outcome(None))
+        for status in statuses or []:
+            multihost.decode_outcome(status, "Writing the save's shards")
     crash_point("save.after_data")
     record = {
         "kind": "save",

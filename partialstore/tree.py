@@ -57,11 +57,13 @@ from partialstore.leaves import (
     decode_value,
     encode_inline,
     fallback_leaf_kind,
+    is_sharded_across_processes,
     snapshot,
     start_host_copy,
     type_name,
     value_from_array,
 )
+from partialstore.multihost import ShardedArray, snapshot_shards
 
 __all__ = [
     "ARRAY_KINDS",
@@ -98,6 +100,8 @@ class Leaf:
 
     ``array`` holds the host snapshot for the array kinds (a 0-d array for
     ``"np_scalar"``) and ``value`` the Python value for the inline kinds.
+    A ``jax.Array`` sharded across the processes of a multi-process job has
+    no ``array``; ``shards`` holds the shards this process writes instead.
     Compared by identity, since arrays have no single truth value.
     """
 
@@ -106,16 +110,24 @@ class Leaf:
     array: np.ndarray | None
     value: int | float | bool | str | None
     sharding: Any = None
+    shards: ShardedArray | None = None
+
+    @property
+    def data(self) -> np.ndarray | ShardedArray | None:
+        """What is written for an array leaf: ``array``, or this process's ``shards``."""
+        return self.array if self.array is not None else self.shards
 
     @property
     def shape(self) -> tuple[int, ...] | None:
-        """Shape of the snapshot, or ``None`` for inline kinds."""
-        return None if self.array is None else tuple(self.array.shape)
+        """Shape of the (global) array, or ``None`` for inline kinds."""
+        data = self.data
+        return None if data is None else tuple(data.shape)
 
     @property
     def dtype(self) -> np.dtype | None:
-        """Dtype of the snapshot, or ``None`` for inline kinds."""
-        return None if self.array is None else self.array.dtype
+        """Dtype of the array, or ``None`` for inline kinds."""
+        data = self.data
+        return None if data is None else data.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +254,9 @@ def flatten(state: Any, *, copy_arrays: bool = True) -> tuple[list[Leaf], list[N
     transfers are started for all arrays before waiting on any); NumPy arrays
     are copied unless ``copy_arrays=False`` (then the caller must not mutate
     them until the save is done; host-resident jax arrays are then viewed,
-    not copied); numpy scalars become fresh 0-d arrays.
+    not copied); numpy scalars become fresh 0-d arrays. A ``jax.Array``
+    sharded across processes keeps only the shards this process writes
+    (``Leaf.shards``).
 
     Example::
 
@@ -263,6 +277,10 @@ def flatten(state: Any, *, copy_arrays: bool = True) -> tuple[list[Leaf], list[N
             start_host_copy(obj)
     leaves: list[Leaf] = []
     for path, kind, obj in pending:
+        if kind == "jax_array" and is_sharded_across_processes(obj):
+            shards = snapshot_shards(obj, copy_arrays)
+            leaves.append(Leaf(path, kind, None, None, obj.sharding, shards))
+            continue
         array, value = snapshot(kind, obj, copy_arrays)
         sharding = obj.sharding if kind == "jax_array" else None
         leaves.append(Leaf(path, kind, array, value, sharding))

@@ -41,6 +41,7 @@ from partialstore.errors import (
     NotFoundError,
     TransientBackendError,
 )
+from partialstore.multihost import ShardedArray, shard_chunks
 
 __all__ = ["choose_chunks", "gather", "read_array_group", "write_array"]
 
@@ -156,21 +157,32 @@ async def write_array(
     backend: Backend,
     root: str,
     path: str,
-    array: np.ndarray,
+    array: np.ndarray | ShardedArray,
     *,
     memory: ts.Context | None,
     chunk_bytes: int,
     checksum: bool,
     semaphore: asyncio.Semaphore,
+    primary: bool = True,
 ) -> dict[str, Any]:
     """Write ``array`` as the zarr3 array ``<root>/<path>`` and return its descriptor.
 
     ``memory`` is the caller's private in-memory context, used when the
-    backend has no kvstore (shared by the arrays of one save).
+    backend has no kvstore (shared by the arrays of one save). A
+    :class:`~partialstore.multihost.ShardedArray` is one process's part of a
+    global array: its chunks tile every shard, only its own shards are
+    written, and only the ``primary`` process writes ``zarr.json`` (the
+    others assume the same metadata instead of reading it, so no process
+    waits for another).
     """
     logical = dtype_name(array.dtype)
     storage = storage_dtype_name(logical)
-    chunks = choose_chunks(array.shape, array.dtype.itemsize, chunk_bytes)
+    if isinstance(array, ShardedArray):
+        chunks = shard_chunks(array, chunk_bytes)
+        parts = [(box, _store_view(data, storage)) for box, data in array.shards]
+    else:
+        chunks = choose_chunks(array.shape, array.dtype.itemsize, chunk_bytes)
+        parts = [(None, _store_view(array, storage))]
     kvstore = backend_kvstore(backend, join_key(root, path))
     via_backend = kvstore is None
     if kvstore is None:
@@ -185,18 +197,25 @@ async def write_array(
         "store_data_equal_to_fill_value": True,
     }
     action = f"Writing a {logical}{list(array.shape)} array to {join_key(root, path)!r}"
+    # A private memory kvstore is empty, so every process may create there.
+    creates = primary or via_backend
     try:
-        store = await ts.open(spec, create=True, context=context)
+        if creates:
+            store = await ts.open(spec, create=True, context=context)
+        else:
+            store = await ts.open(spec, open=True, assume_metadata=True, context=context)
         # Let TensorStore encode straight from the caller's buffer instead of
         # first copying it into its chunk cache: 0.25 vs 0.17 GiB/s for a
         # 256 MiB array on this VM. Safe because write_arrays' caller keeps the
         # arrays unchanged until it returns, and the store (with the default
         # zero-byte cache pool) is dropped when this function returns.
-        await store.write(_store_view(array, storage), can_reference_source_data_indefinitely=True)
+        for box, data in parts:
+            target = store if box is None else store[tuple(slice(lo, hi) for lo, hi in box)]
+            await target.write(data, can_reference_source_data_indefinitely=True)
     except ValueError as error:
         raise ts_error(error, action, reading=False) from None
     if via_backend:
-        await _move_to_backend(backend, root, path, context, semaphore)
+        await _move_to_backend(backend, root, path, context, semaphore, metadata=primary)
     return {
         "format": FORMAT_ZARR3,
         "path": path,
@@ -209,11 +228,23 @@ async def write_array(
 
 
 async def _move_to_backend(
-    backend: Backend, root: str, path: str, context: ts.Context, semaphore: asyncio.Semaphore
+    backend: Backend,
+    root: str,
+    path: str,
+    context: ts.Context,
+    semaphore: asyncio.Semaphore,
+    *,
+    metadata: bool = True,
 ) -> None:
-    """Move every key TensorStore wrote under ``path`` in memory to the backend."""
+    """Move every key TensorStore wrote under ``path`` in memory to the backend.
+
+    Without ``metadata``, ``zarr.json`` is dropped: another process writes it.
+    """
     memory = await ts.KvStore.open({"driver": "memory", "path": f"{path}/"}, context=context)
     keys = [key.decode() for key in await memory.list()]
+    if not metadata:
+        await memory.delete_range(ts.KvStore.KeyRange("zarr.json", "zarr.json\x00"))
+        keys = [key for key in keys if key != "zarr.json"]
 
     async def move(key: str) -> None:
         async with semaphore:
