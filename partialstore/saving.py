@@ -24,6 +24,7 @@ from partialstore import arrays, multihost, tree, txlog
 from partialstore.errors import (
     CheckpointFinalizedError,
     InvalidInputError,
+    NotFoundError,
     UnsupportedLeafError,
     UnsupportedOperationError,
 )
@@ -133,7 +134,7 @@ async def commit_save(location: Location, snap: Snapshot, *, op: str | None = No
 
     Raises:
       CheckpointFinalizedError: the session was finalized before this save committed;
-        its data is removed and it is not part of the checkpoint.
+        it is not part of the checkpoint and its data is removed.
     """
     if op is None:
         return await _commit(location, snap, uuid.uuid4().hex, None)
@@ -168,8 +169,7 @@ async def _commit(location: Location, snap: Snapshot, save_id: str, op: str | No
     try:
         number = await _write_and_append(location, snap, save_id, op)
     except CheckpointFinalizedError:
-        # Its data stays: if our create landed but its response was lost, the
-        # record may be in the checkpoint after all. gc removes it otherwise.
+        await _drop_data_unless_committed(location, save_id)
         raise
     except Exception as error:
         # With rename, a finalize may move the session away while this save
@@ -186,6 +186,23 @@ async def _commit(location: Location, snap: Snapshot, save_id: str, op: str | No
         await drop_stray_staging(location)
         raise _finalized_in_flight(location)
     return number
+
+
+async def _drop_data_unless_committed(location: Location, save_id: str) -> None:
+    """Delete a save's data after it lost to the seal, unless its record made it in.
+
+    A create whose response was lost may have landed before the seal (the
+    HTTP client retries and then reports "exists"), so look: the log is
+    sealed, hence final, and this only runs on the failure path.
+    """
+    try:
+        entries = await txlog.read_all(location.backend, location.log_prefix)
+    except NotFoundError:
+        return  # renamed away by the finalize; gc of the checkpoint handles it
+    if all(entry.record.get("save_id") != save_id for entry in entries):
+        await location.backend.delete_prefix(
+            f"{location.staging_prefix}/{location.data_dir(save_id)}"
+        )
 
 
 def _finalized_in_flight(location: Location) -> CheckpointFinalizedError:
