@@ -59,6 +59,7 @@ from typing import Any
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 from partialstore.backends import local
+from partialstore.backends._options import pop_single_writer
 
 from partialstore.backend import Backend, Capabilities, validate_key
 from partialstore.errors import (
@@ -120,11 +121,7 @@ class FsspecBackend(Backend):
         fs: fsspec.AbstractFileSystem | None = None,
     ) -> None:
         options = dict(storage_options)
-        single_writer = options.pop("single_writer", False)
-        if not isinstance(single_writer, bool):
-            raise InvalidInputError(
-                f"storage option single_writer must be a bool, got {single_writer!r}."
-            )
+        single_writer = pop_single_writer(options)
         if fs is None:
             try:
                 fs, root = fsspec.core.url_to_fs(url, **options)

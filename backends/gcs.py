@@ -62,17 +62,14 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Mapping
 from typing import Any
 
-from partialstore.backends._fsspec_async import on_loop
+from partialstore.backends._bucket import BucketBackend
 
-from partialstore.backend import Backend, Capabilities, join_key, validate_key
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
     ConflictError,
-    InvalidInputError,
     NotFoundError,
     TransientBackendError,
 )
@@ -156,20 +153,6 @@ def map_gcs_error(err: BaseException, action: str, where: str) -> Exception:
     return BackendError(f"{action.capitalize()} {where} failed ({detail}).")
 
 
-def _split_url(url: str) -> tuple[str, str]:
-    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in ("gs", "gcs"):
-        raise InvalidInputError(f"GCSBackend needs a gs://bucket[/prefix] URL, got {url!r}.")
-    rest = rest.rstrip("/")
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise InvalidInputError(f"GCS URL {url!r} has no bucket name.")
-    prefix = prefix.strip("/")
-    validate_key(prefix, allow_empty=True)
-    return bucket, prefix
-
-
 def _normalize_endpoint(url: str | None) -> str | None:
     if not url or url == "default":
         return None
@@ -177,7 +160,7 @@ def _normalize_endpoint(url: str | None) -> str | None:
     return url if url.startswith(("http://", "https://")) else f"http://{url}"
 
 
-class GCSBackend(Backend):
+class GCSBackend(BucketBackend):
     """Backend over one GCS bucket and prefix.
 
     Args:
@@ -191,49 +174,26 @@ class GCSBackend(Backend):
         await backend.create("log/00000001.json", b"{}")
     """
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        # The plain class, not gcsfs.GCSFileSystem: see the module docstring.
-        from gcsfs.core import GCSFileSystem
-
-        self.url = url
-        self.bucket, self.root = _split_url(url)
-        options = dict(storage_options or {})
-        single_writer = options.pop("single_writer", False)
-        if not isinstance(single_writer, bool):
-            raise InvalidInputError(
-                f"storage option single_writer must be a bool, got {single_writer!r}."
-            )
-        self.single_writer = single_writer
-        options.pop("skip_instance_cache", None)
-        options.pop("asynchronous", None)
-        self._options = options
-        try:
-            self._fs = GCSFileSystem(skip_instance_cache=True, **options)
-        except (TypeError, ValueError) as err:
-            raise InvalidInputError(f"Bad storage_options for {url}: {err}") from err
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(atomic_create=True, atomic_rename=False, compare_and_swap=True)
+    _schemes = ("gs", "gcs")
+    _url_scheme = "gs"
+    _url_form = "a gs://bucket[/prefix]"
+    _service = "GCS"
+    _bad_option_errors = (TypeError, ValueError)
 
     # -- plumbing -----------------------------------------------------------------
 
-    def _key(self, key: str) -> str:
-        return join_key(self.root, validate_key(key))
+    def _make_fs(self, options: dict[str, Any]) -> Any:
+        # The plain class, not gcsfs.GCSFileSystem: see the module docstring.
+        from gcsfs.core import GCSFileSystem
 
-    def _dir(self, prefix: str) -> str:
-        full = join_key(self.root, validate_key(prefix, allow_empty=True))
-        return f"{full}/" if full else ""
+        return GCSFileSystem(skip_instance_cache=True, **options)
 
-    def _where(self, key: str) -> str:
-        return f"gs://{self.bucket}/{key}"
-
-    def _relative(self, full: str) -> str:
-        return full[len(self.root) + 1 :] if self.root else full
+    def _map_error(self, err: BaseException, action: str, where: str) -> Exception:
+        return map_gcs_error(err, action, where)
 
     async def _call(self, method: str, path: str, *args: str, **kwargs: Any) -> Any:
         fs = self._fs
-        return await on_loop(fs.loop, lambda: fs._call(method, path, *args, **kwargs))
+        return await self._on_fs(lambda: fs._call(method, path, *args, **kwargs))
 
     # -- writes -------------------------------------------------------------------
 
@@ -250,15 +210,7 @@ class GCSBackend(Backend):
                 ) from err
             raise map_gcs_error(err, "create", self._where(full)) from err
 
-    async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
-        full = self._key(key)
-        fs = self._fs
-        if if_version is None:
-            try:
-                await on_loop(fs.loop, lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
-            except Exception as err:
-                raise map_gcs_error(err, "write", self._where(full)) from err
-            return
+    async def _write_if(self, full: str, data: bytes, if_version: str) -> None:
         if not str(if_version).isdigit():
             raise ConflictError(
                 f"Conditional write of {self._where(full)}: {if_version!r} is not a GCS "
@@ -295,8 +247,7 @@ class GCSBackend(Backend):
         ).encode()
         body = head + bytes(data) + f"\r\n--{boundary}--".encode()
         url = f"{fs._location}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
-        return await on_loop(
-            fs.loop,
+        return await self._on_fs(
             lambda: fs._call(
                 "POST",
                 url,
@@ -314,49 +265,23 @@ class GCSBackend(Backend):
         fs = self._fs
         url = fs.url(f"{self.bucket}/{full}", generation=generation)
         headers = {"Range": range_header} if range_header else {}
-        _, data = await on_loop(fs.loop, lambda: fs._call("GET", url, headers=headers))
+        _, data = await self._on_fs(lambda: fs._call("GET", url, headers=headers))
         return bytes(data)
 
-    async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
-        full = self._key(key)
-        for name, value in (("start", start), ("end", end)):
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise InvalidInputError(f"Read {name} must be a non-negative int, got {value!r}.")
-        first = start or 0
-        if end is not None and end <= first:
-            if not await self.exists(key):
-                raise NotFoundError(f"Cannot read {self._where(full)}: no such object.")
-            return b""
-        range_header = None
-        if first or end is not None:
-            range_header = f"bytes={first}-{'' if end is None else end - 1}"
-        try:
-            return await self._get(full, range_header, None)
-        except Exception as err:
-            if range_header and _status(err) == 416:
-                return b""  # the range starts past the end: Python slicing gives b""
-            raise map_gcs_error(err, "read", self._where(full)) from err
+    async def _get_range(self, full: str, range_header: str | None) -> bytes:
+        return await self._get(full, range_header, None)
 
-    async def read_versioned(self, key: str) -> tuple[bytes, str]:
-        full = self._key(key)
-        try:
-            meta = await self._call("GET", "b/{}/o/{}", self.bucket, full, json_out=True)
-            generation = str(meta["generation"])
-            # Read exactly that generation, so data and version always agree.
-            return await self._get(full, None, generation), generation
-        except Exception as err:
-            raise map_gcs_error(err, "read", self._where(full)) from err
+    def _range_not_satisfiable(self, err: BaseException) -> bool:
+        return _status(err) == 416
 
-    async def exists(self, key: str) -> bool:
-        full = self._key(key)
-        try:
-            await self._call("GET", "b/{}/o/{}", self.bucket, full, fields="name")
-        except Exception as err:
-            mapped = map_gcs_error(err, "check existence of", self._where(full))
-            if isinstance(mapped, NotFoundError):
-                return False
-            raise mapped from err
-        return True
+    async def _read_versioned(self, full: str) -> tuple[bytes, str]:
+        meta = await self._call("GET", "b/{}/o/{}", self.bucket, full, json_out=True)
+        generation = str(meta["generation"])
+        # Read exactly that generation, so data and version always agree.
+        return await self._get(full, None, generation), generation
+
+    async def _head(self, full: str) -> None:
+        await self._call("GET", "b/{}/o/{}", self.bucket, full, fields="name")
 
     async def _list_raw(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[str]]:
         names: list[str] = []
@@ -371,35 +296,17 @@ class GCSBackend(Backend):
             try:
                 page = await self._call("GET", "b/{}/o", self.bucket, json_out=True, **params)
             except Exception as err:
-                raise map_gcs_error(err, "list", f"gs://{self.bucket}/{prefix}") from err
+                raise map_gcs_error(err, "list", self._where(prefix)) from err
             names.extend(item["name"] for item in page.get("items", ()))
             dirs.extend(page.get("prefixes", ()))
             token = page.get("nextPageToken")
             if not token:
                 return names, dirs
 
-    async def list(self, prefix: str = "") -> list[str]:
-        names, _ = await self._list_raw(self._dir(prefix), None)
-        # A name ending in "/" is a folder placeholder, not data.
-        return sorted(self._relative(n) for n in names if not n.endswith("/"))
-
-    async def list_children(self, prefix: str = "") -> list[str]:
-        base = self._dir(prefix)
-        names, dirs = await self._list_raw(base, "/")
-        children = {n[len(base) :] for n in names} | {d[len(base) :].rstrip("/") for d in dirs}
-        children.discard("")
-        return sorted(children)
-
     # -- deletes ------------------------------------------------------------------
 
-    async def delete(self, key: str) -> None:
-        full = self._key(key)
-        try:
-            await self._call("DELETE", "b/{}/o/{}", self.bucket, full)
-        except Exception as err:
-            mapped = map_gcs_error(err, "delete", self._where(full))
-            if not isinstance(mapped, NotFoundError):
-                raise mapped from err
+    async def _delete_object(self, full: str) -> None:
+        await self._call("DELETE", "b/{}/o/{}", self.bucket, full)
 
     async def delete_prefix(self, prefix: str) -> None:
         base = self._dir(prefix)
@@ -411,7 +318,7 @@ class GCSBackend(Backend):
             paths = [f"{self.bucket}/{n}" for n in names]
             batches = [paths[i : i + _DELETE_BATCH] for i in range(0, len(paths), _DELETE_BATCH)]
             results = await asyncio.gather(
-                *(on_loop(fs.loop, lambda b=b: fs._rm_files(b)) for b in batches)
+                *(self._on_fs(lambda b=b: fs._rm_files(b)) for b in batches)
             )
             failures = [
                 r
@@ -421,7 +328,7 @@ class GCSBackend(Backend):
             ]
             if failures:
                 raise BackendError(
-                    f"Deleting {len(failures)} objects under gs://{self.bucket}/{base} failed, "
+                    f"Deleting {len(failures)} objects under {self._where(base)} failed, "
                     f"e.g. {failures[0]}"
                 )
             return
@@ -490,4 +397,4 @@ class GCSBackend(Backend):
         fs = self._fs
         session = getattr(fs, "_session", None)
         if session is not None and not session.closed:
-            await on_loop(fs.loop, session.close)
+            await self._on_fs(session.close)

@@ -47,6 +47,8 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+from partialstore.backends._options import pop_single_writer, reject_options
+
 from partialstore.backend import Backend, Capabilities, validate_key
 from partialstore.errors import (
     AlreadyExistsError,
@@ -344,16 +346,8 @@ class LocalBackend(Backend):
 
     def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
         options = dict(storage_options)
-        single_writer = options.pop("single_writer", False)
-        if not isinstance(single_writer, bool):
-            raise InvalidInputError(
-                f"storage option single_writer must be a bool, got {single_writer!r}."
-            )
-        if options:
-            raise InvalidInputError(
-                f"LocalBackend takes no storage options besides single_writer, got "
-                f"{sorted(options)} for {url!r}."
-            )
+        single_writer = pop_single_writer(options)
+        reject_options(options, "LocalBackend", url)
         self.single_writer = single_writer
         self.url = url
         self.root = root_from_url(url)

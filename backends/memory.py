@@ -24,6 +24,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from partialstore.backends._options import pop_single_writer, reject_options
+
 from partialstore.backend import Backend, Capabilities, join_key, validate_key
 from partialstore.errors import (
     AlreadyExistsError,
@@ -44,16 +46,6 @@ _CAPABILITIES = Capabilities(
 )
 
 
-def _pop_single_writer(storage_options: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
-    options = dict(storage_options)
-    single_writer = options.pop("single_writer", False)
-    if not isinstance(single_writer, bool):
-        raise InvalidInputError(
-            f"storage option single_writer must be a bool, got {single_writer!r}."
-        )
-    return single_writer, options
-
-
 class MemoryBackend(Backend):
     """Backend over the process-wide memory store, rooted at ``memory://<root>``.
 
@@ -70,12 +62,9 @@ class MemoryBackend(Backend):
     def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
         if not url.startswith("memory://"):
             raise InvalidInputError(f"MemoryBackend needs a memory:// URL, got {url!r}.")
-        self.single_writer, options = _pop_single_writer(storage_options)
-        if options:
-            raise InvalidInputError(
-                f"MemoryBackend takes no storage options besides single_writer, got "
-                f"{sorted(options)} for {url!r}."
-            )
+        options = dict(storage_options)
+        self.single_writer = pop_single_writer(options)
+        reject_options(options, "MemoryBackend", url)
         self.url = url
         root = url[len("memory://") :].strip("/")
         if root:

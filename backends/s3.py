@@ -62,16 +62,13 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from partialstore.backends._fsspec_async import on_loop
+from partialstore.backends._bucket import BucketBackend
 from partialstore.backends._s3_errors import client_error_code, map_s3_error
 
-from partialstore.backend import Backend, Capabilities, join_key, validate_key
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
     ConflictError,
-    InvalidInputError,
-    NotFoundError,
     TransientBackendError,
 )
 
@@ -82,21 +79,7 @@ _DELETE_CONCURRENCY = 8
 _CONFLICT_RETRIES = 6
 
 
-def _split_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in ("s3", "s3a"):
-        raise InvalidInputError(f"S3Backend needs an s3://bucket[/prefix] URL, got {url!r}.")
-    rest = rest.rstrip("/")
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise InvalidInputError(f"S3 URL {url!r} has no bucket name.")
-    prefix = prefix.strip("/")
-    validate_key(prefix, allow_empty=True)
-    return bucket, prefix
-
-
-class S3Backend(Backend):
+class S3Backend(BucketBackend):
     """Backend over one S3 bucket and prefix.
 
     Args:
@@ -110,48 +93,29 @@ class S3Backend(Backend):
         await backend.create("log/00000001.json", b"{}")
     """
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        import s3fs
+    _schemes = ("s3", "s3a")
+    _url_scheme = "s3"
+    _url_form = "an s3://bucket[/prefix]"
+    _service = "S3"
 
-        self.url = url
-        self.bucket, self.root = _split_url(url)
-        options = dict(storage_options or {})
-        single_writer = options.pop("single_writer", False)
-        if not isinstance(single_writer, bool):
-            raise InvalidInputError(
-                f"storage option single_writer must be a bool, got {single_writer!r}."
-            )
-        self.single_writer = single_writer
-        options.pop("skip_instance_cache", None)
-        options.pop("asynchronous", None)
-        self._options = options
-        try:
-            self._fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-        except TypeError as err:
-            raise InvalidInputError(f"Bad storage_options for {url}: {err}") from err
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(url, storage_options)
         self._credentials_dir: str | None = None
         self._cleanup: weakref.finalize[Any, Any] | None = None
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(atomic_create=True, atomic_rename=False, compare_and_swap=True)
-
     # -- plumbing -----------------------------------------------------------------
 
-    def _key(self, key: str) -> str:
-        return join_key(self.root, validate_key(key))
+    def _make_fs(self, options: dict[str, Any]) -> Any:
+        import s3fs
 
-    def _dir(self, prefix: str) -> str:
-        """The S3 prefix (with trailing ``/``, or ``""`` for the bucket root) of ``prefix``."""
-        full = join_key(self.root, validate_key(prefix, allow_empty=True))
-        return f"{full}/" if full else ""
+        return s3fs.S3FileSystem(skip_instance_cache=True, **options)
 
-    def _where(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
+    def _map_error(self, err: BaseException, action: str, where: str) -> Exception:
+        return map_s3_error(err, action, where)
 
     async def _s3(self, method: str, **kwargs: Any) -> Any:
         fs = self._fs
-        return await on_loop(fs.loop, lambda: fs._call_s3(method, Bucket=self.bucket, **kwargs))
+        return await self._on_fs(lambda: fs._call_s3(method, Bucket=self.bucket, **kwargs))
 
     # -- writes -------------------------------------------------------------------
 
@@ -161,7 +125,7 @@ class S3Backend(Backend):
         path = f"{self.bucket}/{full}"
         for attempt in range(_CONFLICT_RETRIES):
             try:
-                await on_loop(fs.loop, lambda: fs._pipe_file(path, data, mode="create"))
+                await self._on_fs(lambda: fs._pipe_file(path, data, mode="create"))
                 return
             except Exception as err:
                 code = client_error_code(err)
@@ -182,15 +146,7 @@ class S3Backend(Backend):
             f"Creating {self._where(full)} kept conflicting with concurrent writers."
         )
 
-    async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
-        full = self._key(key)
-        fs = self._fs
-        if if_version is None:
-            try:
-                await on_loop(fs.loop, lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
-            except Exception as err:
-                raise map_s3_error(err, "write", self._where(full)) from err
-            return
+    async def _write_if(self, full: str, data: bytes, if_version: str) -> None:
         try:
             # One PUT (up to 5 GiB): If-Match is only honoured as a whole-request condition.
             await self._s3("put_object", Key=full, Body=data, IfMatch=if_version)
@@ -223,51 +179,22 @@ class S3Backend(Backend):
                 body.close()
             return data, str(resp.get("ETag", ""))
 
-        return await on_loop(fs.loop, get_and_read)
+        return await self._on_fs(get_and_read)
 
-    async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
-        full = self._key(key)
-        for name, value in (("start", start), ("end", end)):
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise InvalidInputError(f"Read {name} must be a non-negative int, got {value!r}.")
-        first = start or 0
-        if end is not None and end <= first:
-            if not await self.exists(key):
-                raise NotFoundError(f"Cannot read {self._where(full)}: no such object.")
-            return b""
-        range_header = None
-        if first or end is not None:
-            range_header = f"bytes={first}-{'' if end is None else end - 1}"
-        try:
-            data, _ = await self._get(full, range_header)
-        except Exception as err:
-            if range_header and client_error_code(err) in ("InvalidRange", "416"):
-                return b""  # the range starts past the end: Python slicing gives b""
-            raise map_s3_error(err, "read", self._where(full)) from err
+    async def _get_range(self, full: str, range_header: str | None) -> bytes:
+        data, _ = await self._get(full, range_header)
         return data
 
-    async def read_versioned(self, key: str) -> tuple[bytes, str]:
-        full = self._key(key)
-        try:
-            return await self._get(full, None)
-        except Exception as err:
-            raise map_s3_error(err, "read", self._where(full)) from err
+    def _range_not_satisfiable(self, err: BaseException) -> bool:
+        return client_error_code(err) in ("InvalidRange", "416")
 
-    async def exists(self, key: str) -> bool:
-        full = self._key(key)
-        try:
-            await self._s3("head_object", Key=full)
-        except Exception as err:
-            if client_error_code(err) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            mapped = map_s3_error(err, "check existence of", self._where(full))
-            if isinstance(mapped, NotFoundError):
-                return False
-            raise mapped from err
-        return True
+    async def _read_versioned(self, full: str) -> tuple[bytes, str]:
+        return await self._get(full, None)  # the ETag is the version
+
+    async def _head(self, full: str) -> None:
+        await self._s3("head_object", Key=full)
 
     async def _list_raw(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[str]]:
-        """All keys and common prefixes under the S3 prefix ``prefix``."""
         fs = self._fs
 
         async def pages() -> tuple[list[str], list[str]]:
@@ -285,35 +212,17 @@ class S3Backend(Backend):
             return keys, dirs
 
         try:
-            return await on_loop(fs.loop, pages)
+            return await self._on_fs(pages)
         except Exception as err:
-            raise map_s3_error(err, "list", f"s3://{self.bucket}/{prefix}") from err
-
-    def _relative(self, full: str) -> str:
-        return full[len(self.root) + 1 :] if self.root else full
-
-    async def list(self, prefix: str = "") -> list[str]:
-        keys, _ = await self._list_raw(self._dir(prefix), None)
-        # A key ending in "/" is a console-made "directory" placeholder, not data.
-        return sorted(self._relative(k) for k in keys if not k.endswith("/"))
-
-    async def list_children(self, prefix: str = "") -> list[str]:
-        base = self._dir(prefix)
-        keys, dirs = await self._list_raw(base, "/")
-        names = {k[len(base) :] for k in keys} | {d[len(base) :].rstrip("/") for d in dirs}
-        names.discard("")
-        return sorted(names)
+            raise map_s3_error(err, "list", self._where(prefix)) from err
 
     # -- deletes ------------------------------------------------------------------
 
-    async def delete(self, key: str) -> None:
-        full = self._key(key)
-        try:
-            await self._s3("delete_object", Key=full)
-        except Exception as err:
-            mapped = map_s3_error(err, "delete", self._where(full))
-            if not isinstance(mapped, NotFoundError) or client_error_code(err) == "NoSuchBucket":
-                raise mapped from err
+    async def _delete_object(self, full: str) -> None:
+        await self._s3("delete_object", Key=full)
+
+    def _missing_bucket(self, err: BaseException) -> bool:
+        return client_error_code(err) == "NoSuchBucket"
 
     async def delete_prefix(self, prefix: str) -> None:
         base = self._dir(prefix)
@@ -329,14 +238,12 @@ class S3Backend(Backend):
                         Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
                     )
                 except Exception as err:
-                    raise map_s3_error(
-                        err, "delete objects under", f"s3://{self.bucket}/{base}"
-                    ) from err
+                    raise map_s3_error(err, "delete objects under", self._where(base)) from err
                 errors = [e for e in out.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
                 if errors:
                     first = errors[0]
                     raise BackendError(
-                        f"Deleting {len(errors)} objects under s3://{self.bucket}/{base} failed, "
+                        f"Deleting {len(errors)} objects under {self._where(base)} failed, "
                         f"e.g. {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
                     )
 
@@ -438,6 +345,6 @@ class S3Backend(Backend):
         creator = getattr(fs, "_s3creator", None)
         if creator is not None and fs._s3 is not None:
             fs._s3 = None
-            await on_loop(fs.loop, lambda: creator.__aexit__(None, None, None))
+            await self._on_fs(lambda: creator.__aexit__(None, None, None))
         if self._cleanup is not None:
             self._cleanup()

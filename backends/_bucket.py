@@ -1,0 +1,239 @@
+"""What the S3 and GCS backends share: one bucket, one prefix, one fsspec filesystem.
+
+:class:`BucketBackend` holds the parts of an object-store backend that do
+not depend on the service: splitting ``scheme://bucket/prefix``, the storage
+options (``single_writer`` is partialstore's; the rest go to the fsspec
+filesystem, which each backend owns with ``skip_instance_cache=True`` so
+endpoints and credentials never leak between backends), mapping keys to
+object names, and the operations whose logic is the same on both services
+(ranged reads, ``exists``, listings, ``delete``, unconditional writes).
+Every call reaches the filesystem's loop thread through
+:mod:`partialstore.backends._fsspec_async`, so methods may be awaited from
+any event loop.
+
+A subclass supplies the service's requests and error mapping: the
+``_`` hooks below, plus ``create``, conditional writes, ``delete_prefix``,
+``kvstore_spec`` and ``close``.
+
+Example::
+
+    class MyBackend(BucketBackend):
+        _schemes = ("my",)
+        _url_scheme = "my"
+        _url_form = "a my://bucket[/prefix]"
+        _service = "My"
+        ...
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+from partialstore.backends._fsspec_async import on_loop
+from partialstore.backends._options import pop_single_writer
+
+from partialstore.backend import Backend, Capabilities, join_key, validate_key
+from partialstore.errors import InvalidInputError, NotFoundError
+
+__all__ = ["BucketBackend", "split_bucket_url"]
+
+T = TypeVar("T")
+
+
+def split_bucket_url(url: str, owner: type[BucketBackend]) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``, for a URL in one of ``owner``'s schemes.
+
+    Example::
+
+        split_bucket_url("gs://b/run1/", GCSBackend)  # ("b", "run1")
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in owner._schemes:
+        raise InvalidInputError(f"{owner.__name__} needs {owner._url_form} URL, got {url!r}.")
+    rest = rest.rstrip("/")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise InvalidInputError(f"{owner._service} URL {url!r} has no bucket name.")
+    prefix = prefix.strip("/")
+    validate_key(prefix, allow_empty=True)
+    return bucket, prefix
+
+
+class BucketBackend(Backend):
+    """Backend over one bucket and prefix of an object store reached through fsspec.
+
+    Args:
+      url: ``<scheme>://bucket[/prefix]``, the scheme one of ``_schemes``.
+      storage_options: the filesystem's options plus ``single_writer``.
+
+    Example::
+
+        backend = S3Backend("s3://bucket/run1", {"endpoint_url": "http://127.0.0.1:9000"})
+        await backend.read("log/00000001.json", start=0, end=2)
+    """
+
+    _schemes: ClassVar[tuple[str, ...]]  # accepted URL schemes, the canonical one first
+    _url_scheme: ClassVar[str]  # the scheme used in error messages
+    _url_form: ClassVar[str]  # "an s3://bucket[/prefix]", for errors
+    _service: ClassVar[str]  # "S3", "GCS"
+    # Exceptions the filesystem's constructor raises for bad options.
+    _bad_option_errors: ClassVar[tuple[type[Exception], ...]] = (TypeError,)
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        self.bucket, self.root = split_bucket_url(url, type(self))
+        options = dict(storage_options or {})
+        self.single_writer = pop_single_writer(options)
+        # The backend owns its filesystem and its loop thread: see the module docstring.
+        options.pop("skip_instance_cache", None)
+        options.pop("asynchronous", None)
+        self._options = options
+        try:
+            self._fs = self._make_fs(options)
+        except self._bad_option_errors as err:
+            raise InvalidInputError(f"Bad storage_options for {url}: {err}") from err
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(atomic_create=True, atomic_rename=False, compare_and_swap=True)
+
+    # -- hooks --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _make_fs(self, options: dict[str, Any]) -> Any:
+        """The fsspec filesystem, built with ``skip_instance_cache=True`` and ``options``."""
+
+    @abc.abstractmethod
+    def _map_error(self, err: BaseException, action: str, where: str) -> Exception:
+        """The service's failure ``err`` of ``action`` on ``where``, as partialstore's error."""
+
+    @abc.abstractmethod
+    async def _get_range(self, full: str, range_header: str | None) -> bytes:
+        """The bytes of object ``full`` (an HTTP ``Range`` header value, or all)."""
+
+    @abc.abstractmethod
+    def _range_not_satisfiable(self, err: BaseException) -> bool:
+        """Whether ``err`` is the service's answer to a range starting past the end."""
+
+    @abc.abstractmethod
+    async def _read_versioned(self, full: str) -> tuple[bytes, str]:
+        """Object ``full`` and the version token that ``write(if_version=...)`` takes."""
+
+    @abc.abstractmethod
+    async def _write_if(self, full: str, data: bytes, if_version: str) -> None:
+        """Replace ``full`` only if its version is ``if_version``, else :class:`ConflictError`."""
+
+    @abc.abstractmethod
+    async def _head(self, full: str) -> None:
+        """Ask for object ``full``'s metadata; raise the service's error if it is missing."""
+
+    @abc.abstractmethod
+    async def _delete_object(self, full: str) -> None:
+        """Delete object ``full`` (a missing object may raise the service's not-found)."""
+
+    @abc.abstractmethod
+    async def _list_raw(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[str]]:
+        """All object names and common prefixes under the object prefix ``prefix``."""
+
+    def _missing_bucket(self, err: BaseException) -> bool:
+        """Whether a not-found ``err`` of a delete means the bucket, not the object, is missing."""
+        return False
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        return join_key(self.root, validate_key(key))
+
+    def _dir(self, prefix: str) -> str:
+        """The object prefix (with trailing ``/``, or ``""`` for the bucket root) of ``prefix``."""
+        full = join_key(self.root, validate_key(prefix, allow_empty=True))
+        return f"{full}/" if full else ""
+
+    def _where(self, key: str) -> str:
+        return f"{self._url_scheme}://{self.bucket}/{key}"
+
+    def _relative(self, full: str) -> str:
+        return full[len(self.root) + 1 :] if self.root else full
+
+    async def _on_fs(self, coro_fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``coro_fn()`` on the filesystem's loop thread, awaited from any loop."""
+        return await on_loop(self._fs.loop, coro_fn)
+
+    # -- writes -------------------------------------------------------------------
+
+    async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
+        full = self._key(key)
+        if if_version is not None:
+            await self._write_if(full, data, if_version)
+            return
+        fs = self._fs
+        try:
+            # Both services replace an object atomically on a plain upload.
+            await self._on_fs(lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
+        except Exception as err:
+            raise self._map_error(err, "write", self._where(full)) from err
+
+    # -- reads --------------------------------------------------------------------
+
+    async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        full = self._key(key)
+        for name, value in (("start", start), ("end", end)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise InvalidInputError(f"Read {name} must be a non-negative int, got {value!r}.")
+        first = start or 0
+        if end is not None and end <= first:
+            if not await self.exists(key):
+                raise NotFoundError(f"Cannot read {self._where(full)}: no such object.")
+            return b""
+        range_header = None
+        if first or end is not None:
+            range_header = f"bytes={first}-{'' if end is None else end - 1}"
+        try:
+            return await self._get_range(full, range_header)
+        except Exception as err:
+            if range_header and self._range_not_satisfiable(err):
+                return b""  # the range starts past the end: Python slicing gives b""
+            raise self._map_error(err, "read", self._where(full)) from err
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        full = self._key(key)
+        try:
+            return await self._read_versioned(full)
+        except Exception as err:
+            raise self._map_error(err, "read", self._where(full)) from err
+
+    async def exists(self, key: str) -> bool:
+        full = self._key(key)
+        try:
+            await self._head(full)
+        except Exception as err:
+            mapped = self._map_error(err, "check existence of", self._where(full))
+            if isinstance(mapped, NotFoundError):
+                return False
+            raise mapped from err
+        return True
+
+    async def list(self, prefix: str = "") -> list[str]:
+        names, _ = await self._list_raw(self._dir(prefix), None)
+        # A name ending in "/" is a console-made folder placeholder, not data.
+        return sorted(self._relative(n) for n in names if not n.endswith("/"))
+
+    async def list_children(self, prefix: str = "") -> list[str]:
+        base = self._dir(prefix)
+        names, dirs = await self._list_raw(base, "/")
+        children = {n[len(base) :] for n in names} | {d[len(base) :].rstrip("/") for d in dirs}
+        children.discard("")
+        return sorted(children)
+
+    # -- deletes ------------------------------------------------------------------
+
+    async def delete(self, key: str) -> None:
+        full = self._key(key)
+        try:
+            await self._delete_object(full)
+        except Exception as err:
+            mapped = self._map_error(err, "delete", self._where(full))
+            if not isinstance(mapped, NotFoundError) or self._missing_bucket(err):
+                raise mapped from err
