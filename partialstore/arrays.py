@@ -131,7 +131,7 @@ async def write_arrays(
     arrays: Sequence[np.ndarray | ShardedArray],
     *,
     pack_threshold: int = PACK_THRESHOLD,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     pack_bytes: int = PACK_BYTES,
     checksum: bool = True,
     primary: bool = True,
@@ -154,7 +154,7 @@ async def write_arrays(
       arrays: the leaves, numpy arrays of supported dtypes.
       pack_threshold: leaves with fewer bytes are packed (tests lower it to 0
         to force zarr3, or raise it to force packing).
-      chunk_bytes: target zarr3 chunk size.
+      chunk_bytes: target zarr3 chunk size (default :data:`CHUNK_BYTES`, read per call).
       pack_bytes: split packs at about this size.
       checksum: add zarr3's ``crc32c`` codec to every chunk (packed leaves
         always carry a CRC-32C).
@@ -201,7 +201,7 @@ async def write_arrays(
             join_key(save_dir, f"a{i:05d}"),
             arrays[i],
             memory=memory,
-            chunk_bytes=chunk_bytes,
+            chunk_bytes=CHUNK_BYTES if chunk_bytes is None else chunk_bytes,
             checksum=checksum,
             semaphore=semaphore,
             primary=primary,

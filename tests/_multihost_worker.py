@@ -121,8 +121,7 @@ def main() -> None:
     import partialstore
     from partialstore import arrays, multihost
 
-    assert arrays.write_arrays.__kwdefaults__ is not None
-    arrays.write_arrays.__kwdefaults__["chunk_bytes"] = CHUNK_BYTES
+    arrays.CHUNK_BYTES = CHUNK_BYTES
     written: list[str] = []
     _record_writes(written)
 

@@ -399,9 +399,9 @@ MODES: dict[str, Callable[[dict[str, Any]], None]] = {
 def shrink_chunks(chunk_bytes: int) -> None:
     """Make saves of this process split arrays into chunks of ``chunk_bytes``.
 
-    ``arrays.write_arrays`` takes the chunk size as a keyword argument whose
-    default is ``CHUNK_BYTES`` (16 MiB); tests lower the default so that an
-    array of a few MiB spans several chunks, which is what a torn leaf needs.
+    ``arrays.write_arrays`` chunks arrays by ``arrays.CHUNK_BYTES`` (16 MiB),
+    read at call time; tests lower it so that an array of a few MiB spans
+    several chunks, which is what a torn leaf needs.
 
     Example::
 
@@ -409,7 +409,4 @@ def shrink_chunks(chunk_bytes: int) -> None:
     """
     from partialstore import arrays
 
-    defaults = arrays.write_arrays.__kwdefaults__
-    if not defaults or "chunk_bytes" not in defaults:
-        raise RuntimeError("arrays.write_arrays lost its chunk_bytes keyword; update the tests")
-    defaults["chunk_bytes"] = chunk_bytes
+    arrays.CHUNK_BYTES = chunk_bytes

@@ -47,8 +47,7 @@ CHUNK_BYTES = 512 << 10
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Saves of this process split arrays into CHUNK_BYTES chunks (workers: ``chunk_bytes``)."""
-    assert arrays.write_arrays.__kwdefaults__ is not None
-    monkeypatch.setitem(arrays.write_arrays.__kwdefaults__, "chunk_bytes", CHUNK_BYTES)
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", CHUNK_BYTES)
 
 
 @pytest.fixture
