@@ -1,0 +1,26 @@
+"""The main job (``partialstore demo``) round-trips on local disk, S3 and GCS."""
+
+from __future__ import annotations
+
+import pytest
+
+from partialstore.cli import main
+from partialstore.demo import run_demo
+
+
+@pytest.mark.parametrize("store", ["local", "s3", "gcs"])
+def test_demo_round_trips(store, tmp_path, request):
+    if store == "local":
+        url, options = str(tmp_path / "step_1000"), {}
+    else:
+        root, options = request.getfixturevalue(f"{store}_url")
+        url = f"{root}/step_1000"
+    lines: list[str] = []
+    timings = run_demo(url, storage_options=options, echo=lines.append)
+    assert set(timings) >= {"finalize", "load", "metadata", "all saves committed"}
+    assert lines[-1].endswith("all equal")
+
+
+def test_cli_demo_on_a_temporary_folder(capsys):
+    assert main(["demo"]) == 0
+    assert "all equal" in capsys.readouterr().out
