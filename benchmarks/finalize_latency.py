@@ -31,7 +31,6 @@ import time
 from typing import Any
 
 from benchmarks import report
-from benchmarks.baselines import orbax_missing
 from benchmarks.common import (
     GiB,
     MiB,
@@ -45,11 +44,10 @@ from benchmarks.common import (
 from benchmarks.runner import (
     add_common_arguments,
     exit_status,
-    expected_count,
     parse_list,
-    run_group,
+    run_plan,
 )
-from benchmarks.stores import STORE_NAMES, started_stores
+from benchmarks.stores import STORE_NAMES
 from benchmarks.systems import CHECKPOINT_SYSTEMS, Workload
 
 SERIES = ("bytes", "saves", "leaves", "anchor")
@@ -353,43 +351,24 @@ def main(argv: list[str] | None = None) -> int:
     tmp_root = tempfile.mkdtemp(prefix="partialstore-bench-", dir=args.tmp_dir)
     started = time.monotonic()
     machine = machine_description(tmp_root)
-    events: list[dict[str, Any]] = []
-    workers: list[dict[str, Any]] = []
-    unavailable: dict[tuple[str, str], str] = {}
+    groups: list[tuple[str, list[dict[str, Any]]]] = []
+    for store in stores:
+        jobs = [j for system in systems for j in _jobs_for(store, system, series, args)]
+        if args.quick:
+            # One worker per store: process start-up dominates tiny runs.
+            groups.append((store, jobs))
+        else:
+            groups.extend((store, [job]) for job in jobs)
     try:
-        with started_stores(stores, tmp_root) as envs:
-            groups: list[tuple[str, list[dict[str, Any]]]] = []
-            for store in stores:
-                jobs = [j for system in systems for j in _jobs_for(store, system, series, args)]
-                if args.quick:
-                    # One worker per store: process start-up dominates tiny runs.
-                    groups.append((store, jobs))
-                else:
-                    groups.extend((store, [job]) for job in jobs)
-            bar = report.ProgressBar(sum(expected_count(j) for _, j in groups), "finalize")
-            unavailable.update(orbax_missing(stores, systems))
-            for store, jobs in groups:
-
-                def step(event: dict[str, Any]) -> None:
-                    what = event.get("workload", {}).get("name") or event.get("type", "")
-                    bar.step(f"{event['store']} {event.get('system', '')} {what}")
-
-                group_events, record = run_group(
-                    envs[store],
-                    jobs,
-                    timeout_s=_timeout(jobs, args.budget_s),
-                    log_path=log_path,
-                    cwd=tmp_root,
-                    unavailable=unavailable,
-                    on_event=step,
-                )
-                events.extend(group_events)
-                workers.append(record)
-            bar.close()
-            store_info = {
-                name: {"server": env.server, "endpoint_url": env.endpoint_url}
-                for name, env in envs.items()
-            }
+        events, workers, store_info, unavailable = run_plan(
+            groups,
+            stores=stores,
+            systems=systems,
+            label="finalize",
+            tmp_root=tmp_root,
+            log_path=log_path,
+            timeout_for=lambda jobs: _timeout(jobs, args.budget_s),
+        )
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     for event in events:

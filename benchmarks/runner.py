@@ -28,8 +28,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks import report
+from benchmarks.baselines import orbax_missing
 from benchmarks.common import REPO_ROOT
-from benchmarks.stores import StoreEnv
+from benchmarks.stores import StoreEnv, started_stores
 from benchmarks.systems import Workload
 from benchmarks.worker import emit_unavailable
 
@@ -277,6 +279,71 @@ def run_group(
         "seconds": outcome.seconds,
     }
     return events, record
+
+
+def run_plan(
+    groups: list[tuple[str, list[dict[str, Any]]]],
+    *,
+    stores: list[str],
+    systems: list[str],
+    label: str,
+    tmp_root: str,
+    log_path: str,
+    timeout_for: Callable[[list[dict[str, Any]]], float],
+    before_group: Callable[[str, list[dict[str, Any]]], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[
+    list[dict[str, Any]],
+    list[dict[str, Any]],
+    dict[str, dict[str, Any]],
+    dict[tuple[str, str], str],
+]:
+    """Start the stores, run every (store, jobs) group in a worker, with a progress bar.
+
+    ``before_group`` may adjust a group's jobs from earlier results (the raw
+    TensorStore baseline copies partialstore's layouts); ``on_event`` sees
+    every event as it arrives. Returns ``(events, worker records, store info,
+    unavailable)``, the last mapping (store, system) to why it cannot run.
+
+    Example::
+
+        events, workers, info, unavailable = run_plan(
+            groups, stores=["local"], systems=["partialstore"], label="finalize",
+            tmp_root=tmp, log_path=log, timeout_for=lambda jobs: 600.0,
+        )
+    """
+    events: list[dict[str, Any]] = []
+    workers: list[dict[str, Any]] = []
+    with started_stores(stores, tmp_root) as envs:
+        bar = report.ProgressBar(sum(expected_count(jobs) for _, jobs in groups), label)
+        unavailable = dict(orbax_missing(stores, systems))
+        for store, jobs in groups:
+            if before_group is not None:
+                before_group(store, jobs)
+
+            def step(event: dict[str, Any]) -> None:
+                what = event.get("workload", {}).get("name") or event.get("type", "")
+                bar.step(f"{event['store']} {event.get('system', '')} {what}")
+                if on_event is not None:
+                    on_event(event)
+
+            group_events, record = run_group(
+                envs[store],
+                jobs,
+                timeout_s=timeout_for(jobs),
+                log_path=log_path,
+                cwd=tmp_root,
+                unavailable=unavailable,
+                on_event=step,
+            )
+            events.extend(group_events)
+            workers.append(record)
+        bar.close()
+        store_info = {
+            name: {"server": env.server, "endpoint_url": env.endpoint_url}
+            for name, env in envs.items()
+        }
+    return events, workers, store_info, unavailable
 
 
 def expected_count(jobs: list[dict[str, Any]]) -> int:

@@ -33,7 +33,6 @@ import time
 from typing import Any
 
 from benchmarks import report
-from benchmarks.baselines import orbax_missing
 from benchmarks.common import (
     GiB,
     MiB,
@@ -46,11 +45,10 @@ from benchmarks.common import (
 from benchmarks.runner import (
     add_common_arguments,
     exit_status,
-    expected_count,
     parse_list,
-    run_group,
+    run_plan,
 )
-from benchmarks.stores import STORE_NAMES, started_stores
+from benchmarks.stores import STORE_NAMES
 from benchmarks.systems import CHECKPOINT_SYSTEMS, RAW_SYSTEMS, Workload
 
 SYSTEMS = CHECKPOINT_SYSTEMS + RAW_SYSTEMS
@@ -319,46 +317,33 @@ def main(argv: list[str] | None = None) -> int:
     tmp_root = tempfile.mkdtemp(prefix="partialstore-bench-", dir=args.tmp_dir)
     started = time.monotonic()
     machine = machine_description(tmp_root)
-    events: list[dict[str, Any]] = []
-    workers: list[dict[str, Any]] = []
-    unavailable: dict[tuple[str, str], str] = {}
+    plan = [(store, jobs) for store in stores for jobs in _plan(store, systems, works, args)]
+    layouts: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def copy_layouts(store: str, jobs: list[dict[str, Any]]) -> None:
+        # The raw TensorStore baseline writes with partialstore's own chunking.
+        for job in jobs:
+            if job.get("system") == "tensorstore":
+                job["layouts"] = {
+                    w["name"]: layouts.get((store, w["name"]), []) for w in job["workloads"]
+                }
+
+    def keep_layouts(event: dict[str, Any]) -> None:
+        if event.get("system") == "partialstore" and event.get("layouts"):
+            layouts[(event["store"], event["workload"]["name"])] = event["layouts"]
+
     try:
-        with started_stores(stores, tmp_root) as envs:
-            plan = [
-                (store, jobs) for store in stores for jobs in _plan(store, systems, works, args)
-            ]
-            bar = report.ProgressBar(sum(expected_count(j) for _, j in plan), "throughput")
-            unavailable.update(orbax_missing(stores, systems))
-            layouts: dict[tuple[str, str], list[dict[str, Any]]] = {}
-            for store, jobs in plan:
-                for job in jobs:
-                    if job.get("system") == "tensorstore":
-                        job["layouts"] = {
-                            w["name"]: layouts.get((store, w["name"]), []) for w in job["workloads"]
-                        }
-
-                def step(event: dict[str, Any]) -> None:
-                    what = event.get("workload", {}).get("name") or event.get("type", "")
-                    bar.step(f"{event['store']} {event.get('system', '')} {what}")
-                    if event.get("system") == "partialstore" and event.get("layouts"):
-                        layouts[(event["store"], event["workload"]["name"])] = event["layouts"]
-
-                group_events, record = run_group(
-                    envs[store],
-                    jobs,
-                    timeout_s=_timeout(jobs, args.budget_s),
-                    log_path=log_path,
-                    cwd=tmp_root,
-                    unavailable=unavailable,
-                    on_event=step,
-                )
-                events.extend(group_events)
-                workers.append(record)
-            bar.close()
-            store_info = {
-                name: {"server": env.server, "endpoint_url": env.endpoint_url}
-                for name, env in envs.items()
-            }
+        events, workers, store_info, unavailable = run_plan(
+            plan,
+            stores=stores,
+            systems=systems,
+            label="throughput",
+            tmp_root=tmp_root,
+            log_path=log_path,
+            timeout_for=lambda jobs: _timeout(jobs, args.budget_s),
+            before_group=copy_layouts,
+            on_event=keep_layouts,
+        )
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     results = [e for e in events if e.get("type") == "throughput"]
