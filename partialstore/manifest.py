@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from partialstore.errors import CorruptCheckpointError
-from partialstore.txlog import LogEntry, paused_gc, record_key
+from partialstore.txlog import LogEntry, decode_versioned, paused_gc, record_key
 
 __all__ = ["FORMAT", "VERSION", "build_manifest", "decode_manifest", "merge_metadata"]
 
@@ -154,17 +154,7 @@ def decode_manifest(where: str, data: bytes) -> dict[str, Any]:
     Raises:
       CorruptCheckpointError: not JSON, not a partialstore manifest, unknown version.
     """
-    try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptCheckpointError(f"Manifest {where} is not valid JSON: {error}.") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptCheckpointError(f"{where} is not a partialstore manifest.")
-    if manifest.get("version") != VERSION:
-        raise CorruptCheckpointError(
-            f"Manifest {where} has format version {manifest.get('version')!r}; this partialstore "
-            f"reads version {VERSION}. Upgrade partialstore to read it."
-        )
+    manifest = decode_versioned(data, what=f"Manifest {where}", fmt=FORMAT, version=VERSION)
     for field in ("nodes", "leaves", "saves"):
         if not isinstance(manifest.get(field), list):
             raise CorruptCheckpointError(f"Manifest {where} lacks a {field!r} list.")
