@@ -3,8 +3,9 @@
 Every operation is one or a few GCS JSON-API requests issued through gcsfs's
 aiohttp session, forwarded to gcsfs's loop thread
 (:mod:`partialstore.backends._fsspec_async`), so methods may be awaited from
-any event loop. Each backend owns its own filesystem
-(``skip_instance_cache=True``) and never consults fsspec's listing cache.
+any event loop. Backends opened with equal options share one filesystem
+(``skip_instance_cache=True``, pooled by :mod:`partialstore.backends._bucket`),
+which never consults fsspec's listing cache.
 
 The backend uses the plain ``gcsfs.core.GCSFileSystem`` class on purpose:
 ``gcsfs.GCSFileSystem`` is, by default, an experimental subclass that asks
@@ -393,7 +394,7 @@ class GCSBackend(BucketBackend):
             )
         return None
 
-    async def close(self) -> None:
+    async def _close_fs(self) -> None:
         fs = self._fs
         session = getattr(fs, "_session", None)
         if session is not None and not session.closed:

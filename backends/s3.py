@@ -3,9 +3,11 @@
 Every operation is one or a few plain S3 requests issued through s3fs's
 aiobotocore client, forwarded to s3fs's own loop thread
 (:mod:`partialstore.backends._fsspec_async`), so methods may be awaited from
-any event loop. Each backend owns its own ``S3FileSystem``
-(``skip_instance_cache=True``): endpoints and credentials never leak between
-backends, and fsspec's listing cache is never consulted.
+any event loop. Backends opened with equal options share one
+``S3FileSystem`` (``skip_instance_cache=True``, pooled by
+:mod:`partialstore.backends._bucket`): endpoints and credentials never leak
+between backends opened with different options, and fsspec's listing cache
+is never consulted.
 
 How the contract maps onto S3:
 
@@ -340,11 +342,14 @@ class S3Backend(BucketBackend):
             spec["aws_credentials"] = credentials
         return spec
 
-    async def close(self) -> None:
+    async def _close_fs(self) -> None:
         fs = self._fs
         creator = getattr(fs, "_s3creator", None)
         if creator is not None and fs._s3 is not None:
             fs._s3 = None
             await self._on_fs(lambda: creator.__aexit__(None, None, None))
+
+    async def close(self) -> None:
+        await super().close()
         if self._cleanup is not None:
             self._cleanup()

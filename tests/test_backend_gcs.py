@@ -146,3 +146,24 @@ def test_error_mapping(error: Exception, expected: type[Exception]) -> None:
     mapped = map_gcs_error(error, "read", "gs://b/k")
     assert type(mapped) is expected
     assert "gs://b/k" in str(mapped)
+
+
+def test_backends_with_equal_options_share_one_filesystem(gcs_url) -> None:
+    url, options = gcs_url
+    # Options no other test uses, so no cached backend elsewhere shares the pool entry.
+    options = {**options, "requests_timeout": 17.5}
+    other = _open(f"{url}/run-a", {**options, "requests_timeout": 18.5})
+    first = _open(f"{url}/run-a", options)
+    second = _open(f"{url}/run-b", options)
+    assert first._fs is second._fs
+    assert other._fs is not first._fs
+    run(first.create("k", b"1"))
+    run(second.create("k", b"2"))
+    run(first.close())
+    assert run(second.read("k")) == b"2"  # closing one backend leaves the others working
+    run(second.close())
+    third = _open(f"{url}/run-a", options)  # the last close closed it: a fresh one
+    assert third._fs is not second._fs
+    assert run(third.read("k")) == b"1"
+    run(third.close())
+    run(other.close())

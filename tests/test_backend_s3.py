@@ -190,3 +190,26 @@ def test_error_mapping(error: Exception, expected: type[Exception]) -> None:
     mapped = map_s3_error(error, "read", "s3://b/k")
     assert type(mapped) is expected
     assert "s3://b/k" in str(mapped)
+
+
+def test_backends_with_equal_options_share_one_filesystem(s3_url) -> None:
+    # A new checkpoint path usually means a new backend: it must not pay for
+    # a new aiobotocore client (measured 0.3-1.8 s before the first request).
+    url, options = s3_url
+    # Options no other test uses, so no cached backend elsewhere shares the pool entry.
+    options = {**options, "config_kwargs": {"connect_timeout": 7}}
+    first = _open(f"{url}/run-a", options)
+    second = _open(f"{url}/run-b", options)
+    other = _open(f"{url}/run-a", {**options, "config_kwargs": {"connect_timeout": 8}})
+    assert first._fs is second._fs
+    assert other._fs is not first._fs
+    run(first.create("k", b"1"))
+    run(second.create("k", b"2"))
+    run(first.close())
+    assert run(second.read("k")) == b"2"  # closing one backend leaves the others working
+    run(second.close())
+    third = _open(f"{url}/run-a", options)  # the last close closed it: a fresh one
+    assert third._fs is not second._fs
+    assert run(third.read("k")) == b"1"
+    run(third.close())
+    run(other.close())
