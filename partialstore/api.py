@@ -7,7 +7,7 @@ partialstore's background loop. ``partialstore/__init__.py`` re-exports them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from partialstore import _aio, finalizing, loading, multihost, ordering, saving
@@ -30,18 +30,37 @@ def _start_save(
     storage_options: Mapping[str, Any] | None,
     *,
     copy: bool,
+    check_now: bool,
 ) -> AsyncResponse:
     location = resolve(path, storage_options)
     saving.check_writable(location)
     snap = saving.snapshot(state, custom_metadata, copy=copy)
-    _aio.run(saving.raise_if_finalized(location))
+    if check_now:
+        _aio.run(saving.raise_if_finalized(location))
     # Taken in call order, so every process of a JAX job names the same operation.
     op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
 
-    async def commit() -> None:
-        await saving.commit_save(location, snap, op=op)
+    key = _queue_key(location)
+    if op is not None:  # every process takes part in each save, one save at a time
 
-    return ordering.schedule(_queue_key(location), commit)
+        async def commit_collective() -> None:
+            if not check_now:
+                await saving.raise_if_finalized(location)
+            await saving.commit_save(location, snap, op=op)
+
+        return ordering.schedule(key, commit_collective)
+    # Pipelined: the arrays are written as soon as the call is made, while
+    # earlier saves to this path still write or commit; the log record still
+    # goes in in call order.
+    save_id = saving.new_save_id()
+
+    async def write() -> dict[int, dict[str, Any]]:
+        return await saving.write_save_data(location, snap, save_id, check=not check_now)
+
+    async def commit(written: Awaitable[dict[int, dict[str, Any]]]) -> None:
+        await saving.commit_save(location, snap, save_id=save_id, written=written)
+
+    return ordering.schedule(key, commit, prepare=write)
 
 
 def save_async(
@@ -84,7 +103,7 @@ def save_async(
       NotImplementedError: the store has no atomic create and ``single_writer`` was not
         promised (:class:`~partialstore.errors.UnsupportedOperationError`).
     """
-    return _start_save(path, state, custom_metadata, storage_options, copy=True)
+    return _start_save(path, state, custom_metadata, storage_options, copy=True, check_now=True)
 
 
 def save(
@@ -134,7 +153,9 @@ def save(
     finalize sealed the session first: the save is then not in the checkpoint).
     """
     # The caller waits, so its arrays cannot change under us: skip the copy.
-    _start_save(path, state, custom_metadata, storage_options, copy=False).result()
+    # It learns of a finalized checkpoint when the save returns either way,
+    # so the check goes along with the array writes instead of before them.
+    _start_save(path, state, custom_metadata, storage_options, copy=False, check_now=False).result()
 
 
 def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -12,12 +12,13 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from partialstore import arrays, multihost, tree, txlog
@@ -32,7 +33,14 @@ from partialstore.faults import crash_point
 from partialstore.finalizing import drop_stray_staging
 from partialstore.location import Location
 
-__all__ = ["Snapshot", "check_writable", "commit_save", "snapshot"]
+__all__ = [
+    "Snapshot",
+    "check_writable",
+    "commit_save",
+    "new_save_id",
+    "snapshot",
+    "write_save_data",
+]
 
 
 class Snapshot:
@@ -123,27 +131,70 @@ def _leaf_entry(leaf: tree.Leaf, descriptor: dict[str, Any] | None) -> dict[str,
     return entry
 
 
-async def commit_save(location: Location, snap: Snapshot, *, op: str | None = None) -> int:
+def new_save_id() -> str:
+    """A fresh save id: names the save's ``data/<save-id>/`` directory and its record."""
+    return uuid.uuid4().hex
+
+
+async def write_save_data(
+    location: Location, snap: Snapshot, save_id: str, *, check: bool = False
+) -> dict[int, dict[str, Any]]:
+    """Write a single-process save's arrays ahead of its commit (see :func:`commit_save`).
+
+    With ``check``, :func:`raise_if_finalized` runs alongside the writes
+    (one request less in series); the writes are let finish first, so no
+    write lands after the cleanup of a refused save.
+
+    Example::
+
+        save_id = new_save_id()
+        written = asyncio.ensure_future(write_save_data(location, snap, save_id))
+        ...  # earlier saves commit meanwhile
+        await commit_save(location, snap, save_id=save_id, written=written)
+    """
+    if not check:
+        return await _write_data(location, snap, save_id)
+    written, checked = await asyncio.gather(
+        _write_data(location, snap, save_id), raise_if_finalized(location), return_exceptions=True
+    )
+    for outcome in (checked, written):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return written
+
+
+async def commit_save(
+    location: Location,
+    snap: Snapshot,
+    *,
+    op: str | None = None,
+    save_id: str | None = None,
+    written: Awaitable[dict[int, dict[str, Any]]] | None = None,
+) -> int:
     """Write ``snap``'s arrays under a fresh save directory, then append its log record.
 
     Returns the log number of the committed record. ``op`` is set in a
     multi-process JAX job (:func:`partialstore.multihost.next_op`): every
     process writes its shards into the save directory the primary names,
     the primary appends the record once all have written, and every process
-    returns the same number or raises.
+    returns the same number or raises. Otherwise the arrays may have been
+    written ahead: ``written`` is the awaitable of :func:`write_save_data`
+    for ``save_id``, and its failure is this save's failure.
 
     Raises:
       CheckpointFinalizedError: the session was finalized before this save committed;
         it is not part of the checkpoint and its data is removed.
     """
+    if (written is None) != (save_id is None) or (written is not None and op is not None):
+        raise InvalidInputError("commit_save takes save_id and written together, without op.")
     if op is None:
-        return await _commit(location, snap, uuid.uuid4().hex, None)
+        return await _commit(location, snap, save_id or new_save_id(), None, written)
     primary = multihost.is_primary()
-    save_id = await multihost.broadcast(f"{op}/save_id", uuid.uuid4().hex if primary else None)
+    save_id = await multihost.broadcast(f"{op}/save_id", new_save_id() if primary else None)
     if not primary:
         return await _commit_secondary(location, snap, save_id, op)
     try:
-        number = await _commit(location, snap, save_id, op)
+        number = await _commit(location, snap, save_id, op, None)
     except Exception as error:
         await multihost.broadcast(f"{op}/outcome", multihost.encode_outcome(error))
         raise
@@ -165,9 +216,15 @@ async def _commit_secondary(location: Location, snap: Snapshot, save_id: str, op
     return int(multihost.decode_outcome(outcome, "The save"))
 
 
-async def _commit(location: Location, snap: Snapshot, save_id: str, op: str | None) -> int:
+async def _commit(
+    location: Location,
+    snap: Snapshot,
+    save_id: str,
+    op: str | None,
+    written: Awaitable[dict[int, dict[str, Any]]] | None,
+) -> int:
     try:
-        number = await _write_and_append(location, snap, save_id, op)
+        number = await _write_and_append(location, snap, save_id, op, written)
     except CheckpointFinalizedError:
         await _drop_data_unless_committed(location, save_id)
         raise
@@ -195,14 +252,18 @@ async def _drop_data_unless_committed(location: Location, save_id: str) -> None:
     HTTP client retries and then reports "exists"), so look: the log is
     sealed, hence final, and this only runs on the failure path.
     """
+    backend = location.backend
+    if location.uses_rename and await backend.exists(location.manifest_key):
+        # Published by rename: no session can live at the staging prefix any
+        # more, so whatever this save wrote there is debris (empty folders too).
+        await drop_stray_staging(location)
+        return
     try:
-        entries = await txlog.read_all(location.backend, location.log_prefix)
+        entries = await txlog.read_all(backend, location.log_prefix)
     except NotFoundError:
         return  # renamed away by the finalize; gc of the checkpoint handles it
     if all(entry.record.get("save_id") != save_id for entry in entries):
-        await location.backend.delete_prefix(
-            f"{location.staging_prefix}/{location.data_dir(save_id)}"
-        )
+        await backend.delete_prefix(f"{location.staging_prefix}/{location.data_dir(save_id)}")
 
 
 def _finalized_in_flight(location: Location) -> CheckpointFinalizedError:
@@ -230,10 +291,16 @@ async def _write_data(
 
 
 async def _write_and_append(
-    location: Location, snap: Snapshot, save_id: str, op: str | None
+    location: Location,
+    snap: Snapshot,
+    save_id: str,
+    op: str | None,
+    written: Awaitable[dict[int, dict[str, Any]]] | None,
 ) -> int:
     backend = location.backend
-    by_leaf = await _write_data(location, snap, save_id)
+    if written is None:
+        written = _write_data(location, snap, save_id)
+    by_leaf = await written
     if op is not None:
         # Every process must have written its shards before the record exists.
         statuses = await multihost.gather_to_primary(f"{op}/wrote", multihost.encode_outcome(None))

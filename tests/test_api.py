@@ -99,6 +99,13 @@ def test_finalized_checkpoint_refuses_saves_and_finalize(ckpt):
         partialstore.save(path, {"b": 2}, storage_options=opts)
     with pytest.raises(FileExistsError):
         partialstore.save_async(path, {"b": 2}, storage_options=opts)
+    # A blocking save checks while it writes: the refused save's bytes are removed.
+    with pytest.raises(FileExistsError):
+        partialstore.save(path, {"big": np.ones(300_000, np.float32)}, storage_options=opts)
+    assert partialstore.gc(path, storage_options=opts) == []
+    location = resolve(path, opts)
+    if location.uses_rename:
+        assert run(location.backend.list_children(location.staging_prefix)) == []
     with pytest.raises(FileExistsError):
         partialstore.finalize(path, storage_options=opts)
     with pytest.raises(FileExistsError):
