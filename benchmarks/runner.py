@@ -157,7 +157,9 @@ def _expected(job: dict[str, Any]) -> list[tuple[str, ...]]:
     if kind == "finalize_series":
         return [("finalize_point", job["system"], job["series"], p["name"]) for p in job["points"]]
     if kind == "throughput":
-        return [("throughput", job["system"], w["name"]) for w in job["workloads"]]
+        # A round (one repetition) per job; a quick run's worker holds every round.
+        rnd = str(job.get("round", 0))
+        return [("throughput", job["system"], rnd, w["name"]) for w in job["workloads"]]
     return [(kind,)]
 
 
@@ -166,7 +168,7 @@ def _identity(event: dict[str, Any]) -> tuple[str, ...]:
     if kind == "finalize_point":
         return (kind, event["system"], event["series"], event["workload"]["name"])
     if kind == "throughput":
-        return (kind, event["system"], event["workload"]["name"])
+        return (kind, event["system"], str(event.get("round", 0)), event["workload"]["name"])
     return ({"probe": "orbax_probe"}.get(kind, kind),)
 
 
@@ -188,7 +190,8 @@ def run_group(
 
     ``unavailable`` maps ``(store, system)`` to why that system does not run
     there (filled from Orbax probes as they report); such jobs are answered
-    with "does not run" events without starting a worker.
+    with "does not run" events without starting a worker, and so are jobs
+    with a ``skip`` reason (over their time budget), with "skipped" events.
     """
     unavailable = unavailable if unavailable is not None else {}
     answered: list[dict[str, Any]] = []
@@ -197,6 +200,8 @@ def run_group(
         reason = unavailable.get((store.name, job.get("system", "")))
         if reason:
             emit_unavailable(job, store, reason, answered.append)
+        elif job.get("skip"):
+            emit_unavailable(job, store, job["skip"], answered.append, status="skipped")
         else:
             runnable.append(job)
     for event in answered:
@@ -261,8 +266,12 @@ def run_group(
                     "workload": Workload.from_json(point).to_json(),
                 }
             elif ident[0] == "throughput":
-                work = next(w for w in job["workloads"] if w["name"] == ident[2])
-                event |= {"system": ident[1], "workload": Workload.from_json(work).to_json()}
+                work = next(w for w in job["workloads"] if w["name"] == ident[3])
+                event |= {
+                    "system": ident[1],
+                    "round": int(ident[2]),
+                    "workload": Workload.from_json(work).to_json(),
+                }
             elif ident[0] == "orbax_probe":
                 event |= {"system": "orbax", "reason": event["reason"]}
             events.append(event)
@@ -270,15 +279,20 @@ def run_group(
                 on_event(event)
     record = {
         "store": store.name,
-        "jobs": [
-            {k: v for k, v in job.items() if k not in ("points", "workloads", "layouts")}
-            for job in jobs
-        ],
+        "jobs": [_job_record(job) for job in jobs],
         "status": outcome.status,
         "detail": (outcome.detail + " " + "; ".join(job_errors)).strip()[-1500:],
         "seconds": outcome.seconds,
     }
     return events, record
+
+
+def _job_record(job: dict[str, Any]) -> dict[str, Any]:
+    # What ran, in order, without the bulky point lists and layouts.
+    record = {k: v for k, v in job.items() if k not in ("points", "workloads", "layouts")}
+    if "workloads" in job:
+        record["workloads"] = [w["name"] for w in job["workloads"]]
+    return record
 
 
 def run_plan(
@@ -323,6 +337,8 @@ def run_plan(
 
             def step(event: dict[str, Any]) -> None:
                 what = event.get("workload", {}).get("name") or event.get("type", "")
+                if "round" in event:
+                    what += f" rep {event['round'] + 1}"
                 bar.step(f"{event['store']} {event.get('system', '')} {what}")
                 if on_event is not None:
                     on_event(event)

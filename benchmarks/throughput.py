@@ -9,12 +9,21 @@ Workloads (float32 random arrays; ``--quick`` shrinks every one to seconds):
 - ``e``: 256 saves x 1 leaf x 64 KiB (many saves)
 
 Per repetition (fresh path each time): every ``save`` call is timed and its
-peak RSS measured, then ``finalize``, then ``load`` of the whole tree (the
-first repetition also checks every loaded byte). The raw TensorStore
-baseline writes and reads the same arrays, each as its own zarr3 array with
-the chunk grid and codecs partialstore used for that shape (read from
-partialstore's own ``zarr.json`` files in the same run); on local disk
-``np.save`` + ``fsync`` is a second raw limit.
+peak RSS measured, then ``finalize``, then ``load`` of the whole tree, and
+every loaded byte is checked (untimed). The raw TensorStore baseline writes
+and reads the same arrays, each as its own zarr3 array with the chunk grid
+and codecs partialstore used for that shape (read from partialstore's own
+``zarr.json`` files in the same run); on local disk ``np.save`` + ``fsync``
+is a second raw limit.
+
+Repetitions are interleaved across systems: for each store and workload,
+round ``r`` runs one repetition of every system, each in a fresh worker, in
+the system order rotated by ``r`` (round 0 starts with partialstore, whose
+layouts the raw baseline copies). Running every repetition of one system
+before the next biased the ratios by which system ran first (on moto S3, raw
+TensorStore / partialstore measured 0.79 that way and 1.07 alternating);
+:mod:`benchmarks.rounds` merges the rounds into one figure per system and
+applies the time budget across them.
 
 Usage::
 
@@ -42,6 +51,7 @@ from benchmarks.common import (
     machine_description,
     ratio,
 )
+from benchmarks.rounds import RoundBudget, merge_rounds, rotated
 from benchmarks.runner import (
     add_common_arguments,
     exit_status,
@@ -106,35 +116,37 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(
     store: str, systems: list[str], works: list[Workload], args: argparse.Namespace
 ) -> list[list[dict[str, Any]]]:
-    """Groups of jobs (one worker each), partialstore before the raw systems."""
+    """Groups of jobs (one worker each): one repetition per job, in rotated rounds.
+
+    For each workload, round r runs every system once, in the order rotated
+    by r; round 0 starts with partialstore, so the raw baseline can copy its
+    layouts from then on. A quick run puts all of a store's jobs in one worker.
+    """
     if store != "local":
         works = [w.scaled_to(args.emulator_max_bytes) for w in works]
     order = [s for s in ("partialstore", "orbax", "tensorstore", "numpy") if s in systems]
     if store != "local" and "numpy" in order:
         order.remove("numpy")  # np.save writes files: local disk only
-
-    def job(system: str, chosen: list[Workload]) -> dict[str, Any]:
-        return {
-            "kind": "throughput",
-            "system": system,
-            "workloads": [w.to_json() for w in chosen],
-            "reps": args.reps,
-            "budget_s": args.budget_s,
-        }
-
-    groups: list[list[dict[str, Any]]] = []
-    probe = [{"kind": "orbax_probe", "system": "orbax"}] if store != "local" else []
+    jobs: list[dict[str, Any]] = []
+    if store != "local" and "orbax" in order:
+        jobs.append({"kind": "orbax_probe", "system": "orbax"})
+    for work in works:
+        for rnd in range(args.reps):
+            jobs.extend(
+                {
+                    "kind": "throughput",
+                    "system": system,
+                    "round": rnd,
+                    "workloads": [work.to_json()],
+                    "reps": 1,
+                    "budget_s": args.budget_s,
+                }
+                for system in rotated(order, rnd)
+            )
     if args.quick:
         # One worker per store: process start-up (JAX, Orbax imports) dominates tiny runs.
-        jobs = []
-        for system in order:
-            jobs.extend((probe if system == "orbax" else []) + [job(system, works)])
         return [jobs]
-    if "orbax" in order and probe:
-        groups.append(probe)
-    for work in works:
-        groups.extend([job(system, [work])] for system in order)
-    return groups
+    return [[job] for job in jobs]
 
 
 def _timeout(jobs: list[dict[str, Any]], budget_s: float) -> float:
@@ -319,16 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_description(tmp_root)
     plan = [(store, jobs) for store in stores for jobs in _plan(store, systems, works, args)]
     layouts: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    budget = RoundBudget(args.budget_s)
 
-    def copy_layouts(store: str, jobs: list[dict[str, Any]]) -> None:
-        # The raw TensorStore baseline writes with partialstore's own chunking.
+    def prepare(store: str, jobs: list[dict[str, Any]]) -> None:
         for job in jobs:
-            if job.get("system") == "tensorstore":
+            if job["kind"] != "throughput":
+                continue
+            budget.prepare(store, job)
+            # The raw TensorStore baseline writes with partialstore's own chunking.
+            if job["system"] == "tensorstore":
                 job["layouts"] = {
                     w["name"]: layouts.get((store, w["name"]), []) for w in job["workloads"]
                 }
 
-    def keep_layouts(event: dict[str, Any]) -> None:
+    def keep(event: dict[str, Any]) -> None:
+        budget.record(event)
         if event.get("system") == "partialstore" and event.get("layouts"):
             layouts[(event["store"], event["workload"]["name"])] = event["layouts"]
 
@@ -341,12 +358,12 @@ def main(argv: list[str] | None = None) -> int:
             tmp_root=tmp_root,
             log_path=log_path,
             timeout_for=lambda jobs: _timeout(jobs, args.budget_s),
-            before_group=copy_layouts,
-            on_event=keep_layouts,
+            before_group=prepare,
+            on_event=keep,
         )
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    results = [e for e in events if e.get("type") == "throughput"]
+    results = merge_rounds([e for e in events if e.get("type") == "throughput"])
     result = {
         "benchmark": "throughput",
         "format": 1,

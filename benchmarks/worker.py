@@ -46,6 +46,9 @@ Emit = Callable[[dict[str, Any]], None]
 # partialstore's zarr3 layouts seen by this worker, by workload name, for a
 # raw TensorStore job later in the same worker (quick runs group jobs).
 _LAYOUTS: dict[str, list[dict[str, Any]]] = {}
+# Checkpoint systems this worker made and warmed up, by name: a quick run's
+# worker runs one job per system and round, and warms each system up once.
+_SYSTEMS: dict[str, Any] = {}
 WARMUP = Workload("warmup", saves=1, leaves=1, leaf_bytes=4096)
 
 
@@ -276,7 +279,13 @@ def _measure_raw_rep(
     }
 
 
-def _rss_summary(call_rss: list[dict[str, Any]]) -> dict[str, Any]:
+def rss_summary(call_rss: list[dict[str, Any]]) -> dict[str, Any]:
+    """Worst peak RSS over save calls (each ``RssSample.to_json()`` plus ``state_bytes``).
+
+    Example::
+
+        rss_summary([{"before": 1, "peak": 5, "extra": 4, "method": "m", "state_bytes": 2}])
+    """
     worst = max(call_rss, key=lambda r: r["extra"])
     return {
         "max_extra_bytes": worst["extra"],
@@ -288,11 +297,17 @@ def _rss_summary(call_rss: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _job_throughput(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
-    """Save per call, total save, finalize, load and peak RSS for each workload."""
+    """Save per call, total save, finalize, load and peak RSS for each workload.
+
+    The throughput script sends one repetition per job (``reps`` 1, ``round``
+    r) and merges the rounds itself (:mod:`benchmarks.rounds`); ``seconds``
+    (wall time of the repetitions) feeds its budget across rounds.
+    """
     name = job["system"]
     raw = name in ("tensorstore", "numpy")
-    system = None if raw else make_checkpoint_system(name, store)
-    if system is not None:
+    system = None if raw else _SYSTEMS.get(name)
+    if not raw and system is None:
+        system = _SYSTEMS[name] = make_checkpoint_system(name, store)
         _warm_up_checkpoint(system, store)
     reps = int(job["reps"])
     for data in job["workloads"]:
@@ -303,6 +318,7 @@ def _job_throughput(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
             "system": name,
             "workload": work.to_json(),
             "reps_planned": reps,
+            "round": int(job.get("round", 0)),
         }
         emit(_started(job, work))
         try:
@@ -322,11 +338,12 @@ def _job_throughput(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
                 spent = time.perf_counter() - started
                 if rep + 1 < reps and spent + spent / (rep + 1) > float(job["budget_s"]):
                     break
+            seconds = time.perf_counter() - started
             del states, arrays
             summary = _summarize_throughput(results, reps, raw)
             if summary.get("layouts"):
                 _LAYOUTS[work.name] = summary["layouts"]
-            emit(base | summary)
+            emit(base | summary | {"seconds": seconds})
         except Exception as err:
             emit(base | {"status": "error", "reason": _error_text(err)})
 
@@ -340,7 +357,7 @@ def _summarize_throughput(results: list[dict[str, Any]], reps: int, raw: bool) -
         "verified": problem is None,
         "note": "" if n == reps else f"stopped after {n} of {reps} reps: over budget",
         "load": stats_json([r["load"] for r in results]),
-        "save_rss": _rss_summary([c for r in results for c in r["call_rss"]]),
+        "save_rss": rss_summary([c for r in results for c in r["call_rss"]]),
         "load_rss": {
             "max_extra_bytes": max(r["load_rss"]["extra"] for r in results),
             "max_peak_bytes": max(r["load_rss"]["peak"] for r in results),
@@ -376,8 +393,14 @@ JOBS: dict[str, Callable[[dict[str, Any], StoreEnv, Emit], None]] = {
 }
 
 
-def emit_unavailable(job: dict[str, Any], store: StoreEnv, reason: str, emit: Emit) -> None:
-    """One "does not run" event per point or workload of a job its system cannot run."""
+def emit_unavailable(
+    job: dict[str, Any], store: StoreEnv, reason: str, emit: Emit, status: str = "does not run"
+) -> None:
+    """One event with ``status`` per point or workload of a job that will not run.
+
+    ``status`` is "does not run" (the system cannot run on this store) or
+    "skipped" (the job's point is over its time budget).
+    """
     if job["kind"] == "orbax_probe":
         emit({"type": "probe", "store": store.name, "system": "orbax", "reason": reason})
     elif job["kind"] == "finalize_series":
@@ -389,7 +412,7 @@ def emit_unavailable(job: dict[str, Any], store: StoreEnv, reason: str, emit: Em
                     "system": job["system"],
                     "series": job["series"],
                     "workload": Workload.from_json(point).to_json(),
-                    "status": "does not run",
+                    "status": status,
                     "reason": reason,
                 }
             )
@@ -401,7 +424,8 @@ def emit_unavailable(job: dict[str, Any], store: StoreEnv, reason: str, emit: Em
                     "store": store.name,
                     "system": job["system"],
                     "workload": Workload.from_json(data).to_json(),
-                    "status": "does not run",
+                    "round": int(job.get("round", 0)),
+                    "status": status,
                     "reason": reason,
                 }
             )

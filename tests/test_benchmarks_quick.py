@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import finalize_latency, report, runner, throughput  # noqa: E402
+from benchmarks import finalize_latency, report, rounds, runner, throughput  # noqa: E402
 from benchmarks.common import Budget, Stats, loglog_slope, peak_rss  # noqa: E402
 from benchmarks.runner import run_group  # noqa: E402
 from benchmarks.stores import StoreEnv  # noqa: E402
@@ -128,6 +128,18 @@ def test_throughput_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
     }
     expected = {(s, sys_, "c") for s, names in systems.items() for sys_ in names}
     assert set(results) == expected
+    # Repetitions run in rounds, the system order rotated by one each round.
+    (local,) = [w for w in result["workers"] if w["store"] == "local"]
+    assert [(j["system"], j["round"]) for j in local["jobs"]] == [
+        ("partialstore", 0),
+        ("orbax", 0),
+        ("tensorstore", 0),
+        ("numpy", 0),
+        ("orbax", 1),
+        ("tensorstore", 1),
+        ("numpy", 1),
+        ("partialstore", 1),
+    ]
     for (store, system, _), r in results.items():
         reason = result["orbax"].get(store) if system == "orbax" else None
         if reason:
@@ -297,3 +309,107 @@ def test_report_helpers() -> None:
     lines = stream.getvalue().splitlines()
     assert lines[1].startswith("t [") and "1/2" in lines[1]
     assert "2/2" in lines[-1] and lines[-1].endswith("done")
+
+
+def _round(
+    rnd: int, calls: list[float], load: float, extra: int, *, verified: bool = True
+) -> dict[str, Any]:
+    """A fake per-round summary as the worker emits it (one repetition)."""
+    rss = [
+        {"before": 100, "peak": 100 + extra, "extra": extra, "method": "m", "state_bytes": 8}
+        for _ in calls
+    ]
+    return {
+        "type": "throughput",
+        "store": "local",
+        "system": "partialstore",
+        "workload": {"name": "a"},
+        "reps_planned": 1,
+        "round": rnd,
+        "status": "ok" if verified else "error",
+        "reason": "" if verified else "loaded data does not match what was saved: x",
+        "verified": verified,
+        "note": "",
+        "save_per_call": Stats.of(calls).to_json(),
+        "save_total": Stats.of([sum(calls)]).to_json(),
+        "finalize": Stats.of([0.5]).to_json(),
+        "save_plus_finalize": Stats.of([sum(calls) + 0.5]).to_json(),
+        "load": Stats.of([load]).to_json(),
+        "save_rss": {"calls": rss},
+        "load_rss": {"max_extra_bytes": extra // 2, "max_peak_bytes": 100 + extra // 2},
+        "layouts": [{"round": rnd}],
+        "seconds": 2.0,
+    }
+
+
+def test_merge_rounds_combines_interleaved_repetitions() -> None:
+    assert rounds.rotated(["p", "o", "t"], 0) == ["p", "o", "t"]
+    assert rounds.rotated(["p", "o", "t"], 4) == ["o", "t", "p"]
+
+    # Given out of order, as rounds of other systems interleave with them.
+    merged = rounds.merge_summaries(
+        [_round(2, [3.0, 1.0], 4.0, 30), _round(0, [1.0, 2.0], 6.0, 10), _round(1, [2.0], 5.0, 50)]
+    )
+    assert merged["status"] == "ok" and merged["verified"] is True
+    assert merged["reps_planned"] == 3 and "round" not in merged
+    assert merged["save_per_call"]["values"] == [1.0, 2.0, 2.0, 3.0, 1.0]  # round order
+    assert merged["save_total"] == Stats.of([3.0, 2.0, 4.0]).to_json()
+    assert (merged["load"]["min"], merged["load"]["median"], merged["load"]["max"]) == (4, 5, 6)
+    assert merged["finalize"]["n"] == 3
+    assert merged["save_rss"]["max_extra_bytes"] == 50
+    assert merged["save_rss"]["max_peak_bytes"] == 150
+    assert len(merged["save_rss"]["calls"]) == 5
+    assert merged["load_rss"] == {"max_extra_bytes": 25, "max_peak_bytes": 125}
+    assert merged["layouts"] == [{"round": 0}]
+    assert merged["seconds"] == 6.0
+
+    # One round failed its check, one was skipped for the budget.
+    skipped = _round(2, [1.0], 1.0, 1) | {"status": "skipped", "reason": "skipped: over budget"}
+    for key in ("load", "save_total", "verified"):
+        del skipped[key]
+    merged = rounds.merge_summaries(
+        [_round(0, [1.0], 1.0, 1), _round(1, [1.0], 1.0, 1, verified=False), skipped]
+    )
+    assert merged["status"] == "error" and merged["verified"] is False
+    assert merged["reason"].startswith("repetition 2: loaded data does not match")
+    assert merged["note"] == "stopped after 2 of 3 reps: over budget"
+    assert merged["save_total"]["n"] == 2 and merged["reps_planned"] == 3
+
+    # No round measured anything: the first round's verdict stands.
+    absent = {"type": "throughput", "store": "s3", "system": "orbax", "workload": {"name": "a"}}
+    events = [absent | {"round": r, "status": "does not run", "reason": "why"} for r in (1, 0)]
+    (merged,) = rounds.merge_rounds(events)
+    assert (merged["status"], merged["reason"], merged["reps_planned"]) == (
+        "does not run",
+        "why",
+        2,
+    )
+
+
+def test_round_budget_skips_rounds_that_would_pass_it() -> None:
+    budget = rounds.RoundBudget(10.0)
+    job = {"system": "orbax", "workloads": [{"name": "e"}], "budget_s": 10.0}
+    first, second, third = (dict(job) for _ in range(3))
+    budget.prepare("local", first)
+    assert first["budget_s"] == 10.0 and "skip" not in first
+    event = {"type": "throughput", "store": "local", "system": "orbax", "workload": {"name": "e"}}
+    budget.record(event | {"status": "ok", "seconds": 4.0})
+    budget.prepare("local", second)
+    assert second["budget_s"] == 6.0 and "skip" not in second  # 4 + 4 <= 10
+    budget.record(event | {"status": "ok", "seconds": 4.0})
+    budget.prepare("local", third)  # 8 + 4 > 10
+    assert third["skip"] == (
+        "skipped: over budget (2 reps took 8 s; one more would pass the 10 s budget)"
+    )
+    other = dict(job, system="partialstore")
+    budget.prepare("local", other)
+    assert "skip" not in other
+    # A round killed over its budget, or failed, stops the later rounds of that point.
+    killed = "skipped: over budget (e ran past its 10 s budget; worker killed after 43 s)"
+    budget.record(event | {"system": "partialstore", "status": "skipped", "reason": killed})
+    budget.prepare("local", other)
+    assert other["skip"] == killed
+    budget.record(event | {"store": "s3", "status": "error", "round": 0, "reason": "boom"})
+    on_s3 = dict(job)
+    budget.prepare("s3", on_s3)
+    assert on_s3["skip"] == "skipped: repetition 1 did not complete"
