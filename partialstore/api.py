@@ -74,8 +74,10 @@ def save_async(
 
     Before returning, the state is validated and snapshotted: device arrays
     are copied to host and numpy arrays are copied, so the caller may mutate
-    or free them immediately. Saves to one path run in call order, and
-    :func:`finalize` waits for those still running.
+    or free them immediately. Saves to one path commit in call order, and
+    :func:`finalize` waits for those still running; their array bytes are
+    written at once, up to :data:`~partialstore.ordering.PIPELINE_DEPTH`
+    saves per path at a time, while earlier saves commit.
 
     Example::
 
