@@ -66,7 +66,9 @@ from typing import Any
 
 from partialstore.backends._bucket import BucketBackend
 from partialstore.backends._s3_errors import client_error_code, map_s3_error
+from partialstore.backends._tensorstore_requests import TensorStoreRequests
 
+from partialstore.backend import validate_key
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -104,6 +106,9 @@ class S3Backend(BucketBackend):
         super().__init__(url, storage_options)
         self._credentials_dir: str | None = None
         self._cleanup: weakref.finalize[Any, Any] | None = None
+        # The log's requests (create, full reads, listings) go through
+        # TensorStore when it can take them: see _tensorstore_requests.
+        self._fast = TensorStoreRequests(lambda: self.kvstore_spec(""))
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -123,6 +128,16 @@ class S3Backend(BucketBackend):
 
     async def create(self, key: str, data: bytes) -> None:
         full = self._key(key)
+        created = await self._fast.create_if_absent(key, data)
+        if created:
+            return
+        if created is False and await self.exists(key):
+            raise AlreadyExistsError(
+                f"Cannot create {self._where(full)}: the object already exists "
+                "(If-None-Match: * failed)."
+            )
+        # Unanswered, or refused with nothing there (S3 says 404 for a missing
+        # bucket): s3fs sends it again and reports what S3 says.
         fs = self._fs
         path = f"{self.bucket}/{full}"
         for attempt in range(_CONFLICT_RETRIES):
@@ -167,6 +182,26 @@ class S3Backend(BucketBackend):
             raise map_s3_error(err, "write", self._where(full)) from err
 
     # -- reads --------------------------------------------------------------------
+
+    async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        if start is None and end is None:
+            data = await self._fast.read(validate_key(key))
+            if data is not None:
+                return data
+        # Ranges, unusual keys, and missing objects (s3fs says why: no such key, or bucket).
+        return await super().read(key, start=start, end=end)
+
+    async def exists(self, key: str) -> bool:
+        found = await self._fast.exists(validate_key(key))
+        return await super().exists(key) if found is None else found
+
+    async def list(self, prefix: str = "") -> list[str]:
+        prefix = validate_key(prefix, allow_empty=True)
+        names = await self._fast.list(f"{prefix}/" if prefix else "")
+        if names is None:
+            return await super().list(prefix)
+        # A name ending in "/" is a console-made folder placeholder, not data.
+        return [name for name in names if not name.endswith("/")]
 
     async def _get(self, full: str, range_header: str | None) -> tuple[bytes, str]:
         extra = {"Range": range_header} if range_header else {}

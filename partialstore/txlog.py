@@ -132,8 +132,10 @@ class LogEntry:
 async def list_numbers(backend: Backend, log_prefix: str) -> list[int]:
     """Numbers of every record in the log, ascending; ``[]`` for no session."""
     numbers = []
-    for name in await backend.list_children(log_prefix):
-        match = _NAME.match(name)
+    # list, not list_children: the log is flat, and a backend may send a
+    # recursive listing through a faster client (see backends/s3.py).
+    for key in await backend.list(log_prefix):
+        match = _NAME.match(key[len(log_prefix) + 1 :])
         if match:
             numbers.append(int(match.group(1)))
     numbers.sort()

@@ -213,3 +213,40 @@ def test_backends_with_equal_options_share_one_filesystem(s3_url) -> None:
     assert run(third.read("k")) == b"1"
     run(third.close())
     run(other.close())
+
+
+def test_log_requests_go_through_tensorstore(s3_url, monkeypatch) -> None:
+    # With s3fs's request paths broken, the log's operations still work:
+    # they are sent by TensorStore's client (1 ms of CPU each instead of 7).
+    url, options = s3_url
+    backend = _open(f"{url}/fast", options)
+    fs = backend._fs
+
+    def broken(*args, **kwargs):
+        raise AssertionError("this request should have gone through TensorStore")
+
+    monkeypatch.setattr(fs, "_call_s3", broken)
+    monkeypatch.setattr(fs, "_pipe_file", broken)
+    assert run(backend.exists("log/00000001.json")) is False
+    run(backend.create("log/00000001.json", b"one"))
+    assert run(backend.exists("log/00000001.json")) is True
+    assert run(backend.read("log/00000001.json")) == b"one"
+    assert run(backend.list("log")) == ["log/00000001.json"]
+    assert run(backend.list("")) == ["log/00000001.json"]
+    monkeypatch.undo()
+    # A second create of the key is refused; S3 (through s3fs) confirms it exists.
+    with pytest.raises(FileExistsError):
+        run(backend.create("log/00000001.json", b"two"))
+    assert run(backend.read("log/00000001.json")) == b"one"
+
+
+def test_unusual_keys_take_the_s3fs_path(s3_url) -> None:
+    # TensorStore does not unescape listed keys ("&amp;"): such keys go through s3fs.
+    url, options = s3_url
+    backend = _open(f"{url}/odd", options)
+    run(backend.create("a&b <c>.json", b"x"))
+    run(backend.create("plain.json", b"y"))
+    assert run(backend.list("")) == ["a&b <c>.json", "plain.json"]
+    assert run(backend.read("a&b <c>.json")) == b"x"
+    with pytest.raises(FileNotFoundError):
+        run(backend.read("missing.json"))

@@ -1,0 +1,119 @@
+"""A bucket backend's small requests, sent by TensorStore's C++ HTTP client.
+
+Every save commits with a few small requests in series (is it finalized,
+list the log, read its last record, create the next one) and a finalize with a few more. Sent
+through aiobotocore they cost about 7 ms of Python CPU each on this VM, and
+14 ms end to end against moto; through TensorStore's kvstore (the client
+that already writes the array chunks), 1 ms and 7 ms. Both talk to the same
+service with the same credentials, so the backend picks per request.
+
+Only plain keys take this path (letters, digits, ``. _ - /``): TensorStore
+does not XML-unescape the keys of a listing, and the backends keep their own
+path for anything else. Each method returns ``None`` when it cannot answer
+(an unusual key, TensorStore unable to reach the store, or any failure), and
+the backend then sends the request through its own client, which retries
+and reports errors precisely (a missing bucket, denied access, ...).
+
+Example::
+
+    requests = TensorStoreRequests(lambda: backend.kvstore_spec(""))
+    created = await requests.create_if_absent("log/00000001.json", b"{}")
+    # True: created; False: refused (it exists, or S3 said 404); None: ask the service
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import tensorstore as ts
+
+__all__ = ["TensorStoreRequests", "is_plain_key"]
+
+_PLAIN = re.compile(r"[A-Za-z0-9._/-]*")
+# TensorStore's StorageGeneration::NoValue(): "only if the key is absent".
+_ABSENT = b"\x02"
+
+
+def is_plain_key(key: str) -> bool:
+    """Whether ``key`` uses only characters every client encodes the same way."""
+    return _PLAIN.fullmatch(key) is not None
+
+
+class TensorStoreRequests:
+    """Create, test, read and list plain keys under a backend's root through one kvstore.
+
+    Args:
+      spec: returns the kvstore spec of the backend's root (a trailing ``/``
+        on its path), or None when TensorStore cannot reach the store; called
+        once, on first use.
+    """
+
+    def __init__(self, spec: Callable[[], dict[str, Any] | None]) -> None:
+        self._spec = spec
+        self._store: ts.KvStore | None = None
+        self._unavailable = False
+
+    async def _open(self) -> ts.KvStore | None:
+        if self._store is None and not self._unavailable:
+            spec = self._spec()
+            if spec is None or not is_plain_key(str(spec.get("path", ""))):
+                self._unavailable = True
+                return None
+            try:
+                self._store = await ts.KvStore.open(spec, context=ts.Context())
+            except ValueError:
+                self._unavailable = True  # the backend's own client will report it
+        return self._store
+
+    async def create_if_absent(self, key: str, data: bytes) -> bool | None:
+        """Write ``key`` only if absent: True written, False not (it exists), None: ask again."""
+        store = await self._open() if is_plain_key(key) else None
+        if store is None:
+            return None
+        try:
+            stamp = await store.write(key, data, if_equal=_ABSENT)
+        except ValueError:
+            return None
+        # An unknown (empty) generation means the condition failed: 412 (the
+        # object exists) or 404 (which S3 also answers for a missing bucket).
+        return bool(stamp.generation)
+
+    async def exists(self, key: str) -> bool | None:
+        """Whether ``key`` exists (one HEAD: a zero-length read), or None to ask again."""
+        store = await self._open() if is_plain_key(key) else None
+        if store is None:
+            return None
+        try:
+            result = await store.read(key, byte_range=slice(0, 0))
+        except ValueError:
+            return None
+        return result.state == "value"
+
+    async def read(self, key: str) -> bytes | None:
+        """The object's bytes; None if it is missing (the backend reports why) or unanswered."""
+        store = await self._open() if is_plain_key(key) else None
+        if store is None:
+            return None
+        try:
+            result = await store.read(key)
+        except ValueError:
+            return None
+        return result.value if result.state == "value" else None
+
+    async def list(self, prefix_dir: str) -> list[str] | None:
+        """Keys under ``prefix_dir`` (``""`` or ending in ``/``), or None to ask again."""
+        store = await self._open() if is_plain_key(prefix_dir) else None
+        if store is None:
+            return None
+        # All keys starting with prefix_dir: up to the next string after its last char.
+        end = prefix_dir[:-1] + chr(ord(prefix_dir[-1]) + 1) if prefix_dir else ""
+        try:
+            keys = await store.list(ts.KvStore.KeyRange(prefix_dir, end))
+        except ValueError:
+            return None
+        names = [key.decode() for key in keys]
+        if not all(is_plain_key(name) for name in names):
+            return None  # XML-escaped ("&amp;") or unusual names: the backend lists
+        return sorted(names)
