@@ -100,10 +100,11 @@ def _job_orbax_probe(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
     emit({"type": "probe", "store": store.name, "system": "orbax", "reason": orbax_probe(store)})
 
 
-def _warm_up_checkpoint(system: Any, store: StoreEnv) -> None:
+def _warm_up_checkpoint(system: Any, store: StoreEnv, states: list[Any] | None = None) -> None:
+    """Untimed save, finalize and load: of a tiny leaf, or of ``states`` when given."""
     url = store.fresh("warmup")
     try:
-        for state in build_states(WARMUP, seed=1):
+        for state in states if states is not None else build_states(WARMUP, seed=1):
             system.save(url, state)
         system.finalize(url)
         system.load(url)
@@ -325,9 +326,14 @@ def _job_throughput(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
             states = build_states(work, seed=3)
             arrays = flat_arrays(states) if raw else {}
             layouts = job.get("layouts", {}).get(work.name) or _LAYOUTS.get(work.name, [])
-            if raw:  # untimed warm-up on this store with this workload's first array
+            # Untimed warm-up on this store with this workload's first array, the
+            # same for every system: each repetition runs in a fresh worker, and
+            # the first large write of a process sets up TensorStore's pools.
+            if raw:
                 first = dict(list(arrays.items())[:1])
                 _measure_raw_rep(name, store, WARMUP, first, layouts, verify=False)
+            else:
+                _warm_up_checkpoint(system, store, [dict(list(flat_arrays(states).items())[:1])])
             results = []
             started = time.perf_counter()
             for rep in range(reps):

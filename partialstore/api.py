@@ -35,17 +35,16 @@ def _start_save(
     location = resolve(path, storage_options)
     saving.check_writable(location)
     snap = saving.snapshot(state, custom_metadata, copy=copy)
-    if check_now:
+    multiprocess = multihost.is_multiprocess()
+    if check_now or multiprocess:  # every process of a JAX job checks before it takes part
         _aio.run(saving.raise_if_finalized(location))
     # Taken in call order, so every process of a JAX job names the same operation.
-    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
+    op = multihost.next_op(location.path) if multiprocess else None
 
     key = _queue_key(location)
     if op is not None:  # every process takes part in each save, one save at a time
 
         async def commit_collective() -> None:
-            if not check_now:
-                await saving.raise_if_finalized(location)
             await saving.commit_save(location, snap, op=op)
 
         return ordering.schedule(key, commit_collective)
