@@ -53,10 +53,10 @@ def _start_save(
     # goes in in call order.
     save_id = saving.new_save_id()
 
-    async def write() -> dict[int, dict[str, Any]]:
+    async def write() -> saving.Descriptors:
         return await saving.write_save_data(location, snap, save_id, check=not check_now)
 
-    async def commit(written: Awaitable[dict[int, dict[str, Any]]]) -> None:
+    async def commit(written: Awaitable[saving.Descriptors]) -> None:
         await saving.commit_save(location, snap, save_id=save_id, written=written)
 
     return ordering.schedule(key, commit, prepare=write)

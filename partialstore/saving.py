@@ -34,6 +34,7 @@ from partialstore.finalizing import drop_stray_staging
 from partialstore.location import Location
 
 __all__ = [
+    "Descriptors",
     "Snapshot",
     "check_writable",
     "commit_save",
@@ -41,6 +42,10 @@ __all__ = [
     "snapshot",
     "write_save_data",
 ]
+
+
+#: What a save's array writes return: each array leaf's descriptor, by ``id(leaf)``.
+Descriptors = dict[int, dict[str, Any]]
 
 
 class Snapshot:
@@ -138,7 +143,7 @@ def new_save_id() -> str:
 
 async def write_save_data(
     location: Location, snap: Snapshot, save_id: str, *, check: bool = False
-) -> dict[int, dict[str, Any]]:
+) -> Descriptors:
     """Write a single-process save's arrays ahead of its commit (see :func:`commit_save`).
 
     With ``check``, :func:`raise_if_finalized` runs alongside the writes
@@ -169,7 +174,7 @@ async def commit_save(
     *,
     op: str | None = None,
     save_id: str | None = None,
-    written: Awaitable[dict[int, dict[str, Any]]] | None = None,
+    written: Awaitable[Descriptors] | None = None,
 ) -> int:
     """Write ``snap``'s arrays under a fresh save directory, then append its log record.
 
@@ -221,7 +226,7 @@ async def _commit(
     snap: Snapshot,
     save_id: str,
     op: str | None,
-    written: Awaitable[dict[int, dict[str, Any]]] | None,
+    written: Awaitable[Descriptors] | None,
 ) -> int:
     try:
         number = await _write_and_append(location, snap, save_id, op, written)
@@ -275,7 +280,7 @@ def _finalized_in_flight(location: Location) -> CheckpointFinalizedError:
 
 async def _write_data(
     location: Location, snap: Snapshot, save_id: str, *, primary: bool = True
-) -> dict[int, dict[str, Any]]:
+) -> Descriptors:
     """Write the arrays this process owns; return descriptors by ``id(leaf)`` (primary only)."""
     with_arrays = [leaf for leaf in snap.leaves if leaf.data is not None]
     descriptors = await arrays.write_arrays(
@@ -295,7 +300,7 @@ async def _write_and_append(
     snap: Snapshot,
     save_id: str,
     op: str | None,
-    written: Awaitable[dict[int, dict[str, Any]]] | None,
+    written: Awaitable[Descriptors] | None,
 ) -> int:
     backend = location.backend
     if written is None:
