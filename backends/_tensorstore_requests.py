@@ -67,51 +67,41 @@ class TensorStoreRequests:
                 self._unavailable = True  # the backend's own client will report it
         return self._store
 
-    async def create_if_absent(self, key: str, data: bytes) -> bool | None:
-        """Write ``key`` only if absent: True written, False not (it exists), None: ask again."""
+    async def _ask(self, key: str, request: Callable[[ts.KvStore], Any]) -> Any:
+        """``await request(store)``, or None: key not plain, store unreachable, or a failure."""
         store = await self._open() if is_plain_key(key) else None
         if store is None:
             return None
         try:
-            stamp = await store.write(key, data, if_equal=_ABSENT)
+            return await request(store)
         except ValueError:
             return None
+
+    async def create_if_absent(self, key: str, data: bytes) -> bool | None:
+        """Write ``key`` only if absent: True written, False not (it exists), None: ask again."""
+        stamp = await self._ask(key, lambda store: store.write(key, data, if_equal=_ABSENT))
         # An unknown (empty) generation means the condition failed: 412 (the
         # object exists) or 404 (which S3 also answers for a missing bucket).
-        return bool(stamp.generation)
+        return None if stamp is None else bool(stamp.generation)
 
     async def exists(self, key: str) -> bool | None:
         """Whether ``key`` exists (one HEAD: a zero-length read), or None to ask again."""
-        store = await self._open() if is_plain_key(key) else None
-        if store is None:
-            return None
-        try:
-            result = await store.read(key, byte_range=slice(0, 0))
-        except ValueError:
-            return None
-        return result.state == "value"
+        result = await self._ask(key, lambda store: store.read(key, byte_range=slice(0, 0)))
+        return None if result is None else result.state == "value"
 
     async def read(self, key: str) -> bytes | None:
         """The object's bytes; None if it is missing (the backend reports why) or unanswered."""
-        store = await self._open() if is_plain_key(key) else None
-        if store is None:
-            return None
-        try:
-            result = await store.read(key)
-        except ValueError:
-            return None
-        return result.value if result.state == "value" else None
+        result = await self._ask(key, lambda store: store.read(key))
+        return result.value if result is not None and result.state == "value" else None
 
     async def list(self, prefix_dir: str) -> list[str] | None:
         """Keys under ``prefix_dir`` (``""`` or ending in ``/``), or None to ask again."""
-        store = await self._open() if is_plain_key(prefix_dir) else None
-        if store is None:
-            return None
         # All keys starting with prefix_dir: up to the next string after its last char.
         end = prefix_dir[:-1] + chr(ord(prefix_dir[-1]) + 1) if prefix_dir else ""
-        try:
-            keys = await store.list(ts.KvStore.KeyRange(prefix_dir, end))
-        except ValueError:
+        keys = await self._ask(
+            prefix_dir, lambda store: store.list(ts.KvStore.KeyRange(prefix_dir, end))
+        )
+        if keys is None:
             return None
         names = [key.decode() for key in keys]
         if not all(is_plain_key(name) for name in names):
