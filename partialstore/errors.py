@@ -14,7 +14,8 @@ that callers already catch, so ``except FileExistsError`` and
     ├── CorruptCheckpointError        (ValueError)       stored bytes or manifests are bad
     ├── UnsupportedOperationError     (NotImplementedError)  the store cannot do this
     └── BackendError                  (OSError)          the store failed
-        └── TransientBackendError                        ... and retrying may help
+        ├── TransientBackendError                        ... and retrying may help
+        └── OutcomeUnknownError                          ... a write may or may not have landed
 
 Example::
 
@@ -34,6 +35,7 @@ __all__ = [
     "CorruptCheckpointError",
     "InvalidInputError",
     "NotFoundError",
+    "OutcomeUnknownError",
     "PartialStoreError",
     "TransientBackendError",
     "UnsupportedLeafError",
@@ -86,3 +88,14 @@ class BackendError(PartialStoreError, OSError):
 
 class TransientBackendError(BackendError):
     """A failure that may succeed when retried (timeouts, throttling, 5xx)."""
+
+
+class OutcomeUnknownError(BackendError):
+    """A mutating call could not find out whether it took effect.
+
+    Raised when the store stopped answering after a write may have landed
+    (a lost response, then no way to read the object back): the save or
+    finalize may or may not be in the checkpoint. Look (``partialstore.load``,
+    ``metadata``) or repeat the call once the store answers again: every
+    operation recognises its own earlier writes.
+    """
