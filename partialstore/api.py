@@ -10,7 +10,7 @@ import os
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
-from partialstore import _aio, finalizing, loading, multihost, ordering, saving
+from partialstore import _aio, discarding, finalizing, loading, multihost, ordering, saving
 from partialstore.location import Location, resolve
 from partialstore.ordering import AsyncResponse
 
@@ -294,7 +294,7 @@ def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None)
     """
     location = resolve(path, storage_options)
     key = _queue_key(location)
-    ordering.schedule(key, lambda: finalizing.discard(location), track=False).result()
+    ordering.schedule(key, lambda: discarding.discard(location), track=False).result()
 
 
 def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -311,4 +311,4 @@ def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> l
       FileNotFoundError: no finalized checkpoint at ``path``.
     """
     location = resolve(path, storage_options)
-    return _aio.run(finalizing.gc(location))
+    return _aio.run(discarding.gc(location))

@@ -8,6 +8,7 @@ that callers already catch, so ``except FileExistsError`` and
     ├── AlreadyExistsError            (FileExistsError)  something is already there
     │   └── CheckpointFinalizedError                     a finalized checkpoint is at the path
     ├── NotFoundError                 (FileNotFoundError, KeyError)  nothing is there
+    │   └── SessionDiscardedError                        a discard removed the session meanwhile
     ├── ConflictError                                    a concurrent writer changed it first
     ├── InvalidInputError             (ValueError)       the caller passed something wrong
     │   └── UnsupportedLeafError      (TypeError)        a tree leaf cannot be saved
@@ -37,6 +38,7 @@ __all__ = [
     "NotFoundError",
     "OutcomeUnknownError",
     "PartialStoreError",
+    "SessionDiscardedError",
     "TransientBackendError",
     "UnsupportedLeafError",
     "UnsupportedOperationError",
@@ -60,6 +62,14 @@ class NotFoundError(PartialStoreError, FileNotFoundError, KeyError):
 
     # KeyError.__str__ quotes its argument; keep the readable OSError form.
     __str__ = FileNotFoundError.__str__
+
+
+class SessionDiscardedError(NotFoundError):
+    """A concurrent ``discard`` removed the session a save was being committed to.
+
+    The save is not part of any session or checkpoint; repeating it starts a
+    new session.
+    """
 
 
 class ConflictError(PartialStoreError):

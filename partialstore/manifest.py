@@ -136,6 +136,8 @@ def _build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str
         "format": FORMAT,
         "version": VERSION,
         "finalized": seal.record.get("created"),
+        "finalize_id": seal.record.get("finalize_id"),
+        "finalized_by": seal.record.get("writer"),
         "seal": f"log/{seal.number:08d}.json",
         "custom_metadata": custom_metadata,
         "saves": saves,

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
-import socket
 import uuid
 from collections.abc import Awaitable, Mapping
 from typing import Any
@@ -24,14 +22,16 @@ from typing import Any
 from partialstore import arrays, multihost, tree, txlog
 from partialstore.errors import (
     CheckpointFinalizedError,
+    CorruptCheckpointError,
     InvalidInputError,
     NotFoundError,
+    SessionDiscardedError,
     UnsupportedLeafError,
     UnsupportedOperationError,
 )
 from partialstore.faults import crash_point
-from partialstore.finalizing import drop_stray_staging
 from partialstore.location import Location
+from partialstore.published import drop_stray_staging, read_published, writer
 
 __all__ = [
     "Descriptors",
@@ -236,39 +236,84 @@ async def _commit(
     except Exception as error:
         # With rename, a finalize may move the session away while this save
         # writes; TensorStore or the backend then fail on vanished directories.
-        if location.uses_rename and await location.backend.exists(location.manifest_key):
-            await drop_stray_staging(location)
+        # If the record made it in before the seal, the save is in the checkpoint.
+        committed = await _published_with(location, save_id)
+        if committed is not None:
+            return committed
+        if location.uses_rename and await read_published(location) is not None:
+            await _drop_renamed_loser(location, save_id)
             raise _finalized_in_flight(location) from error
+        if isinstance(error, SessionDiscardedError):  # its data may be half deleted
+            await _drop_own_data(location, save_id)
         raise
     crash_point("save.after_log_append")
-    if location.uses_rename and await location.backend.exists(location.manifest_key):
-        # Finalize renamed the session away while this save ran, so the record
-        # just went into a fresh, orphaned staging prefix. Nothing can ever
-        # finalize that (the path is published), so drop it and say so.
-        await drop_stray_staging(location)
+    if location.uses_rename and await read_published(location) is not None:
+        # Finalize renamed the session away while this save ran. If the record
+        # went in before the seal the save is in the checkpoint; otherwise it
+        # went into a fresh, orphaned staging prefix that nothing can ever
+        # finalize (the path is published), so drop it and say so.
+        if await _published_with(location, save_id) is not None:
+            return number
+        await _drop_renamed_loser(location, save_id)
         raise _finalized_in_flight(location)
     return number
+
+
+async def _published_with(location: Location, save_id: str) -> int | None:
+    """The log number of ``save_id`` in the published manifest, if it is part of it."""
+    if not location.uses_rename:
+        return None  # the log itself answers on stores without rename
+    manifest = await read_published(location)
+    for save in (manifest or {}).get("saves", ()):
+        if save.get("save_id") == save_id:
+            return int(str(save["log"]).removeprefix("log/").removesuffix(".json"))
+    return None
+
+
+async def _drop_own_data(location: Location, save_id: str) -> None:
+    await location.backend.delete_prefix(_data_prefix(location, save_id))
+
+
+async def _drop_renamed_loser(location: Location, save_id: str) -> None:
+    """Remove what a save that missed a rename-published checkpoint left behind.
+
+    Its data was written before the rename, so it moved into the checkpoint
+    (unreferenced: the save's id is not in the manifest), and its record, if
+    any, went into a fresh staging prefix that nothing can finalize.
+    """
+    await drop_stray_staging(location)
+    await location.backend.delete_prefix(f"{location.final_prefix}/{location.data_dir(save_id)}")
+
+
+def _data_prefix(location: Location, save_id: str) -> str:
+    return f"{location.staging_prefix}/{location.data_dir(save_id)}"
 
 
 async def _drop_data_unless_committed(location: Location, save_id: str) -> None:
     """Delete a save's data after it lost to the seal, unless its record made it in.
 
-    A create whose response was lost may have landed before the seal (the
-    HTTP client retries and then reports "exists"), so look: the log is
-    sealed, hence final, and this only runs on the failure path.
+    The log is sealed, hence final, and this only runs on the failure path,
+    so it looks rather than trusts: a record is never left without its data.
     """
     backend = location.backend
-    if location.uses_rename and await backend.exists(location.manifest_key):
-        # Published by rename: no session can live at the staging prefix any
-        # more, so whatever this save wrote there is debris (empty folders too).
-        await drop_stray_staging(location)
+    if location.uses_rename and await read_published(location) is not None:
+        # Published by rename, and this save is not in it (it met the seal).
+        await _drop_renamed_loser(location, save_id)
         return
     try:
-        entries = await txlog.read_all(backend, location.log_prefix)
-    except NotFoundError:
-        return  # renamed away by the finalize; gc of the checkpoint handles it
+        entries = await txlog.read_log(backend, location.log_prefix)
+    except (NotFoundError, CorruptCheckpointError):
+        if not location.uses_rename or await read_published(location) is None:
+            raise
+        # Renamed away by the finalize meanwhile (a stray record may have
+        # started a fresh staging log that looks cut at its head).
+        await _drop_renamed_loser(location, save_id)
+        return
     if all(entry.record.get("save_id") != save_id for entry in entries):
-        await backend.delete_prefix(f"{location.staging_prefix}/{location.data_dir(save_id)}")
+        await _drop_own_data(location, save_id)
+        if location.uses_rename and await read_published(location) is not None:
+            # The sealer renamed the session while we looked: our data moved too.
+            await _drop_renamed_loser(location, save_id)
 
 
 def _finalized_in_flight(location: Location) -> CheckpointFinalizedError:
@@ -316,7 +361,7 @@ async def _write_and_append(
         "kind": "save",
         "save_id": save_id,
         "created": _now(),
-        "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+        "writer": writer(),
         "custom_metadata": snap.custom_metadata,
         "nodes": [
             {"path": tree.encode_path(n.path), "kind": n.kind, "type": n.type_name}

@@ -1,17 +1,26 @@
 """The append-only transaction log of a partial-save session.
 
 Each committed save is one record ``log/NNNNNNNN.json``; finalize appends a
-seal record. Records are appended with the backend's atomic ``create`` at the
-next free number (list, take max+1, retry on ``AlreadyExistsError``), so the
-log is dense: number k is only ever created by a writer that saw k-1. Hence
-nothing can be appended after a seal, and every record before the seal is in
-the checkpoint. This is the commit point of saves and finalize alike, and
-what makes them linearizable across processes and hosts.
+seal record, and discard a discard marker. Records are appended with the
+backend's atomic ``create`` at the next free number (list, take max+1, retry
+when another writer took it), so the log is dense: number k is only ever
+created by a writer that saw k-1. Hence nothing can be appended after a
+seal, and every record before the seal is in the checkpoint. This is the
+commit point of saves, finalize and discard alike, and what makes them
+linearizable across processes and hosts.
+
+The session is the records after the last discard marker. A discard
+appends its marker first, then deletes the records before it and the data
+they name; readers ignore (and tolerate gaps in) everything before the last
+marker, and treat a gap after it as damage. Saves may follow a marker (they
+start a new session); a seal may not directly follow one (nothing to
+finalize). Every record carries a fresh id, so a create whose answer was
+lost is recognised by reading it back (:mod:`partialstore.exclusive`).
 
 Example::
 
     number = await append(backend, "ckpt/log", save_record_bytes)
-    records = await read_all(backend, "ckpt/log")
+    records = await read_log(backend, "ckpt/log")
 """
 
 from __future__ import annotations
@@ -26,11 +35,12 @@ from typing import Any
 
 from partialstore.backend import Backend
 from partialstore.errors import (
-    AlreadyExistsError,
     CheckpointFinalizedError,
     CorruptCheckpointError,
     NotFoundError,
+    SessionDiscardedError,
 )
+from partialstore.exclusive import Created, create_once
 
 __all__ = [
     "FORMAT",
@@ -39,10 +49,12 @@ __all__ = [
     "append",
     "decode_versioned",
     "encode_record",
+    "is_discard",
     "is_seal",
     "list_numbers",
     "paused_gc",
-    "read_all",
+    "read_log",
+    "session_of",
 ]
 
 FORMAT = "partialstore.log"
@@ -51,6 +63,9 @@ _NAME = re.compile(r"^(\d{8})\.json$")
 # Reading records is latency bound on object stores; bound the fan-out so a
 # log of thousands of saves does not open thousands of connections at once.
 _READ_CONCURRENCY = 64
+# How often a reader lists again when records vanish under it (a concurrent discard).
+_REREADS = 3
+SAVE, SEAL, DISCARD = "save", "finalize", "discard"
 
 
 @contextlib.contextmanager
@@ -109,14 +124,19 @@ def decode_versioned(data: bytes, *, what: str, fmt: str, version: int) -> dict[
 def decode_record(key: str, data: bytes) -> dict[str, Any]:
     """Parse and check one record; raise :class:`CorruptCheckpointError` if malformed."""
     record = decode_versioned(data, what=f"Log record {key}", fmt=FORMAT, version=VERSION)
-    if record.get("kind") not in ("save", "finalize"):
+    if record.get("kind") not in (SAVE, SEAL, DISCARD):
         raise CorruptCheckpointError(f"Log record {key} has unknown kind {record.get('kind')!r}.")
     return record
 
 
 def is_seal(record: dict[str, Any]) -> bool:
     """Whether ``record`` is the finalize seal."""
-    return record.get("kind") == "finalize"
+    return record.get("kind") == SEAL
+
+
+def is_discard(record: dict[str, Any]) -> bool:
+    """Whether ``record`` is a discard marker (the session before it is abandoned)."""
+    return record.get("kind") == DISCARD
 
 
 class LogEntry:
@@ -148,7 +168,11 @@ async def _read(backend: Backend, log_prefix: str, number: int) -> dict[str, Any
 
 
 async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]) -> list[LogEntry]:
-    """Read the given records concurrently, in order."""
+    """Read the given records concurrently, in order.
+
+    Raises:
+      NotFoundError: one of them does not exist (any more).
+    """
     limit = asyncio.Semaphore(_READ_CONCURRENCY)
 
     async def one(number: int) -> LogEntry:
@@ -158,9 +182,88 @@ async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]
     return list(await asyncio.gather(*(one(n) for n in numbers)))
 
 
-async def read_all(backend: Backend, log_prefix: str) -> list[LogEntry]:
-    """Every record of the log, in log order."""
-    return await read_entries(backend, log_prefix, await list_numbers(backend, log_prefix))
+def session_of(entries: Sequence[LogEntry]) -> list[LogEntry]:
+    """The records of the live session: those after the last discard marker."""
+    for index in range(len(entries) - 1, -1, -1):
+        if is_discard(entries[index].record):
+            return list(entries[index + 1 :])
+    return list(entries)
+
+
+def _check_dense(log_prefix: str, numbers: Sequence[int], entries: Sequence[LogEntry]) -> None:
+    """Raise if records are missing where the protocol never deletes any."""
+    last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
+    live = [n for n in numbers if n > last_marker]
+    expected = last_marker + 1 if last_marker else 1
+    for number in live:
+        if number != expected:
+            raise CorruptCheckpointError(
+                f"Log record {record_key(log_prefix, expected)} is missing (the log goes on "
+                f"at {record_key(log_prefix, number)}): a committed save was deleted or never "
+                "copied. The session cannot be finalized as it is."
+            )
+        expected += 1
+
+
+async def read_log(backend: Backend, log_prefix: str) -> list[LogEntry]:
+    """Every record of the log in log order, checked for gaps; ``[]`` for no log.
+
+    Records before the last discard marker may vanish while this reads (the
+    discard deletes them): it then lists again. A gap after the last marker,
+    or missing first records with no marker, is damage.
+
+    Raises:
+      CorruptCheckpointError: a record is missing or malformed.
+    """
+    for _ in range(_REREADS):
+        numbers = await list_numbers(backend, log_prefix)
+        try:
+            entries = await read_entries(backend, log_prefix, numbers)
+        except NotFoundError:
+            continue  # a concurrent discard deleted records we listed
+        _check_dense(log_prefix, numbers, entries)
+        return entries
+    raise CorruptCheckpointError(
+        f"Log records under {log_prefix} kept vanishing while being read, and no discard "
+        "explains it. Is another tool deleting them?"
+    )
+
+
+async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None:
+    """The kind of record ``number``; ``None`` if it no longer exists."""
+    try:
+        return str((await _read(backend, log_prefix, number))["kind"])
+    except NotFoundError:
+        return None
+
+
+async def _discarded_after(backend: Backend, log_prefix: str, number: int) -> bool:
+    """Whether a discard marker follows record ``number``."""
+    later = [n for n in await list_numbers(backend, log_prefix) if n > number]
+    for other in later:
+        if await _kind_of(backend, log_prefix, other) == DISCARD:
+            return True
+    return False
+
+
+def _refuse(kind: str, what: str, log_prefix: str, last: int) -> None:
+    if kind == SEAL:
+        raise CheckpointFinalizedError(
+            f"Cannot append the {what} record to {log_prefix}: the session was "
+            f"finalized by log record {last}. Save to a new path."
+        )
+    if kind == DISCARD and what != SAVE:
+        raise NotFoundError(
+            f"Cannot append the {what} record to {log_prefix}: the session was discarded "
+            f"by log record {last}, and no save has started a new one."
+        )
+
+
+def _discarded_in_flight(what: str, log_prefix: str) -> SessionDiscardedError:
+    return SessionDiscardedError(
+        f"The session under {log_prefix} was discarded while this {what} was being "
+        f"committed; the {what} is not part of any session. Repeat it to start a new session."
+    )
 
 
 async def append(
@@ -168,39 +271,47 @@ async def append(
     log_prefix: str,
     data: bytes,
     *,
-    what: str = "save",
+    what: str = SAVE,
     known: Sequence[LogEntry] = (),
 ) -> tuple[int, list[int]]:
     """Append ``data`` as the next record; return its number and the numbers before it.
 
-    ``known`` are records the caller has just read (in log order); when the
-    last of them is a save, the first attempt goes straight to the number
-    after it, saving a list and a read.
+    ``what`` is the record's kind (``"save"``, ``"finalize"`` or
+    ``"discard"``). ``known`` are records the caller has just read (in log
+    order); when the last of them is a save, the first attempt goes straight
+    to the number after it, saving a list and a read. A create whose answer
+    was lost counts as appended when the record read back is ours.
 
     Raises:
       CheckpointFinalizedError: the log is sealed (a finalize committed first).
+      NotFoundError: a seal or discard meets a discarded session (nothing to act on).
+      SessionDiscardedError: a discard removed this record's session while it was
+        being appended (only after a lost answer).
+      OutcomeUnknownError: the store kept failing, so whether it landed is unknown.
     """
-    known_saves = {e.number for e in known if not is_seal(e.record)}  # records are immutable
+    kinds = {e.number: str(e.record.get("kind")) for e in known}  # records are immutable
     numbers = [e.number for e in known]
-    if not (numbers and numbers[-1] in known_saves):
+    if not (numbers and kinds.get(numbers[-1]) == SAVE):
         numbers = await list_numbers(backend, log_prefix)
     while True:
         last = numbers[-1] if numbers else 0
-        if last and last not in known_saves:
-            try:
-                last_record = await _read(backend, log_prefix, last)
-            except NotFoundError:
+        if last and last not in kinds:
+            kind = await _kind_of(backend, log_prefix, last)
+            if kind is None:
                 numbers = await list_numbers(backend, log_prefix)
-                continue  # the session was discarded under us; look again
-            if is_seal(last_record):
-                raise CheckpointFinalizedError(
-                    f"Cannot append the {what} record to {log_prefix}: the session was "
-                    f"finalized by log record {last}. Save to a new path."
-                )
-            known_saves.add(last)
-        try:
-            await backend.create(record_key(log_prefix, last + 1), data)
-        except AlreadyExistsError:
-            numbers = await list_numbers(backend, log_prefix)
-            continue  # another writer took this number; look again
-        return last + 1, numbers
+                continue  # a discard deleted it under us; look again
+            kinds[last] = kind
+        if last:
+            _refuse(kinds[last], what, log_prefix, last)
+        outcome, clean = await create_once(backend, record_key(log_prefix, last + 1), data)
+        if outcome is Created.MINE:
+            # After an inconclusive answer our record may have landed, been
+            # deleted by a discard, and been created again below its marker.
+            if not clean and await _discarded_after(backend, log_prefix, last + 1):
+                raise _discarded_in_flight(what, log_prefix)
+            return last + 1, numbers
+        if outcome is Created.VANISHED and what == SAVE:
+            # The number was taken and then deleted by a discard; it may have
+            # been our own record, whose data the discard then deleted.
+            raise _discarded_in_flight(what, log_prefix)
+        numbers = await list_numbers(backend, log_prefix)  # another writer took it

@@ -19,6 +19,8 @@ TREE: dict[str, tuple[type, ...]] = {
     "UnsupportedOperationError": (errors.PartialStoreError, NotImplementedError),
     "BackendError": (errors.PartialStoreError, OSError),
     "TransientBackendError": (errors.BackendError,),
+    "OutcomeUnknownError": (errors.BackendError,),
+    "SessionDiscardedError": (errors.NotFoundError,),
 }
 
 # class -> built-ins an existing ``except`` clause may use to catch it.
@@ -32,6 +34,8 @@ CAUGHT_BY: dict[type[Exception], tuple[type[BaseException], ...]] = {
     errors.UnsupportedOperationError: (NotImplementedError, RuntimeError),
     errors.BackendError: (OSError,),
     errors.TransientBackendError: (OSError, errors.BackendError),
+    errors.OutcomeUnknownError: (OSError, errors.BackendError),
+    errors.SessionDiscardedError: (FileNotFoundError, errors.NotFoundError),
 }
 
 

@@ -1,0 +1,154 @@
+"""Discard and gc: delete only what the protocol provably wrote.
+
+``discard`` never deletes "everything under a prefix": on a store without
+rename the session's staging prefix is the checkpoint path itself, which may
+hold finalized checkpoints of its own (``run/step_1``) or a user's files. It
+appends a discard marker to the log first, so a concurrent finalize either
+sealed before it (the discard is refused and the checkpoint publishes) or
+finds the session gone; then it deletes the data directories named by the
+records before its marker, and those records. Saves in flight have no record
+yet, so their data is never touched: they commit into a new session after
+the marker. The marker stays as a small tombstone, so a writer holding an
+old view of the log cannot revive the discarded session.
+
+``gc`` deletes, in a finalized checkpoint, the data directories of saves
+its manifest does not use, and only directories named like a save id.
+
+Example::
+
+    await discard(location)
+    removed = await gc(location)   # ["data/3f2a..."]
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import uuid
+
+from partialstore import txlog
+from partialstore.errors import CheckpointFinalizedError, CorruptCheckpointError, NotFoundError
+from partialstore.location import DATA_DIR, Location
+from partialstore.published import already_finalized, drop_stray_staging, read_published, writer
+
+__all__ = ["SAVE_ID", "discard", "gc"]
+
+#: What a save id (and so a save's data directory name) looks like.
+SAVE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _data_prefix(location: Location, save_id: str) -> str:
+    return f"{location.staging_prefix}/{location.data_dir(save_id)}"
+
+
+async def _delete_dead(location: Location, entries: list[txlog.LogEntry], marker: int) -> None:
+    """Delete the records before ``marker`` and the data their saves wrote."""
+    backend = location.backend
+    dead = [e for e in entries if e.number < marker]
+    for entry in dead:
+        save_id = entry.record.get("save_id")
+        # Only a well-formed save id: never a path that a tampered record chose.
+        if entry.record.get("kind") == txlog.SAVE and SAVE_ID.match(str(save_id)):
+            await backend.delete_prefix(_data_prefix(location, str(save_id)))
+    for entry in dead:
+        await backend.delete(txlog.record_key(location.log_prefix, entry.number))
+
+
+def _marker() -> bytes:
+    created = datetime.datetime.now(datetime.UTC).isoformat()
+    return txlog.encode_record(
+        {
+            "kind": txlog.DISCARD,
+            "discard_id": uuid.uuid4().hex,
+            "created": created,
+            "writer": writer(),
+        }
+    )
+
+
+async def discard(location: Location) -> None:
+    """Abandon the unfinalized session at ``location`` and delete what its saves wrote.
+
+    Raises:
+      CheckpointFinalizedError: the checkpoint is finalized, or a finalize sealed the
+        session first (it is being published; nothing was deleted).
+      NotFoundError: there is no session.
+    """
+    backend, log = location.backend, location.log_prefix
+    published = await read_published(location)
+    if published is not None:
+        raise CheckpointFinalizedError(
+            f"{location.path} is a finalized checkpoint; discard only abandons unfinalized "
+            "sessions. Delete the checkpoint with your store's tools if you mean to."
+        )
+    try:
+        entries = await txlog.read_log(backend, log)
+    except CorruptCheckpointError:
+        if location.uses_rename and await read_published(location) is not None:
+            raise await _nothing_to_discard(location) from None  # renamed away meanwhile
+        raise
+    session = txlog.session_of(entries)
+    if not session:
+        if entries:  # a discard that was interrupted: finish its deletions
+            await _delete_dead(location, entries, entries[-1].number)
+        raise await _nothing_to_discard(location)
+    if txlog.is_seal(session[-1].record):
+        raise _sealed(location, session[-1].number)
+    try:
+        number, numbers = await txlog.append(
+            backend, log, _marker(), what=txlog.DISCARD, known=entries
+        )
+    except CheckpointFinalizedError as error:
+        raise _sealed(location, None) from error
+    if location.uses_rename and await read_published(location) is not None:
+        # The session was renamed away by a finalize just before our marker,
+        # which then went into a fresh staging prefix: nothing was discarded.
+        await drop_stray_staging(location)
+        raise already_finalized(location, await read_published(location))
+    known = {entry.number for entry in entries}
+    try:
+        entries += await txlog.read_entries(backend, log, [n for n in numbers if n not in known])
+    except NotFoundError:  # another discard is deleting the same records
+        entries = await txlog.read_log(backend, log)
+    await _delete_dead(location, entries, number)
+
+
+def _sealed(location: Location, number: int | None) -> CheckpointFinalizedError:
+    where = f" (log record {number})" if number else ""
+    return CheckpointFinalizedError(
+        f"The session at {location.path} was sealed by a finalize{where}, so it is being "
+        "published and was not discarded. If that finalize died, call partialstore.finalize "
+        "to complete it."
+    )
+
+
+async def _nothing_to_discard(location: Location) -> Exception:
+    published = await read_published(location)
+    if published is not None:
+        return already_finalized(location, published)
+    return NotFoundError(f"No partial save session at {location.path} to discard.")
+
+
+async def gc(location: Location) -> list[str]:
+    """Delete data of a finalized checkpoint that its manifest does not use.
+
+    Saves that crashed, lost the race against the seal, or were entirely
+    replaced by later saves leave such directories. Only finalized
+    checkpoints are collected: in an open session an unreferenced directory
+    may belong to a save still in flight.
+
+    Returns the deleted directories (relative to the checkpoint).
+    """
+    manifest = await read_published(location)
+    if manifest is None:
+        raise NotFoundError(f"gc needs a finalized checkpoint, and {location.path} has none.")
+    used = {leaf["data"]["path"].split("/")[1] for leaf in manifest["leaves"] if "data" in leaf}
+    data_prefix = f"{location.final_prefix}/{DATA_DIR}"
+    unused = [
+        name
+        for name in await location.backend.list_children(data_prefix)
+        if SAVE_ID.match(name) and name not in used
+    ]
+    for save_dir in unused:
+        await location.backend.delete_prefix(f"{data_prefix}/{save_dir}")
+    return [f"{DATA_DIR}/{d}" for d in unused]
