@@ -159,7 +159,7 @@ async def _seal_merge_publish(location: Location, finalize_id: str) -> bool:
     """
     backend = location.backend
     saves, seal = await _seal(location, finalize_id)
-    ours = seal.record.get("finalize_id") == finalize_id
+    ours = is_ours(location, seal.record)  # this call's seal, or one of ours that raised
     if not ours and sealer_gone(seal.record):
         # Gone before publishing (looked at after it was seen gone): adopt its seal.
         ours = await read_published(location) is None

@@ -84,13 +84,13 @@ def forget_finalize(location: Location, finalize_id: str) -> None:
         _own_finalize_ids.get(_key(location), set()).discard(finalize_id)
 
 
-def is_ours(location: Location, manifest: dict[str, Any]) -> bool:
-    """Whether this writer sealed the published ``manifest``."""
+def is_ours(location: Location, sealed: dict[str, Any]) -> bool:
+    """Whether this writer sealed ``sealed``: a published manifest, or a seal record."""
     with _own_lock:
-        if manifest.get("finalize_id") in _own_finalize_ids.get(_key(location), ()):
+        if sealed.get("finalize_id") in _own_finalize_ids.get(_key(location), ()):
             return True
     mine = os.environ.get(WRITER_ID_ENV)
-    by = manifest.get("finalized_by")
+    by = sealed.get("finalized_by", sealed.get("writer"))
     return bool(mine) and isinstance(by, dict) and by.get("writer_id") == mine
 
 
