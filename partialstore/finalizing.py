@@ -70,6 +70,24 @@ def _seal_record(finalize_id: str) -> bytes:
     )
 
 
+async def _refuse_occupied_target(location: Location) -> None:
+    """Refuse to seal a session whose rename could never land.
+
+    Checked before the seal, because a sealed session can no longer take
+    saves or be discarded: with a file or foreign folder at the checkpoint
+    path it would be stuck for good.
+    """
+    if not location.uses_rename:
+        return  # the manifest create decides, and no rename target exists
+    backend = location.backend
+    if await backend.exists(location.final_prefix) or await backend.list(location.final_prefix):
+        raise AlreadyExistsError(
+            f"Cannot finalize {location.path}: something that is not a partialstore "
+            "checkpoint is already at that path, so the session could never be published "
+            "there. Move it away and finalize again, or discard the session."
+        )
+
+
 async def _seal(
     location: Location, finalize_id: str
 ) -> tuple[list[txlog.LogEntry], txlog.LogEntry]:
@@ -80,6 +98,7 @@ async def _seal(
     if not session:
         raise await _no_session(location)
     if not txlog.is_seal(session[-1].record):
+        await _refuse_occupied_target(location)
         crash_point("finalize.before_seal")
         seal = _seal_record(finalize_id)
         try:
