@@ -23,10 +23,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import weakref
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,6 +48,10 @@ from partialstore.multihost import ShardedArray, shard_chunks
 __all__ = ["choose_chunks", "gather", "read_array_group", "write_array"]
 
 T = TypeVar("T")
+
+# Chunk reads of one array through a backend without a kvstore run in this
+# many workers at most (the caller's semaphore bounds the total across arrays).
+_FETCH_WORKERS = 64
 
 # One TensorStore context per backend, so saves and loads share its
 # connection pools, credentials and I/O concurrency limits.
@@ -287,6 +292,29 @@ async def _move_to_backend(
     await gather([move(key) for key in keys])
 
 
+def iter_chunk_keys(leaf: Zarr3Leaf, index: Index) -> Iterator[str]:
+    """Lazily yield the keys of the chunks (``default`` encoding, ``/``) that ``index`` touches.
+
+    Lazy because a damaged array may claim more chunks than memory holds:
+    the caller stops at the first one that is missing.
+
+    Example::
+
+        list(iter_chunk_keys(leaf_with_chunks_10x4, Index(((0, 15), (0, 4)), None)))
+        # ["c/0/0", "c/1/0"]
+    """
+    if not leaf.shape:
+        yield "c"
+        return
+    axes = []
+    for (lo, hi), chunk in zip(index.box, leaf.chunks, strict=True):
+        if hi <= lo:
+            return
+        axes.append(range(lo // chunk, (hi - 1) // chunk + 1))
+    for position in itertools.product(*axes):
+        yield "c/" + "/".join(map(str, position))
+
+
 def chunk_keys(leaf: Zarr3Leaf, index: Index) -> list[str]:
     """Keys of the chunks (``default`` encoding, ``/`` separator) that ``index`` touches.
 
@@ -294,45 +322,57 @@ def chunk_keys(leaf: Zarr3Leaf, index: Index) -> list[str]:
 
         chunk_keys(leaf_with_chunks_10x4, Index(((0, 15), (0, 4)), None))  # ["c/0/0", "c/1/0"]
     """
-    if not leaf.shape:
-        return ["c"]
-    axes = []
-    for (lo, hi), chunk in zip(index.box, leaf.chunks, strict=True):
-        if hi <= lo:
-            return []
-        axes.append(range(lo // chunk, (hi - 1) // chunk + 1))
-    keys = ["c"]
-    for axis in axes:
-        keys = [f"{prefix}/{i}" for prefix in keys for i in axis]
-    return keys
+    return list(iter_chunk_keys(leaf, index))
 
 
-async def _fetch_to_memory(
+async def _fetch_key(
+    backend: Backend,
+    root: str,
+    path: str,
+    key: str,
+    memory: ts.KvStore,
+    semaphore: asyncio.Semaphore,
+) -> None:
+    async with semaphore:
+        try:
+            value = await backend.read(join_key(root, path, key))
+        except NotFoundError:
+            raise CorruptCheckpointError(
+                f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged "
+                "or incomplete."
+            ) from None
+        await memory.write(key, value)
+
+
+async def _fetch_chunks(
     backend: Backend,
     root: str,
     path: str,
     members: Sequence[tuple[int, Zarr3Leaf, Index]],
-    context: ts.Context,
+    memory: ts.KvStore,
     semaphore: asyncio.Semaphore,
 ) -> None:
-    """Copy ``zarr.json`` and the chunks ``members`` need from the backend into memory."""
-    keys = {"zarr.json"}
-    for _, leaf, index in members:
-        keys.update(chunk_keys(leaf, index))
-    memory = await ts.KvStore.open({"driver": "memory", "path": f"{path}/"}, context=context)
+    """Copy the chunks ``members`` need from the backend into ``memory``.
 
-    async def fetch(key: str) -> None:
-        async with semaphore:
-            try:
-                value = await backend.read(join_key(root, path, key))
-            except NotFoundError:
-                raise CorruptCheckpointError(
-                    f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged "
-                    "or incomplete."
-                ) from None
-            await memory.write(key, value)
+    A few workers pull keys from one lazy iterator, so a damaged array that
+    claims billions of chunks costs one failed read, not a list of billions.
+    """
 
-    await gather([fetch(key) for key in sorted(keys)])
+    def unique_keys() -> Iterator[str]:
+        seen: set[str] = set()
+        for _, leaf, index in members:
+            for key in iter_chunk_keys(leaf, index):
+                if key not in seen:
+                    seen.add(key)
+                    yield key
+
+    keys = unique_keys()  # shared: next() never awaits, so workers cannot interleave in it
+
+    async def worker() -> None:
+        for key in keys:
+            await _fetch_key(backend, root, path, key, memory, semaphore)
+
+    await gather([worker() for _ in range(_FETCH_WORKERS)])
 
 
 def _check_store(store: ts.TensorStore, leaf: Zarr3Leaf, where: str) -> None:
@@ -369,18 +409,24 @@ async def read_array_group(
     via_backend = kvstore is None
     if kvstore is None:
         context = memory if memory is not None else ts.Context()
-        await _fetch_to_memory(backend, root, path, members, context, semaphore)
         kvstore = {"driver": "memory", "path": f"{path}/"}
     else:
         context = backend_context(backend)
     spec = {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
     try:
+        if via_backend:
+            fetched = await ts.KvStore.open(kvstore, context=context)
+            # zarr.json first: the chunks to fetch are only known to be real
+            # once the manifest's shape and chunks match the array's metadata.
+            await _fetch_key(backend, root, path, "zarr.json", fetched, semaphore)
         try:
             store = await ts.open(spec, open=True, read=True, context=context)
         except ValueError as error:
             raise ts_error(error, f"Opening array {where!r}", reading=True) from None
         for _, leaf, _ in members:
             _check_store(store, leaf, where)
+        if via_backend:
+            await _fetch_chunks(backend, root, path, members, fetched, semaphore)
 
         async def read_one(request_id: int, leaf: Zarr3Leaf, index: Index) -> tuple[int, Any]:
             try:
