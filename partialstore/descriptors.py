@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,11 @@ FORMAT_ZARR3 = "zarr3"
 FORMAT_PACKED = "packed"
 #: Every array path lives below this top-level directory of the checkpoint.
 DATA_PREFIX = "data"
+
+# One clean segment: no "/", backslash or NUL, and not "." or "..".
+_SEGMENT = r"(?!\.\.?(?:/|\Z))[^/\\\x00]+"
+# data/<save-id>/<name>[/...]: a relative key of an object inside a save directory.
+_DATA_PATH = re.compile(rf"{DATA_PREFIX}(?:/{_SEGMENT}){{2,}}")
 
 #: Largest array a descriptor may describe, in bytes (zero-length dimensions
 #: counted as 1, so an empty array cannot hide huge other dimensions).
@@ -92,6 +98,8 @@ def _bad(descriptor: Any, why: str) -> CorruptCheckpointError:
 
 
 def _int(descriptor: Any, value: Any, what: str, minimum: int) -> int:
+    if type(value) is int and minimum <= value <= MAX_ARRAY_BYTES:
+        return value  # the common case, checked first: manifests hold many
     if (
         isinstance(value, bool)
         or not isinstance(value, int)
@@ -118,15 +126,12 @@ def _shape(descriptor: Any, dtype: np.dtype[Any]) -> tuple[int, ...]:
 
 
 def _check_path(descriptor: Any, path: Any) -> str:
-    if not isinstance(path, str) or "\\" in path:
-        raise _bad(descriptor, f"path {short_repr(path, 80)} is not a clean relative key")
-    try:
-        validate_key(path)
-    except InvalidInputError:
-        raise _bad(descriptor, f"path {short_repr(path, 80)} is not a clean relative key") from None
-    parts = path.split("/")
-    if parts[0] != DATA_PREFIX or len(parts) < 3:
-        raise _bad(descriptor, f"path {path!r} is not an object below {DATA_PREFIX!r}/<save-id>/")
+    if not isinstance(path, str) or not _DATA_PATH.fullmatch(path):
+        raise _bad(
+            descriptor,
+            f"path {short_repr(path, 80)} is not a clean relative key of an object below "
+            f"'{DATA_PREFIX}/<save-id>/' (no '.', '..' or empty segments, no backslash or NUL)",
+        )
     return path
 
 

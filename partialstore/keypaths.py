@@ -196,6 +196,10 @@ def decode_path(obj: Any) -> KeyPath:
         )
     entries: list[PathEntry] = []
     for item in obj:
+        # Fast path for the usual entry, a str dict key (manifests hold many).
+        if type(item) is list and len(item) == 2 and item[0] == "key" and type(item[1]) is str:
+            entries.append(("key", item[1]))
+            continue
         if not isinstance(item, list | tuple) or len(item) != 2 or not _valid_entry(*item):
             raise CorruptCheckpointError(
                 f"Stored key path {short_repr(obj)} has a malformed entry {short_repr(item)}; "

@@ -57,9 +57,10 @@ __all__ = [
     "parse_versioned",
 ]
 
-#: Kinds a log record may have. Only "save" records carry entries; "finalize"
-#: is the seal; "discard" is reserved for a record that abandons a session.
-RECORD_KINDS = frozenset({"save", "finalize", "discard"})
+#: Kinds a log record may have: "save" records carry entries, "finalize" is
+#: the seal. A new kind must be added here (with its checks in _check_body)
+#: before anything writes it, since readers refuse kinds they do not know.
+RECORD_KINDS = frozenset({"save", "finalize"})
 
 
 class NodeEntry(NamedTuple):
@@ -164,40 +165,49 @@ def _save_id(value: Any, where: str) -> str:
     return value
 
 
-def _path(entry: Any, where: str) -> KeyPath:
+def _path(entry: Any, role: str, number: int) -> KeyPath:
     if not isinstance(entry, dict):
-        raise _fail(where, f"it is not a JSON object but {short_repr(entry, 60)}")
+        raise _fail(f"{role} {number}", f"it is not a JSON object but {short_repr(entry, 60)}")
     try:
         return decode_path(entry.get("path"))
     except CorruptCheckpointError as error:
-        raise _fail(where, str(error)) from None
+        raise _fail(f"{role} {number}", str(error)) from None
 
 
 def _node(entry: Any, number: int) -> NodeEntry:
-    path = _path(entry, f"node {number}")
-    where = f"node {format_path(path)!r}"
+    path = _path(entry, "node", number)
     kind = entry.get("kind")
+    type_name = entry.get("type")
     if kind not in NODE_KINDS:
-        raise _fail(where, f"unknown container kind {short_repr(kind, 40)}")
-    return NodeEntry(path, kind, _optional_str(entry, "type", where))
+        why = f"unknown container kind {short_repr(kind, 40)}"
+    elif type_name is not None and not isinstance(type_name, str):
+        why = f"'type' must be a string or null, got {short_repr(type_name, 60)}"
+    else:
+        return NodeEntry(path, kind, type_name)
+    raise _fail(f"node {format_path(path)!r}", why)
 
 
 def _leaf(entry: Any, number: int, save_dir: str | None) -> LeafEntry:
-    path = _path(entry, f"leaf {number}")
-    where = f"leaf {format_path(path)!r}"
-    kind = entry.get("kind")
+    path = _path(entry, "leaf", number)
     try:
-        if kind in INLINE_KINDS:
-            return LeafEntry(path, kind, None, decode_value(kind, entry.get("value")))
-        if kind not in ARRAY_KINDS:
-            raise _fail(where, f"unknown leaf kind {short_repr(kind, 40)}")
-        data = descriptors.parse(entry.get("data"))
-    except CorruptCheckpointError as error:
-        raise _fail(where, str(error)) from None
+        return _leaf_body(entry, path, save_dir)
+    except (CorruptCheckpointError, _Damage) as error:
+        # The readable path is only built for a message: formatting every
+        # path of a large manifest would cost more than checking it.
+        raise _fail(f"leaf {format_path(path)!r}", str(error)) from None
+
+
+def _leaf_body(entry: dict[str, Any], path: KeyPath, save_dir: str | None) -> LeafEntry:
+    kind = entry.get("kind")
+    if kind in INLINE_KINDS:
+        return LeafEntry(path, kind, None, decode_value(kind, entry.get("value")))
+    if kind not in ARRAY_KINDS:
+        raise _Damage(f"unknown leaf kind {short_repr(kind, 40)}")
+    data = descriptors.parse(entry.get("data"))
     if kind == "np_scalar" and data.shape != ():
-        raise _fail(where, f"a numpy scalar must have shape (), not {data.shape}")
+        raise _Damage(f"a numpy scalar must have shape (), not {data.shape}")
     if save_dir is not None and not data.path.startswith(save_dir):
-        raise _fail(where, f"array path {data.path!r} is not in its save's {save_dir!r}")
+        raise _Damage(f"array path {data.path!r} is not in its save's {save_dir!r}")
     return LeafEntry(path, kind, data, None)
 
 
@@ -220,11 +230,11 @@ def _check_layout(nodes: Iterable[NodeEntry], leaves: Iterable[LeafEntry]) -> No
                 if child is None:
                     child = slot[1][step] = [None, None]
                 slot = child
-            where = f"{role} {format_path(entry.path)!r}"
             if slot[0] is not None:
-                raise _fail(where, f"the path is stored twice (also as a {slot[0]})")
+                why = f"the path is stored twice (also as a {slot[0]})"
+                raise _fail(f"{role} {format_path(entry.path)!r}", why)
             if role == "leaf" and slot[1]:
-                raise _fail(where, "entries lie under this leaf")
+                raise _fail(f"{role} {format_path(entry.path)!r}", "entries lie under this leaf")
             slot[0] = role
 
 
@@ -284,11 +294,15 @@ def decode_record(key: str, data: bytes) -> dict[str, Any]:
 
 def _saves(body: dict[str, Any]) -> list[dict[str, Any]]:
     saves = _list(body, "saves")
+    seen: set[str] = set()
     for number, save in enumerate(saves):
         where = f"save {number}"
         if not isinstance(save, dict):
             raise _fail(where, f"it is not a JSON object but {short_repr(save, 60)}")
-        _save_id(save.get("save_id"), where)
+        save_id = _save_id(save.get("save_id"), where)
+        if save_id in seen:  # the merge counts each save once
+            raise _fail(where, f"save id {save_id!r} is listed twice")
+        seen.add(save_id)
         if not isinstance(save.get("log"), str):
             raise _fail(where, f"'log' must be a string, got {short_repr(save.get('log'), 60)}")
         _optional_str(save, "created", where)
