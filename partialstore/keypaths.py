@@ -167,7 +167,7 @@ def encode_path(path: KeyPath) -> list[list[str | int]]:
 
 
 def _valid_entry(kind: Any, key: Any) -> bool:
-    if kind not in ENTRY_KINDS or isinstance(key, bool):
+    if not isinstance(kind, str) or kind not in ENTRY_KINDS or isinstance(key, bool):
         return False
     if kind == "key":
         return isinstance(key, str) or (isinstance(key, int) and _INT64_MIN <= key <= _INT64_MAX)

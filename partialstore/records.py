@@ -165,6 +165,12 @@ def _save_id(value: Any, where: str) -> str:
     return value
 
 
+def _kind(body: dict[str, Any]) -> Any:
+    """``body["kind"]``, or None when it is not a str (a list or dict is unhashable)."""
+    kind = body.get("kind")
+    return kind if isinstance(kind, str) else None
+
+
 def _path(entry: Any, role: str, number: int) -> KeyPath:
     if not isinstance(entry, dict):
         raise _fail(f"{role} {number}", f"it is not a JSON object but {short_repr(entry, 60)}")
@@ -176,10 +182,10 @@ def _path(entry: Any, role: str, number: int) -> KeyPath:
 
 def _node(entry: Any, number: int) -> NodeEntry:
     path = _path(entry, "node", number)
-    kind = entry.get("kind")
+    kind = _kind(entry)
     type_name = entry.get("type")
     if kind not in NODE_KINDS:
-        why = f"unknown container kind {short_repr(kind, 40)}"
+        why = f"unknown container kind {short_repr(entry.get('kind'), 40)}"
     elif type_name is not None and not isinstance(type_name, str):
         why = f"'type' must be a string or null, got {short_repr(type_name, 60)}"
     else:
@@ -198,11 +204,11 @@ def _leaf(entry: Any, number: int, save_dir: str | None) -> LeafEntry:
 
 
 def _leaf_body(entry: dict[str, Any], path: KeyPath, save_dir: str | None) -> LeafEntry:
-    kind = entry.get("kind")
+    kind = _kind(entry)
     if kind in INLINE_KINDS:
         return LeafEntry(path, kind, None, decode_value(kind, entry.get("value")))
     if kind not in ARRAY_KINDS:
-        raise _Damage(f"unknown leaf kind {short_repr(kind, 40)}")
+        raise _Damage(f"unknown leaf kind {short_repr(entry.get('kind'), 40)}")
     data = descriptors.parse(entry.get("data"))
     if kind == "np_scalar" and data.shape != ():
         raise _Damage(f"a numpy scalar must have shape (), not {data.shape}")
@@ -246,9 +252,9 @@ def _entries(body: dict[str, Any], save_dir: str | None) -> tuple[list[NodeEntry
 
 
 def _check_body(body: dict[str, Any]) -> None:
-    kind = body.get("kind")
+    kind = _kind(body)
     if kind not in RECORD_KINDS:
-        raise _fail("", f"unknown record kind {short_repr(kind, 40)}")
+        raise _fail("", f"unknown record kind {short_repr(body.get('kind'), 40)}")
     _optional_str(body, "created", "")
     if kind == "save":
         save_id = _save_id(body.get("save_id"), "")
