@@ -53,6 +53,10 @@ T = TypeVar("T")
 # many workers at most (the caller's semaphore bounds the total across arrays).
 _FETCH_WORKERS = 64
 
+# A read of more bytes than this through TensorStore's own kvstore first
+# checks that its last chunk is stored at full size (see _check_last_chunk).
+_PROBE_BYTES = 64 << 20
+
 # One TensorStore context per backend, so saves and loads share its
 # connection pools, credentials and I/O concurrency limits.
 _contexts: weakref.WeakKeyDictionary[Backend, ts.Context] = weakref.WeakKeyDictionary()
@@ -332,6 +336,7 @@ async def _fetch_key(
     key: str,
     memory: ts.KvStore,
     semaphore: asyncio.Semaphore,
+    min_size: int = 0,
 ) -> None:
     async with semaphore:
         try:
@@ -341,7 +346,49 @@ async def _fetch_key(
                 f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged "
                 "or incomplete."
             ) from None
+        if len(value) < min_size:
+            raise _short_chunk(join_key(root, path), key, min_size)
         await memory.write(key, value)
+
+
+def _short_chunk(where: str, key: str, size: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"Array {where!r}: chunk {key!r} holds fewer than the {size} bytes its metadata "
+        "says a chunk holds. The checkpoint is damaged."
+    )
+
+
+def _chunk_nbytes(leaf: Zarr3Leaf) -> int:
+    """Bytes of one decoded chunk; a stored chunk (bytes codec, maybe a crc) is never smaller."""
+    return math.prod(leaf.chunks) * leaf.storage.itemsize
+
+
+async def _check_last_chunk(
+    backend: Backend, root: str, path: str, leaf: Zarr3Leaf, index: Index
+) -> None:
+    """Before a large read, check that the last chunk it needs is stored at full size.
+
+    TensorStore allocates a read's whole result before it reads a chunk, and
+    aborts the process when that fails; a shape inflated alike in the manifest
+    and ``zarr.json`` must not get that far. The read's last chunk exists at
+    full size only if the array really extends that far: one small ranged
+    read proves it.
+    """
+    box_bytes = math.prod(hi - lo for lo, hi in index.box) * leaf.dtype.itemsize
+    if box_bytes <= _PROBE_BYTES:
+        return
+    last = [(hi - 1) // chunk for (_, hi), chunk in zip(index.box, leaf.chunks, strict=True)]
+    key = "c/" + "/".join(map(str, last))
+    size = _chunk_nbytes(leaf)
+    try:
+        tail = await backend.read(join_key(root, path, key), start=size - 1, end=size)
+    except NotFoundError:
+        raise CorruptCheckpointError(
+            f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged or "
+            "incomplete."
+        ) from None
+    if len(tail) != 1:
+        raise _short_chunk(join_key(root, path), key, size)
 
 
 async def _fetch_chunks(
@@ -367,10 +414,11 @@ async def _fetch_chunks(
                     yield key
 
     keys = unique_keys()  # shared: next() never awaits, so workers cannot interleave in it
+    size = _chunk_nbytes(members[0][1])  # one array: the same chunks for every member
 
     async def worker() -> None:
         for key in keys:
-            await _fetch_key(backend, root, path, key, memory, semaphore)
+            await _fetch_key(backend, root, path, key, memory, semaphore, size)
 
     await gather([worker() for _ in range(_FETCH_WORKERS)])
 
@@ -427,6 +475,8 @@ async def read_array_group(
             _check_store(store, leaf, where)
         if via_backend:
             await _fetch_chunks(backend, root, path, members, fetched, semaphore)
+        else:
+            await gather([_check_last_chunk(backend, root, path, m[1], m[2]) for m in members])
 
         async def read_one(request_id: int, leaf: Zarr3Leaf, index: Index) -> tuple[int, Any]:
             try:

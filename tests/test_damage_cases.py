@@ -285,18 +285,31 @@ def test_tree_of_max_depth_saves_and_loads(tmp_path: Any) -> None:
     assert (tmp_path / "deep" / "partialstore.json").stat().st_size < 1 << 20
 
 
-def test_inflated_array_in_manifest_and_zarr_json_fails_on_the_first_missing_chunk() -> None:
-    # Both objects tampered alike: the chunk list is generated lazily, so a
-    # claim of 2**21 chunks costs one failed read, not a list of them.
-    pristine = build_pristine(f"memory://inflated-{uuid.uuid4().hex}", {})
+@pytest.mark.parametrize("store", ["local", "memory"])
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [((512, 512), r"lacks 'c/[0-9]+/0'"), ((2**21, 512), "holds fewer than")],
+    ids=["more chunks", "larger chunks"],
+)
+def test_array_inflated_in_manifest_and_zarr_json_is_refused_before_allocating(
+    tmp_path: Any, store: str, chunks: tuple[int, int], message: str
+) -> None:
+    # Both objects tampered alike claim a 4 GiB array. TensorStore allocates a
+    # read's result before reading (and aborts the process if it cannot), and
+    # the chunk list of such an array is long: the read must stop at the first
+    # chunk that is missing or shorter than its metadata says, before either.
+    parent = str(tmp_path / "root") if store == "local" else f"memory://{uuid.uuid4().hex}"
+    pristine = build_pristine(parent, {})
     path, location = pristine.materialize("final")
     body = json.loads(pristine.final["partialstore.json"])
     big = data(body, "big")
-    big["shape"] = [512 * 2**21, 512]
+    big.update(shape=[2**21, 512], chunks=list(chunks))
     put(location, location.manifest_key, json.dumps(body).encode())
     zarr_key = join_key(location.final_prefix, big["path"], "zarr.json")
     zarr = json.loads(_aio.run(location.backend.read(zarr_key)))
     zarr["shape"] = big["shape"]
+    zarr["chunk_grid"]["configuration"]["chunk_shape"] = big["chunks"]
     put(location, zarr_key, json.dumps(zarr).encode())
-    with pytest.raises(CorruptCheckpointError, match=r"lacks 'c/[0-9]+/0'"):
+    with pytest.raises(CorruptCheckpointError, match=message) as raised:
         partialstore.load(path, select="params/big")
+    assert big["path"] in str(raised.value)
