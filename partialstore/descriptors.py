@@ -84,7 +84,12 @@ class Zarr3Leaf:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the whole array in memory."""
+        """Bytes of the whole array in memory.
+
+        Example::
+
+            Zarr3Leaf("data/s/a", f4, f4, (3, 4), (3, 4)).nbytes   # 48
+        """
         return math.prod(self.shape) * self.dtype.itemsize
 
 

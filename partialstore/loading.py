@@ -187,6 +187,11 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
     ``jax.Array``, comes back as a ``jax.Array`` with that sharding; each
     device's shard is read by itself, so a process reads only what it holds.
     A numpy-array leaf comes back as numpy; any other leaf as stored.
+
+    Example::
+
+        target = {"w": jax.ShapeDtypeStruct((8, 4), np.float32, sharding=sharding)}
+        state = await load_into_target(location, await read_manifest(location), target)
     """
     import jax  # deferred: loading without a target should not pay for jax
 

@@ -206,6 +206,8 @@ def _leaf(entry: Any, number: int, save_dir: str | None) -> LeafEntry:
 def _leaf_body(entry: dict[str, Any], path: KeyPath, save_dir: str | None) -> LeafEntry:
     kind = _kind(entry)
     if kind in INLINE_KINDS:
+        if "data" in entry:  # readers (gc among them) take "data" to mean an array
+            raise _Damage(f"a {kind!r} leaf has an array descriptor")
         return LeafEntry(path, kind, None, decode_value(kind, entry.get("value")))
     if kind not in ARRAY_KINDS:
         raise _Damage(f"unknown leaf kind {short_repr(entry.get('kind'), 40)}")

@@ -95,6 +95,7 @@ MANIFEST_CASES: dict[str, tuple[Edit, list[str]]] = {
     "none value 0": (setter("none", "value", 0, leaf), ALL),
     "big int not hex": (setter("big_int", "value", {"int": "zz"}, leaf), ALL),
     "array leaf without data": (lambda b: leaf(b, "w").pop("data"), ALL),
+    "inline leaf with data": (setter("step", "data", 5, leaf), ALL),
     # descriptors: paths
     "escaping path": (setter("big", "path", "data/../../elsewhere/a00000"), ALL),
     "absolute path": (setter("w", "path", "/etc/passwd"), ALL),
