@@ -120,12 +120,19 @@ def _int(descriptor: Any, value: Any, what: str, minimum: int) -> int:
 def _ints(descriptor: Any, value: Any, what: str, minimum: int) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or len(value) > MAX_RANK:
         raise _bad(descriptor, f"{what} must be a list of at most {MAX_RANK} integers")
-    return tuple(_int(descriptor, v, what, minimum) for v in value)
+    for v in value:  # a plain loop: this runs for every leaf of a manifest
+        if type(v) is not int or not minimum <= v <= MAX_ARRAY_BYTES:
+            _int(descriptor, v, what, minimum)  # raises the message
+    return tuple(value)
 
 
 def _shape(descriptor: Any, dtype: np.dtype[Any]) -> tuple[int, ...]:
     shape = _ints(descriptor, descriptor.get("shape"), "shape", 0)
-    if math.prod(max(n, 1) for n in shape) * dtype.itemsize > MAX_ARRAY_BYTES:
+    size = dtype.itemsize
+    for n in shape:
+        if n > 1:
+            size *= n
+    if size > MAX_ARRAY_BYTES:
         raise _bad(descriptor, f"shape {list(shape)} of {dtype} is larger than 2**62 bytes")
     return shape
 
