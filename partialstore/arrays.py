@@ -129,6 +129,10 @@ PACK_THRESHOLD = 1 << 20
 #: Packs are split at about this size, so big saves write several in parallel.
 PACK_BYTES = 64 << 20
 
+#: A packed read longer than this first checks that the object is that long
+#: (see :func:`_check_pack_reaches`); shorter ones are allocated as they are.
+_PROBE_ABOVE = packing.COALESCE_GAP
+
 #: At most this many backend reads/writes of one call run at once, so a
 #: save of 10,000 chunks through fsspec does not open 10,000 connections.
 BACKEND_CONCURRENCY = 64
@@ -328,6 +332,8 @@ async def _read_packed(
     key = join_key(root, read.path)
     async with semaphore:
         try:
+            if read.end - read.start > _PROBE_ABOVE:
+                await _check_pack_reaches(backend, key, read.end)
             data = await backend.read(key, start=read.start, end=read.end)
         except NotFoundError:
             raise CorruptCheckpointError(
@@ -335,9 +341,9 @@ async def _read_packed(
                 "damaged or incomplete."
             ) from None
     if len(data) > packing.COALESCE_GAP:
-        decoded = await asyncio.to_thread(packing.decode_range, data, read)
+        decoded = await asyncio.to_thread(packing.decode_range, data, read, key)
     else:
-        decoded = packing.decode_range(data, read)
+        decoded = packing.decode_range(data, read, key)
     for request_id, array in decoded:
         index = normalized[request_id][1]
         if index.is_whole(array.shape):
@@ -345,3 +351,18 @@ async def _read_packed(
         else:
             # Copy the selection so the result does not pin the whole leaf.
             results[request_id] = np.array(index.apply_inner(array[index.box_slices()]))
+
+
+async def _check_pack_reaches(backend: Backend, key: str, end: int) -> None:
+    """Raise unless the object at ``key`` holds at least ``end`` bytes.
+
+    A store may allocate a ranged read's whole length before reading (a local
+    file read does), so a damaged offset or size must not reach one unchecked:
+    reading the range's last byte first costs one small request and proves the
+    object is that large.
+    """
+    if len(await backend.read(key, start=end - 1, end=end)) != 1:
+        raise CorruptCheckpointError(
+            f"Packed object {key!r} is shorter than the {end} bytes the manifest says it "
+            "holds. The checkpoint is damaged."
+        )

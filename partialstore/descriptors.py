@@ -1,11 +1,16 @@
 """Array descriptors: what the manifest records per leaf, and their validation.
 
 A descriptor is a JSON object. Its path is relative to the checkpoint root
-and must stay below ``data/``: the manifest is data read from a store, so a
-damaged or hostile one must not make a load read (or a gc delete) anything
-outside the checkpoint. :func:`parse` rejects unknown formats, absolute
-paths, ``..``/``.``/empty segments, backslashes and paths outside
-``data/`` with :class:`~partialstore.errors.CorruptCheckpointError`.
+and must name an object of a save directory, ``data/<save-id>/<name>``: the
+manifest is data read from a store, so a damaged or hostile one must not make
+a load read (or a gc delete) anything outside the checkpoint. :func:`parse`
+rejects unknown formats, absolute paths, ``..``/``.``/empty segments,
+backslashes and paths outside ``data/`` with
+:class:`~partialstore.errors.CorruptCheckpointError`. Every number is checked
+before anything uses it: shapes and chunks are at most :data:`MAX_RANK`
+non-negative ints whose product (in bytes) is at most :data:`MAX_ARRAY_BYTES`,
+chunks lie within the shape, packed offsets are aligned and ``nbytes`` equals
+the shape's size, so no read allocates from an unchecked number.
 
 Two formats (see :mod:`partialstore.arrays` for when each is used)::
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -32,12 +38,14 @@ import numpy as np
 from partialstore.backend import validate_key
 from partialstore.dtypes import MAX_RANK, dtype_from_name
 from partialstore.errors import CorruptCheckpointError, InvalidInputError
-from partialstore.packing import PackedLeaf
+from partialstore.keypaths import short_repr
+from partialstore.packing import ALIGN, PackedLeaf
 
 __all__ = [
     "DATA_PREFIX",
     "FORMAT_PACKED",
     "FORMAT_ZARR3",
+    "MAX_ARRAY_BYTES",
     "Index",
     "Leaf",
     "PackedLeaf",
@@ -53,6 +61,16 @@ FORMAT_PACKED = "packed"
 #: Every array path lives below this top-level directory of the checkpoint.
 DATA_PREFIX = "data"
 
+# One clean segment: no "/", backslash or NUL, and not "." or "..".
+_SEGMENT = r"(?!\.\.?(?:/|\Z))[^/\\\x00]+"
+# data/<save-id>/<name>[/...]: a relative key of an object inside a save directory.
+_DATA_PATH = re.compile(rf"{DATA_PREFIX}(?:/{_SEGMENT}){{2,}}")
+
+#: Largest array a descriptor may describe, in bytes (zero-length dimensions
+#: counted as 1, so an empty array cannot hide huge other dimensions).
+#: TensorStore indexes at most 2**62 elements; numpy arrays stay below 2**63 bytes.
+MAX_ARRAY_BYTES = 2**62
+
 
 @dataclasses.dataclass(frozen=True)
 class Zarr3Leaf:
@@ -64,73 +82,127 @@ class Zarr3Leaf:
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole array in memory.
+
+        Example::
+
+            Zarr3Leaf("data/s/a", f4, f4, (3, 4), (3, 4)).nbytes   # 48
+        """
+        return math.prod(self.shape) * self.dtype.itemsize
+
 
 Leaf = Zarr3Leaf | PackedLeaf
 
 
 def _bad(descriptor: Any, why: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"Bad array descriptor {descriptor!r}: {why}. The checkpoint manifest is damaged."
+        f"Bad array descriptor {short_repr(descriptor)}: {why}. The checkpoint manifest is damaged."
     )
 
 
 def _int(descriptor: Any, value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(descriptor, f"{what} must be an integer >= {minimum}, got {value!r}")
+    if type(value) is int and minimum <= value <= MAX_ARRAY_BYTES:
+        return value  # the common case, checked first: manifests hold many
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not minimum <= value <= MAX_ARRAY_BYTES
+    ):
+        raise _bad(
+            descriptor,
+            f"{what} must be an integer in [{minimum}, 2**62], got {short_repr(value, 40)}",
+        )
     return value
 
 
 def _ints(descriptor: Any, value: Any, what: str, minimum: int) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or len(value) > MAX_RANK:
         raise _bad(descriptor, f"{what} must be a list of at most {MAX_RANK} integers")
-    return tuple(_int(descriptor, v, what, minimum) for v in value)
+    for v in value:  # a plain loop: this runs for every leaf of a manifest
+        if type(v) is not int or not minimum <= v <= MAX_ARRAY_BYTES:
+            _int(descriptor, v, what, minimum)  # raises the message
+    return tuple(value)
+
+
+def _shape(descriptor: Any, dtype: np.dtype[Any]) -> tuple[int, ...]:
+    shape = _ints(descriptor, descriptor.get("shape"), "shape", 0)
+    size = dtype.itemsize
+    for n in shape:
+        if n > 1:
+            size *= n
+    if size > MAX_ARRAY_BYTES:
+        raise _bad(descriptor, f"shape {list(shape)} of {dtype} is larger than 2**62 bytes")
+    return shape
 
 
 def _check_path(descriptor: Any, path: Any) -> str:
-    if not isinstance(path, str) or "\\" in path:
-        raise _bad(descriptor, f"path {path!r} is not a clean relative key")
-    try:
-        validate_key(path)
-    except InvalidInputError:
-        raise _bad(descriptor, f"path {path!r} is not a clean relative key") from None
-    parts = path.split("/")
-    if parts[0] != DATA_PREFIX or len(parts) < 2:
-        raise _bad(descriptor, f"path {path!r} is not below {DATA_PREFIX!r}/")
+    if not isinstance(path, str) or not _DATA_PATH.fullmatch(path):
+        raise _bad(
+            descriptor,
+            f"path {short_repr(path, 80)} is not a clean relative key of an object below "
+            f"'{DATA_PREFIX}/<save-id>/' (no '.', '..' or empty segments, no backslash or NUL)",
+        )
     return path
+
+
+def _dtype(descriptor: Any, field: str, default: Any = None) -> np.dtype[Any]:
+    try:
+        return dtype_from_name(descriptor.get(field, default))
+    except CorruptCheckpointError as error:
+        raise _bad(descriptor, f"{field}: {error}") from None
 
 
 def parse(descriptor: Any) -> Leaf:
     """Validate ``descriptor`` and return it as a :class:`Zarr3Leaf` or :class:`PackedLeaf`.
+
+    An already parsed :class:`Zarr3Leaf` or :class:`PackedLeaf` is returned as it is.
 
     Example::
 
         parse({"format": "packed", "path": "../x", ...})  # raises CorruptCheckpointError
 
     Raises:
-      CorruptCheckpointError: anything malformed, including escaping paths.
+      CorruptCheckpointError: anything malformed, including escaping paths,
+        unknown dtypes and out-of-range numbers.
     """
+    if isinstance(descriptor, Zarr3Leaf | PackedLeaf):
+        return descriptor
     if not isinstance(descriptor, dict):
         raise _bad(descriptor, "it is not a JSON object")
     kind = descriptor.get("format")
     if kind not in (FORMAT_ZARR3, FORMAT_PACKED):
-        raise _bad(descriptor, f"unknown format {kind!r} (known: 'zarr3', 'packed')")
+        raise _bad(descriptor, f"unknown format {short_repr(kind, 40)} (known: 'zarr3', 'packed')")
     path = _check_path(descriptor, descriptor.get("path"))
-    dtype = dtype_from_name(descriptor.get("dtype"))
-    shape = _ints(descriptor, descriptor.get("shape"), "shape", 0)
+    dtype = _dtype(descriptor, "dtype")
+    shape = _shape(descriptor, dtype)
     if kind == FORMAT_PACKED:
-        offset = _int(descriptor, descriptor.get("offset"), "offset", 0)
-        nbytes = _int(descriptor, descriptor.get("nbytes"), "nbytes", 0)
-        if nbytes != math.prod(shape) * dtype.itemsize:
-            raise _bad(descriptor, f"nbytes {nbytes} does not match shape {shape} of {dtype}")
-        crc = _int(descriptor, descriptor.get("crc32c"), "crc32c", 0)
-        return PackedLeaf(path, offset, nbytes, dtype, shape, crc)
+        return _packed(descriptor, path, dtype, shape)
     chunks = _ints(descriptor, descriptor.get("chunks"), "chunks", 1)
     if len(chunks) != len(shape):
         raise _bad(descriptor, f"chunks {list(chunks)} and shape {list(shape)} differ in rank")
-    storage = dtype_from_name(descriptor.get("storage_dtype", descriptor["dtype"]))
+    if any(c > max(n, 1) for c, n in zip(chunks, shape, strict=True)):
+        raise _bad(descriptor, f"chunks {list(chunks)} exceed shape {list(shape)}")
+    storage = _dtype(descriptor, "storage_dtype", descriptor["dtype"])
     if storage.itemsize != dtype.itemsize:
         raise _bad(descriptor, f"storage dtype {storage} is not as wide as {dtype}")
     return Zarr3Leaf(path, dtype, storage, shape, chunks)
+
+
+def _packed(descriptor: Any, path: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Leaf:
+    offset = _int(descriptor, descriptor.get("offset"), "offset", 0)
+    if offset % ALIGN:
+        raise _bad(descriptor, f"offset {offset} is not a multiple of {ALIGN}")
+    nbytes = _int(descriptor, descriptor.get("nbytes"), "nbytes", 0)
+    if nbytes != math.prod(shape) * dtype.itemsize:
+        raise _bad(descriptor, f"nbytes {nbytes} does not match shape {list(shape)} of {dtype}")
+    if offset + nbytes > MAX_ARRAY_BYTES:
+        raise _bad(descriptor, f"bytes [{offset}, {offset + nbytes}) lie beyond 2**62")
+    crc = _int(descriptor, descriptor.get("crc32c"), "crc32c", 0)
+    if crc > 0xFFFFFFFF:
+        raise _bad(descriptor, f"crc32c {crc} does not fit in 32 bits")
+    return PackedLeaf(path, offset, nbytes, dtype, shape, crc)
 
 
 def descriptor_nbytes(descriptor: dict[str, Any]) -> int:
@@ -143,8 +215,7 @@ def descriptor_nbytes(descriptor: dict[str, Any]) -> int:
     Raises:
       CorruptCheckpointError: the descriptor is malformed.
     """
-    leaf = parse(descriptor)
-    return math.prod(leaf.shape) * leaf.dtype.itemsize
+    return parse(descriptor).nbytes
 
 
 def check_save_dir(save_dir: str) -> str:

@@ -26,7 +26,7 @@ import datetime
 import re
 import uuid
 
-from partialstore import txlog
+from partialstore import records, txlog
 from partialstore.errors import CheckpointFinalizedError, CorruptCheckpointError, NotFoundError
 from partialstore.location import DATA_DIR, Location
 from partialstore.published import already_finalized, drop_stray_staging, read_published, writer
@@ -139,10 +139,13 @@ async def gc(location: Location) -> list[str]:
 
     Returns the deleted directories (relative to the checkpoint).
     """
-    manifest = await read_published(location)
-    if manifest is None:
-        raise NotFoundError(f"gc needs a finalized checkpoint, and {location.path} has none.")
-    used = {leaf["data"]["path"].split("/")[1] for leaf in manifest["leaves"] if "data" in leaf}
+    try:
+        body = await location.backend.read(location.manifest_key)
+    except NotFoundError as error:
+        raise NotFoundError(
+            f"gc needs a finalized checkpoint, and {location.path} has none."
+        ) from error
+    used = records.decode_manifest(location.manifest_key, body).save_dirs()
     data_prefix = f"{location.final_prefix}/{DATA_DIR}"
     unused = [
         name

@@ -40,6 +40,7 @@ from partialstore.errors import CorruptCheckpointError, InvalidInputError
 
 __all__ = [
     "ENTRY_KINDS",
+    "MAX_DEPTH",
     "KeyPath",
     "PathEntry",
     "Selector",
@@ -52,6 +53,7 @@ __all__ = [
     "parse_selector",
     "path_keys",
     "selector_matches",
+    "short_repr",
 ]
 
 PathEntry: TypeAlias = tuple[str, str | int]
@@ -61,6 +63,15 @@ KeyPath: TypeAlias = tuple[PathEntry, ...]
 Selector: TypeAlias = tuple[Any, ...]
 
 ENTRY_KINDS = frozenset({"key", "idx", "attr", "flat"})
+
+#: The most entries a key path may have: a tree is at most this deep. Every
+#: node and leaf record stores its full key path, so a record grows with the
+#: square of the depth; the bound keeps a stored tree's size proportional to
+#: its number of nodes and leaves, and is checked at save time
+#: (:class:`~partialstore.errors.InvalidInputError`) and on every read
+#: (:class:`~partialstore.errors.CorruptCheckpointError`). Real model trees
+#: are a few dozen levels deep.
+MAX_DEPTH = 256
 
 # Dict keys are kept to the signed 64-bit range so that every JSON reader, not
 # only Python's, reads the stored path back exactly.
@@ -156,13 +167,13 @@ def encode_path(path: KeyPath) -> list[list[str | int]]:
 
 
 def _valid_entry(kind: Any, key: Any) -> bool:
-    if kind not in ENTRY_KINDS or isinstance(key, bool):
+    if not isinstance(kind, str) or kind not in ENTRY_KINDS or isinstance(key, bool):
         return False
     if kind == "key":
         return isinstance(key, str) or (isinstance(key, int) and _INT64_MIN <= key <= _INT64_MAX)
     if kind == "attr":
         return isinstance(key, str)
-    return isinstance(key, int) and key >= 0
+    return isinstance(key, int) and 0 <= key <= _INT64_MAX
 
 
 def decode_path(obj: Any) -> KeyPath:
@@ -173,20 +184,46 @@ def decode_path(obj: Any) -> KeyPath:
         decode_path([["key", "params"], ["idx", 0]])   # (('key', 'params'), ('idx', 0))
 
     Raises:
-        CorruptCheckpointError: ``obj`` is not a list of ``[kind, key]`` pairs
-            with a known kind and a key of the right type.
+        CorruptCheckpointError: ``obj`` is not a list of at most
+            :data:`MAX_DEPTH` ``[kind, key]`` pairs with a known kind and a key
+            of the right type.
     """
     if not isinstance(obj, list | tuple):
-        raise CorruptCheckpointError(f"Stored key path {obj!r} is not a list.")
+        raise CorruptCheckpointError(f"Stored key path {short_repr(obj)} is not a list.")
+    if len(obj) > MAX_DEPTH:
+        raise CorruptCheckpointError(
+            f"Stored key path has {len(obj)} entries; a tree is at most {MAX_DEPTH} deep."
+        )
     entries: list[PathEntry] = []
     for item in obj:
+        # Fast path for the usual entry, a str dict key (manifests hold many).
+        if type(item) is list and len(item) == 2 and item[0] == "key" and type(item[1]) is str:
+            entries.append(("key", item[1]))
+            continue
         if not isinstance(item, list | tuple) or len(item) != 2 or not _valid_entry(*item):
             raise CorruptCheckpointError(
-                f"Stored key path {obj!r} has a malformed entry {item!r}; expected "
-                '["key", str|int], ["idx", int>=0], ["attr", str] or ["flat", int>=0].'
+                f"Stored key path {short_repr(obj)} has a malformed entry {short_repr(item)}; "
+                'expected ["key", str|int64], ["idx", int>=0], ["attr", str] or ["flat", int>=0].'
             )
         entries.append((item[0], item[1]))
     return tuple(entries)
+
+
+def short_repr(obj: Any, limit: int = 200) -> str:
+    """``repr(obj)`` cut to about ``limit`` characters, for messages about stored data.
+
+    Stored data may be huge or deeply nested; a message must stay readable
+    and building it must not fail.
+
+    Example::
+
+        short_repr(list(range(1000)), limit=20)   # '[0, 1, 2, 3, 4, 5, 6...(4890 chars)'
+    """
+    try:
+        text = repr(obj)
+    except (RecursionError, ValueError):  # deep nesting; ints past Python's digit limit
+        return f"<a {type(obj).__name__} too deep or large to show>"
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 def _quote(text: str) -> str:

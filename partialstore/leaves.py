@@ -45,7 +45,7 @@ import numpy as np
 import tensorstore as ts
 
 from partialstore.errors import CorruptCheckpointError, InvalidInputError, UnsupportedLeafError
-from partialstore.keypaths import KeyPath, check_str, format_path
+from partialstore.keypaths import KeyPath, check_str, format_path, short_repr
 
 __all__ = [
     "ARRAY_KINDS",
@@ -321,7 +321,9 @@ def encode_inline(kind: str, value: Any) -> Any:
 
 
 def _bad_value(kind: str, obj: Any) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"Stored value {obj!r} is not a valid {kind!r} leaf value.")
+    return CorruptCheckpointError(
+        f"Stored value {short_repr(obj)} is not a valid {kind!r} leaf value."
+    )
 
 
 def decode_value(kind: str, obj: Any) -> int | float | bool | str | None:
@@ -355,8 +357,10 @@ def decode_value(kind: str, obj: Any) -> int | float | bool | str | None:
             return int(text, 16)
         raise _bad_value(kind, obj)
     if kind == "float":
-        if isinstance(obj, int | float) and not isinstance(obj, bool):
-            return float(obj)
+        # encode_inline writes every finite float as a JSON float ("2.0"), so an
+        # int, or a non-finite number from a lenient parser, is damage.
+        if type(obj) is float and math.isfinite(obj):
+            return obj
         if isinstance(obj, dict) and obj.get("float") in ("inf", "-inf") and len(obj) == 1:
             return math.inf if obj["float"] == "inf" else -math.inf
         if isinstance(obj, dict) and obj.get("float") == "nan" and set(obj) <= {"float", "bits"}:
@@ -366,7 +370,7 @@ def decode_value(kind: str, obj: Any) -> int | float | bool | str | None:
                 if math.isnan(number):
                     return number
         raise _bad_value(kind, obj)
-    raise CorruptCheckpointError(f"Stored leaf kind {kind!r} is not an inline kind.")
+    raise CorruptCheckpointError(f"Stored leaf kind {short_repr(kind)} is not an inline kind.")
 
 
 def value_from_array(kind: str, array: np.ndarray) -> Any:

@@ -1,7 +1,10 @@
 """Reading finalized checkpoints: the whole tree, selected subtrees, or a target layout.
 
 Only the manifest says what a checkpoint holds, so ``metadata`` is one read
-and ``load(select=...)`` reads only the bytes of the selected leaves.
+and ``load(select=...)`` reads only the bytes of the selected leaves. The
+manifest is checked once, as it is decoded (:mod:`partialstore.records`):
+everything here works on checked, typed entries, in time linear in the
+manifest's size.
 
 Example::
 
@@ -17,18 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from partialstore import arrays, tree
-from partialstore.errors import (
-    CorruptCheckpointError,
-    InvalidInputError,
-    NotFoundError,
-)
+from partialstore import arrays, records, tree
+from partialstore.dtypes import dtype_name
+from partialstore.errors import InvalidInputError, NotFoundError
 from partialstore.location import Location
-from partialstore.manifest import decode_manifest
+from partialstore.records import LeafEntry, Manifest
 
 __all__ = ["CheckpointMetadata", "LeafMetadata", "load_tree", "read_manifest", "read_metadata"]
-
-_ARRAY_KINDS = ("array", "jax_array", "np_scalar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +62,20 @@ class CheckpointMetadata:
     finalized: str | None
 
 
-async def read_manifest(location: Location) -> dict[str, Any]:
+async def read_manifest(location: Location) -> Manifest:
     """Read and check the manifest of the finalized checkpoint at ``location``.
+
+    Every check (:func:`partialstore.records.decode_manifest`) runs here,
+    once, so ``load``, ``metadata`` and ``gc`` refuse the same damage.
+
+    Example::
+
+        manifest = await read_manifest(location)
+        manifest.save_dirs()          # what gc keeps
 
     Raises:
       NotFoundError: no finalized checkpoint (says when a session is still open).
-      CorruptCheckpointError: the manifest is malformed.
+      CorruptCheckpointError: the manifest is malformed (the message names its key).
     """
     backend = location.backend
     try:
@@ -79,46 +85,42 @@ async def read_manifest(location: Location) -> dict[str, Any]:
         if await backend.list_children(location.log_prefix):
             hint = " A partial save session exists there: call partialstore.finalize first."
         raise NotFoundError(f"No finalized checkpoint at {location.path}.{hint}") from error
-    return decode_manifest(location.manifest_key, body)
+    return records.decode_manifest(location.manifest_key, body)
 
 
-def _paths(manifest: dict[str, Any], field: str) -> list[tuple[tree.KeyPath, dict[str, Any]]]:
-    return [(tree.decode_path(entry["path"]), entry) for entry in manifest[field]]
-
-
-def _nodes(manifest: dict[str, Any]) -> dict[tree.KeyPath, tree.Node]:
+def _nodes(manifest: Manifest) -> dict[tree.KeyPath, tree.Node]:
     return {
-        path: tree.Node(path=path, kind=entry["kind"], type_name=entry.get("type"))
-        for path, entry in _paths(manifest, "nodes")
+        n.path: tree.Node(path=n.path, kind=n.kind, type_name=n.type_name) for n in manifest.nodes
     }
 
 
-def _leaf_metadata(entry: dict[str, Any]) -> LeafMetadata:
-    if entry["kind"] in _ARRAY_KINDS:
-        data = entry.get("data")
-        if not isinstance(data, dict):
-            raise CorruptCheckpointError(f"Array leaf {entry['path']!r} has no data descriptor.")
-        return LeafMetadata(entry["kind"], tuple(data["shape"]), data["dtype"])
-    return LeafMetadata(entry["kind"], (), None)
+def _leaf_metadata(leaf: LeafEntry) -> LeafMetadata:
+    if leaf.data is None:
+        return LeafMetadata(leaf.kind, (), None)
+    return LeafMetadata(leaf.kind, leaf.data.shape, dtype_name(leaf.data.dtype))
 
 
-def read_metadata(location: Location, manifest: dict[str, Any]) -> CheckpointMetadata:
-    """Build :class:`CheckpointMetadata` from a manifest (no array bytes read)."""
-    values = {path: _leaf_metadata(entry) for path, entry in _paths(manifest, "leaves")}
+def read_metadata(location: Location, manifest: Manifest) -> CheckpointMetadata:
+    """Build :class:`CheckpointMetadata` from a checked manifest (no array bytes read).
+
+    Example::
+
+        info = read_metadata(location, await read_manifest(location))
+        info.tree["params"]["w"].shape
+    """
+    values = {leaf.path: _leaf_metadata(leaf) for leaf in manifest.leaves}
     return CheckpointMetadata(
         tree=tree.build_tree(_nodes(manifest), values),
-        custom_metadata=manifest.get("custom_metadata"),
-        saves=list(manifest["saves"]),
-        finalized=manifest.get("finalized"),
+        custom_metadata=manifest.custom_metadata,
+        saves=list(manifest.saves),
+        finalized=manifest.finalized,
     )
 
 
-def _python_value(entry: dict[str, Any], array: np.ndarray | None) -> Any:
-    if entry["kind"] == "np_scalar":
-        return array[()]
-    if array is not None:
-        return array
-    return tree.decode_value(entry["kind"], entry.get("value"))
+def _python_value(leaf: LeafEntry, array: np.ndarray | None) -> Any:
+    if array is None:
+        return leaf.value
+    return array[()] if leaf.kind == "np_scalar" else array
 
 
 def _selectors(select: Sequence[Any] | str) -> list[Any]:
@@ -133,20 +135,22 @@ def _selectors(select: Sequence[Any] | str) -> list[Any]:
 
 
 def _select(
-    leaves: list[tuple[tree.KeyPath, dict[str, Any]]],
+    leaves: list[LeafEntry],
     nodes: dict[tree.KeyPath, tree.Node],
     select: Sequence[Any] | str,
-) -> tuple[list[tuple[tree.KeyPath, dict[str, Any]]], dict[tree.KeyPath, tree.Node]]:
+) -> tuple[list[LeafEntry], dict[tree.KeyPath, tree.Node]]:
     """Keep the selected leaves, and the containers in and around the selected subtrees."""
     selectors = _selectors(select)
-    chosen = [(p, e) for p, e in leaves if any(tree.selector_matches(s, p) for s in selectors)]
+    chosen = [
+        leaf for leaf in leaves if any(tree.selector_matches(s, leaf.path) for s in selectors)
+    ]
     kept_nodes = {
         path: node
         for path, node in nodes.items()
         if any(tree.selector_matches(s, path, include_ancestors=True) for s in selectors)
     }
     for selector in selectors:
-        found = any(tree.selector_matches(selector, p) for p, _ in chosen) or any(
+        found = any(tree.selector_matches(selector, leaf.path) for leaf in chosen) or any(
             tree.selector_matches(selector, p) for p in kept_nodes
         )
         if not found:
@@ -155,35 +159,45 @@ def _select(
 
 
 async def load_tree(
-    location: Location, manifest: dict[str, Any], *, select: Sequence[Any] | str | None
+    location: Location, manifest: Manifest, *, select: Sequence[Any] | str | None
 ) -> Any:
-    """Load the whole tree (or the ``select``-ed subtrees) as numpy arrays and Python values."""
-    leaves = _paths(manifest, "leaves")
+    """Load the whole tree (or the ``select``-ed subtrees) as numpy arrays and Python values.
+
+    Example::
+
+        tree = await load_tree(location, await read_manifest(location), select=["params"])
+    """
+    leaves = manifest.leaves
     nodes = _nodes(manifest)
     if select is not None:
         leaves, nodes = _select(leaves, nodes, select)
-    with_data = [(p, e) for p, e in leaves if e["kind"] in _ARRAY_KINDS]
+    with_data = [leaf for leaf in leaves if leaf.data is not None]
     loaded = await arrays.read_arrays(
-        location.backend, location.final_prefix, [(e["data"], None) for _, e in with_data]
+        location.backend, location.final_prefix, [(leaf.data, None) for leaf in with_data]
     )
-    by_path = {p: a for (p, _), a in zip(with_data, loaded, strict=True)}
-    values = {p: _python_value(e, by_path.get(p)) for p, e in leaves}
+    by_path = {leaf.path: a for leaf, a in zip(with_data, loaded, strict=True)}
+    values = {leaf.path: _python_value(leaf, by_path.get(leaf.path)) for leaf in leaves}
     return tree.build_tree(nodes, values)
 
 
-async def load_into_target(location: Location, manifest: dict[str, Any], target: Any) -> Any:
+async def load_into_target(location: Location, manifest: Manifest, target: Any) -> Any:
     """Load the leaves ``target`` names, shaped and placed as its leaves say.
 
     A target leaf that is a ``jax.ShapeDtypeStruct`` with a sharding, or a
     ``jax.Array``, comes back as a ``jax.Array`` with that sharding; each
     device's shard is read by itself, so a process reads only what it holds.
     A numpy-array leaf comes back as numpy; any other leaf as stored.
+
+    Example::
+
+        target = {"w": jax.ShapeDtypeStruct((8, 4), np.float32, sharding=sharding)}
+        state = await load_into_target(location, await read_manifest(location), target)
     """
     import jax  # deferred: loading without a target should not pay for jax
 
-    stored = dict(_paths(manifest, "leaves"))
+    stored = {leaf.path: leaf for leaf in manifest.leaves}
     paths, target_leaves, treedef = tree.target_leaf_paths(target)
-    requests: list[tuple[dict[str, Any], tuple[slice, ...] | None]] = []
+    requests: list[tuple[Any, tuple[slice, ...] | None]] = []
     plans: list[Any] = []
     for path, wanted in zip(paths, target_leaves, strict=True):
         entry = stored.get(path)
@@ -192,10 +206,10 @@ async def load_into_target(location: Location, manifest: dict[str, Any], target:
                 f"Target leaf {tree.format_path(path)} is not in the checkpoint at {location.path}."
             )
         sharding = getattr(wanted, "sharding", None)
-        if entry["kind"] not in _ARRAY_KINDS:
-            plans.append(("value", tree.decode_value(entry["kind"], entry.get("value"))))
+        if entry.data is None:
+            plans.append(("value", entry.value))
             continue
-        shape = tuple(entry["data"]["shape"])
+        shape = entry.data.shape
         if hasattr(wanted, "shape") and tuple(wanted.shape) != shape:
             raise InvalidInputError(
                 f"Target leaf {tree.format_path(path)} has shape {tuple(wanted.shape)}, but the "
@@ -206,11 +220,11 @@ async def load_into_target(location: Location, manifest: dict[str, Any], target:
             index_map = sharding.addressable_devices_indices_map(shape)
             first = len(requests)
             unique = list(dict.fromkeys(_index_key(i, shape) for i in index_map.values()))
-            requests += [(entry["data"], _read_index(key, shape)) for key in unique]
+            requests += [(entry.data, _read_index(key, shape)) for key in unique]
             plans.append(("sharded", shape, sharding, dtype, first, unique))
         else:
-            requests.append((entry["data"], None))
-            plans.append(("whole", entry["kind"], dtype, len(requests) - 1))
+            requests.append((entry.data, None))
+            plans.append(("whole", entry.kind, dtype, len(requests) - 1))
     loaded = await arrays.read_arrays(location.backend, location.final_prefix, requests)
     values = [_realize(plan, loaded) for plan in plans]
     return jax.tree_util.tree_unflatten(treedef, values)

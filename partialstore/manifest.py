@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from partialstore.errors import CorruptCheckpointError
-from partialstore.txlog import LogEntry, decode_versioned, paused_gc, record_key
+from partialstore.txlog import LogEntry, paused_gc, record_key
 
 __all__ = ["FORMAT", "VERSION", "build_manifest", "decode_manifest", "merge_metadata"]
 
@@ -151,13 +151,15 @@ def _build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str
 
 
 def decode_manifest(where: str, data: bytes) -> dict[str, Any]:
-    """Parse and check a manifest read from ``where``.
+    """Parse and check a manifest read from ``where``; return its JSON object.
+
+    The checks live in :func:`partialstore.records.decode_manifest`, which
+    also gives the typed entries.
 
     Raises:
-      CorruptCheckpointError: not JSON, not a partialstore manifest, unknown version.
+      CorruptCheckpointError: not JSON, not a partialstore manifest, unknown
+        version, or any entry malformed (the message names ``where``).
     """
-    manifest = decode_versioned(data, what=f"Manifest {where}", fmt=FORMAT, version=VERSION)
-    for field in ("nodes", "leaves", "saves"):
-        if not isinstance(manifest.get(field), list):
-            raise CorruptCheckpointError(f"Manifest {where} lacks a {field!r} list.")
-    return manifest
+    from partialstore import records  # records builds on this module
+
+    return records.decode_manifest(where, data).body

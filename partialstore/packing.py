@@ -182,19 +182,27 @@ def coalesce(leaves: Sequence[tuple[int, PackedLeaf]], gap: int = COALESCE_GAP) 
     return ranges
 
 
-def decode_range(data: bytes, read: ReadRange) -> list[tuple[int, np.ndarray]]:
+def decode_range(
+    data: bytes, read: ReadRange, where: str | None = None
+) -> list[tuple[int, np.ndarray]]:
     """Check and copy every member of ``read`` out of ``data`` (the bytes read for it).
 
     Each returned array is a fresh, writable, native-byte-order array that
-    does not keep ``data`` alive.
+    does not keep ``data`` alive. ``where`` names the pack in messages (its
+    full key; ``read.path`` by default).
+
+    Example::
+
+        arrays = decode_range(await backend.read(key, start=r.start, end=r.end), r, key)
 
     Raises:
       CorruptCheckpointError: ``data`` is short (object truncated) or a
         member's CRC-32C does not match.
     """
+    where = read.path if where is None else where
     if len(data) != read.end - read.start:
         raise CorruptCheckpointError(
-            f"Packed object {read.path!r} is truncated: asked for bytes [{read.start}, "
+            f"Packed object {where!r} is truncated: asked for bytes [{read.start}, "
             f"{read.end}) and got {len(data)} bytes. The checkpoint is damaged."
         )
     out = []
@@ -204,7 +212,7 @@ def decode_range(data: bytes, read: ReadRange) -> list[tuple[int, np.ndarray]]:
         actual = crc32c(raw)
         if actual != leaf.crc32c:
             raise CorruptCheckpointError(
-                f"Checksum mismatch in {read.path!r} at bytes [{leaf.offset}, "
+                f"Checksum mismatch in {where!r} at bytes [{leaf.offset}, "
                 f"{leaf.offset + leaf.nbytes}): stored crc32c {leaf.crc32c:#010x}, computed "
                 f"{actual:#010x}. The checkpoint is damaged."
             )

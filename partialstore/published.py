@@ -117,7 +117,7 @@ def sealer_gone(seal: dict[str, Any]) -> bool:
     try:
         created = datetime.datetime.fromisoformat(str(seal.get("created")))
     except ValueError:
-        return False
+        return True  # a seal that says nothing of its writer: nothing says it is alive
     age = datetime.datetime.now(datetime.UTC) - created
     return age.total_seconds() > SEAL_GRACE_S
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from partialstore.errors import CorruptCheckpointError, InvalidInputError
 from partialstore.keypaths import (
+    MAX_DEPTH,
     KeyPath,
     PathEntry,
     decode_path,
@@ -69,6 +70,7 @@ __all__ = [
     "ARRAY_KINDS",
     "INLINE_KINDS",
     "LEAF_KINDS",
+    "MAX_DEPTH",
     "NODE_KINDS",
     "KeyPath",
     "Leaf",
@@ -222,6 +224,13 @@ def _walk(state: Any) -> tuple[list[tuple[KeyPath, str, Any]], list[Node]]:
         if obj is _EXIT:
             active.discard(path)  # for an exit marker the second slot is the id
             continue
+        if len(path) > MAX_DEPTH:
+            raise InvalidInputError(
+                f"The tree is more than {MAX_DEPTH} levels deep below {format_path(path[:8])!r} "
+                f"(a key path of {len(path)} entries); partialstore stores trees of at most "
+                f"{MAX_DEPTH} levels. Flatten the deep part (e.g. a list of leaves instead of "
+                "nested containers) before saving."
+            )
         kind = classify_leaf(obj, path)
         children = None
         if kind is None:
@@ -268,7 +277,8 @@ def flatten(state: Any, *, copy_arrays: bool = True) -> tuple[list[Leaf], list[N
         UnsupportedLeafError: a leaf type or dtype cannot be saved; the message
             names its key path.
         InvalidInputError: a dict key that is not str/int, mixed str and int
-            keys in one dict, a custom node with unsupported keys, or a cycle.
+            keys in one dict, a custom node with unsupported keys, a cycle, or a
+            tree deeper than :data:`MAX_DEPTH` levels.
     """
     pending, nodes = _walk(state)
     # Start every device-to-host copy before blocking on the first one.

@@ -47,7 +47,6 @@ __all__ = [
     "VERSION",
     "LogEntry",
     "append",
-    "decode_versioned",
     "encode_record",
     "is_discard",
     "is_seal",
@@ -97,36 +96,14 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def decode_versioned(data: bytes, *, what: str, fmt: str, version: int) -> dict[str, Any]:
-    """Parse a JSON object of format ``fmt`` and version ``version``; ``what`` names it.
-
-    Shared by log records and manifests. The GC is paused: a manifest or
-    record of 10^4 leaves is many small objects (see :func:`paused_gc`).
-
-    Raises:
-      CorruptCheckpointError: not JSON, another format, or another version.
-    """
-    try:
-        with paused_gc():
-            body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptCheckpointError(f"{what} is not valid JSON: {error}.") from error
-    if not isinstance(body, dict) or body.get("format") != fmt:
-        raise CorruptCheckpointError(f"{what} is not a {fmt} object.")
-    if body.get("version") != version:
-        raise CorruptCheckpointError(
-            f"{what} has format version {body.get('version')!r}; this partialstore "
-            f"reads version {version}. Upgrade partialstore to read it."
-        )
-    return body
-
-
 def decode_record(key: str, data: bytes) -> dict[str, Any]:
-    """Parse and check one record; raise :class:`CorruptCheckpointError` if malformed."""
-    record = decode_versioned(data, what=f"Log record {key}", fmt=FORMAT, version=VERSION)
-    if record.get("kind") not in (SAVE, SEAL, DISCARD):
-        raise CorruptCheckpointError(f"Log record {key} has unknown kind {record.get('kind')!r}.")
-    return record
+    """Parse and check one record; raise :class:`CorruptCheckpointError` if malformed.
+
+    The checks live in :func:`partialstore.records.decode_record`.
+    """
+    from partialstore import records  # records builds on this module
+
+    return records.decode_record(key, data)
 
 
 def is_seal(record: dict[str, Any]) -> bool:

@@ -23,10 +23,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import weakref
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,6 +48,14 @@ from partialstore.multihost import ShardedArray, shard_chunks
 __all__ = ["choose_chunks", "gather", "read_array_group", "write_array"]
 
 T = TypeVar("T")
+
+# Chunk reads of one array through a backend without a kvstore run in this
+# many workers at most (the caller's semaphore bounds the total across arrays).
+_FETCH_WORKERS = 64
+
+# A read of more bytes than this through TensorStore's own kvstore first
+# checks that its last chunk is stored at full size (see _check_last_chunk).
+_PROBE_BYTES = 64 << 20
 
 # One TensorStore context per backend, so saves and loads share its
 # connection pools, credentials and I/O concurrency limits.
@@ -287,6 +296,29 @@ async def _move_to_backend(
     await gather([move(key) for key in keys])
 
 
+def iter_chunk_keys(leaf: Zarr3Leaf, index: Index) -> Iterator[str]:
+    """Lazily yield the keys of the chunks (``default`` encoding, ``/``) that ``index`` touches.
+
+    Lazy because a damaged array may claim more chunks than memory holds:
+    the caller stops at the first one that is missing.
+
+    Example::
+
+        list(iter_chunk_keys(leaf_with_chunks_10x4, Index(((0, 15), (0, 4)), None)))
+        # ["c/0/0", "c/1/0"]
+    """
+    if not leaf.shape:
+        yield "c"
+        return
+    axes = []
+    for (lo, hi), chunk in zip(index.box, leaf.chunks, strict=True):
+        if hi <= lo:
+            return
+        axes.append(range(lo // chunk, (hi - 1) // chunk + 1))
+    for position in itertools.product(*axes):
+        yield "c/" + "/".join(map(str, position))
+
+
 def chunk_keys(leaf: Zarr3Leaf, index: Index) -> list[str]:
     """Keys of the chunks (``default`` encoding, ``/`` separator) that ``index`` touches.
 
@@ -294,45 +326,101 @@ def chunk_keys(leaf: Zarr3Leaf, index: Index) -> list[str]:
 
         chunk_keys(leaf_with_chunks_10x4, Index(((0, 15), (0, 4)), None))  # ["c/0/0", "c/1/0"]
     """
-    if not leaf.shape:
-        return ["c"]
-    axes = []
-    for (lo, hi), chunk in zip(index.box, leaf.chunks, strict=True):
-        if hi <= lo:
-            return []
-        axes.append(range(lo // chunk, (hi - 1) // chunk + 1))
-    keys = ["c"]
-    for axis in axes:
-        keys = [f"{prefix}/{i}" for prefix in keys for i in axis]
-    return keys
+    return list(iter_chunk_keys(leaf, index))
 
 
-async def _fetch_to_memory(
+async def _fetch_key(
+    backend: Backend,
+    root: str,
+    path: str,
+    key: str,
+    memory: ts.KvStore,
+    semaphore: asyncio.Semaphore,
+    min_size: int = 0,
+) -> None:
+    async with semaphore:
+        try:
+            value = await backend.read(join_key(root, path, key))
+        except NotFoundError:
+            raise CorruptCheckpointError(
+                f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged "
+                "or incomplete."
+            ) from None
+        if len(value) < min_size:
+            raise _short_chunk(join_key(root, path), key, min_size)
+        await memory.write(key, value)
+
+
+def _short_chunk(where: str, key: str, size: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"Array {where!r}: chunk {key!r} holds fewer than the {size} bytes its metadata "
+        "says a chunk holds. The checkpoint is damaged."
+    )
+
+
+def _chunk_nbytes(leaf: Zarr3Leaf) -> int:
+    """Bytes of one decoded chunk; a stored chunk (bytes codec, maybe a crc) is never smaller."""
+    return math.prod(leaf.chunks) * leaf.storage.itemsize
+
+
+async def _check_last_chunk(
+    backend: Backend, root: str, path: str, leaf: Zarr3Leaf, index: Index
+) -> None:
+    """Before a large read, check that the last chunk it needs is stored at full size.
+
+    TensorStore allocates a read's whole result before it reads a chunk, and
+    aborts the process when that fails; a shape inflated alike in the manifest
+    and ``zarr.json`` must not get that far. The read's last chunk exists at
+    full size only if the array really extends that far: one small ranged
+    read proves it.
+    """
+    box_bytes = math.prod(hi - lo for lo, hi in index.box) * leaf.dtype.itemsize
+    if box_bytes <= _PROBE_BYTES:
+        return
+    last = [(hi - 1) // chunk for (_, hi), chunk in zip(index.box, leaf.chunks, strict=True)]
+    key = "c/" + "/".join(map(str, last))
+    size = _chunk_nbytes(leaf)
+    try:
+        tail = await backend.read(join_key(root, path, key), start=size - 1, end=size)
+    except NotFoundError:
+        raise CorruptCheckpointError(
+            f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged or "
+            "incomplete."
+        ) from None
+    if len(tail) != 1:
+        raise _short_chunk(join_key(root, path), key, size)
+
+
+async def _fetch_chunks(
     backend: Backend,
     root: str,
     path: str,
     members: Sequence[tuple[int, Zarr3Leaf, Index]],
-    context: ts.Context,
+    memory: ts.KvStore,
     semaphore: asyncio.Semaphore,
 ) -> None:
-    """Copy ``zarr.json`` and the chunks ``members`` need from the backend into memory."""
-    keys = {"zarr.json"}
-    for _, leaf, index in members:
-        keys.update(chunk_keys(leaf, index))
-    memory = await ts.KvStore.open({"driver": "memory", "path": f"{path}/"}, context=context)
+    """Copy the chunks ``members`` need from the backend into ``memory``.
 
-    async def fetch(key: str) -> None:
-        async with semaphore:
-            try:
-                value = await backend.read(join_key(root, path, key))
-            except NotFoundError:
-                raise CorruptCheckpointError(
-                    f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged "
-                    "or incomplete."
-                ) from None
-            await memory.write(key, value)
+    A few workers pull keys from one lazy iterator, so a damaged array that
+    claims billions of chunks costs one failed read, not a list of billions.
+    """
 
-    await gather([fetch(key) for key in sorted(keys)])
+    def unique_keys() -> Iterator[str]:
+        seen: set[str] = set()
+        for _, leaf, index in members:
+            for key in iter_chunk_keys(leaf, index):
+                if key not in seen:
+                    seen.add(key)
+                    yield key
+
+    keys = unique_keys()  # shared: next() never awaits, so workers cannot interleave in it
+    size = _chunk_nbytes(members[0][1])  # one array: the same chunks for every member
+
+    async def worker() -> None:
+        for key in keys:
+            await _fetch_key(backend, root, path, key, memory, semaphore, size)
+
+    await gather([worker() for _ in range(_FETCH_WORKERS)])
 
 
 def _check_store(store: ts.TensorStore, leaf: Zarr3Leaf, where: str) -> None:
@@ -369,18 +457,26 @@ async def read_array_group(
     via_backend = kvstore is None
     if kvstore is None:
         context = memory if memory is not None else ts.Context()
-        await _fetch_to_memory(backend, root, path, members, context, semaphore)
         kvstore = {"driver": "memory", "path": f"{path}/"}
     else:
         context = backend_context(backend)
     spec = {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
     try:
+        if via_backend:
+            fetched = await ts.KvStore.open(kvstore, context=context)
+            # zarr.json first: the chunks to fetch are only known to be real
+            # once the manifest's shape and chunks match the array's metadata.
+            await _fetch_key(backend, root, path, "zarr.json", fetched, semaphore)
         try:
             store = await ts.open(spec, open=True, read=True, context=context)
         except ValueError as error:
             raise ts_error(error, f"Opening array {where!r}", reading=True) from None
         for _, leaf, _ in members:
             _check_store(store, leaf, where)
+        if via_backend:
+            await _fetch_chunks(backend, root, path, members, fetched, semaphore)
+        else:
+            await gather([_check_last_chunk(backend, root, path, m[1], m[2]) for m in members])
 
         async def read_one(request_id: int, leaf: Zarr3Leaf, index: Index) -> tuple[int, Any]:
             try:

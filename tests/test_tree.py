@@ -31,6 +31,7 @@ from partialstore.errors import (
     UnsupportedLeafError,
 )
 from partialstore.tree import (
+    MAX_DEPTH,
     Leaf,
     Node,
     build_tree,
@@ -530,11 +531,18 @@ def test_custom_key_class_is_refused() -> None:
 
 def test_deep_tree_does_not_hit_recursion_limit() -> None:
     deep: Any = 1
-    for _ in range(1500):
+    for _ in range(MAX_DEPTH):
         deep = [deep]
     leaves, nodes = flatten(deep)
-    assert len(leaves) == 1 and len(leaves[0].path) == 1500 and len(nodes) == 1500
-    rebuilt = build_tree({n.path: n for n in nodes}, {leaves[0].path: 1})
+    assert len(leaves) == 1 and len(leaves[0].path) == MAX_DEPTH and len(nodes) == MAX_DEPTH
+    # build_tree itself has no depth limit: rebuild a chain deeper than
+    # Python's recursion limit from hand-made records.
+    path: tuple[Any, ...] = ()
+    chain = []
+    for _ in range(1500):
+        chain.append(Node(path=path, kind="list", type_name=None))
+        path = (*path, ("idx", 0))
+    rebuilt = build_tree({n.path: n for n in chain}, {path: 1})
     depth = 0
     while isinstance(rebuilt, list):
         rebuilt = rebuilt[0]
