@@ -63,7 +63,7 @@ _NAME = re.compile(r"^(\d{8})\.json$")
 # log of thousands of saves does not open thousands of connections at once.
 _READ_CONCURRENCY = 64
 # How often a reader lists again when records vanish under it (a concurrent discard).
-_REREADS = 3
+_REREADS = 8
 SAVE, SEAL, DISCARD = "save", "finalize", "discard"
 
 
@@ -192,18 +192,38 @@ async def read_log(backend: Backend, log_prefix: str) -> list[LogEntry]:
     Raises:
       CorruptCheckpointError: a record is missing or malformed.
     """
-    for _ in range(_REREADS):
+    for attempt in range(_REREADS):
         numbers = await list_numbers(backend, log_prefix)
-        try:
-            entries = await read_entries(backend, log_prefix, numbers)
-        except NotFoundError:
-            continue  # a concurrent discard deleted records we listed
-        _check_dense(log_prefix, numbers, entries)
-        return entries
+        found = await _read_present(backend, log_prefix, numbers)
+        entries = [entry for entry in found if entry is not None]
+        last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
+        # Records below the last marker may vanish (that discard deletes them);
+        # one above it vanished because a newer discard came: list again.
+        if all(entry is not None or n < last_marker for n, entry in zip(numbers, found, strict=True)):
+            present = [e.number for e in entries]
+            _check_dense(log_prefix, present, entries)
+            return entries
+        await asyncio.sleep(0.01 * 2**attempt)
     raise CorruptCheckpointError(
         f"Log records under {log_prefix} kept vanishing while being read, and no discard "
         "explains it. Is another tool deleting them?"
     )
+
+
+async def _read_present(
+    backend: Backend, log_prefix: str, numbers: Sequence[int]
+) -> list[LogEntry | None]:
+    """Read the given records concurrently; ``None`` for one that no longer exists."""
+    limit = asyncio.Semaphore(_READ_CONCURRENCY)
+
+    async def one(number: int) -> LogEntry | None:
+        async with limit:
+            try:
+                return LogEntry(number, await _read(backend, log_prefix, number))
+            except NotFoundError:
+                return None
+
+    return list(await asyncio.gather(*(one(n) for n in numbers)))
 
 
 async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None:
