@@ -7,7 +7,7 @@ partialstore's background loop. ``partialstore/__init__.py`` re-exports them.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Hashable, Mapping, Sequence
 from typing import Any
 
 from partialstore import _aio, finalizing, loading, multihost, ordering, saving
@@ -19,8 +19,10 @@ __all__ = ["discard", "finalize", "gc", "load", "metadata", "save", "save_async"
 PathLike = str | os.PathLike[str]
 
 
-def _queue_key(location: Location) -> tuple[int, str]:
-    return (id(location.backend), location.final_prefix)
+def _queue_key(location: Location) -> Hashable:
+    # The checkpoint's identity, not its spelling: "file:///x/ck" and "/x/ck"
+    # must share one queue, or a finalize would not wait for a pending save.
+    return location.key
 
 
 def _start_save(
