@@ -290,13 +290,20 @@ def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None)
         partialstore.save(path, {"broken": x})
         partialstore.discard(path)   # as if nothing had been saved
 
+    In a multi-process JAX job every process calls it: the primary discards,
+    the others wait and return or raise as it did.
+
     Raises:
       FileExistsError: ``path`` is finalized (discard never deletes a checkpoint).
       FileNotFoundError: there is no session at ``path``.
     """
     location = resolve(path, storage_options)
-    key = _queue_key(location)
-    ordering.schedule(key, lambda: finalizing.discard(location), track=False).result()
+    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
+
+    async def run() -> None:
+        await multihost.run_on_primary(op, lambda: finalizing.discard(location), "Discard")
+
+    ordering.schedule(_queue_key(location), run, track=False).result()
 
 
 def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -309,8 +316,19 @@ def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> l
 
         partialstore.gc(path)   # ["data/3f2a..."]
 
+    In a multi-process JAX job every process calls it: the primary deletes,
+    the others wait and return the same list (or raise as it did).
+
     Raises:
       FileNotFoundError: no finalized checkpoint at ``path``.
     """
     location = resolve(path, storage_options)
-    return _aio.run(finalizing.gc(location))
+    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
+    deleted: list[str] = []
+
+    async def run() -> None:
+        deleted.extend(await multihost.run_on_primary(op, lambda: finalizing.gc(location), "gc"))
+
+    # Queued like saves to the path, so it runs after those called before it.
+    ordering.schedule(_queue_key(location), run, track=False).result()
+    return deleted
