@@ -7,8 +7,13 @@ mesh spans both processes) and save the same global tree to local disk, S3
 single one, no JAX job) then loads every checkpoint and checks every value
 bit for bit, and checks from the keys each worker's backend wrote that
 only the primary wrote log records, packs and metadata, that the workers
-wrote disjoint chunks, and that chunks tile the shards. Finally a write that
-fails in one worker fails that save in both, and nothing is committed.
+wrote disjoint chunks, and that chunks tile the shards. Then writes that
+fail in one worker (a ``BackendError``, a ``TimeoutError``, an ``OSError``)
+fail that save in both with that type and message, naming the worker, and
+nothing is committed; ``discard`` and ``gc`` called by both act once (on
+the primary) and return or raise alike; no coordination key is left over.
+A three-process job has one non-primary killed (SIGKILL) mid-save: the two
+survivors raise within 30 s, naming it.
 """
 
 from __future__ import annotations
