@@ -7,7 +7,7 @@ partialstore's background loop. ``partialstore/__init__.py`` re-exports them.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Hashable, Mapping, Sequence
 from typing import Any
 
 from partialstore import _aio, discarding, finalizing, loading, multihost, ordering, saving
@@ -19,8 +19,10 @@ __all__ = ["discard", "finalize", "gc", "load", "metadata", "save", "save_async"
 PathLike = str | os.PathLike[str]
 
 
-def _queue_key(location: Location) -> tuple[int, str]:
-    return (id(location.backend), location.final_prefix)
+def _queue_key(location: Location) -> Hashable:
+    # The checkpoint's identity, not its spelling: "file:///x/ck" and "/x/ck"
+    # must share one queue, or a finalize would not wait for a pending save.
+    return location.key
 
 
 def _start_save(
@@ -190,25 +192,9 @@ def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None
 
     async def run() -> None:
         ordering.raise_unobserved_failures(key)
-        if op is None:
-            await finalizing.finalize(location)
-        else:
-            await _finalize_collective(location, op)
+        await multihost.run_on_primary(op, lambda: finalizing.finalize(location), "Finalize")
 
     ordering.schedule(key, run, track=False).result()
-
-
-async def _finalize_collective(location: Location, op: str) -> None:
-    """Finalize on the primary only; every process returns or raises as it did."""
-    if not multihost.is_primary():
-        multihost.decode_outcome(await multihost.broadcast(f"{op}/outcome", None), "Finalize")
-        return
-    try:
-        await finalizing.finalize(location)
-    except Exception as error:
-        await multihost.broadcast(f"{op}/outcome", multihost.encode_outcome(error))
-        raise
-    await multihost.broadcast(f"{op}/outcome", multihost.encode_outcome(None))
 
 
 def load(
@@ -288,13 +274,20 @@ def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None)
         partialstore.save(path, {"broken": x})
         partialstore.discard(path)   # as if nothing had been saved
 
+    In a multi-process JAX job every process calls it: the primary discards,
+    the others wait and return or raise as it did.
+
     Raises:
       FileExistsError: ``path`` is finalized (discard never deletes a checkpoint).
       FileNotFoundError: there is no session at ``path``.
     """
     location = resolve(path, storage_options)
-    key = _queue_key(location)
-    ordering.schedule(key, lambda: discarding.discard(location), track=False).result()
+    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
+
+    async def run() -> None:
+        await multihost.run_on_primary(op, lambda: discarding.discard(location), "Discard")
+
+    ordering.schedule(_queue_key(location), run, track=False).result()
 
 
 def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -307,8 +300,19 @@ def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> l
 
         partialstore.gc(path)   # ["data/3f2a..."]
 
+    In a multi-process JAX job every process calls it: the primary deletes,
+    the others wait and return the same list (or raise as it did).
+
     Raises:
       FileNotFoundError: no finalized checkpoint at ``path``.
     """
     location = resolve(path, storage_options)
-    return _aio.run(discarding.gc(location))
+    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
+    deleted: list[str] = []
+
+    async def run() -> None:
+        deleted.extend(await multihost.run_on_primary(op, lambda: discarding.gc(location), "gc"))
+
+    # Queued like saves to the path, so it runs after those called before it.
+    ordering.schedule(_queue_key(location), run, track=False).result()
+    return deleted

@@ -14,6 +14,7 @@ that callers already catch, so ``except FileExistsError`` and
     │   └── UnsupportedLeafError      (TypeError)        a tree leaf cannot be saved
     ├── CorruptCheckpointError        (ValueError)       stored bytes or manifests are bad
     ├── UnsupportedOperationError     (NotImplementedError)  the store cannot do this
+    ├── ProcessLostError              (RuntimeError)     another process of the JAX job died
     └── BackendError                  (OSError)          the store failed
         ├── TransientBackendError                        ... and retrying may help
         └── OutcomeUnknownError                          ... a write may or may not have landed
@@ -38,6 +39,7 @@ __all__ = [
     "NotFoundError",
     "OutcomeUnknownError",
     "PartialStoreError",
+    "ProcessLostError",
     "SessionDiscardedError",
     "TransientBackendError",
     "UnsupportedLeafError",
@@ -90,6 +92,10 @@ class CorruptCheckpointError(PartialStoreError, ValueError):
 
 class UnsupportedOperationError(PartialStoreError, NotImplementedError):
     """The backend lacks the capability this operation needs."""
+
+
+class ProcessLostError(PartialStoreError, RuntimeError):
+    """Another process of the JAX job died, hung, or lost the coordination service."""
 
 
 class BackendError(PartialStoreError, OSError):

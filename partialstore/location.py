@@ -16,17 +16,24 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from partialstore import registry
 from partialstore.backend import Backend, join_key
 from partialstore.errors import InvalidInputError
 
-__all__ = ["MANIFEST_NAME", "STAGING_SUFFIX", "Location", "resolve"]
+__all__ = [
+    "MANIFEST_NAME",
+    "STAGING_SUFFIX",
+    "Location",
+    "canonical_root",
+    "freeze_options",
+    "job_wide_name",
+    "resolve",
+]
 
 MANIFEST_NAME = "partialstore.json"
 STAGING_SUFFIX = ".partial_save"
@@ -42,6 +49,9 @@ class Location:
     backend: Backend
     final_prefix: str
     staging_prefix: str
+    #: The checkpoint's identity in this process, whatever the spelling of
+    #: ``path``: (canonical backend root, name, frozen storage options).
+    key: tuple[str, str, Hashable] | None = None
 
     @property
     def uses_rename(self) -> bool:
@@ -66,7 +76,15 @@ class Location:
         return f"{DATA_DIR}/{save_id}"
 
 
-_backends: dict[tuple[str, str], Backend] = {}
+# Built-in backends whose URLs name the same store in several spellings.
+_LOCAL = "partialstore.backends.local:LocalBackend"
+_MEMORY = "partialstore.backends.memory:MemoryBackend"
+_BUCKETS = ("partialstore.backends.s3:S3Backend", "partialstore.backends.gcs:GCSBackend")
+
+#: A backend's cache key: its canonical root and its frozen storage options.
+BackendKey = tuple[str, Hashable]
+
+_backends: dict[BackendKey, Backend] = {}
 _backends_lock = threading.Lock()
 
 
@@ -95,15 +113,115 @@ def _split(path: str | os.PathLike[str]) -> tuple[str, str]:
     return parent, name
 
 
-def _backend_for(parent: str, storage_options: Mapping[str, Any] | None) -> Backend:
+def canonical_root(parent: str) -> str:
+    """One spelling of the directory a backend root URL names (symlinks not followed).
+
+    Mirrors how the built-in backends read their URLs: a plain path or
+    ``file://`` URL becomes an absolute path (``~`` expanded); ``s3a://``
+    becomes ``s3://`` and ``gcs://`` ``gs://``; slashes the backend strips
+    around a bucket prefix or a memory root are stripped. Other schemes, and
+    built-in ones that a registered backend overrides, keep their spelling.
+
+    Example::
+
+        canonical_root("s3a://bucket/run/")  # "s3://bucket/run"
+        canonical_root("file:///tmp/ckpts")  # "/tmp/ckpts"
+    """
+    scheme = registry.scheme_of(parent)
+    target = registry.builtin_target(scheme)
+    if target is None:
+        return parent
+    rest = parent.split("://", 1)[1] if "://" in parent else parent
+    alias = next(s for s in registry.aliases(target) if registry.builtin_target(s) == target)
+    if target == _LOCAL:
+        if scheme and rest.startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if not rest:
+            return parent  # names no directory: the backend says so
+        path = os.path.abspath(os.path.expanduser(rest))
+        return path if alias == "" else f"{alias}://{path}"
+    if target == _MEMORY:
+        return f"{alias}://{rest.strip('/')}"
+    if target in _BUCKETS:
+        bucket, _, prefix = rest.rstrip("/").partition("/")
+        return f"{alias}://{bucket}/{prefix.strip('/')}".rstrip("/") if bucket else parent
+    return parent
+
+
+def _physical_root(root: str) -> str:
+    # On local disk a symlinked parent names the same files as its target.
+    if registry.builtin_target(registry.scheme_of(root)) == _LOCAL and "://" not in root:
+        return os.path.realpath(root)
+    return root
+
+
+def job_wide_name(path: str | os.PathLike[str]) -> str:
+    """The checkpoint's URL in canonical spelling, the same in every process of a job.
+
+    Symlinks are not resolved (hosts may mount one store at different real
+    paths), so processes that name a checkpoint through different symlinks
+    get different names.
+
+    Example::
+
+        job_wide_name("s3a://bucket//run/ckpt/")  # "s3://bucket/run/ckpt"
+    """
+    parent, name = _split(path)
+    return f"{canonical_root(parent).rstrip('/')}/{name}"
+
+
+class _Identity:
+    """An unhashable option value that is compared by identity (and kept alive)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+def freeze_options(value: Any) -> Hashable:
+    """A hashable form of ``storage_options``, equal exactly when the options are equal.
+
+    Mappings compare regardless of key order; values compare with their type
+    (``True`` is not ``1``: backends check types, and ``single_writer=1``
+    must still be refused); other objects compare as they define it, or by
+    identity if unhashable.
+
+    Example::
+
+        freeze_options({"a": 1, "b": [2]}) == freeze_options({"b": [2], "a": 1})  # True
+    """
+    if isinstance(value, Mapping):
+        items = [(freeze_options(k), freeze_options(v)) for k, v in value.items()]
+        return ("mapping", tuple(sorted(items, key=repr)))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(freeze_options(v) for v in value))
+    if isinstance(value, set | frozenset):
+        return ("set", frozenset(freeze_options(v) for v in value))
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", _Identity(value))
+    return (f"{type(value).__module__}.{type(value).__qualname__}", value)
+
+
+def _backend_for(
+    root: str, options_key: Hashable, storage_options: Mapping[str, Any] | None
+) -> Backend:
     # Backends hold connection pools (s3fs/gcsfs sessions): share one per root
-    # and options instead of paying a new TLS/session set-up on every call.
-    options_key = json.dumps(dict(storage_options or {}), sort_keys=True, default=repr)
-    cache_key = (parent, options_key)
+    # and options instead of paying a new TLS/session set-up on every call;
+    # every spelling of one root must also reach one backend (one set of locks).
+    cache_key = (root, options_key)
     with _backends_lock:
         backend = _backends.get(cache_key)
         if backend is None:
-            backend = registry.open_backend(parent, storage_options)
+            backend = registry.open_backend(root, storage_options)
             _backends[cache_key] = backend
         return backend
 
@@ -121,8 +239,14 @@ def resolve(
       InvalidInputError: the path is empty or names no checkpoint.
     """
     parent, name = _split(path)
-    backend = _backend_for(parent, storage_options)
+    root = _physical_root(canonical_root(parent))
+    options_key = freeze_options(dict(storage_options or {}))
+    backend = _backend_for(root, options_key, storage_options)
     staging = name + STAGING_SUFFIX if backend.capabilities.atomic_rename else name
     return Location(
-        path=os.fspath(path), backend=backend, final_prefix=name, staging_prefix=staging
+        path=os.fspath(path),
+        backend=backend,
+        final_prefix=name,
+        staging_prefix=staging,
+        key=(root, name, options_key),
     )

@@ -7,36 +7,47 @@ so a replicated shard is written once) into the same zarr3 arrays, whose
 chunks tile every shard exactly, so no two processes ever write one chunk.
 The primary process (index 0) also writes the small and process-local
 leaves, collects every process's outcome, appends the one log record and
-tells the others how it went; finalize runs on the primary alone.
+tells the others how it went; finalize, discard and gc run on the primary
+alone (:func:`run_on_primary`).
 
 Coordination uses the key-value store of JAX's distributed coordination
-service: the primary publishes, the others block on a key (in a thread, so
-partialstore's event loop keeps running). Failures travel as messages, so a
-process whose write fails makes every process's ``save`` raise instead of
-leaving the others waiting at a barrier. With one process (or without
-``jax.distributed``) nothing here talks to anyone.
+service: the primary publishes, the others wait for a key in short slices
+(in a thread, so partialstore's event loop keeps running). Failures travel
+as messages carrying their type, message and process, so a process whose
+write fails makes every process raise that error instead of leaving the
+others waiting at a barrier; a process that dies is noticed by its
+heartbeat stopping (:class:`ProcessLostError`). Each operation's keys are
+deleted once every process is done with them. With one process (or
+without ``jax.distributed``) nothing here talks to anyone.
 
 Example::
 
     if is_multiprocess():
-        save_id = await broadcast(op_key(path, "save_id"), uuid4().hex if is_primary() else None)
+        save_id = await broadcast(f"{next_op(path)}/save_id", new_id() if is_primary() else None)
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
 from partialstore import errors
+from partialstore.location import job_wide_name
 
 __all__ = [
+    "OUTCOME",
     "ShardedArray",
     "broadcast",
     "decode_outcome",
@@ -47,13 +58,21 @@ __all__ = [
     "next_op",
     "process_count",
     "process_index",
+    "run_on_primary",
     "shard_chunks",
     "snapshot_shards",
 ]
 
-#: How long a process waits for another (seconds); ``PARTIALSTORE_MULTIHOST_TIMEOUT_S``
-#: overrides it. A save of a large sharded tree may take minutes on every process.
+#: How long a process waits for another that is alive (seconds);
+#: ``PARTIALSTORE_MULTIHOST_TIMEOUT_S`` overrides it. A save of a large
+#: sharded tree may take minutes on every process.
 DEFAULT_TIMEOUT_S = 1800.0
+#: After how many seconds without a heartbeat a process is taken for dead;
+#: ``PARTIALSTORE_MULTIHOST_LIVENESS_S`` overrides it (every process beats
+#: six times in that span, at most every 2 s). Other processes then fail
+#: within about this time plus one beat, instead of waiting for JAX's own
+#: heartbeat timeout to abort the job.
+DEFAULT_LIVENESS_S = 15.0
 
 
 def _global_state() -> Any:
@@ -78,14 +97,12 @@ def is_multiprocess() -> bool:
 
 def process_count() -> int:
     """Number of processes in the job (1 without ``jax.distributed``)."""
-    state = _global_state()
-    return int(state.num_processes) if is_multiprocess() else 1
+    return int(_global_state().num_processes) if is_multiprocess() else 1
 
 
 def process_index() -> int:
     """This process's index (0 without ``jax.distributed``)."""
-    state = _global_state()
-    return int(state.process_id) if is_multiprocess() else 0
+    return int(_global_state().process_id) if is_multiprocess() else 0
 
 
 def is_primary() -> bool:
@@ -93,84 +110,304 @@ def is_primary() -> bool:
     return process_index() == 0
 
 
-def _timeout_ms() -> int:
-    return int(float(os.environ.get("PARTIALSTORE_MULTIHOST_TIMEOUT_S", DEFAULT_TIMEOUT_S)) * 1000)
+def _timeout_s(name: str = "TIMEOUT", default: float = DEFAULT_TIMEOUT_S) -> float:
+    return float(os.environ.get(f"PARTIALSTORE_MULTIHOST_{name}_S", default))
 
+
+def _liveness_s() -> float:
+    return _timeout_s("LIVENESS", DEFAULT_LIVENESS_S)
+
+
+# ----------------------------------------------------------------- liveness
+# JAX notices a dead process only after its own heartbeat timeout (100 s by
+# default, set at jax.distributed.initialize), then aborts every process. So
+# each process taking part also publishes a counter under a key of its own,
+# and one waiting for another checks, between short waits, that it moves.
+
+_HEARTBEAT_DIR = "partialstore/heartbeat/"
+_heartbeat_lock = threading.Lock()
+_heartbeat_client: Any = None
+_seen: dict[int, tuple[str, float]] = {}  # process: (last beat seen, when first seen)
+
+
+def _heartbeat_interval_s() -> float:
+    return max(0.05, min(2.0, _liveness_s() / 6))
+
+
+def _ensure_heartbeat() -> None:
+    """Start this process's heartbeat for the current JAX client (once per client)."""
+    global _heartbeat_client
+    client = _client()
+    with _heartbeat_lock:
+        if client is None or _heartbeat_client is client:
+            return
+        key = f"{_HEARTBEAT_DIR}{process_index()}"
+        client.key_value_set(key, "0", allow_overwrite=True)  # visible before any wait
+        _heartbeat_client = client
+        _seen.clear()
+    threading.Thread(
+        target=_beat, args=(client, key), name="partialstore-beat", daemon=True
+    ).start()
+
+
+def _beat(client: Any, key: str) -> None:
+    beat = 0
+    while _client() is client:  # until jax.distributed.shutdown() (or a new job)
+        time.sleep(_heartbeat_interval_s())
+        beat += 1
+        try:
+            client.key_value_set(key, str(beat), allow_overwrite=True)
+        except Exception:  # a lost beat only makes the others' view older
+            continue
+
+
+def _read_beats(client: Any, sources: list[int]) -> dict[int, str]:
+    if len(sources) == 1:
+        try:
+            return {sources[0]: client.key_value_try_get(f"{_HEARTBEAT_DIR}{sources[0]}")}
+        except Exception:  # NOT_FOUND: that process has not taken part in anything yet
+            return {}
+    beats = client.key_value_dir_get(_HEARTBEAT_DIR)
+    return {int(key.rsplit("/", 1)[1]): value for key, value in beats}
+
+
+async def _raise_if_silent(sources: list[int], key: str) -> None:
+    """Raise :class:`ProcessLostError` if one of ``sources`` stopped beating.
+
+    A process that never beat (it has not called partialstore yet) is not
+    judged: it may be busy elsewhere, and the overall timeout still applies.
+    """
+    beats = await asyncio.to_thread(_read_beats, _client(), sources)
+    now = time.monotonic()
+    for source in sources:
+        value = beats.get(source)
+        if value is None:
+            continue
+        last = _seen.get(source)
+        if last is None or last[0] != value:
+            _seen[source] = (value, now)
+            continue
+        if now - last[1] > _liveness_s():
+            raise errors.ProcessLostError(
+                f"Process {source} of the JAX job (coordination task {source}) has sent no "
+                f"heartbeat for {now - last[1]:.0f} s while process {process_index()} waited "
+                f"for {key!r}: it has most likely died or hung, so this operation cannot "
+                f"complete. Check process {source}'s logs and restart the job; what was "
+                "committed before stays (PARTIALSTORE_MULTIHOST_LIVENESS_S sets the limit)."
+            )
+
+
+async def _await_keys(keys: dict[int, str]) -> dict[int, str]:
+    """Each source process's value under its key, in order; fail fast if a source dies."""
+    _ensure_heartbeat()
+    client = _client()
+    deadline = time.monotonic() + _timeout_s()
+    values: dict[int, str] = {}
+    for source, key in keys.items():
+        while source not in values:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"Process {process_index()} waited {_timeout_s():.0f} s in vain for "
+                    f"{key!r} from process {source} of the JAX job. Did every "
+                    "process call the same partialstore functions on the same path, in the "
+                    "same order? (PARTIALSTORE_MULTIHOST_TIMEOUT_S sets the limit.)"
+                )
+            wait_ms = max(1, int(min(_heartbeat_interval_s(), remaining) * 1000))
+            try:
+                values[source] = await asyncio.to_thread(
+                    client.blocking_key_value_get, key, wait_ms
+                )
+            except Exception as error:  # jaxlib's JaxRuntimeError, told apart by status
+                if "DEADLINE_EXCEEDED" not in str(error):
+                    raise errors.ProcessLostError(
+                        f"Process {process_index()} lost the JAX coordination service (run "
+                        f"by process 0) while waiting for {key!r} from process {source}: "
+                        f"{error}. Check process 0's logs and restart the job."
+                    ) from error
+                await _raise_if_silent([s for s in keys if s not in values], key)
+    return values
+
+
+# ----------------------------------------------------------------- messages
+
+OUTCOME = "outcome"  # an operation's last message: its keys can go once all have it
 
 _counters: dict[str, int] = {}
 _counters_lock = threading.Lock()
 
 
-def next_op(path: str) -> str:
-    """A key prefix unique to the next collective operation on ``path``.
+def next_op(path: str | os.PathLike[str]) -> str:
+    """A key prefix unique to the next collective operation on the checkpoint at ``path``.
 
-    Every process calls save/finalize on a path in the same order, so the
-    per-path counter gives the same prefix everywhere. Every process must
-    spell ``path`` the same way.
+    Every process calls save/finalize/discard/gc on a path in the same order,
+    so the per-path counter gives the same prefix everywhere, whatever the
+    spelling (:func:`~partialstore.location.job_wide_name`).
+
+    Example::
+
+        op = next_op("gs://bucket/run/step_10")  # "partialstore/<digest>/0", then .../1
     """
-    digest = hashlib.sha256(path.encode()).hexdigest()[:24]
+    _ensure_heartbeat()
+    name = job_wide_name(path)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:24]
     with _counters_lock:
         number = _counters.get(digest, 0)
         _counters[digest] = number + 1
     return f"partialstore/{digest}/{number}"
 
 
-async def _get(key: str) -> str:
-    client = _client()
+async def _finish(op: str) -> None:
+    """Count this process out of ``op``; the last one deletes the operation's keys."""
     try:
-        return await asyncio.to_thread(client.blocking_key_value_get, key, _timeout_ms())
-    except Exception as error:  # jaxlib raises its own XlaRuntimeError on timeout
-        raise TimeoutError(
-            f"Process {process_index()} waited in vain for {key!r} from another process of "
-            f"the JAX job ({error}). Did every process call the same partialstore functions "
-            "on the same path, in the same order?"
-        ) from error
+        done = await asyncio.to_thread(_client().key_value_increment, f"{op}/done", 1)
+        if done >= process_count():
+            await asyncio.to_thread(_client().key_value_delete, op)
+    except Exception:  # only tidying: a leftover key harms nothing
+        pass
 
 
 async def broadcast(key: str, value: str | None) -> str:
-    """Return the primary's ``value`` on every process (others pass ``None``)."""
+    """Return the primary's ``value`` on every process (others pass ``None``).
+
+    A key ending in ``/outcome`` is the operation's last message: then the
+    last process done with the operation deletes its keys.
+
+    Example::
+
+        save_id = await broadcast(f"{op}/save_id", new_id() if is_primary() else None)
+    """
     if is_primary():
-        assert value is not None
+        if value is None:
+            raise errors.InvalidInputError("The primary process must broadcast a value.")
+        _ensure_heartbeat()
         await asyncio.to_thread(_client().key_value_set, key, value)
-        return value
-    return await _get(key)
+        result = value
+    else:
+        result = (await _await_keys({0: key}))[0]
+    op, _, last = key.rpartition("/")
+    if last == OUTCOME:
+        await _finish(op)
+    return result
 
 
 async def gather_to_primary(key: str, value: str) -> list[str] | None:
-    """Send ``value`` to the primary; it gets every process's value in order, others None."""
-    await asyncio.to_thread(_client().key_value_set, f"{key}/{process_index()}", value)
+    """Send ``value`` to the primary; it gets every process's value in order, others None.
+
+    Example::
+
+        statuses = await gather_to_primary(f"{op}/wrote", encode_outcome(None))
+    """
     if not is_primary():
+        _ensure_heartbeat()
+        await asyncio.to_thread(_client().key_value_set, f"{key}/{process_index()}", value)
         return None
-    return [await _get(f"{key}/{i}") for i in range(process_count())]
+    others = await _await_keys({i: f"{key}/{i}" for i in range(1, process_count())})
+    return [value, *others.values()]
 
 
-_ERROR_TYPES = {
-    cls.__name__: cls
-    for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, errors.PartialStoreError)
+async def run_on_primary(op: str | None, action: Callable[[], Awaitable[Any]], where: str) -> Any:
+    """Run ``action`` on the primary only; every process returns or raises as it did.
+
+    ``op`` is :func:`next_op`'s prefix, or ``None`` outside a multi-process
+    job (``action`` then just runs). Results travel as JSON.
+
+    Example::
+
+        deleted = await run_on_primary(op, lambda: discarding.gc(location), "gc")
+    """
+    if op is None:
+        return await action()
+    if not is_primary():
+        return json.loads(decode_outcome(await broadcast(f"{op}/{OUTCOME}", None), where))
+    try:
+        result = await action()
+    except Exception as error:
+        await broadcast(f"{op}/{OUTCOME}", encode_outcome(error))
+        raise
+    await broadcast(f"{op}/{OUTCOME}", encode_outcome(None, json.dumps(result)))
+    return result
+
+
+# ----------------------------------------------------------------- outcomes
+
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    c.__name__: c
+    for c in vars(errors).values()
+    if isinstance(c, type) and issubclass(c, errors.PartialStoreError)
 }
+ORIGIN_ATTRIBUTE = "partialstore_origin"  # on an error rebuilt from another process's message
+
+
+def _sendable_type(cls: type[BaseException]) -> str:
+    """The nearest class in ``cls``'s ancestry that every process can rebuild."""
+    sendable = (b for b in cls.__mro__ if _ERROR_TYPES.get(b.__name__) is b or _is_builtin(b))
+    return next(sendable, errors.PartialStoreError).__name__
+
+
+def _is_builtin(cls: type) -> bool:
+    return cls.__module__ == "builtins" and issubclass(cls, Exception)
 
 
 def encode_outcome(error: BaseException | None, result: str = "") -> str:
-    """``"ok:<result>"``, or the error's type and message for :func:`decode_outcome`."""
+    """A JSON message: ``result``, or the error's origin, type and message.
+
+    A relayed error keeps its origin: it still names the process it happened on.
+
+    Example::
+
+        decode_outcome(encode_outcome(None, "7"), "The save")  # "7"
+    """
     if error is None:
-        return f"ok:{result}"
-    return f"error:{type(error).__name__}:{error}"
+        return json.dumps({"ok": result})
+    origin = getattr(error, ORIGIN_ATTRIBUTE, None)
+    if origin is None:
+        origin = {
+            "process": process_index(),
+            "type": type(error).__name__,
+            "sendable": _sendable_type(type(error)),
+            "message": str(error),
+            "errno": getattr(error, "errno", None),
+        }
+    return json.dumps({"error": origin})
 
 
 def decode_outcome(text: str, where: str) -> str:
-    """Return the result of an ``"ok:..."`` outcome, or raise the error it names.
+    """Return the result of an outcome message, or raise the error it carries.
 
-    partialstore's own errors keep their type (a seal is
-    :class:`~partialstore.errors.CheckpointFinalizedError` everywhere); others
-    become :class:`~partialstore.errors.PartialStoreError`.
+    The error is rebuilt as its partialstore class or its nearest built-in
+    class (a ``TimeoutError`` stays a ``TimeoutError``, an ``OSError`` an
+    ``OSError``), with a message naming the process it happened on.
+
+    Example::
+
+        decode_outcome(encode_outcome(TimeoutError("deadline")), "The save")
+        # raises TimeoutError("The save failed on process 0 of the JAX job: ...")
     """
-    kind, _, rest = text.partition(":")
-    if kind == "ok":
-        return rest
-    name, _, message = rest.partition(":")
-    cls = _ERROR_TYPES.get(name, errors.PartialStoreError)
-    raise cls(f"{where} failed on another process of the JAX job: {name}: {message}")
+    outcome = json.loads(text)
+    if "ok" in outcome:
+        return str(outcome["ok"])
+    raise _rebuild(outcome["error"], where)
+
+
+def _rebuild(origin: dict[str, Any], where: str) -> Exception:
+    message = (
+        f"{where} failed on process {origin['process']} of the JAX job: "
+        f"{origin['type']}: {origin['message']}"
+    )
+    name = str(origin.get("sendable", ""))
+    cls = _ERROR_TYPES.get(name) or getattr(builtins, name, errors.PartialStoreError)
+    if not ((isinstance(cls, type) and _is_builtin(cls)) or cls in _ERROR_TYPES.values()):
+        cls = errors.PartialStoreError
+    error: Exception = errors.PartialStoreError(message)
+    for base in cls.__mro__:  # UnicodeDecodeError wants five arguments: UnicodeError then
+        with contextlib.suppress(Exception):
+            error = base(message)
+            break
+    if isinstance(error, OSError):
+        error.errno = origin.get("errno")
+    setattr(error, ORIGIN_ATTRIBUTE, origin)
+    return error
 
 
 @dataclasses.dataclass

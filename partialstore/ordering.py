@@ -61,35 +61,86 @@ class AsyncResponse:
         response.result()         # raises what the save raised, if anything
     """
 
-    def __init__(self, future: concurrent.futures.Future[None]) -> None:
+    def __init__(
+        self, future: concurrent.futures.Future[None], outcome: _Outcome | None = None
+    ) -> None:
         self._future = future
+        self._outcome = outcome or _Outcome()
         self.observed = False
 
     def result(self, timeout: float | None = None) -> None:
         """Block until the save is committed; re-raise its error if it failed.
 
+        The save's own errors come through unchanged, a ``TimeoutError``
+        included (e.g. a multi-process job's coordination timing out); only
+        when ``done()`` is still ``False`` did the wait itself time out.
+
+        Example::
+
+            try:
+                response.result(timeout=60)
+            except TimeoutError:
+                if not response.done():
+                    ...  # still saving: wait again later
+                raise     # the save itself failed with a TimeoutError
+
         Raises:
-          TimeoutError: ``timeout`` seconds passed first (the save goes on).
+          TimeoutError: ``timeout`` seconds passed first (the save goes on),
+            or the save itself raised it.
         """
-        try:
-            self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
+        # Since Python 3.11 concurrent.futures.TimeoutError *is* TimeoutError,
+        # so waiting with Future.result(timeout) would confuse a save that
+        # failed with one for a wait that ran out: wait first, then ask.
+        finished, _ = concurrent.futures.wait([self._future], timeout)
+        if not finished:
             raise TimeoutError(
-                f"Save did not finish within {timeout} s; it is still running."
-            ) from None
-        finally:
-            if self._future.done():
-                self.observed = True
+                f"Save did not finish within {timeout} s; it is still running. Call "
+                "result() again to keep waiting."
+            )
+        self.observed = True
+        failure = self.failure()
+        if failure is not None:
+            # The original: the future holds a copy of a TimeoutError made by
+            # asyncio (no traceback, no cause).
+            raise failure
+        self._future.result()
 
     def done(self) -> bool:
         """Whether the save has finished (committed or failed)."""
-        return self._future.done()
+        return self._outcome.settled or self._future.done()
 
     def failure(self) -> BaseException | None:
         """The save's exception once finished, else ``None``."""
+        if self._outcome.settled:
+            return self._outcome.failure
         if not self._future.done() or self._future.cancelled():
             return None
         return self._future.exception()
+
+
+class _Outcome:
+    """How an operation ended, recorded while it still holds its path's lock.
+
+    The future returned to the caller only learns the outcome a loop
+    iteration after the lock is released, when the next operation (a
+    finalize looking for failed saves) may already run.
+    """
+
+    __slots__ = ("failure", "settled")
+
+    def __init__(self) -> None:
+        self.settled = False
+        self.failure: BaseException | None = None
+
+    async def watch(self, operation: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            result = await operation
+        except Exception as error:
+            self.failure = error
+            self.settled = True
+            raise
+        self.settled = True
+        return result
 
 
 _locks: dict[Hashable, asyncio.Lock] = {}  # touched only on the background loop
@@ -102,11 +153,12 @@ async def _ordered(
     key: Hashable,
     make: Callable[..., Coroutine[Any, Any, Any]],
     prepare: Callable[[], Coroutine[Any, Any, Any]] | None,
+    outcome: _Outcome,
 ) -> Any:
     lock = _locks.setdefault(key, asyncio.Lock())
     if prepare is None:
         async with lock:
-            return await make()
+            return await outcome.watch(make())
     # Start preparing now, then queue for the lock with no await in between,
     # so the lock (FIFO) is still taken in call order.
     prepared = asyncio.ensure_future(_prepare(key, prepare))
@@ -114,7 +166,7 @@ async def _ordered(
         async with lock:
             # make() awaits the prepare itself, so it handles the prepare's
             # failure exactly as a failure of its own first step.
-            return await make(prepared)
+            return await outcome.watch(make(prepared))
     finally:
         if not prepared.done():  # make() failed before waiting, or we were cancelled
             prepared.cancel()
@@ -144,7 +196,8 @@ def schedule(
 
         schedule(key, lambda written: commit(written), prepare=lambda: write_bytes())
     """
-    response = AsyncResponse(_aio.submit(_ordered(key, make, prepare)))
+    outcome = _Outcome()
+    response = AsyncResponse(_aio.submit(_ordered(key, make, prepare, outcome)), outcome)
     if track:
         with _responses_lock:
             # Keep only responses that may still turn into an unread failure.

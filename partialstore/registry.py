@@ -26,7 +26,7 @@ from typing import Any
 from partialstore.backend import Backend
 from partialstore.errors import InvalidInputError
 
-__all__ = ["open_backend", "register_backend", "scheme_of"]
+__all__ = ["builtin_target", "open_backend", "register_backend", "scheme_of"]
 
 BackendFactory = Callable[[str, Mapping[str, Any]], Backend]
 
@@ -45,6 +45,9 @@ _FALLBACK = "partialstore.backends.fsspec:FsspecBackend"
 
 _registered: dict[str, BackendFactory] = {}
 _lock = threading.Lock()
+# Scheme -> its built-in target, or None if something else serves it; an
+# entry-point scan costs milliseconds and resolving a path asks every call.
+_builtin_cache: dict[str, str | None] = {}
 
 
 def scheme_of(url: str | os.PathLike[str]) -> str:
@@ -72,6 +75,7 @@ def register_backend(scheme: str, factory: BackendFactory) -> None:
         raise InvalidInputError(f"Backend scheme must be a bare name like 's3', got {scheme!r}.")
     with _lock:
         _registered[scheme.lower()] = factory
+        _builtin_cache.clear()
 
 
 def _load(target: str) -> BackendFactory:
@@ -84,6 +88,41 @@ def _entry_point(scheme: str) -> BackendFactory | None:
         if entry.name == scheme:
             return entry.load()
     return None
+
+
+def builtin_target(scheme: str) -> str | None:
+    """The built-in backend (``"module:Class"``) serving ``scheme``, or ``None``.
+
+    ``None`` when a registered factory or an entry point claims the scheme,
+    or when no built-in backend does (the generic fsspec backend serves it).
+    Spellings whose schemes share a built-in target (``s3``/``s3a``,
+    ``gs``/``gcs``, ``""``/``file``) reach the same store.
+
+    Example::
+
+        builtin_target("s3a") == builtin_target("s3")  # True unless either is overridden
+    """
+    with _lock:
+        if scheme in _builtin_cache:
+            return _builtin_cache[scheme]
+        overridden = scheme in _registered
+    if not overridden and scheme:
+        overridden = _entry_point(scheme) is not None
+    target = None if overridden else _BUILTIN.get(scheme)
+    with _lock:
+        if scheme not in _registered:  # a registration meanwhile wins
+            _builtin_cache[scheme] = target
+    return target
+
+
+def aliases(target: str) -> list[str]:
+    """Every scheme whose built-in backend is ``target``, in registry order.
+
+    Example::
+
+        aliases("partialstore.backends.s3:S3Backend")  # ["s3", "s3a"]
+    """
+    return [scheme for scheme, builtin in _BUILTIN.items() if builtin == target]
 
 
 def factory_for(scheme: str) -> BackendFactory:

@@ -199,7 +199,8 @@ async def read_log(backend: Backend, log_prefix: str) -> list[LogEntry]:
         last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
         # Records below the last marker may vanish (that discard deletes them);
         # one above it vanished because a newer discard came: list again.
-        if all(entry is not None or n < last_marker for n, entry in zip(numbers, found, strict=True)):
+        pairs = zip(numbers, found, strict=True)
+        if all(entry is not None or n < last_marker for n, entry in pairs):
             present = [e.number for e in entries]
             _check_dense(log_prefix, present, entries)
             return entries

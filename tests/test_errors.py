@@ -21,6 +21,7 @@ TREE: dict[str, tuple[type, ...]] = {
     "TransientBackendError": (errors.BackendError,),
     "OutcomeUnknownError": (errors.BackendError,),
     "SessionDiscardedError": (errors.NotFoundError,),
+    "ProcessLostError": (errors.PartialStoreError, RuntimeError),
 }
 
 # class -> built-ins an existing ``except`` clause may use to catch it.

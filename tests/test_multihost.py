@@ -7,25 +7,40 @@ mesh spans both processes) and save the same global tree to local disk, S3
 single one, no JAX job) then loads every checkpoint and checks every value
 bit for bit, and checks from the keys each worker's backend wrote that
 only the primary wrote log records, packs and metadata, that the workers
-wrote disjoint chunks, and that chunks tile the shards. Finally a write that
-fails in one worker fails that save in both, and nothing is committed.
+wrote disjoint chunks, and that chunks tile the shards. Then writes that
+fail in one worker (a ``BackendError``, a ``TimeoutError``, an ``OSError``)
+fail that save in both with that type and message, naming the worker, and
+nothing is committed; ``discard`` and ``gc`` called by both act once (on
+the primary) and return or raise alike; no coordination key is left over.
+A three-process job has one non-primary killed (SIGKILL) mid-save: the two
+survivors raise within 30 s, naming it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from _multihost_worker import DEVICES_PER_PROCESS, expected_state
 
 import partialstore
-from partialstore.multihost import ShardedArray, shard_chunks
+from partialstore.errors import NotFoundError, ProcessLostError
+from partialstore.multihost import (
+    ShardedArray,
+    decode_outcome,
+    encode_outcome,
+    next_op,
+    shard_chunks,
+)
 
 WORKER = Path(__file__).with_name("_multihost_worker.py")
 PROCESSES = 2
@@ -56,11 +71,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _run_job(
-    tmp_path: Path, targets: list[tuple[str, dict[str, Any]]], failing: tuple[str, dict[str, Any]]
-) -> list[dict[str, Any]]:
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"targets": targets, "failing": failing}))
+def _start_job(
+    tmp_path: Path, job: dict[str, Any], count: int
+) -> tuple[list[subprocess.Popen[str]], list[Path]]:
+    """Start ``count`` worker processes of one JAX job; return them and their report files."""
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(job))
     env = dict(os.environ)  # carries the moto server's credentials and endpoint
     env.update(
         JAX_PLATFORMS="cpu",
@@ -68,10 +84,10 @@ def _run_job(
         PARTIALSTORE_MULTIHOST_TIMEOUT_S="60",
     )
     port = _free_port()
-    reports = [tmp_path / f"report{i}.json" for i in range(PROCESSES)]
+    reports = [tmp_path / f"report{i}.json" for i in range(count)]
     children = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(port), str(PROCESSES), str(i), str(job), str(r)],
+            [sys.executable, str(WORKER), str(port), str(count), str(i), str(job_file), str(r)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -79,17 +95,28 @@ def _run_job(
         )
         for i, r in enumerate(reports)
     ]
+    return children, reports
+
+
+def _finish(children: list[subprocess.Popen[str]], timeout: float) -> list[str]:
+    """Wait for every child (killing all on a timeout); assert each exited cleanly."""
     outputs = []
-    for child in children:
-        try:
-            output, _ = child.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for other in children:
-                other.kill()
-            raise
-        outputs.append(output)
-    for i, child in enumerate(children):
-        assert child.returncode == 0, f"worker {i} failed:\n{outputs[i][-6000:]}"
+    try:
+        for child in children:
+            outputs.append(child.communicate(timeout=timeout)[0])
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    for child, output in zip(children, outputs, strict=True):
+        assert child.returncode == 0, f"worker {children.index(child)} failed:\n{output[-6000:]}"
+    return outputs
+
+
+def _run_job(tmp_path: Path, job: dict[str, Any]) -> list[dict[str, Any]]:
+    children, reports = _start_job(tmp_path, job, PROCESSES)
+    _finish(children, timeout=240)
     return [json.loads(r.read_text()) for r in reports]
 
 
@@ -117,8 +144,13 @@ def test_processes_save_their_own_shards_into_one_checkpoint(
         (f"{s3_root}/ckpt", s3_options),
         ("local://" + str(tmp_path / "fsspec" / "ckpt"), {}),
     ]
-    failing = ("local://" + str(tmp_path / "fsspec" / "failing"), {})
-    reports = _run_job(tmp_path, targets, failing)
+    job = {
+        "targets": targets,
+        "failing": ("local://" + str(tmp_path / "fsspec" / "failing"), {}),
+        "causes": "local://" + str(tmp_path / "causes"),
+        "collective": "local://" + str(tmp_path / "collective"),
+    }
+    reports = _run_job(tmp_path, job)
     assert [r["process"] for r in reports] == list(range(PROCESSES))
 
     expected = expected_state()
@@ -162,3 +194,136 @@ def test_processes_save_their_own_shards_into_one_checkpoint(
     # backend error, nothing was committed, and finalize found no session.
     assert [r["failing_save"] for r in reports] == ["BackendError"] * PROCESSES
     assert [r["failing_finalize"] for r in reports] == ["NotFoundError"] * PROCESSES
+
+    _assert_causes_reached_every_process(tmp_path, reports)
+    _assert_discard_and_gc_were_collective(tmp_path, reports)
+    # Every operation's coordination keys were deleted once all were done with them.
+    assert [r["leftover_keys"] for r in reports] == [[]] * PROCESSES
+
+
+def _assert_causes_reached_every_process(tmp_path: Path, reports: list[dict[str, Any]]) -> None:
+    """Process 1's TimeoutError and OSError are what every process raised, named as such."""
+    for report in reports:
+        timeout = report["causes"]["timeout"]
+        # The save's own TimeoutError, not result()'s wait running out.
+        assert timeout["type"] == "TimeoutError" and timeout["done"] is True, timeout
+        assert "injected deadline writing" in timeout["message"], timeout
+        oserror = report["causes"]["oserror"]
+        assert "OSError" in oserror["bases"], oserror
+        assert "No space left on device (injected)" in oserror["message"], oserror
+    primary = reports[0]["causes"]
+    assert "failed on process 1 of the JAX job: TimeoutError" in primary["timeout"]["message"]
+    assert "failed on process 1 of the JAX job: OSError" in primary["oserror"]["message"]
+    assert [r["causes"]["oserror"]["errno"] for r in reports] == [errno.ENOSPC] * PROCESSES
+    for name in ("timeout", "oserror"):  # nothing was committed
+        log = tmp_path / "causes" / name / "log"
+        assert not log.exists() or not list(log.iterdir())
+
+
+def _assert_discard_and_gc_were_collective(tmp_path: Path, reports: list[dict[str, Any]]) -> None:
+    """Every process returned or raised the same; only the primary deleted anything."""
+    primary, secondary = (r["collective"] for r in reports)
+    for report in (primary, secondary):
+        assert report["discard"] == {"returned": None}
+        assert report["finalize_discarded"]["type"] == "NotFoundError", report
+        assert report["discard_again"]["type"] == "NotFoundError", report
+        assert report["gc_unfinalized"]["type"] == "NotFoundError", report
+        assert report["gc_again"] == {"returned": []}
+    assert "failed on process 0 of the JAX job" in secondary["discard_again"]["message"]
+    assert primary["discard_deleted"] and not secondary["discard_deleted"]
+    # What the discard leaves is its one tombstone record: no data, no save record.
+    abandoned = tmp_path / "collective" / "abandoned"
+    left = sorted(p.relative_to(abandoned) for p in abandoned.rglob("*") if p.is_file())
+    assert [p.parent.name for p in left] == ["log"], left
+    assert json.loads(abandoned.joinpath(left[0]).read_text())["kind"] == "discard"
+    # gc removed the wholly replaced first save, and said so in every process.
+    deleted = primary["gc"]["returned"]
+    assert len(deleted) == 1 and deleted[0].startswith("data/"), primary["gc"]
+    assert secondary["gc"] == primary["gc"]
+    assert primary["gc_deleted"] and not secondary["gc_deleted"]
+    kept = tmp_path / "collective" / "kept"
+    remaining = [f"data/{p.name}" for p in (kept / "data").iterdir()]
+    assert len(remaining) == 1 and remaining != deleted
+    loaded = partialstore.load("local://" + str(kept))
+    assert loaded["rows"].tobytes() == expected_state()["rows"].tobytes()
+
+
+def test_a_killed_process_makes_the_others_fail_fast_naming_it(tmp_path: Path) -> None:
+    """SIGKILL one non-primary mid-save: both survivors raise within 30 s, naming it."""
+    count, victim = 3, 2
+    marker = tmp_path / "victim-is-writing"
+    reports = [str(tmp_path / f"report{i}.json") for i in range(count)]
+    job = {
+        "kill": {
+            "victim": victim,
+            "marker": str(marker),
+            "path": "local://" + str(tmp_path / "ckpt"),
+            "reports": reports,
+        }
+    }
+    children, _ = _start_job(tmp_path, job, count)
+    survivors = [c for i, c in enumerate(children) if i != victim]
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert all(c.poll() is None for c in children), "a worker exited before the kill"
+            assert time.monotonic() < deadline, "the victim never started writing"
+            time.sleep(0.05)
+        killed_at = time.time()
+        children[victim].kill()  # SIGKILL
+        children[victim].wait()
+    except BaseException:
+        for child in children:
+            child.kill()
+        raise
+    _finish(survivors, timeout=120)
+    for index in (0, 1):
+        report = json.loads(Path(reports[index]).read_text())
+        assert report["type"] == "ProcessLostError", report
+        assert f"Process {victim} of the JAX job" in report["message"], report
+        assert report["raised_at"] - killed_at < 30, report
+    # Nothing was committed: the primary never appended the save's record.
+    log = tmp_path / "ckpt" / "log"
+    assert not log.exists() or not list(log.iterdir())
+
+
+def test_outcomes_carry_the_cause_type_message_and_process() -> None:
+    # Outside a JAX job this process is process 0.
+    cases: list[tuple[BaseException, type[BaseException]]] = [
+        (TimeoutError("deadline"), TimeoutError),
+        (OSError(errno.ENOSPC, "No space left on device"), OSError),
+        (PermissionError("denied"), PermissionError),
+        (NotFoundError("no session"), NotFoundError),
+        (ProcessLostError("process 3 died"), ProcessLostError),
+        (_ThirdPartyError("odd"), ValueError),  # its nearest built-in class
+        # Cannot be built from a message alone: its base class UnicodeError can.
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), UnicodeError),
+    ]
+    for original, expected in cases:
+        message = encode_outcome(original)
+        with pytest.raises(Exception) as raised:
+            decode_outcome(message, "The save")
+        error = raised.value
+        assert isinstance(error, expected), (original, error)
+        text = str(error)
+        assert text.startswith("The save failed on process 0 of the JAX job: ")
+        assert f"{type(original).__name__}: {original}" in text
+        # Relayed on (as the primary does), it still names where it happened.
+        with pytest.raises(Exception) as relayed:
+            decode_outcome(encode_outcome(error), "Finalize")
+        assert type(relayed.value) is type(error)
+        assert str(relayed.value) == str(error).replace("The save", "Finalize", 1)
+    assert decode_outcome(encode_outcome(None, "17"), "The save") == "17"
+
+
+class _ThirdPartyError(ValueError):
+    """An exception class no other process could import."""
+
+
+def test_collective_operations_are_named_by_checkpoint_not_spelling() -> None:
+    # One counter per checkpoint, so every process names the n-th operation
+    # on it alike whichever spelling each used.
+    first, second = next_op("s3a://b/run/q"), next_op("s3://b/run//q/")
+    assert first.rsplit("/", 1)[0] == second.rsplit("/", 1)[0]
+    assert int(second.rsplit("/", 1)[1]) == int(first.rsplit("/", 1)[1]) + 1
+    assert next_op("s3://b/run/other").rsplit("/", 1)[0] != first.rsplit("/", 1)[0]

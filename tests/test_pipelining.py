@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -38,6 +39,9 @@ class Gate:
         self.most_inside = 0
         self.hold: Callable[[int], bool] = lambda _: False  # by start position
         self.fail: Callable[[int], bool] = lambda _: False
+        self.error: Callable[[int], Exception] = lambda position: BackendError(
+            f"injected failure of save #{position}"
+        )
 
 
 _gate = Gate()
@@ -61,7 +65,7 @@ class GatedMemoryBackend(MemoryBackend):
         try:
             await _wait_while(lambda: _gate.hold(position))
             if _gate.fail(position):
-                raise BackendError(f"injected failure of save #{position}")
+                raise _gate.error(position)
             await super().write(key, data, if_version=if_version)
         finally:
             _gate.inside -= 1
@@ -138,3 +142,26 @@ def test_finalize_waits_for_saves_written_ahead(gated_path):
     for response in responses:
         response.result(timeout=WAIT_S)
     assert sorted(partialstore.load(gated_path)) == ["k0", "k1"]
+
+
+def test_result_tells_its_wait_running_out_from_the_save_raising_timeout_error(gated_path):
+    released = threading.Event()
+    _gate.hold = lambda position: position == 0 and not released.is_set()
+    _gate.fail = lambda position: position == 1
+    # e.g. a coordination service's deadline, raised by the save itself
+    _gate.error = lambda position: TimeoutError(f"deadline exceeded in save #{position}")
+    slow = partialstore.save_async(gated_path, {"a": _leaf(1)})
+    failing = partialstore.save_async(gated_path, {"b": _leaf(2)})
+
+    with pytest.raises(TimeoutError, match="still running") as waited:
+        slow.result(timeout=0.05)
+    assert "deadline exceeded" not in str(waited.value) and not slow.done()
+    released.set()
+    slow.result(timeout=WAIT_S)  # the wait ran out; the save did not fail
+
+    with pytest.raises(TimeoutError, match=r"deadline exceeded in save #1") as raised:
+        failing.result(timeout=WAIT_S)
+    assert "still running" not in str(raised.value) and failing.done()
+    assert failing.failure() is raised.value  # the save's own exception, unchanged
+    partialstore.finalize(gated_path)  # the failure was read: nothing to report
+    assert list(partialstore.load(gated_path)) == ["a"]
