@@ -173,7 +173,9 @@ def _check_round(path: str, options: dict[str, Any], seed: int, outcomes: dict[s
             assert key not in loaded, f"phantom save {key}; {where}"
     # Unpublished sessions keep data of their live saves only; published ones,
     # of the checkpoint's saves (no data of losers, discarded or refused saves).
-    assert _data_dirs(location, published) == in_checkpoint, where
+    log = [(e.number, e.record["kind"], e.record.get("save_id")) for e in entries]
+    dirs = _data_dirs(location, published)
+    assert dirs == in_checkpoint, f"data {dirs} != {in_checkpoint}; log {log}; {where}"
     if location.uses_rename and published:
         staging = _aio.run(location.backend.list(location.staging_prefix))
         assert staging == [], f"stray staging {staging}; {where}"
