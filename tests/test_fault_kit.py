@@ -136,14 +136,14 @@ def test_reset_before_forwarding_is_retried(proxied_url: ProxiedUrl) -> None:
     assert outcomes[-2:] == ["reset", "forwarded"]
 
 
-def test_latency_delays_the_request(proxied_s3_url: ProxiedUrl) -> None:
-    backend = _open(proxied_s3_url)
+def test_latency_delays_the_request(proxied_url: ProxiedUrl) -> None:
+    backend = _open(proxied_url)
     run(backend.write("slow", b"1"))
-    proxied_s3_url.proxy.add(Fault(latency(0.4), method="GET", key=r"/slow$"))
+    proxied_url.proxy.add(Fault(latency(0.4), method="GET", key=r"/slow$"))
     started = time.monotonic()
     assert run(backend.read("slow", start=0, end=1)) == b"1"
     assert time.monotonic() - started >= 0.4
-    record = proxied_s3_url.proxy.requests("GET", key=r"/slow$")[0]
+    record = proxied_url.proxy.requests("GET", key=r"/slow$")[0]
     assert record.faults == ["latency"] and record.status == 206
     assert record.duration is not None and record.duration >= 0.4
 
@@ -152,14 +152,17 @@ def test_skip_times_and_header_predicates(proxied_s3_url: ProxiedUrl) -> None:
     backend = _open(proxied_s3_url)
     # TensorStore sends the exclusive create with If-None-Match; a plain write has none.
     rule = proxied_s3_url.proxy.add(
-        Fault(error(500), method="PUT", headers=has_header("If-None-Match"), skip=1, times=None)
+        Fault(error(500), method="PUT", headers=has_header("If-None-Match"), skip=1)
     )
-    run(backend.write("plain", b"1"))
-    run(backend.create("c1", b"1"))  # skipped
+    run(backend.write("plain", b"1"))  # no If-None-Match: not a match
+    run(backend.create("c1", b"1"))  # the first match is skipped
     assert (rule.seen, rule.fired) == (1, 0)
-    proxied_s3_url.proxy.remove(rule)
-    run(backend.create("c2", b"1"))
-    assert rule.fired == 0 and run(backend.list()) == ["c1", "c2", "plain"]
+    run(backend.create("c2", b"1"))  # fails once, and TensorStore's retry succeeds
+    assert (rule.seen, rule.fired) == (2, 1)
+    run(backend.create("c3", b"1"))  # times=1: spent
+    assert (rule.seen, rule.fired) == (2, 1)
+    assert [r.status for r in proxied_s3_url.proxy.requests("PUT", key=r"/c2$")] == [500, 200]
+    assert run(backend.list()) == ["c1", "c2", "c3", "plain"]
 
 
 def test_log_enumerates_requests_and_fault_like_hits_the_same_one(

@@ -1,40 +1,32 @@
 """An HTTP proxy on 127.0.0.1 that loses, fails, delays or hangs chosen requests.
 
-:class:`FaultProxy` forwards every request to the moto S3 server or
-fake-gcs-server (:mod:`partialstore.testing.servers`) except where a
-:class:`Fault` says otherwise. A fault matches on the method, regexes on the
-unquoted path, query and object key (:attr:`RequestRecord.key`) and a
-predicate on the headers; ``skip`` lets the first N matches through and
-``times`` is how many matches it fires on (``None``: every one). Actions:
-:func:`latency` (wait, then let later rules act), :func:`drop_response`
-(forward, the server applies it, the client connection closes unanswered),
-:func:`error_after` (forward and apply, then answer an error),
-:func:`error` (answer 500/503/429 without forwarding, with an S3 XML or GCS
-JSON body and ``Retry-After``), :func:`reset` (TCP reset before forwarding)
-and :func:`blackhole` (never answer until :meth:`Rule.release`,
-:meth:`FaultProxy.clear` or ``stop``; then close unanswered). ``rtt`` and
-``bandwidth`` add a whole-proxy network profile for benchmarks.
+:class:`FaultProxy` forwards requests to the moto S3 server or fake-gcs-server
+(:mod:`partialstore.testing.servers`) unless a :class:`Fault` matches: by
+method, regexes on the unquoted path, query and object key, and a header
+predicate; ``skip`` lets N matches through, ``times`` (``None``: always) is
+how often it fires. Actions: :func:`latency`, :func:`drop_response` (the
+server applies it, the client gets no answer), :func:`error_after`,
+:func:`error` (S3 XML / GCS JSON body, ``Retry-After``), :func:`reset` and
+:func:`blackhole` (held until :meth:`Rule.release`, ``clear`` or ``stop``).
+``rtt`` and ``bandwidth`` add a network profile for benchmarks. Requests are
+logged in arrival order; :func:`fault_like` turns record ``i`` of a
+fault-free run into a fault on the same request of a repeat.
 
-Every request is logged in arrival order (:meth:`FaultProxy.requests`);
-:func:`fault_like` turns record ``i`` of a fault-free run into a fault that
-hits the same request when the run is repeated.
-
-Wiring: ``proxy.storage_options(server)`` gives the server's options with
-the proxy as ``endpoint_url``. On S3 both s3fs and TensorStore follow it
-(the backend puts ``endpoint_url`` in its kvstore spec). On GCS gcsfs
-follows it, but TensorStore's ``gcs`` driver only knows the
-``TENSORSTORE_GCS_HTTP_URL`` environment variable, read each time a driver
-is opened (a driver keeps the URL it opened with), and the GCS backend only
-gives TensorStore a spec when that variable equals its endpoint. So inside
-``with proxy.patched_env(server):`` GCS array bytes go through TensorStore
-and the proxy; outside it, through gcsfs and still the proxy.
+Wiring: ``proxy.storage_options(server)`` puts the proxy in ``endpoint_url``.
+On S3 s3fs and TensorStore both follow it (the backend copies it into its
+kvstore spec). On GCS gcsfs follows it, but TensorStore's ``gcs`` driver only
+reads ``TENSORSTORE_GCS_HTTP_URL``, each time a driver is opened (an open
+driver, cached per TensorStore context and spec, keeps its URL), and the
+backend gives TensorStore a spec only when that variable equals its
+endpoint. So within ``with proxy.patched_env(server):`` GCS array bytes go
+through TensorStore and the proxy; outside it, through gcsfs and the proxy.
 
 Example::
 
     with FaultProxy(moto_server.endpoint_url) as proxy:
         backend = registry.open_backend("s3://b/root", proxy.storage_options(moto_server))
         rule = proxy.add(Fault(drop_response(), method="PUT", key=r"log/00000001\\.json$"))
-        with contextlib.suppress(FileExistsError):  # a retry finds the object it made
+        with contextlib.suppress(FileExistsError):  # the retry finds its own object
             run(backend.create("log/00000001.json", b"{}"))
         assert rule.fired == 1 and run(backend.exists("log/00000001.json"))
 """
@@ -57,6 +49,8 @@ import urllib.parse
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
+
+from partialstore.errors import InvalidInputError
 
 __all__ = [
     "Action",
@@ -104,17 +98,32 @@ class Action:
 
 
 def latency(seconds: float) -> Action:
-    """Wait ``seconds`` before forwarding. Example:: ``Fault(latency(0.2), method="GET")``"""
+    """Wait ``seconds`` before forwarding; later rules still act on the request.
+
+    Example::
+
+        proxy.add(Fault(latency(0.2), method="GET", times=None))
+    """
     return Action("latency", seconds=seconds)
 
 
 def drop_response() -> Action:
-    """Forward, let the server apply it, then close unanswered. Example:: ``drop_response()``"""
+    """Forward, let the server apply the request, then close the connection unanswered.
+
+    Example::
+
+        proxy.add(Fault(drop_response(), method="PUT", headers=has_header("If-None-Match")))
+    """
     return Action("drop_response")
 
 
 def error_after(status: int = 503) -> Action:
-    """Forward and apply, then answer ``status``. Example:: ``error_after(500)``"""
+    """Forward and let the server apply the request, then answer ``status`` instead.
+
+    Example::
+
+        proxy.add(Fault(error_after(500), method="POST"))
+    """
     return Action("error_after", status=status)
 
 
@@ -131,12 +140,24 @@ def error(status: int = 503, *, code: str | None = None, retry_after: float | No
 
 
 def reset() -> Action:
-    """Reset the TCP connection (``SO_LINGER`` 0) before forwarding. Example:: ``reset()``"""
+    """Reset the TCP connection (``SO_LINGER`` 0) before forwarding anything.
+
+    Example::
+
+        proxy.add(Fault(reset(), method="GET", key=r"zarr\\.json$"))
+    """
     return Action("reset")
 
 
 def blackhole() -> Action:
-    """Read the request, never answer until released. Example:: ``blackhole()``"""
+    """Read the request and never answer; once released, close the connection unanswered.
+
+    Example::
+
+        rule = proxy.add(Fault(blackhole(), method="GET"))
+        ...
+        rule.release()
+    """
     return Action("blackhole")
 
 
@@ -177,6 +198,7 @@ class Fault:
         return self.headers is None or bool(self.headers(headers))
 
     def name(self) -> str:
+        """The label shown in logs: ``label``, else the action's kind."""
         return self.label or self.action.kind
 
 
@@ -228,6 +250,62 @@ class Rule:
         return f"Rule({self.fault.name()}, seen={self.seen}, fired={self.fired})"
 
 
+class _RuleHost:
+    """Rules and a log of records, in arrival order (the proxy's and the backend's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rules: list[Rule] = []
+        self._log: list[Any] = []
+        self._keep_log = True
+
+    def add(self, fault: Any) -> Rule:
+        """Add ``fault`` after the existing rules; return its :class:`Rule` handle."""
+        rule = Rule(fault, self)
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def remove(self, rule: Rule) -> None:
+        """Drop ``rule`` and release what it holds."""
+        with self._lock:
+            if rule in self._rules:
+                self._rules.remove(rule)
+        rule.release()
+
+    def clear(self) -> None:
+        """Drop every rule, releasing what they hold."""
+        with self._lock:
+            rules = list(self._rules)
+            self._rules.clear()
+        for rule in rules:
+            rule.release()
+
+    def reset_log(self) -> None:
+        """Forget the log (indexes start at 0 again)."""
+        with self._lock:
+            self._log.clear()
+
+    def _logged(self, make: Callable[[int], Any], *context: Any) -> tuple[Any, list[Rule]]:
+        """Log ``make(index)``; return it and the rules that fire on it (a terminal one last)."""
+        fired = []
+        with self._lock:
+            record = make(len(self._log))
+            if self._keep_log:
+                self._log.append(record)
+            for rule in self._rules:
+                if rule.fault.matches(record, *context) and rule.claim():
+                    fired.append(rule)
+                    if rule.fault.action.terminal:
+                        break
+        record.faults = [rule.fault.name() for rule in fired]
+        return record, fired
+
+    def _records(self, probe: Any, *context: Any) -> list[Any]:
+        with self._lock:
+            return [r for r in self._log if probe.matches(r, *context)]
+
+
 @dataclasses.dataclass
 class RequestRecord:
     """One request the proxy saw; ``status`` etc. are filled in when it ends.
@@ -260,8 +338,8 @@ def _s3_target(path: str, query: dict[str, list[str]]) -> tuple[str | None, str 
     parts = path.lstrip("/").split("/", 1)
     if not parts[0]:
         return None, None
-    key = parts[1] if len(parts) > 1 else None
-    return parts[0], key if key is not None else query.get("prefix", [None])[0]
+    key = parts[1] if len(parts) > 1 and parts[1] else None
+    return parts[0], key or query.get("prefix", [None])[0]
 
 
 def _gcs_target(path: str, query: dict[str, list[str]], body: bytes, ctype: str) -> Any:
@@ -271,7 +349,7 @@ def _gcs_target(path: str, query: dict[str, list[str]], body: bytes, ctype: str)
     key = match.group(2) or query.get("name", [None])[0] or query.get("prefix", [None])[0]
     if key is None and "multipart" in ctype:  # the first part is the object's JSON metadata
         start = body.find(b"{")
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
+        with contextlib.suppress(ValueError, AttributeError):
             key = json.JSONDecoder().raw_decode(body[start:].decode())[0].get("name")
     return match.group(1), key
 
@@ -334,11 +412,10 @@ class _Conn:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None
     ) -> http.client.HTTPResponse:
         conn = self.upstream
-        if conn is not None and conn.sock is not None:
-            # A pooled connection the server closed while idle reads as EOF: reconnect
-            # now rather than risk a request that was sent but never seen.
-            if select.select([conn.sock], [], [], 0)[0]:
-                self.close_upstream()
+        # A pooled connection the server closed while idle reads as EOF: reconnect
+        # now rather than risk a request that was sent but never seen.
+        if conn is not None and conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+            self.close_upstream()
         if self.upstream is None:
             self.upstream = http.client.HTTPConnection(
                 *self.upstream_addr, timeout=_UPSTREAM_TIMEOUT_S
@@ -398,7 +475,7 @@ def _read_request(rfile: Any, sock: socket.socket) -> tuple[str, str, str, Any, 
     return method.upper(), target, version, headers, body
 
 
-class FaultProxy:
+class FaultProxy(_RuleHost):
     """A threaded HTTP/1.1 proxy on a free port of 127.0.0.1 in front of ``upstream_url``.
 
     Args:
@@ -407,6 +484,7 @@ class FaultProxy:
       bandwidth: bytes/s shared by every transfer through the proxy (``None``: no cap).
       flavor: ``"s3"`` or ``"gcs"`` error bodies; by default GCS for ``/storage/v1/...``
         style paths and S3 otherwise.
+      log: keep a :class:`RequestRecord` of every request (off for long benchmarks).
 
     Example::
 
@@ -422,10 +500,13 @@ class FaultProxy:
         rtt: float = 0.0,
         bandwidth: float | None = None,
         flavor: str | None = None,
+        log: bool = True,
     ) -> None:
+        super().__init__()
+        self._keep_log = log
         parsed = urllib.parse.urlsplit(upstream_url)
         if parsed.scheme != "http" or not parsed.hostname:
-            raise ValueError(
+            raise InvalidInputError(
                 f"FaultProxy needs an http://host:port upstream, got {upstream_url!r}."
             )
         self.upstream_url = upstream_url.rstrip("/")
@@ -434,9 +515,6 @@ class FaultProxy:
         self.bandwidth = bandwidth
         self.flavor = flavor
         self.endpoint_url = ""
-        self._lock = threading.Lock()
-        self._rules: list[Rule] = []
-        self._log: list[RequestRecord] = []
         self._conns: dict[_Conn, threading.Thread] = {}
         self._stop = threading.Event()
         self._pacer = _Pacer()
@@ -488,28 +566,7 @@ class FaultProxy:
     def __repr__(self) -> str:
         return f"FaultProxy({self.endpoint_url or '<stopped>'} -> {self.upstream_url})"
 
-    # -- rules and log ------------------------------------------------------------
-
-    def add(self, fault: Fault) -> Rule:
-        """Add ``fault`` after the existing rules; return its :class:`Rule` handle."""
-        rule = Rule(fault, self)
-        with self._lock:
-            self._rules.append(rule)
-        return rule
-
-    def remove(self, rule: Rule) -> None:
-        """Drop ``rule`` and release what it holds."""
-        with self._lock:
-            if rule in self._rules:
-                self._rules.remove(rule)
-        rule.release()
-
-    def clear(self) -> None:
-        """Drop every rule, releasing blackholed requests."""
-        with self._lock:
-            rules, self._rules = self._rules, []
-        for rule in rules:
-            rule.release()
+    # -- log and wiring -----------------------------------------------------------
 
     def requests(
         self, method: str | Collection[str] | None = None, key: str | None = None
@@ -520,21 +577,11 @@ class FaultProxy:
 
             uploads = proxy.requests(("PUT", "POST"), key=r"/log/")
         """
-        with self._lock:
-            records = list(self._log)
-        probe = Fault(Action("log"), method=method, key=key)
-        return [r for r in records if probe.matches(r, email.message.Message())]
-
-    def reset_log(self) -> None:
-        """Forget the logged requests (indexes start at 0 again)."""
-        with self._lock:
-            self._log = []
-
-    # -- wiring -------------------------------------------------------------------
+        return self._records(Fault(Action("log"), method=method, key=key), _NO_HEADERS)
 
     def _check_server(self, server: Any) -> None:
         if str(server.endpoint_url).rstrip("/") != self.upstream_url:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{server!r} is not this proxy's upstream ({self.upstream_url}); "
                 "build the FaultProxy with server.endpoint_url."
             )
@@ -614,7 +661,7 @@ class FaultProxy:
                 self._conns.pop(conn, None)
             conn.close()
 
-    def _record(self, method: str, target: str, headers: Any, body: bytes) -> RequestRecord:
+    def _record(self, method: str, target: str, headers: Any, body: bytes) -> Any:
         split = urllib.parse.urlsplit(target)
         path = urllib.parse.unquote(split.path)
         query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
@@ -624,41 +671,31 @@ class FaultProxy:
         else:
             bucket, key = _s3_target(path, query)
         logged = {name: str(headers[name]) for name in _LOGGED_HEADERS if name in headers}
-        with self._lock:
-            record = RequestRecord(
-                index=len(self._log),
-                method=method,
-                path=path,
-                query=urllib.parse.unquote(split.query),
-                flavor=flavor,
-                bucket=bucket,
-                key=key,
-                headers=logged,
-                body_size=len(body),
-                client=_client_of(logged.get("user-agent", "")),
-                started=time.monotonic(),
-            )
-            self._log.append(record)
-        return record
-
-    def _match(self, record: RequestRecord, headers: Any) -> list[Rule]:
-        fired = []
-        with self._lock:
-            for rule in self._rules:
-                if rule.fault.matches(record, headers) and rule.claim():
-                    fired.append(rule)
-                    if rule.fault.action.terminal:
-                        break
-        record.faults = [rule.fault.name() for rule in fired]
-        return fired
+        client = _client_of(logged.get("user-agent", ""))
+        started = time.monotonic()
+        return self._logged(
+            lambda index: RequestRecord(
+                index,
+                method,
+                path,
+                urllib.parse.unquote(split.query),
+                flavor,
+                bucket,
+                key,
+                logged,
+                len(body),
+                client,
+                started=started,
+            ),
+            headers,
+        )
 
     def _handle(
         self, conn: _Conn, method: str, target: str, version: str, headers: Any, body: bytes
     ) -> bool:
         """Serve one request; whether the client connection stays open."""
-        record = self._record(method, target, headers, body)
+        record, fired = self._record(method, target, headers, body)
         try:
-            fired = self._match(record, headers)
             for rule in fired:
                 if rule.fault.action.kind == "latency":
                     self._stop.wait(rule.fault.action.seconds)
@@ -756,6 +793,7 @@ class FaultProxy:
                 conn.sock.sendall(block)
 
 
+_NO_HEADERS = email.message.Message()
 _RANDOM_ID = re.compile(r"[0-9a-f]{32}")
 _CONDITIONS = ("If-None-Match", "If-Match", "Range")
 

@@ -45,7 +45,6 @@ import asyncio
 import dataclasses
 import inspect
 import re
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -54,7 +53,7 @@ from typing import Any, TypeVar
 from partialstore import registry
 from partialstore.backend import Backend, Capabilities, join_key
 from partialstore.errors import InvalidInputError, TransientBackendError
-from partialstore.testing.faultproxy import Rule
+from partialstore.testing.faultproxy import Rule, _RuleHost
 
 __all__ = [
     "BackendFault",
@@ -185,30 +184,6 @@ class CallRecord:
     duration: float | None = None
 
 
-class _State:
-    """Rules and call log, shared by a wrapper and the views :func:`install_faulty` opens."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.rules: list[Rule] = []
-        self.log: list[CallRecord] = []
-
-    def record(
-        self, method: str, key: str, detail: dict[str, Any]
-    ) -> tuple[CallRecord, list[Rule]]:
-        with self.lock:
-            record = CallRecord(len(self.log), method, key, detail, started=time.monotonic())
-            self.log.append(record)
-            fired = []
-            for rule in self.rules:
-                if rule.fault.matches(record) and rule.claim():
-                    fired.append(rule)
-                    if rule.fault.action.terminal:
-                        break
-        record.faults = [rule.fault.name() for rule in fired]
-        return record, fired
-
-
 async def _run_hook(fn: Callable[[CallRecord], Any], record: CallRecord) -> None:
     if inspect.iscoroutinefunction(fn):
         await fn(record)
@@ -218,7 +193,7 @@ async def _run_hook(fn: Callable[[CallRecord], Any], record: CallRecord) -> None
         await result
 
 
-class FaultyBackend(Backend):
+class FaultyBackend(_RuleHost, Backend):
     """A real backend behind fault rules and a call log.
 
     Args:
@@ -232,39 +207,23 @@ class FaultyBackend(Backend):
     """
 
     def __init__(self, inner: Backend, *, url: str | None = None) -> None:
+        super().__init__()
         self.inner = inner
         self.url = url or inner.url
-        self._state = _State()
         self._prefix = ""
 
     def _view(self, inner: Backend, url: str, prefix: str) -> FaultyBackend:
         """A wrapper of ``inner`` (rooted at ``prefix`` below this one) sharing rules and log."""
         view = FaultyBackend(inner, url=url)
-        view._state, view._prefix = self._state, prefix
+        view._lock, view._rules, view._log, view._prefix = (
+            self._lock,
+            self._rules,
+            self._log,
+            prefix,
+        )
         return view
 
-    # -- rules and log ------------------------------------------------------------
-
-    def add(self, fault: BackendFault) -> Rule:
-        """Add ``fault`` after the existing rules; return its :class:`Rule` handle."""
-        rule = Rule(fault, self)
-        with self._state.lock:
-            self._state.rules.append(rule)
-        return rule
-
-    def remove(self, rule: Rule) -> None:
-        """Drop ``rule`` and release calls it holds."""
-        with self._state.lock:
-            if rule in self._state.rules:
-                self._state.rules.remove(rule)
-        rule.release()
-
-    def clear(self) -> None:
-        """Drop every rule, releasing held calls."""
-        with self._state.lock:
-            rules, self._state.rules = self._state.rules, []
-        for rule in rules:
-            rule.release()
+    # -- log ----------------------------------------------------------------------
 
     def calls(self, method: str | None = None, key: str | None = None) -> list[CallRecord]:
         """The logged calls in order, optionally only ``method`` / key regex ``key``.
@@ -273,25 +232,17 @@ class FaultyBackend(Backend):
 
             creates = faulty.calls("create", key=r"/log/")
         """
-        with self._state.lock:
-            records = list(self._state.log)
-        return [
-            r
-            for r in records
-            if (method is None or r.method == method) and (key is None or re.search(key, r.key))
-        ]
-
-    def reset_log(self) -> None:
-        """Forget the logged calls (indexes start at 0 again)."""
-        with self._state.lock:
-            self._state.log = []
+        return self._records(BackendFault(CallAction("log"), method=method, key=key))
 
     # -- the faulty call ----------------------------------------------------------
 
     async def _call(
         self, method: str, key: str, run: Callable[[], Awaitable[T]], **detail: Any
     ) -> T:
-        record, fired = self._state.record(method, join_key(self._prefix, key), detail)
+        full_key, started = join_key(self._prefix, key), time.monotonic()
+        record, fired = self._logged(
+            lambda index: CallRecord(index, method, full_key, detail, started=started)
+        )
         terminal = fired[-1].fault.action if fired and fired[-1].fault.action.terminal else None
         try:
             for rule in fired:
