@@ -579,6 +579,22 @@ class FaultProxy(_RuleHost):
         """
         return self._records(Fault(Action("log"), method=method, key=key), _NO_HEADERS)
 
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every logged request is finished (``duration`` set); whether it was.
+
+        A client may see its answer a moment before the proxy's thread logs the end.
+
+        Example::
+
+            assert proxy.wait_idle() and all(r.duration < 5 for r in proxy.requests())
+        """
+        deadline = time.monotonic() + timeout
+        while any(r.duration is None for r in self.requests()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def _check_server(self, server: Any) -> None:
         if str(server.endpoint_url).rstrip("/") != self.upstream_url:
             raise InvalidInputError(
