@@ -35,8 +35,8 @@ Example::
     url, faulty = install_faulty(str(tmp_path / "root"))
     rule = faulty.add(BackendFault(after(), method="create", key=r"/log/"))
     with pytest.raises(TransientBackendError):
-        partialstore.save(url + "/ck", {"a": 1})
-    assert rule.fired == 1 and [c.method for c in faulty.calls()][-1] == "create"
+        partialstore.save(url + "/ck", {"a": 1})  # its record landed; the answer was lost
+    assert rule.fired == 1 and faulty.calls("create")[0].outcome == "error"
 """
 
 from __future__ import annotations
@@ -129,14 +129,17 @@ def call(fn: Callable[[CallRecord], Any], *, when: str = "before") -> CallAction
     """Run ``fn(record)`` before the call, or after it returned (``when="after"``).
 
     A coroutine function is awaited on the caller's loop. A plain function runs
-    in a worker thread, so it may block (wait on an event) or call
-    partialstore's synchronous API, e.g. finalize the session while a save
-    waits right after its record landed.
+    in a worker thread, so it may block or use partialstore's synchronous API,
+    e.g. finalize the checkpoint through the *inner* URL, as another process
+    would (through the wrapper's URL, finalize queues behind the paused save).
 
     Example::
 
-        faulty.add(BackendFault(call(lambda rec: partialstore.finalize(path), when="after"),
-                                method="create", key=r"/log/"))
+        def finalize_now(record: CallRecord) -> None:
+            partialstore.finalize(inner_url + "/ck")  # the save's record just landed
+
+        faulty.add(BackendFault(call(finalize_now, when="after"), method="create",
+                                key=r"^ck[^/]*/log/"))
     """
     if when not in ("before", "after"):
         raise InvalidInputError(f"call(..., when=) must be 'before' or 'after', got {when!r}.")
@@ -162,6 +165,7 @@ class BackendFault:
         return self.key is None or re.search(self.key, record.key) is not None
 
     def name(self) -> str:
+        """The label shown in logs: ``label``, else the action's kind."""
         return self.label or self.action.kind
 
 
