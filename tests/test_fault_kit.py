@@ -215,7 +215,9 @@ _MOTO_AUTH = {
 }
 
 
-def test_raw_http_chunked_body_expect_continue_head_and_204(moto_server: Any, s3_url: Any) -> None:
+def test_raw_http_chunked_body_expect_continue_head_304_and_204(
+    moto_server: Any, s3_url: Any
+) -> None:
     bucket = urllib.parse.urlsplit(s3_url[0]).netloc
     with FaultProxy(moto_server.endpoint_url) as proxy:
         conn = http.client.HTTPConnection(*urllib.parse.urlsplit(proxy.endpoint_url)[1].split(":"))
@@ -240,11 +242,15 @@ def test_raw_http_chunked_body_expect_continue_head_and_204(moto_server: Any, s3
         conn.request("GET", f"/{bucket}/raw", headers={"Range": "bytes=10-19", **_MOTO_AUTH})
         ranged = conn.getresponse()
         assert (ranged.status, ranged.read()) == (206, body[10:20])
+        etag = head.getheader("ETag")
+        conn.request("GET", f"/{bucket}/raw", headers={"If-None-Match": etag, **_MOTO_AUTH})
+        unchanged = conn.getresponse()
+        assert (unchanged.status, unchanged.read()) == (304, b"")
         conn.request("DELETE", f"/{bucket}/raw", headers=_MOTO_AUTH)
         deleted = conn.getresponse()
         assert (deleted.status, deleted.read()) == (204, b"")
         conn.close()
-        assert [r.method for r in proxy.requests()] == ["PUT", "HEAD", "GET", "DELETE"]
+        assert [r.method for r in proxy.requests()] == ["PUT", "HEAD", "GET", "GET", "DELETE"]
         assert proxy.requests()[0].body_size == len(body)
 
 
