@@ -113,3 +113,72 @@ def any_backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> BackendUr
         return request.getfixturevalue("gcs_url")
     # The generic fsspec backend over fsspec's local filesystem.
     return "local://" + str(tmp_path / "fsroot"), {}
+
+
+# -- fault injection (partialstore.testing.faultproxy / faulty_backend) ----------------
+# Imported here, not at the top, so this block stays one appended section.
+import dataclasses  # noqa: E402
+
+from partialstore.testing.faultproxy import FaultProxy  # noqa: E402
+from partialstore.testing.faulty_backend import FaultyBackend, install_faulty  # noqa: E402
+
+
+@dataclasses.dataclass
+class ProxiedUrl:
+    """A fresh bucket root reached through a :class:`FaultProxy` (rules and log cleared)."""
+
+    url: str
+    options: dict[str, Any]
+    proxy: FaultProxy
+    server: MotoS3Server | FakeGcsServer
+
+
+@pytest.fixture(scope="session")
+def s3_proxy(moto_server: MotoS3Server) -> Iterator[FaultProxy]:
+    """One proxy in front of the session's moto server (clients stay pooled across tests)."""
+    with FaultProxy(moto_server.endpoint_url) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def gcs_proxy(gcs_server: FakeGcsServer) -> Iterator[FaultProxy]:
+    """One proxy in front of the session's fake-gcs-server."""
+    with FaultProxy(gcs_server.endpoint_url) as proxy:
+        yield proxy
+
+
+def _proxied(url: str, proxy: FaultProxy, server: Any) -> Iterator[ProxiedUrl]:
+    proxy.clear()
+    proxy.reset_log()
+    try:
+        yield ProxiedUrl(url, proxy.storage_options(server), proxy, server)
+    finally:
+        proxy.clear()  # releases anything a test left blackholed
+        proxy.reset_log()
+
+
+@pytest.fixture
+def proxied_s3_url(s3_url: BackendUrl, s3_proxy: FaultProxy, moto_server: MotoS3Server) -> Any:
+    """A fresh S3 root whose every request (s3fs and TensorStore) goes through ``s3_proxy``."""
+    yield from _proxied(s3_url[0], s3_proxy, moto_server)
+
+
+@pytest.fixture
+def proxied_gcs_url(gcs_url: BackendUrl, gcs_proxy: FaultProxy, gcs_server: FakeGcsServer) -> Any:
+    """A fresh GCS root through ``gcs_proxy``; TensorStore too (``TENSORSTORE_GCS_HTTP_URL``
+    points at the proxy for this test, see ``FaultProxy.patched_env``)."""
+    with gcs_proxy.patched_env(gcs_server):
+        yield from _proxied(gcs_url[0], gcs_proxy, gcs_server)
+
+
+@pytest.fixture(params=["s3", "gcs"])
+def proxied_url(request: pytest.FixtureRequest) -> ProxiedUrl:
+    """``proxied_s3_url`` and ``proxied_gcs_url`` in turn."""
+    return request.getfixturevalue(f"proxied_{request.param}_url")
+
+
+@pytest.fixture(params=["memory", "local"])
+def faulty_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, FaultyBackend]:
+    """``install_faulty`` over a fresh memory or local root: ``(url, faulty_backend)``."""
+    inner = f"memory://{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "root")
+    return install_faulty(inner)
