@@ -43,7 +43,7 @@ from partialstore.manifest import build_manifest
 from partialstore.published import (
     already_finalized,
     drop_stray_staging,
-    forget_finalize,
+    forget_finalizes,
     is_ours,
     read_published,
     remember_finalize,
@@ -138,7 +138,7 @@ async def finalize(location: Location) -> None:
     finalize_id = uuid.uuid4().hex
     remember_finalize(location, finalize_id)
     await _finalize(location, finalize_id)
-    forget_finalize(location, finalize_id)  # only a call that raised may be repeated
+    forget_finalizes(location)  # only a call that raised may be repeated
 
 
 async def _finalize(location: Location, finalize_id: str) -> None:

@@ -36,7 +36,7 @@ __all__ = [
     "WRITER_ID_ENV",
     "already_finalized",
     "drop_stray_staging",
-    "forget_finalize",
+    "forget_finalizes",
     "is_ours",
     "read_published",
     "remember_finalize",
@@ -78,10 +78,14 @@ def remember_finalize(location: Location, finalize_id: str) -> None:
         _own_finalize_ids.setdefault(_key(location), set()).add(finalize_id)
 
 
-def forget_finalize(location: Location, finalize_id: str) -> None:
-    """Forget ``finalize_id`` once its finalize returned: a later finalize is a new one."""
+def forget_finalizes(location: Location) -> None:
+    """Forget this process's finalizes of ``location`` once one returned.
+
+    The checkpoint is then published and reported, so a later finalize is a
+    new one (and raises, as Orbax's does), whichever earlier call sealed it.
+    """
     with _own_lock:
-        _own_finalize_ids.get(_key(location), set()).discard(finalize_id)
+        _own_finalize_ids.pop(_key(location), None)
 
 
 def is_ours(location: Location, sealed: dict[str, Any]) -> bool:

@@ -21,10 +21,12 @@ from typing import Any
 
 from partialstore import arrays, multihost, tree, txlog
 from partialstore.errors import (
+    BackendError,
     CheckpointFinalizedError,
     CorruptCheckpointError,
     InvalidInputError,
     NotFoundError,
+    OutcomeUnknownError,
     SessionDiscardedError,
     UnsupportedLeafError,
     UnsupportedOperationError,
@@ -247,16 +249,30 @@ async def _commit(
             await _drop_own_data(location, save_id)
         raise
     crash_point("save.after_log_append")
-    if location.uses_rename and await read_published(location) is not None:
-        # Finalize renamed the session away while this save ran. If the record
-        # went in before the seal the save is in the checkpoint; otherwise it
-        # went into a fresh, orphaned staging prefix that nothing can ever
-        # finalize (the path is published), so drop it and say so.
-        if await _published_with(location, save_id) is not None:
-            return number
-        await _drop_renamed_loser(location, save_id)
-        raise _finalized_in_flight(location)
+    if location.uses_rename:
+        try:
+            stray = await _record_went_astray(location, save_id)
+        except BackendError as error:
+            raise OutcomeUnknownError(
+                f"The save's log record landed, but whether {location.path} was finalized "
+                f"without it could not be checked: {error}. Look with partialstore.metadata."
+            ) from error
+        if stray:
+            await _drop_renamed_loser(location, save_id)
+            raise _finalized_in_flight(location)
     return number
+
+
+async def _record_went_astray(location: Location, save_id: str) -> bool:
+    """Whether a finalize renamed the session away before this save's record landed.
+
+    If the record went in before the seal the save is in the checkpoint;
+    otherwise it went into a fresh, orphaned staging prefix that nothing can
+    ever finalize (the path is published).
+    """
+    if await read_published(location) is None:
+        return False
+    return await _published_with(location, save_id) is None
 
 
 async def _published_with(location: Location, save_id: str) -> int | None:

@@ -35,9 +35,11 @@ from typing import Any
 
 from partialstore.backend import Backend
 from partialstore.errors import (
+    BackendError,
     CheckpointFinalizedError,
     CorruptCheckpointError,
     NotFoundError,
+    OutcomeUnknownError,
     SessionDiscardedError,
 )
 from partialstore.exclusive import Created, create_once
@@ -244,6 +246,17 @@ async def _discarded_after(backend: Backend, log_prefix: str, number: int) -> bo
     return False
 
 
+async def _discarded_after_or_unknown(backend: Backend, log_prefix: str, number: int) -> bool:
+    """:func:`_discarded_after`, for a record that landed: a failure to look is unknown."""
+    try:
+        return await _discarded_after(backend, log_prefix, number)
+    except BackendError as error:
+        raise OutcomeUnknownError(
+            f"Log record {record_key(log_prefix, number)} landed after a lost answer, but "
+            f"whether a discard removed its session meanwhile could not be checked: {error}"
+        ) from error
+
+
 def _refuse(kind: str, what: str, log_prefix: str, last: int) -> None:
     if kind == SEAL:
         raise CheckpointFinalizedError(
@@ -305,7 +318,7 @@ async def append(
         if outcome is Created.MINE:
             # After an inconclusive answer our record may have landed, been
             # deleted by a discard, and been created again below its marker.
-            if not clean and await _discarded_after(backend, log_prefix, last + 1):
+            if not clean and await _discarded_after_or_unknown(backend, log_prefix, last + 1):
                 raise _discarded_in_flight(what, log_prefix)
             return last + 1, numbers
         if outcome is Created.VANISHED and what == SAVE:
