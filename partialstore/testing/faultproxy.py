@@ -34,23 +34,47 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import email.message
 import http.client
-import json
 import os
-import re
-import select
 import socket
-import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 from partialstore.errors import InvalidInputError
+from partialstore.testing._proxywire import (
+    _BLOCK,
+    _GCS_PREFIXES,
+    _HOP_BY_HOP,
+    _JOIN_TIMEOUT_S,
+    _LOGGED_HEADERS,
+    _client_of,
+    _Conn,
+    _error_body,
+    _gcs_target,
+    _Pacer,
+    _read_request,
+    _s3_target,
+)
+from partialstore.testing.faultrules import (
+    Action,
+    Fault,
+    RequestRecord,
+    Rule,
+    RuleHost,
+    blackhole,
+    drop_response,
+    error,
+    error_after,
+    fault_like,
+    has_header,
+    latency,
+    reset,
+)
 
 __all__ = [
     "Action",
@@ -58,6 +82,7 @@ __all__ = [
     "FaultProxy",
     "RequestRecord",
     "Rule",
+    "RuleHost",
     "blackhole",
     "drop_response",
     "error",
@@ -68,414 +93,12 @@ __all__ = [
     "reset",
 ]
 
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"}
-    | {"upgrade", "expect", "content-length"}
-)
-_LOGGED_HEADERS = ("range", "if-none-match", "if-match", "content-type", "user-agent")
-_GCS_PREFIXES = ("/storage/v1/", "/upload/storage/", "/download/storage/", "/batch/storage/")
-_S3_CODES = {500: "InternalError", 503: "SlowDown", 429: "SlowDown", 502: "BadGateway"}
-_GCS_REASONS = {429: "rateLimitExceeded", 503: "backendError", 500: "backendError"}
-_BLOCK = 1 << 16
-_UPSTREAM_TIMEOUT_S = 300.0
-_JOIN_TIMEOUT_S = 5.0
+# The old private name, for code that imported it from here before the split.
+_RuleHost = RuleHost
+_NO_HEADERS = email.message.Message()
 
 
-@dataclasses.dataclass(frozen=True)
-class Action:
-    """What a fault does; build one with :func:`latency`, :func:`error`, ..."""
-
-    kind: str
-    seconds: float = 0.0
-    status: int = 0
-    code: str | None = None
-    retry_after: float | None = None
-
-    @property
-    def terminal(self) -> bool:
-        """Whether the request's fate is decided (latency lets later rules act)."""
-        return self.kind != "latency"
-
-
-def latency(seconds: float) -> Action:
-    """Wait ``seconds`` before forwarding; later rules still act on the request.
-
-    Example::
-
-        proxy.add(Fault(latency(0.2), method="GET", times=None))
-    """
-    return Action("latency", seconds=seconds)
-
-
-def drop_response() -> Action:
-    """Forward, let the server apply the request, then close the connection unanswered.
-
-    Example::
-
-        proxy.add(Fault(drop_response(), method="PUT", headers=has_header("If-None-Match")))
-    """
-    return Action("drop_response")
-
-
-def error_after(status: int = 503) -> Action:
-    """Forward and let the server apply the request, then answer ``status`` instead.
-
-    Example::
-
-        proxy.add(Fault(error_after(500), method="POST"))
-    """
-    return Action("error_after", status=status)
-
-
-def error(status: int = 503, *, code: str | None = None, retry_after: float | None = 1) -> Action:
-    """Answer ``status`` without forwarding; ``code`` overrides the S3 error code.
-
-    ``Retry-After`` is sent on 429 and 503 (``retry_after=None``: never).
-
-    Example::
-
-        Fault(error(503), method="PUT", times=2)  # SlowDown twice, then through
-    """
-    return Action("error", status=status, code=code, retry_after=retry_after)
-
-
-def reset() -> Action:
-    """Reset the TCP connection (``SO_LINGER`` 0) before forwarding anything.
-
-    Example::
-
-        proxy.add(Fault(reset(), method="GET", key=r"zarr\\.json$"))
-    """
-    return Action("reset")
-
-
-def blackhole() -> Action:
-    """Read the request and never answer; once released, close the connection unanswered.
-
-    Example::
-
-        rule = proxy.add(Fault(blackhole(), method="GET"))
-        ...
-        rule.release()
-    """
-    return Action("blackhole")
-
-
-def has_header(name: str) -> Callable[[email.message.Message], bool]:
-    """A ``headers`` predicate: the request carries header ``name``.
-
-    Example::
-
-        Fault(drop_response(), method="PUT", headers=has_header("If-None-Match"))
-    """
-    return lambda headers: headers.get(name) is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    """A rule: which requests (all given matchers must match) and what happens to them."""
-
-    action: Action
-    method: str | Collection[str] | None = None
-    path: str | None = None
-    query: str | None = None
-    key: str | None = None
-    headers: Callable[[email.message.Message], bool] | None = None
-    skip: int = 0
-    times: int | None = 1
-    label: str | None = None
-
-    def matches(self, request: RequestRecord, headers: email.message.Message) -> bool:
-        """Whether ``request`` (with its full ``headers``) is one this fault is about."""
-        methods = {self.method} if isinstance(self.method, str) else self.method
-        if methods is not None and request.method not in {m.upper() for m in methods}:
-            return False
-        for pattern, text in ((self.path, request.path), (self.query, request.query)):
-            if pattern is not None and re.search(pattern, text) is None:
-                return False
-        if self.key is not None and (request.key is None or not re.search(self.key, request.key)):
-            return False
-        return self.headers is None or bool(self.headers(headers))
-
-    def name(self) -> str:
-        """The label shown in logs: ``label``, else the action's kind."""
-        return self.label or self.action.kind
-
-
-class Rule:
-    """A fault added to a proxy or backend: its counters, and handles to wait or release.
-
-    Example::
-
-        rule = proxy.add(Fault(blackhole(), method="GET"))
-        assert rule.wait(1, timeout=10)   # a request is now hanging
-        rule.release()
-    """
-
-    def __init__(self, fault: Any, owner: Any) -> None:
-        self.fault = fault
-        self.seen = 0  # matches, skipped ones included
-        self.fired = 0
-        self._owner = owner
-        self._changed = threading.Condition()
-        self.released = threading.Event()
-
-    def claim(self) -> bool:
-        """Count one match; whether the rule fires on it (caller holds the owner's lock)."""
-        times = self.fault.times
-        if times is not None and self.fired >= times:
-            return False
-        self.seen += 1
-        if self.seen <= self.fault.skip:
-            return False
-        with self._changed:
-            self.fired += 1
-            self._changed.notify_all()
-        return True
-
-    def wait(self, count: int = 1, timeout: float = 10.0) -> bool:
-        """Wait until the rule fired ``count`` times; whether it did within ``timeout``."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self.fired >= count, timeout)
-
-    def release(self) -> None:
-        """Let requests or calls held by a blackhole or hang go."""
-        self.released.set()
-
-    def remove(self) -> None:
-        """Stop matching (and release anything held)."""
-        self._owner.remove(self)
-
-    def __repr__(self) -> str:
-        return f"Rule({self.fault.name()}, seen={self.seen}, fired={self.fired})"
-
-
-class _RuleHost:
-    """Rules and a log of records, in arrival order (the proxy's and the backend's)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rules: list[Rule] = []
-        self._log: list[Any] = []
-        self._keep_log = True
-
-    def add(self, fault: Any) -> Rule:
-        """Add ``fault`` after the existing rules; return its :class:`Rule` handle."""
-        rule = Rule(fault, self)
-        with self._lock:
-            self._rules.append(rule)
-        return rule
-
-    def remove(self, rule: Rule) -> None:
-        """Drop ``rule`` and release what it holds."""
-        with self._lock:
-            if rule in self._rules:
-                self._rules.remove(rule)
-        rule.release()
-
-    def clear(self) -> None:
-        """Drop every rule, releasing what they hold."""
-        with self._lock:
-            rules = list(self._rules)
-            self._rules.clear()
-        for rule in rules:
-            rule.release()
-
-    def reset_log(self) -> None:
-        """Forget the log (indexes start at 0 again)."""
-        with self._lock:
-            self._log.clear()
-
-    def _logged(self, make: Callable[[int], Any], *context: Any) -> tuple[Any, list[Rule]]:
-        """Log ``make(index)``; return it and the rules that fire on it (a terminal one last)."""
-        fired = []
-        with self._lock:
-            record = make(len(self._log))
-            if self._keep_log:
-                self._log.append(record)
-            for rule in self._rules:
-                if rule.fault.matches(record, *context) and rule.claim():
-                    fired.append(rule)
-                    if rule.fault.action.terminal:
-                        break
-        record.faults = [rule.fault.name() for rule in fired]
-        return record, fired
-
-    def _records(self, probe: Any, *context: Any) -> list[Any]:
-        with self._lock:
-            return [r for r in self._log if probe.matches(r, *context)]
-
-
-@dataclasses.dataclass
-class RequestRecord:
-    """One request the proxy saw; ``status`` etc. are filled in when it ends.
-
-    ``key`` is the object key (S3 path-style ``/bucket/key``; GCS ``/b/B/o/NAME``,
-    the ``name`` query parameter or a multipart upload's metadata) or the
-    ``prefix`` of a listing; ``status`` is what the client got (``None``: no
-    answer), ``upstream_status`` what the server said (``None``: not forwarded).
-    """
-
-    index: int
-    method: str
-    path: str
-    query: str
-    flavor: str
-    bucket: str | None
-    key: str | None
-    headers: dict[str, str]
-    body_size: int
-    client: str
-    faults: list[str] = dataclasses.field(default_factory=list)
-    status: int | None = None
-    upstream_status: int | None = None
-    outcome: str = "pending"
-    started: float = 0.0
-    duration: float | None = None
-
-
-def _s3_target(path: str, query: dict[str, list[str]]) -> tuple[str | None, str | None]:
-    parts = path.lstrip("/").split("/", 1)
-    if not parts[0]:
-        return None, None
-    key = parts[1] if len(parts) > 1 and parts[1] else None
-    return parts[0], key or query.get("prefix", [None])[0]
-
-
-def _gcs_target(path: str, query: dict[str, list[str]], body: bytes, ctype: str) -> Any:
-    match = re.search(r"/b/([^/]+)(?:/o(?:/(.+))?)?$", path)
-    if match is None:
-        return None, None
-    key = match.group(2) or query.get("name", [None])[0] or query.get("prefix", [None])[0]
-    if key is None and "multipart" in ctype:  # the first part is the object's JSON metadata
-        start = body.find(b"{")
-        with contextlib.suppress(ValueError, AttributeError):
-            key = json.JSONDecoder().raw_decode(body[start:].decode())[0].get("name")
-    return match.group(1), key
-
-
-def _client_of(agent: str) -> str:
-    lowered = agent.lower()
-    for name in ("tensorstore", "botocore", "gcsfs", "curl"):
-        if name in lowered:
-            return "tensorstore" if name == "curl" else name
-    return agent.split("/")[0] or "unknown"
-
-
-def _error_body(flavor: str, action: Action, request: RequestRecord) -> bytes:
-    if request.method == "HEAD":
-        return b""
-    status = action.status
-    if flavor == "gcs":
-        reason = _GCS_REASONS.get(status, "backendError")
-        message = f"Injected by FaultProxy: HTTP {status}."
-        errors = [{"domain": "global", "reason": reason, "message": message}]
-        return json.dumps(
-            {"error": {"code": status, "message": message, "errors": errors}}
-        ).encode()
-    code = action.code or _S3_CODES.get(status, "ServiceUnavailable")
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>'
-        f"{code}</Code><Message>Injected by FaultProxy: HTTP {status}.</Message>"
-        f"<Resource>{request.path}</Resource><RequestId>faultproxy-{request.index}</RequestId>"
-        "</Error>"
-    ).encode()
-
-
-class _Pacer:
-    """One shared link of ``bandwidth`` bytes/s: transfers queue for their time slots."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._next_free = 0.0
-
-    def pace(self, nbytes: int, bandwidth: float | None, stop: threading.Event) -> None:
-        if not bandwidth or nbytes <= 0:
-            return
-        with self._lock:
-            start = max(time.monotonic(), self._next_free)
-            self._next_free = start + nbytes / bandwidth
-            done_at = self._next_free
-        stop.wait(max(0.0, done_at - time.monotonic()))
-
-
-class _Conn:
-    """One client connection and its own upstream connection (both keep-alive)."""
-
-    def __init__(self, sock: socket.socket, upstream: tuple[str, int]) -> None:
-        self.sock = sock
-        self.rfile = sock.makefile("rb", buffering=_BLOCK)
-        self.upstream_addr = upstream
-        self.upstream: http.client.HTTPConnection | None = None
-
-    def forward(
-        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None
-    ) -> http.client.HTTPResponse:
-        conn = self.upstream
-        # A pooled connection the server closed while idle reads as EOF: reconnect
-        # now rather than risk a request that was sent but never seen.
-        if conn is not None and conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
-            self.close_upstream()
-        if self.upstream is None:
-            self.upstream = http.client.HTTPConnection(
-                *self.upstream_addr, timeout=_UPSTREAM_TIMEOUT_S
-            )
-        conn = self.upstream
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        for name, value in headers:
-            conn.putheader(name, value)
-        conn.endheaders(body)
-        return conn.getresponse()
-
-    def close_upstream(self) -> None:
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-
-    def interrupt(self) -> None:
-        """Wake the serving thread from any blocking read (from another thread)."""
-        for sock in (self.sock, self.upstream.sock if self.upstream else None):
-            with contextlib.suppress(OSError, AttributeError):
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
-
-    def close(self, rst: bool = False) -> None:
-        """Close both sides; ``rst`` resets the client connection instead of a clean FIN."""
-        self.close_upstream()
-        with contextlib.suppress(OSError):
-            if rst:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            else:
-                self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.rfile.close()
-        self.sock.close()  # idempotent
-
-
-def _read_request(rfile: Any, sock: socket.socket) -> tuple[str, str, str, Any, bytes] | None:
-    """One request (method, target, version, headers, body), or None at end of stream."""
-    line = rfile.readline(65537)
-    while line in (b"\r\n", b"\n"):
-        line = rfile.readline(65537)
-    if not line:
-        return None
-    method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    headers = http.client.parse_headers(rfile)
-    if (headers.get("Expect") or "").lower() == "100-continue":
-        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-    if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
-        chunks = []
-        while size := int(rfile.readline(1024).split(b";")[0].strip() or b"0", 16):
-            chunks.append(rfile.read(size))
-            rfile.readline(1024)
-        while rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-            pass  # trailers
-        body = b"".join(chunks)
-    else:
-        body = rfile.read(int(headers.get("Content-Length") or 0))
-    return method.upper(), target, version, headers, body
-
-
-class FaultProxy(_RuleHost):
+class FaultProxy(RuleHost):
     """A threaded HTTP/1.1 proxy on a free port of 127.0.0.1 in front of ``upstream_url``.
 
     Args:
@@ -807,67 +430,3 @@ class FaultProxy(_RuleHost):
             while block := response.read(_BLOCK):
                 self._pacer.pace(len(block), self.bandwidth, self._stop)
                 conn.sock.sendall(block)
-
-
-_NO_HEADERS = email.message.Message()
-_RANDOM_ID = re.compile(r"[0-9a-f]{32}")
-_CONDITIONS = ("If-None-Match", "If-Match", "Range")
-
-
-def _conditions(headers: Mapping[str, str] | email.message.Message) -> list[bool]:
-    return [headers.get(name, headers.get(name.lower())) is not None for name in _CONDITIONS]
-
-
-def fault_like(
-    records: Sequence[RequestRecord],
-    index: int,
-    action: Action,
-    *,
-    substitute: Mapping[str, str] | None = None,
-) -> Fault:
-    """A fault on the request that plays ``records[index]``'s part when the run is repeated.
-
-    It matches the method, the path and key with 32-hex-digit ids (save ids,
-    TensorStore's tokens) generalised and each ``substitute`` pair replaced (old
-    text -> text of the repeat, e.g. the checkpoint name), and whether
-    ``If-None-Match``, ``If-Match`` and ``Range`` are present; it skips as many
-    earlier matches as ``records`` had. Concurrent requests (array chunks) may
-    trade places between runs.
-
-    Example::
-
-        proxy.reset_log(); partialstore.save(f"{url}/ck0", tree, storage_options=opts)
-        seen = proxy.requests()
-        for i in range(len(seen)):
-            proxy.add(fault_like(seen, i, drop_response(), substitute={"/ck0/": f"/ck{i + 1}/"}))
-            ...  # save to f"{url}/ck{i + 1}", check the promise, proxy.clear()
-    """
-    target, flags = records[index], _conditions(records[index].headers)
-
-    def pattern(text: str | None, replace: Mapping[str, str]) -> str | None:
-        if text is None:
-            return None
-        for old, new in replace.items():
-            text = text.replace(old, new)
-        return "^" + _RANDOM_ID.sub("[0-9a-f]{32}", re.escape(text)) + "$"
-
-    def build(replace: Mapping[str, str]) -> Fault:
-        return Fault(
-            action,
-            method=target.method,
-            path=pattern(target.path, replace),
-            key=pattern(target.key, replace),
-            headers=lambda headers: _conditions(headers) == flags,
-            label=f"like #{index} {target.method} {target.key or target.path}",
-        )
-
-    earlier = build({})
-    skip = sum(earlier.matches(r, _as_message(r.headers)) for r in records[:index])
-    return dataclasses.replace(build(substitute or {}), skip=skip)
-
-
-def _as_message(headers: Mapping[str, str]) -> email.message.Message:
-    message = email.message.Message()
-    for name, value in headers.items():
-        message[name] = value
-    return message

@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 from partialstore import registry
 from partialstore.backend import Backend, Capabilities, join_key
 from partialstore.errors import InvalidInputError, TransientBackendError
-from partialstore.testing.faultproxy import Rule, _RuleHost
+from partialstore.testing.faultrules import Rule, RuleHost
 
 __all__ = [
     "BackendFault",
@@ -197,7 +197,7 @@ async def _run_hook(fn: Callable[[CallRecord], Any], record: CallRecord) -> None
         await result
 
 
-class FaultyBackend(_RuleHost, Backend):
+class FaultyBackend(RuleHost, Backend):
     """A real backend behind fault rules and a call log.
 
     Args:
