@@ -9,14 +9,17 @@ service with the same credentials, so the backend picks per request.
 
 Only plain keys take this path (letters, digits, ``. _ - /``): TensorStore
 does not XML-unescape the keys of a listing, and the backends keep their own
-path for anything else. Each method returns ``None`` when it cannot answer
-(an unusual key, TensorStore unable to reach the store, or any failure), and
-the backend then sends the request through its own client, which retries
-and reports errors precisely (a missing bucket, denied access, ...).
+path for anything else. Each method returns ``None`` when it does not send
+the request (an unusual key, or TensorStore cannot open the store) and
+raises :class:`FastRequestError` when the request failed; the backend then
+sends it through its own client, which reports errors precisely (a missing
+bucket, denied access, ...). TensorStore retries a failed request once
+(``FAST_RETRIES``): the backend's retry loop, not TensorStore's, decides
+whether to go on (see :mod:`partialstore.backends._retry`).
 
 Example::
 
-    requests = TensorStoreRequests(lambda: backend.kvstore_spec(""))
+    requests = TensorStoreRequests(backend_spec, {"s3_request_retries": FAST_RETRIES})
     created = await requests.create_if_absent("log/00000001.json", b"{}")
     # True: created; False: refused (it exists, or S3 said 404); None: ask the service
 """
@@ -24,16 +27,24 @@ Example::
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import tensorstore as ts
 
-__all__ = ["TensorStoreRequests", "is_plain_key"]
+__all__ = ["FAST_RETRIES", "FastRequestError", "TensorStoreRequests", "is_plain_key"]
+
+#: TensorStore's ``*_request_retries`` for these requests: one quick retry
+#: (its minimum), after which the backend's own loop takes over.
+FAST_RETRIES = {"max_retries": 1, "initial_delay": "0.05s", "max_delay": "0.05s"}
 
 _PLAIN = re.compile(r"[A-Za-z0-9._/-]*")
 # TensorStore's StorageGeneration::NoValue(): "only if the key is absent".
 _ABSENT = b"\x02"
+
+
+class FastRequestError(Exception):
+    """A request sent through TensorStore failed (its status text is the message)."""
 
 
 def is_plain_key(key: str) -> bool:
@@ -45,37 +56,45 @@ class TensorStoreRequests:
     """Create, test, read and list plain keys under a backend's root through one kvstore.
 
     Args:
-      spec: returns the kvstore spec of the backend's root (a trailing ``/``
+      spec: awaits the kvstore spec of the backend's root (a trailing ``/``
         on its path), or None when TensorStore cannot reach the store; called
-        once, on first use.
+        on first use (again after it raised).
+      context: TensorStore context resources for these requests.
     """
 
-    def __init__(self, spec: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(
+        self, spec: Callable[[], Awaitable[dict[str, Any] | None]], context: dict[str, Any]
+    ) -> None:
         self._spec = spec
+        self._context = context
         self._store: ts.KvStore | None = None
         self._unavailable = False
 
     async def _open(self) -> ts.KvStore | None:
         if self._store is None and not self._unavailable:
-            spec = self._spec()
+            spec = await self._spec()
             if spec is None or not is_plain_key(str(spec.get("path", ""))):
                 self._unavailable = True
                 return None
             try:
-                self._store = await ts.KvStore.open(spec, context=ts.Context())
+                self._store = await ts.KvStore.open(spec, context=ts.Context(self._context))
             except ValueError:
                 self._unavailable = True  # the backend's own client will report it
         return self._store
 
     async def _ask(self, key: str, request: Callable[[ts.KvStore], Any]) -> Any:
-        """``await request(store)``, or None: key not plain, store unreachable, or a failure."""
+        """``await request(store)``; None if the key is not plain or the store cannot open.
+
+        Raises:
+          FastRequestError: the request was sent and failed.
+        """
         store = await self._open() if is_plain_key(key) else None
         if store is None:
             return None
         try:
             return await request(store)
-        except ValueError:
-            return None
+        except ValueError as err:
+            raise FastRequestError(str(err)) from err
 
     async def create_if_absent(self, key: str, data: bytes) -> bool | None:
         """Write ``key`` only if absent: True written, False not (it exists), None: ask again."""

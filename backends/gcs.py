@@ -33,8 +33,9 @@ How the contract maps onto GCS:
 - ``rename``: not offered (``atomic_rename=False``): GCS renames copy bytes.
 
 Storage options are gcsfs's (``project``, ``token``, ``endpoint_url``,
-``requester_pays``, ...) plus partialstore's ``single_writer``, kept as
-:attr:`GCSBackend.single_writer`. An emulator is reached with
+``requester_pays``, ...) plus partialstore's ``single_writer`` (kept as
+:attr:`GCSBackend.single_writer`), ``deadline`` and ``retries``; unknown
+options and wrong value types are refused (:mod:`._service_options`). An emulator is reached with
 ``{"endpoint_url": "http://127.0.0.1:4443", "token": "anon"}`` or the
 ``STORAGE_EMULATOR_HOST`` environment variable.
 
@@ -48,6 +49,15 @@ custom endpoint, ``kvstore_spec`` returns a spec only if
 ``None`` (array bytes then go through ``read``/``write``) and logs once how to
 enable TensorStore. Against real GCS, TensorStore uses Google's default
 credentials.
+
+Failures: every call is retried in one place, under the storage options
+``deadline`` (seconds, default 90) and ``retries`` (default 10), see
+:mod:`partialstore.backends._retry`. Each request is sent once by gcsfs (its
+``retry_request`` loop, six attempts with up to 32 s sleeps, is bypassed),
+with aiohttp timeouts for connecting and for a stalled response unless the
+``requests_timeout`` option says otherwise; TensorStore's arrays get a
+``gcs_request_retries`` schedule that fits in the deadline
+(:meth:`GCSBackend.tensorstore_context`).
 
 Example::
 
@@ -63,9 +73,12 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from partialstore.backends._bucket import BucketBackend
+from partialstore.backends._retry import Attempt, Kind, causes, http_kind
+from partialstore.backends._service_options import gcs_options
 
 from partialstore.errors import (
     AlreadyExistsError,
@@ -84,6 +97,11 @@ _DELETE_BATCH = 100  # the JSON batch API's limit
 _DELETE_CONCURRENCY = 16
 _LIST_PAGE = 1000
 _warned_endpoints: set[tuple[str | None, str | None]] = set()
+# aiohttp limits for one request unless the user sets requests_timeout: the
+# connection, and silence while waiting for data. No total limit: a large
+# upload that keeps moving is not cut off (the call's deadline still is).
+_CONNECT_TIMEOUT = 5.0
+_STALL_TIMEOUT = 30.0
 
 
 class _DropRangeNotSatisfiable(logging.Filter):
@@ -113,21 +131,39 @@ def _status(err: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def map_gcs_error(err: BaseException, action: str, where: str) -> Exception:
+def map_gcs_error(
+    err: BaseException, action: str, where: str, endpoint: str = "storage.googleapis.com"
+) -> Exception:
     """Translate a gcsfs/aiohttp/google-auth failure of ``action`` on ``where``.
+
+    ``endpoint`` names the service in messages that need it.
 
     Example::
 
         raise map_gcs_error(err, "read", "gs://bucket/key") from err
     """
     import aiohttp
+    import google.auth.exceptions
 
     if isinstance(err, (NotFoundError, AlreadyExistsError, ConflictError, BackendError)):
         return err
     status = _status(err)
-    detail = f"{type(err).__name__}: {err}"
+    detail = f"{type(err).__name__}: {str(err)[:300]}"
     if isinstance(err, FileNotFoundError) or status == 404:
+        if action in ("list", "create", "write"):
+            # Listings and uploads only answer 404 for a missing bucket.
+            return NotFoundError(
+                f"Cannot {action} {where}: the bucket does not exist at {endpoint}. Create it, "
+                "or check the bucket name in the URL."
+            )
         return NotFoundError(f"Cannot {action} {where}: no such object or bucket.")
+    if isinstance(err, google.auth.exceptions.DefaultCredentialsError):
+        return BackendError(
+            f"Cannot {action} {where} at {endpoint}: no Google credentials found. Pass 'token' "
+            "in storage_options (a service-account file, 'google_default', or 'anon' for a "
+            "public bucket), set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth "
+            f"application-default login` ({detail})."
+        )
     if isinstance(err, FileExistsError) or status == 412:
         return AlreadyExistsError(f"Cannot {action} {where}: a precondition failed (412).")
     transient_types: tuple[type[BaseException], ...] = (
@@ -149,7 +185,8 @@ def map_gcs_error(err: BaseException, action: str, where: str) -> Exception:
         )
     if status in (401, 403) or "Forbidden" in str(err):
         return BackendError(
-            f"Cannot {action} {where}: access denied; check credentials ({detail})."
+            f"Cannot {action} {where} at {endpoint}: access denied; check the credentials "
+            f"and the bucket's permissions ({detail})."
         )
     return BackendError(f"{action.capitalize()} {where} failed ({detail}).")
 
@@ -183,33 +220,86 @@ class GCSBackend(BucketBackend):
 
     # -- plumbing -----------------------------------------------------------------
 
+    def _known_options(self) -> Mapping[str, Any]:
+        return gcs_options()
+
     def _make_fs(self, options: dict[str, Any]) -> Any:
         # The plain class, not gcsfs.GCSFileSystem: see the module docstring.
+        import aiohttp
         from gcsfs.core import GCSFileSystem
 
+        if options.get("requests_timeout") is None:
+            stall = aiohttp.ClientTimeout(
+                total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=_STALL_TIMEOUT
+            )
+            options = {**options, "requests_timeout": stall}
         return GCSFileSystem(skip_instance_cache=True, **options)
 
     def _map_error(self, err: BaseException, action: str, where: str) -> Exception:
-        return map_gcs_error(err, action, where)
+        return map_gcs_error(err, action, where, self._endpoint_label())
 
-    async def _call(self, method: str, path: str, *args: str, **kwargs: Any) -> Any:
+    def _endpoint_label(self) -> str:
+        return str(self._fs._location)
+
+    def _unreachable_hint(self) -> str:
+        return (
+            "storage_options['endpoint_url'] (or STORAGE_EMULATOR_HOST) and that the service "
+            "is running there"
+        )
+
+    def _service_kind(self, err: BaseException) -> Kind | None:
+        import aiohttp
+        import requests
+        from gcsfs.retry import HttpError
+
+        for cause in causes(err):
+            if isinstance(cause, HttpError | aiohttp.ClientResponseError):
+                return http_kind(_status(cause))
+            if isinstance(cause, requests.exceptions.ProxyError):
+                return Kind.AMBIGUOUS  # how gcsfs reports an HTTP 502
+        return None
+
+    async def _bucket_exists(self) -> bool:
+        try:
+            await self._call("GET", "b/{}", self.bucket, json_out=True)
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def _call(
+        self, method: str, path: str, *args: str, json_out: bool = False, **kwargs: Any
+    ) -> Any:
+        """One gcsfs request, sent once: the backend's loop is the only retry layer."""
         fs = self._fs
-        return await self._on_fs(lambda: fs._call(method, path, *args, **kwargs))
+        # gcsfs decorates _request with its own retry loop; __wrapped__ is the bare request.
+        request = getattr(type(fs)._request, "__wrapped__", None)
+        if request is None:  # pragma: no cover - a gcsfs without it keeps its own retries
+            return await self._on_fs(
+                lambda: fs._call(method, path, *args, json_out=json_out, **kwargs)
+            )
+        _, headers, _, contents = await self._on_fs(
+            lambda: request(fs, method, path, *args, **kwargs)
+        )
+        return json.loads(contents) if json_out else (headers, contents)
 
     # -- writes -------------------------------------------------------------------
 
     async def create(self, key: str, data: bytes) -> None:
         full = self._key(key)
-        try:
-            # One request carries body and precondition, whatever the size: see _upload.
-            await self._upload(full, data, ifGenerationMatch="0")
-        except Exception as err:
-            if isinstance(err, FileExistsError) or _status(err) == 412:
-                raise AlreadyExistsError(
-                    f"Cannot create {self._where(full)}: the object already exists "
-                    "(ifGenerationMatch=0 failed)."
-                ) from err
-            raise map_gcs_error(err, "create", self._where(full)) from err
+
+        async def attempt(state: Attempt) -> None:
+            try:
+                # One request carries body and precondition, whatever the size: see _upload.
+                await self._upload(full, data, ifGenerationMatch="0")
+            except Exception as err:
+                if isinstance(err, FileExistsError) or _status(err) == 412:
+                    raise AlreadyExistsError(
+                        f"Cannot create {self._where(full)}: the object already exists "
+                        "(ifGenerationMatch=0 failed)."
+                    ) from err
+                raise
+
+        await self._bounded("create", self._where(full), attempt, mutating=True)
 
     async def _write_if(self, full: str, data: bytes, if_version: str) -> None:
         if not str(if_version).isdigit():
@@ -225,7 +315,7 @@ class GCSBackend(BucketBackend):
                     f"Conditional write of {self._where(full)} failed: its generation is no "
                     f"longer {if_version} (another writer changed or deleted it)."
                 ) from err
-            raise map_gcs_error(err, "write", self._where(full)) from err
+            raise
 
     async def _upload(self, full: str, data: bytes, **params: str) -> dict[str, Any]:
         """One multipart (metadata + media) upload request with query ``params``.
@@ -248,16 +338,14 @@ class GCSBackend(BucketBackend):
         ).encode()
         body = head + bytes(data) + f"\r\n--{boundary}--".encode()
         url = f"{fs._location}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
-        return await self._on_fs(
-            lambda: fs._call(
-                "POST",
-                url,
-                uploadType="multipart",
-                headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
-                data=body,
-                json_out=True,
-                **params,
-            ),
+        return await self._call(
+            "POST",
+            url,
+            uploadType="multipart",
+            headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
+            data=body,
+            json_out=True,
+            **params,
         )
 
     # -- reads --------------------------------------------------------------------
@@ -266,7 +354,7 @@ class GCSBackend(BucketBackend):
         fs = self._fs
         url = fs.url(f"{self.bucket}/{full}", generation=generation)
         headers = {"Range": range_header} if range_header else {}
-        _, data = await self._on_fs(lambda: fs._call("GET", url, headers=headers))
+        _, data = await self._call("GET", url, headers=headers)
         return bytes(data)
 
     async def _get_range(self, full: str, range_header: str | None) -> bytes:
@@ -294,10 +382,7 @@ class GCSBackend(BucketBackend):
                 params["delimiter"] = delimiter
             if token:
                 params["pageToken"] = token
-            try:
-                page = await self._call("GET", "b/{}/o", self.bucket, json_out=True, **params)
-            except Exception as err:
-                raise map_gcs_error(err, "list", self._where(prefix)) from err
+            page = await self._call("GET", "b/{}/o", self.bucket, json_out=True, **params)
             names.extend(item["name"] for item in page.get("items", ()))
             dirs.extend(page.get("prefixes", ()))
             token = page.get("nextPageToken")
@@ -311,7 +396,7 @@ class GCSBackend(BucketBackend):
 
     async def delete_prefix(self, prefix: str) -> None:
         base = self._dir(prefix)
-        names, _ = await self._list_raw(base, None)
+        names, _ = await self._bounded_list(base, None)
         if not names:
             return
         fs = self._fs
@@ -319,7 +404,15 @@ class GCSBackend(BucketBackend):
             paths = [f"{self.bucket}/{n}" for n in names]
             batches = [paths[i : i + _DELETE_BATCH] for i in range(0, len(paths), _DELETE_BATCH)]
             results = await asyncio.gather(
-                *(self._on_fs(lambda b=b: fs._rm_files(b)) for b in batches)
+                *(
+                    self._bounded(
+                        "delete objects under",
+                        self._where(base),
+                        lambda state, b=b: self._on_fs(lambda: fs._rm_files(b)),
+                        mutating=True,
+                    )
+                    for b in batches
+                )
             )
             failures = [
                 r
@@ -393,6 +486,10 @@ class GCSBackend(BucketBackend):
                 ours or "<unset>",
             )
         return None
+
+    def tensorstore_context(self) -> dict[str, Any] | None:
+        """TensorStore's own retries for this backend's arrays, fitted to ``deadline``."""
+        return {"gcs_request_retries": self._policy.tensorstore_retries()}
 
     async def _close_fs(self) -> None:
         fs = self._fs
