@@ -160,6 +160,8 @@ class BucketBackend(Backend):
             self._fs = _pool.acquire(pool_key, lambda: self._make_fs(options))
         except self._bad_option_errors as err:
             raise InvalidInputError(f"Bad storage_options for {url}: {err}") from err
+        except Exception as err:  # e.g. no credentials where the client looks at once
+            raise self._map_error(err, "open", url) from err
         self._pool_key = pool_key
         self._reach_key = pool_key
 
@@ -305,16 +307,19 @@ class BucketBackend(Backend):
 
     async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
         full = self._key(key)
-        fs = self._fs
 
         async def attempt(state: Attempt) -> None:
             if if_version is not None:
                 await self._write_if(full, data, if_version)
             else:
-                # Both services replace an object atomically on a plain upload.
-                await self._on_fs(lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
+                await self._put(full, data)
 
         await self._bounded("write", self._where(full), attempt, mutating=True)
+
+    async def _put(self, full: str, data: bytes) -> None:
+        """Replace object ``full`` (both services replace atomically on a plain upload)."""
+        fs = self._fs
+        await self._on_fs(lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
 
     # -- reads --------------------------------------------------------------------
 

@@ -255,10 +255,24 @@ class Call:
     hint: str
 
 
+def _status_of(err: BaseException) -> int | None:
+    """An HTTP status carried anywhere in ``err``'s causes (gcsfs, aiohttp, botocore)."""
+    for cause in causes(err):
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):  # botocore's ClientError
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        else:
+            status = getattr(cause, "code", None) or getattr(cause, "status", None)
+        if isinstance(status, int) and 100 <= status < 600:
+            return status
+    return None
+
+
 def _detail(err: BaseException) -> str:
     root = err.__cause__ if isinstance(err, PartialStoreError) and err.__cause__ else err
-    text = str(root).strip().replace("\n", " ")
-    return f"{type(root).__name__}: {text[:300]}"
+    text = f"{type(root).__name__}: {str(root).strip().replace(chr(10), ' ')[:300]}"
+    status = _status_of(root)
+    return f"HTTP {status} ({text})" if status else text
 
 
 def _why_unreachable(err: BaseException) -> str:
@@ -289,13 +303,20 @@ def _unreachable(call: Call, err: BaseException) -> BackendError:
 
 
 def _exhausted(
-    call: Call, state: Attempt, started: float, err: BaseException, policy: RetryPolicy
+    call: Call,
+    state: Attempt,
+    started: float,
+    err: BaseException,
+    policy: RetryPolicy,
+    *,
+    cut_off: bool = False,
 ) -> BackendError:
     elapsed = time.monotonic() - started
+    last = "no answer before the deadline" if cut_off else f"last error: {_detail(err)}"
     summary = (
-        f"{call.action.capitalize()} {call.where} at {call.endpoint} failed {state.number + 1} "
-        f"time(s) in {elapsed:.1f} s (storage options deadline={policy.deadline:g} s, "
-        f"retries={policy.retries}); last error: {_detail(err)}."
+        f"{call.action.capitalize()} {call.where} at {call.endpoint} gave up after "
+        f"{state.number + 1} attempt(s) in {elapsed:.1f} s (storage options "
+        f"deadline={policy.deadline:g} s, retries={policy.retries}); {last}."
     )
     if call.mutating and state.maybe_applied:
         return OutcomeUnknownError(
@@ -362,7 +383,7 @@ async def run_bounded(
             if limit.expired():
                 # Cancelled in flight: a mutating request may have gone out.
                 state.maybe_applied = state.maybe_applied or call.mutating
-                raise _exhausted(call, state, started, err, policy) from err
+                raise _exhausted(call, state, started, err, policy, cut_off=True) from err
             _settle(call, state, err, classify(err))
         else:
             call.mark_reached()

@@ -21,7 +21,8 @@ How the contract maps onto GCS:
   precondition and the bytes together, and fake-gcs-server ignores
   preconditions on resumable uploads); HTTP 412 -> :class:`AlreadyExistsError`.
   GCS decides the precondition atomically.
-- ``write``: a plain upload (objects are replaced atomically).
+- ``write``: a plain upload, the same single multipart request without a
+  precondition (objects are replaced atomically).
   ``write(..., if_version=generation)`` uploads with
   ``ifGenerationMatch=<generation>``; 412 or 404 -> :class:`ConflictError`.
   ``read_versioned`` returns the generation that was read.
@@ -239,7 +240,8 @@ class GCSBackend(BucketBackend):
         return map_gcs_error(err, action, where, self._endpoint_label())
 
     def _endpoint_label(self) -> str:
-        return str(self._fs._location)
+        fs = getattr(self, "_fs", None)  # None while the filesystem is being built
+        return str(fs._location) if fs is not None else self._endpoint() or _GOOGLE_HOSTS[0]
 
     def _unreachable_hint(self) -> str:
         return (
@@ -301,6 +303,10 @@ class GCSBackend(BucketBackend):
 
         await self._bounded("create", self._where(full), attempt, mutating=True)
 
+    async def _put(self, full: str, data: bytes) -> None:
+        # Not gcsfs's _pipe_file: its requests carry gcsfs's own retry loop.
+        await self._upload(full, data)
+
     async def _write_if(self, full: str, data: bytes, if_version: str) -> None:
         if not str(if_version).isdigit():
             raise ConflictError(
@@ -320,12 +326,13 @@ class GCSBackend(BucketBackend):
     async def _upload(self, full: str, data: bytes, **params: str) -> dict[str, Any]:
         """One multipart (metadata + media) upload request with query ``params``.
 
-        Conditional writes always go through this single request, never
-        through gcsfs's resumable path (which it takes from 50 MiB): the
-        precondition and the bytes then travel and succeed or fail together,
-        and fake-gcs-server, which ignores preconditions on resumable uploads,
-        is held to the same rule as GCS. gcsfs's own uploads also only know
-        ``ifGenerationMatch=0``, while compare-and-swap needs any generation.
+        Every write goes through this single request, never through gcsfs's
+        uploads (which retry on their own, and take the resumable path from
+        50 MiB): a precondition and the bytes then travel and succeed or fail
+        together, and fake-gcs-server, which ignores preconditions on
+        resumable uploads, is held to the same rule as GCS. gcsfs's own
+        uploads also only know ``ifGenerationMatch=0``, while compare-and-swap
+        needs any generation.
         """
         from urllib.parse import quote
 
