@@ -394,7 +394,15 @@ class BucketBackend(Backend):
         """
 
         async def attempt(state: Attempt) -> bool:
-            return await self._bucket_exists()
+            try:
+                return await self._bucket_exists()
+            except Exception as err:
+                mapped = self._map_error(err, action, where)
+                if self._classify(mapped) is Kind.PERMANENT:
+                    # Cannot tell (no permission to look at buckets, only at
+                    # objects): the object requests will say what is wrong.
+                    return True
+                raise mapped from err
 
         if not await self._bounded(action, where, attempt, mutating=False):
             raise NotFoundError(

@@ -181,7 +181,9 @@ def transport_kind(err: BaseException) -> Kind | None:
             return Kind.PERMANENT  # a certificate problem does not heal on retry
         if isinstance(cause, aiohttp.ClientConnectorError | socket.gaierror):
             return Kind.UNREACHABLE
-        if isinstance(cause, boto.ConnectTimeoutError | aiohttp.ConnectionTimeoutError):
+        # aiohttp >= 3.10 tells connect timeouts apart from read timeouts.
+        connect_timeout = getattr(aiohttp, "ConnectionTimeoutError", boto.ConnectTimeoutError)
+        if isinstance(cause, boto.ConnectTimeoutError | connect_timeout):
             return Kind.UNREACHABLE
         if isinstance(cause, ConnectionRefusedError):
             return Kind.UNREACHABLE
@@ -277,18 +279,14 @@ def _detail(err: BaseException) -> str:
 
 def _why_unreachable(err: BaseException) -> str:
     import aiohttp
+    import botocore.exceptions as boto
 
     found = list(causes(err))
-    if any(
-        isinstance(c, socket.gaierror | aiohttp.ClientConnectorDNSError)
-        or "curl_code='6'" in str(c)
-        for c in found
-    ):
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", socket.gaierror)  # aiohttp >= 3.10
+    if any(isinstance(c, socket.gaierror | dns_error) or "curl_code='6'" in str(c) for c in found):
         return "its host name does not resolve (DNS)"
     if any(isinstance(c, ConnectionRefusedError) or "curl_code='7'" in str(c) for c in found):
         return "the connection was refused"
-    import botocore.exceptions as boto
-
     if any(isinstance(c, TimeoutError | boto.ConnectTimeoutError) for c in found):
         return "connecting timed out"
     return "the connection failed"

@@ -36,9 +36,9 @@ How the contract maps onto GCS:
 Storage options are gcsfs's (``project``, ``token``, ``endpoint_url``,
 ``requester_pays``, ...) plus partialstore's ``single_writer`` (kept as
 :attr:`GCSBackend.single_writer`), ``deadline`` and ``retries``; unknown
-options and wrong value types are refused (:mod:`._service_options`). An emulator is reached with
-``{"endpoint_url": "http://127.0.0.1:4443", "token": "anon"}`` or the
-``STORAGE_EMULATOR_HOST`` environment variable.
+options and wrong value types are refused (:mod:`._service_options`). An
+emulator is reached with ``{"endpoint_url": "http://127.0.0.1:4443",
+"token": "anon"}`` or the ``STORAGE_EMULATOR_HOST`` environment variable.
 
 TensorStore (:meth:`GCSBackend.kvstore_spec`) reaches the bytes with its
 ``gcs`` driver, whose spec has no endpoint member: TensorStore only reaches a
@@ -78,15 +78,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from partialstore.backends._bucket import BucketBackend
-from partialstore.backends._retry import Attempt, Kind, causes, http_kind
+from partialstore.backends._gcs_errors import map_gcs_error, retry_kind, status_of
+from partialstore.backends._retry import Attempt, Kind
 from partialstore.backends._service_options import gcs_options
 
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
     ConflictError,
-    NotFoundError,
-    TransientBackendError,
 )
 
 __all__ = ["GCSBackend", "map_gcs_error"]
@@ -103,93 +102,6 @@ _warned_endpoints: set[tuple[str | None, str | None]] = set()
 # upload that keeps moving is not cut off (the call's deadline still is).
 _CONNECT_TIMEOUT = 5.0
 _STALL_TIMEOUT = 30.0
-
-
-class _DropRangeNotSatisfiable(logging.Filter):
-    """Drop gcsfs's ERROR log (with traceback) for an HTTP 416.
-
-    ``read(key, start=size)`` asks GCS for a range past the end; GCS answers
-    416, which this backend turns into ``b""`` like a Python slice. gcsfs
-    logs every non-retriable HTTP error before raising it, so without this
-    filter an ordinary empty read would print a traceback.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (error is not None and _status(error) == 416)
-
-
-logging.getLogger("gcsfs").addFilter(_DropRangeNotSatisfiable())
-
-
-def _status(err: BaseException) -> int | None:
-    code = getattr(err, "code", None)
-    if isinstance(code, int):
-        return code
-    if isinstance(code, str) and code.isdigit():
-        return int(code)
-    status = getattr(err, "status", None)
-    return status if isinstance(status, int) else None
-
-
-def map_gcs_error(
-    err: BaseException, action: str, where: str, endpoint: str = "storage.googleapis.com"
-) -> Exception:
-    """Translate a gcsfs/aiohttp/google-auth failure of ``action`` on ``where``.
-
-    ``endpoint`` names the service in messages that need it.
-
-    Example::
-
-        raise map_gcs_error(err, "read", "gs://bucket/key") from err
-    """
-    import aiohttp
-    import google.auth.exceptions
-
-    if isinstance(err, (NotFoundError, AlreadyExistsError, ConflictError, BackendError)):
-        return err
-    status = _status(err)
-    detail = f"{type(err).__name__}: {str(err)[:300]}"
-    if isinstance(err, FileNotFoundError) or status == 404:
-        if action in ("list", "create", "write"):
-            # Listings and uploads only answer 404 for a missing bucket.
-            return NotFoundError(
-                f"Cannot {action} {where}: the bucket does not exist at {endpoint}. Create it, "
-                "or check the bucket name in the URL."
-            )
-        return NotFoundError(f"Cannot {action} {where}: no such object or bucket.")
-    if isinstance(err, google.auth.exceptions.DefaultCredentialsError):
-        return BackendError(
-            f"Cannot {action} {where} at {endpoint}: no Google credentials found. Pass 'token' "
-            "in storage_options (a service-account file, 'google_default', or 'anon' for a "
-            "public bucket), set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth "
-            f"application-default login` ({detail})."
-        )
-    if isinstance(err, FileExistsError) or status == 412:
-        return AlreadyExistsError(f"Cannot {action} {where}: a precondition failed (412).")
-    transient_types: tuple[type[BaseException], ...] = (
-        TimeoutError,
-        aiohttp.ClientError,
-        ConnectionError,
-    )
-    try:
-        import requests
-
-        transient_types += (requests.exceptions.RequestException,)
-    except ImportError:  # pragma: no cover - gcsfs depends on requests
-        pass
-    if isinstance(err, transient_types) or (
-        status is not None and (status >= 500 or status in (408, 429))
-    ):
-        return TransientBackendError(
-            f"{action.capitalize()} {where} failed; retrying may help ({detail})."
-        )
-    if status in (401, 403) or "Forbidden" in str(err):
-        return BackendError(
-            f"Cannot {action} {where} at {endpoint}: access denied; check the credentials "
-            f"and the bucket's permissions ({detail})."
-        )
-    return BackendError(f"{action.capitalize()} {where} failed ({detail}).")
 
 
 def _normalize_endpoint(url: str | None) -> str | None:
@@ -250,16 +162,7 @@ class GCSBackend(BucketBackend):
         )
 
     def _service_kind(self, err: BaseException) -> Kind | None:
-        import aiohttp
-        import requests
-        from gcsfs.retry import HttpError
-
-        for cause in causes(err):
-            if isinstance(cause, HttpError | aiohttp.ClientResponseError):
-                return http_kind(_status(cause))
-            if isinstance(cause, requests.exceptions.ProxyError):
-                return Kind.AMBIGUOUS  # how gcsfs reports an HTTP 502
-        return None
+        return retry_kind(err)
 
     async def _bucket_exists(self) -> bool:
         try:
@@ -294,7 +197,7 @@ class GCSBackend(BucketBackend):
                 # One request carries body and precondition, whatever the size: see _upload.
                 await self._upload(full, data, ifGenerationMatch="0")
             except Exception as err:
-                if isinstance(err, FileExistsError) or _status(err) == 412:
+                if isinstance(err, FileExistsError) or status_of(err) == 412:
                     raise AlreadyExistsError(
                         f"Cannot create {self._where(full)}: the object already exists "
                         "(ifGenerationMatch=0 failed)."
@@ -316,7 +219,10 @@ class GCSBackend(BucketBackend):
         try:
             await self._upload(full, data, ifGenerationMatch=str(if_version))
         except Exception as err:
-            if isinstance(err, (FileExistsError, FileNotFoundError)) or _status(err) in (412, 404):
+            if isinstance(err, (FileExistsError, FileNotFoundError)) or status_of(err) in (
+                412,
+                404,
+            ):
                 raise ConflictError(
                     f"Conditional write of {self._where(full)} failed: its generation is no "
                     f"longer {if_version} (another writer changed or deleted it)."
@@ -368,7 +274,7 @@ class GCSBackend(BucketBackend):
         return await self._get(full, range_header, None)
 
     def _range_not_satisfiable(self, err: BaseException) -> bool:
-        return _status(err) == 416
+        return status_of(err) == 416
 
     async def _read_versioned(self, full: str) -> tuple[bytes, str]:
         meta = await self._call("GET", "b/{}/o/{}", self.bucket, full, json_out=True)

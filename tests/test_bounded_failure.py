@@ -298,7 +298,7 @@ def test_bad_storage_options_are_refused_at_once(url: str, options: dict, messag
 
 
 def test_unknown_option_refused_on_local_disk(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInputError, match="(?i)did you mean 'single_writer'"):
+    with pytest.raises(InvalidInputError, match=r"(?i)did you mean 'single_writer'"):
         registry.open_backend(str(tmp_path), {"single_writter": True})
 
 
