@@ -87,7 +87,12 @@ from partialstore.backends._tensorstore_requests import (
 )
 
 from partialstore.backend import validate_key
-from partialstore.errors import AlreadyExistsError, BackendError, ConflictError
+from partialstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    ConflictError,
+    OutcomeUnknownError,
+)
 
 __all__ = ["S3Backend", "map_s3_error"]
 
@@ -215,8 +220,8 @@ class S3Backend(BucketBackend):
         )
         if created:
             return
-        if created is False and await self._exists_attempt(state, key, full):
-            raise self._exists_error(full)
+        if created is False:
+            await self._refused_create(state, key, full, data)
         # Unanswered, or refused with nothing there (S3 says 404 for a missing
         # bucket): s3fs sends it again and reports what S3 says. A 409
         # ConditionalRequestConflict (a concurrent operation on the key; AWS
@@ -230,6 +235,31 @@ class S3Backend(BucketBackend):
             ):
                 raise self._exists_error(full) from err
             raise
+
+    async def _refused_create(self, state: Attempt, key: str, full: str, data: bytes) -> None:
+        """TensorStore's create was refused (412, or 404 for a missing bucket): say which.
+
+        TensorStore retries a request that got no answer once on its own, so
+        a refusal may be of this create's own first attempt (its answer
+        lost). The object's bytes tell: others' records differ; the very
+        same bytes cannot be told apart, so the outcome is unknown.
+        Returns when nothing is there (s3fs then asks again).
+        """
+        fast = self._fast
+        existing = await self._via_fast(state, lambda: fast.read(key), mutating=False)
+        if existing is None:
+            # Missing (S3 said 404: s3fs tells why) or unreadable: an s3fs 412
+            # from here on may be this create's own first attempt.
+            state.maybe_applied = state.maybe_applied or state.skip_fast
+            return
+        if existing != bytes(data):
+            raise self._exists_error(full)
+        raise OutcomeUnknownError(
+            f"Create {self._where(full)}: S3 refused it because the object exists, and it "
+            "holds exactly this create's bytes: its first attempt may have landed with the "
+            "answer lost (TensorStore resent it), or another writer created the same bytes. "
+            "Look at the store before repeating."
+        )
 
     async def _write_if(self, full: str, data: bytes, if_version: str) -> None:
         try:

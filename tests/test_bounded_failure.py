@@ -14,6 +14,7 @@ them once it lands.
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import re
 import socket
@@ -32,6 +33,7 @@ import partialstore
 from partialstore import registry
 from partialstore._aio import run
 from partialstore.errors import (
+    AlreadyExistsError,
     BackendError,
     InvalidInputError,
     NotFoundError,
@@ -75,6 +77,62 @@ def always_503() -> Iterator[http.server.ThreadingHTTPServer]:
     yield server
     server.shutdown()
     server.server_close()
+
+
+class _LoseFirstWrite(http.server.BaseHTTPRequestHandler):
+    """Relays to ``server.upstream``; the first PUT/POST is applied but its answer is lost."""
+
+    protocol_version = "HTTP/1.1"
+    _HOP = ("connection", "keep-alive", "transfer-encoding", "content-length")
+
+    def _relay(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=10)  # type: ignore[attr-defined]
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP[:3]}
+        upstream.request(self.command, self.path, body=body, headers=headers)
+        response = upstream.getresponse()
+        data = response.read()
+        upstream.close()
+        if self.command in ("PUT", "POST") and not self.server.lost:  # type: ignore[attr-defined]
+            self.server.lost = True  # type: ignore[attr-defined]
+            self.close_connection = True  # applied upstream; the client never hears back
+            return
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in self._HOP or (
+                self.command == "HEAD" and name.lower() == "content-length"
+            ):
+                self.send_header(name, value)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def lossy_proxy() -> Iterator[Any]:
+    """Start, on demand, a relay to an upstream URL that loses its first write's answer."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(upstream: str) -> str:
+        host, port = upstream.removeprefix("http://").split(":")
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LoseFirstWrite)
+        server.upstream = (host, int(port))  # type: ignore[attr-defined]
+        server.lost = False  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return _url(server)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -234,6 +292,25 @@ def test_deadline_cuts_off_a_silent_store(service: str, silent_endpoint: str) ->
     with pytest.raises(OutcomeUnknownError, match="may or may not have been applied"):
         run(backend.create("log/00000001.json", b"{}"))
     assert time.monotonic() - start < 2 * 1.0 + FAST_BOUND
+    run(backend.close())
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_create_whose_answer_was_lost_is_outcome_unknown(
+    service: str, lossy_proxy: Any, request: pytest.FixtureRequest
+) -> None:
+    # The create lands, its answer is lost, the retry meets "already exists":
+    # that is this create's own object, so "exists" would be a lie.
+    server = request.getfixturevalue("moto_server" if service == "s3" else "gcs_server")
+    url, options = _target(service, lossy_proxy(server.endpoint_url))
+    server.create_bucket(url.split("/")[2])
+    backend = registry.open_backend(url, options)
+    with pytest.raises(OutcomeUnknownError, match="may"):
+        run(backend.create("log/00000001.json", b'{"id": "mine"}'))
+    assert run(backend.read("log/00000001.json")) == b'{"id": "mine"}'  # it had landed
+    # A plain race still reads as one: someone else's object is "already exists".
+    with pytest.raises(AlreadyExistsError):
+        run(backend.create("log/00000001.json", b'{"id": "theirs"}'))
     run(backend.close())
 
 
