@@ -50,7 +50,12 @@ logging.getLogger("gcsfs").addFilter(_DropRangeNotSatisfiable())
 
 
 def status_of(err: BaseException) -> int | None:
-    """The HTTP status gcsfs or aiohttp attached to ``err``, or None."""
+    """The HTTP status gcsfs or aiohttp attached to ``err``, or None.
+
+    Example::
+
+        status_of(HttpError({"code": 429, "message": "rate"}))  # 429
+    """
     code = getattr(err, "code", None)
     if isinstance(code, int):
         return code

@@ -10,7 +10,8 @@ did you mean ``'endpoint_url'``?) and a value of the wrong type
   only for uniformity; :class:`~partialstore.backends.fsspec.FsspecBackend`
   relies on it to create without one.
 - ``deadline`` (seconds, S3 and GCS, default 90): how long one backend call
-  may take, retries included; then it fails.
+  may take, retries included; then it fails (an attempt still running is
+  cut off, so raise it where one object takes longer than that to move).
 - ``retries`` (int >= 0, S3 and GCS, default 10): how many times one
   backend call retries a transient failure (see
   :mod:`partialstore.backends._retry`).

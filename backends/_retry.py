@@ -147,7 +147,12 @@ class RetryPolicy:
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:
-    """``err``, then what caused it: ``__cause__``/``__context__`` and botocore's ``error``."""
+    """``err``, then what caused it: ``__cause__``/``__context__`` and botocore's ``error``.
+
+    Example::
+
+        any(isinstance(c, socket.gaierror) for c in causes(err))
+    """
     seen: set[int] = set()
     todo: list[BaseException] = [err]
     while todo:
@@ -172,6 +177,10 @@ def transport_kind(err: BaseException) -> Kind | None:
 
     Covers aiohttp, botocore, requests, sockets and TensorStore's curl
     errors; HTTP answers are left to the service (they carry codes).
+
+    Example::
+
+        transport_kind(ConnectionRefusedError())  # Kind.UNREACHABLE
     """
     import aiohttp
     import botocore.exceptions as boto
@@ -210,7 +219,12 @@ def transport_kind(err: BaseException) -> Kind | None:
 
 
 def http_kind(status: int | None) -> Kind | None:
-    """What an HTTP status says about a request, or None if it is not a retry matter."""
+    """What an HTTP status says about a request, or None if it is not a retry matter.
+
+    Example::
+
+        http_kind(503), http_kind(500), http_kind(404)  # REJECTED, AMBIGUOUS, None
+    """
     if status in (429, 503):
         return Kind.REJECTED  # the server declined the request without applying it
     if status is not None and (status >= 500 or status == 408):
@@ -329,7 +343,12 @@ def _exhausted(
 
 
 def note_failure(state: Attempt, kind: Kind, mutating: bool) -> None:
-    """Record in ``state`` that a request of a mutating call failed as ``kind``."""
+    """Record in ``state`` that a request of a mutating call failed as ``kind``.
+
+    Example::
+
+        note_failure(state, Kind.AMBIGUOUS, mutating=True)  # state.maybe_applied is True
+    """
     if mutating and kind is Kind.AMBIGUOUS:
         state.maybe_applied = True
 

@@ -92,7 +92,12 @@ def client_error_code(err: BaseException) -> str | None:
 
 
 def http_status(err: BaseException) -> int | None:
-    """The HTTP status of the S3 response behind ``err``, or None."""
+    """The HTTP status of the S3 response behind ``err``, or None.
+
+    Example::
+
+        http_status(slow_down_error)  # 503
+    """
     client_error = _client_error(err)
     if client_error is None:
         return None

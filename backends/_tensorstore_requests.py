@@ -113,6 +113,25 @@ class TensorStoreRequests:
         result = await self._ask(key, lambda store: store.read(key))
         return result.value if result is not None and result.state == "value" else None
 
+    async def bucket_listed(self) -> bool | None:
+        """True once the store answers a listing of a key range nothing uses; None if not sent.
+
+        A HEAD of a missing key and of a missing bucket look the same (404);
+        a listing of a missing bucket fails with ``NoSuchBucket``.
+
+        Raises:
+          FastRequestError: the listing failed (its text names the reason).
+
+        Example::
+
+            await requests.bucket_listed()  # True
+        """
+        probe = "partialstore.bucket-probe"
+        found = await self._ask(
+            probe, lambda store: store.list(ts.KvStore.KeyRange(probe, probe + "\x00"))
+        )
+        return None if found is None else True
+
     async def list(self, prefix_dir: str) -> list[str] | None:
         """Keys under ``prefix_dir`` (``""`` or ending in ``/``), or None to ask again."""
         # All keys starting with prefix_dir: up to the next string after its last char.

@@ -401,7 +401,12 @@ class GCSBackend(BucketBackend):
         return None
 
     def tensorstore_context(self) -> dict[str, Any] | None:
-        """TensorStore's own retries for this backend's arrays, fitted to ``deadline``."""
+        """TensorStore's own retries for this backend's arrays, fitted to ``deadline``.
+
+        Example::
+
+            ts.Context(backend.tensorstore_context())
+        """
         return {"gcs_request_retries": self._policy.tensorstore_retries()}
 
     async def _close_fs(self) -> None:

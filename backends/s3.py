@@ -13,12 +13,11 @@ How the contract maps onto S3:
 
 - ``create``: ``PutObject`` (or ``CompleteMultipartUpload`` past 100 MiB)
   with ``If-None-Match: *``. S3 answers 412 ``PreconditionFailed`` when the
-  key exists -> :class:`AlreadyExistsError`. S3 may answer 409
-  ``ConditionalRequestConflict`` when a conflicting operation on the same key
-  was in flight; AWS documents that the write did not happen and must be
-  retried, so ``create`` retries it (then 412 or success decides)
-  (the retry loop treats it as a refused request) and raises
-  :class:`TransientBackendError` if the conflict persists.
+  key exists -> :class:`AlreadyExistsError`; when the object holds this
+  create's own bytes after an attempt that may have landed,
+  :class:`OutcomeUnknownError`. A 409 ``ConditionalRequestConflict`` (a
+  conflicting operation was in flight; AWS says the write did not happen)
+  is retried like a 503.
 - ``write``: a plain ``PutObject`` (S3 replaces objects atomically).
   ``write(..., if_version=etag)`` sends ``If-Match: <etag>``; 412, 409 or a
   vanished key -> :class:`ConflictError`. ``read_versioned`` returns the ETag.
@@ -45,15 +44,12 @@ default-chain probing, so no C++ log lines): see
 the environment reach TensorStore through an anonymous in-memory file
 (``memfd``), never a file on disk.
 
-Failures: every call is retried in one place, under the storage options
-``deadline`` (seconds, default 90) and ``retries`` (default 10), see
-:mod:`partialstore.backends._retry`. botocore is built with one attempt per
-request, s3fs's retry loop is set to one attempt, and TensorStore's requests
-for the log retry once before the backend's loop takes over; the
-TensorStore context for arrays (:meth:`S3Backend.tensorstore_context`) gets
-a ``s3_request_retries`` schedule that fits in the deadline. An endpoint
-that refuses connections or does not resolve fails at once; so do missing
-credentials and a missing bucket.
+Failures are retried in one place, under the storage options ``deadline``
+(seconds, default 90) and ``retries`` (default 10): see
+:mod:`partialstore.backends._retry`. botocore and s3fs make one attempt per
+request, TensorStore's log requests retry once, and its arrays get a
+``s3_request_retries`` schedule that fits in the deadline
+(:meth:`S3Backend.tensorstore_context`).
 
 Example::
 
@@ -168,6 +164,13 @@ class S3Backend(BucketBackend):
 
     async def _bucket_exists(self) -> bool:
         try:
+            # Through TensorStore when it can: no s3fs client to build first.
+            if await self._fast.bucket_listed():
+                return True
+        except FastRequestError as err:
+            if "NoSuchBucket" in str(err):
+                return False
+        try:
             await self._s3("head_bucket")
         except Exception as err:
             if client_error_code(err) in ("NoSuchBucket", "404", "NotFound"):
@@ -237,13 +240,11 @@ class S3Backend(BucketBackend):
             raise
 
     async def _refused_create(self, state: Attempt, key: str, full: str, data: bytes) -> None:
-        """TensorStore's create was refused (412, or 404 for a missing bucket): say which.
+        """TensorStore's create was refused (412, or 404: no bucket); return if nothing is there.
 
-        TensorStore retries a request that got no answer once on its own, so
-        a refusal may be of this create's own first attempt (its answer
-        lost). The object's bytes tell: others' records differ; the very
-        same bytes cannot be told apart, so the outcome is unknown.
-        Returns when nothing is there (s3fs then asks again).
+        TensorStore resends a request that got no answer, so the refusal may
+        be of this create's own first attempt: other writers' bytes differ;
+        the very same bytes leave the outcome unknown.
         """
         fast = self._fast
         existing = await self._via_fast(state, lambda: fast.read(key), mutating=False)
@@ -477,7 +478,12 @@ class S3Backend(BucketBackend):
         return None if credentials is None else self._spec(prefix, credentials)
 
     def tensorstore_context(self) -> dict[str, Any] | None:
-        """TensorStore's own retries for this backend's arrays, fitted to ``deadline``."""
+        """TensorStore's own retries for this backend's arrays, fitted to ``deadline``.
+
+        Example::
+
+            ts.Context(backend.tensorstore_context())
+        """
         return {"s3_request_retries": self._policy.tensorstore_retries()}
 
     async def _close_fs(self) -> None:
