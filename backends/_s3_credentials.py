@@ -1,4 +1,4 @@
-"""TensorStore credentials for an S3 backend: the identity s3fs uses, named explicitly.
+"""How TensorStore reaches an S3 backend's store: endpoint, region, and s3fs's identity.
 
 TensorStore's ``s3`` driver cannot take an access key in its spec; it takes
 a credentials *provider*. Left to its default chain it probes
@@ -44,7 +44,14 @@ import weakref
 from collections.abc import Mapping
 from typing import Any, Final
 
-__all__ = ["RESOLVE", "SecretFile", "resolve_credentials", "static_credentials"]
+__all__ = [
+    "RESOLVE",
+    "SecretFile",
+    "endpoint_of",
+    "region_of",
+    "resolve_credentials",
+    "static_credentials",
+]
 
 #: :func:`static_credentials`'s answer when only botocore knows where the keys are.
 RESOLVE: Final = "resolve"
@@ -77,6 +84,40 @@ class SecretFile:
     def close(self) -> None:
         """Free the file (idempotent)."""
         self._closer()
+
+
+def endpoint_of(options: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    """The endpoint s3fs talks to (options, then ``AWS_ENDPOINT_URL_S3`` / ``..._URL``).
+
+    Example::
+
+        endpoint_of({"endpoint_url": "http://127.0.0.1:9000"}, {})  # "http://127.0.0.1:9000"
+    """
+    client_kwargs = options.get("client_kwargs") or {}
+    return (
+        options.get("endpoint_url")
+        or client_kwargs.get("endpoint_url")
+        or env.get("AWS_ENDPOINT_URL_S3")
+        or env.get("AWS_ENDPOINT_URL")
+    )
+
+
+def region_of(options: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    """The region s3fs signs for (options, then ``AWS_REGION`` / ``AWS_DEFAULT_REGION``).
+
+    Example::
+
+        region_of({"client_kwargs": {"region_name": "eu-west-1"}}, {})  # "eu-west-1"
+    """
+    client_kwargs = options.get("client_kwargs") or {}
+    config_kwargs = options.get("config_kwargs") or {}
+    return (
+        client_kwargs.get("region_name")
+        or config_kwargs.get("region_name")
+        or options.get("region_name")
+        or env.get("AWS_REGION")
+        or env.get("AWS_DEFAULT_REGION")
+    )
 
 
 def _memfd_works() -> bool:

@@ -19,9 +19,11 @@ whether to go on (see :mod:`partialstore.backends._retry`).
 
 Example::
 
-    requests = TensorStoreRequests(backend_spec, {"s3_request_retries": FAST_RETRIES})
+    requests = TensorStoreRequests(
+        backend_spec, {"s3_request_retries": FAST_RETRIES}, "/tensorstore/kvstore/s3/retries"
+    )
     created = await requests.create_if_absent("log/00000001.json", b"{}")
-    # True: created; False: refused (it exists, or S3 said 404); None: ask the service
+    # CREATED, REFUSED (it exists, or S3 said 404), REFUSED_AFTER_RESEND, None: not sent
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from typing import Any
 
 import tensorstore as ts
 
-__all__ = ["FAST_RETRIES", "FastRequestError", "TensorStoreRequests", "is_plain_key"]
+__all__ = [
+    "CREATED",
+    "FAST_RETRIES",
+    "REFUSED",
+    "REFUSED_AFTER_RESEND",
+    "FastRequestError",
+    "TensorStoreRequests",
+    "is_plain_key",
+]
 
 #: TensorStore's ``*_request_retries`` for these requests: one quick retry
 #: (its minimum), after which the backend's own loop takes over.
@@ -41,6 +51,10 @@ FAST_RETRIES = {"max_retries": 1, "initial_delay": "0.05s", "max_delay": "0.05s"
 _PLAIN = re.compile(r"[A-Za-z0-9._/-]*")
 # TensorStore's StorageGeneration::NoValue(): "only if the key is absent".
 _ABSENT = b"\x02"
+
+
+#: :meth:`TensorStoreRequests.create_if_absent`'s answers.
+CREATED, REFUSED, REFUSED_AFTER_RESEND = "created", "refused", "refused after a resend"
 
 
 class FastRequestError(Exception):
@@ -60,13 +74,19 @@ class TensorStoreRequests:
         on its path), or None when TensorStore cannot reach the store; called
         on first use (again after it raised).
       context: TensorStore context resources for these requests.
+      retries_metric: the driver's retry counter (``/tensorstore/kvstore/s3/retries``),
+        which tells whether TensorStore resent anything during a create.
     """
 
     def __init__(
-        self, spec: Callable[[], Awaitable[dict[str, Any] | None]], context: dict[str, Any]
+        self,
+        spec: Callable[[], Awaitable[dict[str, Any] | None]],
+        context: dict[str, Any],
+        retries_metric: str,
     ) -> None:
         self._spec = spec
         self._context = context
+        self._retries_metric = retries_metric
         self._store: ts.KvStore | None = None
         self._unavailable = False
 
@@ -96,12 +116,34 @@ class TensorStoreRequests:
         except ValueError as err:
             raise FastRequestError(str(err)) from err
 
-    async def create_if_absent(self, key: str, data: bytes) -> bool | None:
-        """Write ``key`` only if absent: True written, False not (it exists), None: ask again."""
+    def _retries(self) -> int | None:
+        """TensorStore's count of resent requests so far (this driver, whole process)."""
+        collect = getattr(ts, "experimental_collect_matching_metrics", None)
+        if collect is None:  # pragma: no cover - older TensorStore
+            return None
+        metrics = collect(self._retries_metric)
+        return sum(v.get("value", 0) for m in metrics for v in m.get("values", ()))
+
+    async def create_if_absent(self, key: str, data: bytes) -> str | None:
+        """Write ``key`` only if absent; None if not sent.
+
+        Returns ``CREATED``, ``REFUSED`` (the condition failed: 412, or 404
+        for a missing bucket), or ``REFUSED_AFTER_RESEND`` when TensorStore
+        resent some request meanwhile: the refusal may then answer this
+        create's own first attempt, whose answer was lost.
+
+        Example::
+
+            await requests.create_if_absent("log/00000001.json", b"{}")  # CREATED
+        """
+        before = self._retries()
         stamp = await self._ask(key, lambda store: store.write(key, data, if_equal=_ABSENT))
-        # An unknown (empty) generation means the condition failed: 412 (the
-        # object exists) or 404 (which S3 also answers for a missing bucket).
-        return None if stamp is None else bool(stamp.generation)
+        if stamp is None:
+            return None
+        if stamp.generation:
+            return CREATED
+        # An unknown (empty) generation means the condition failed.
+        return REFUSED if before is not None and self._retries() == before else REFUSED_AFTER_RESEND
 
     async def exists(self, key: str) -> bool | None:
         """Whether ``key`` exists (one HEAD: a zero-length read), or None to ask again."""

@@ -71,13 +71,17 @@ from partialstore.backends._retry import Attempt, Kind, note_failure, transport_
 from partialstore.backends._s3_credentials import (
     RESOLVE,
     SecretFile,
+    endpoint_of,
+    region_of,
     resolve_credentials,
     static_credentials,
 )
 from partialstore.backends._s3_errors import client_error_code, map_s3_error, retry_kind
 from partialstore.backends._service_options import check_s3_nested, s3_options
 from partialstore.backends._tensorstore_requests import (
+    CREATED,
     FAST_RETRIES,
+    REFUSED_AFTER_RESEND,
     FastRequestError,
     TensorStoreRequests,
 )
@@ -96,6 +100,7 @@ T = TypeVar("T")
 
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _DELETE_CONCURRENCY = 8
+_TS_RETRIES_METRIC = "/tensorstore/kvstore/s3/retries"
 # One attempt per request in botocore: the backend's loop is the only retry layer.
 _ONE_ATTEMPT = {"total_max_attempts": 1, "mode": "standard"}
 
@@ -127,7 +132,7 @@ class S3Backend(BucketBackend):
         # The log's requests (create, full reads, listings) go through
         # TensorStore when it can take them: see _tensorstore_requests.
         self._fast = TensorStoreRequests(
-            self._fast_spec, {"s3_request_retries": dict(FAST_RETRIES)}
+            self._fast_spec, {"s3_request_retries": dict(FAST_RETRIES)}, _TS_RETRIES_METRIC
         )
 
     # -- plumbing -----------------------------------------------------------------
@@ -221,10 +226,10 @@ class S3Backend(BucketBackend):
         created = await self._via_fast(
             state, lambda: fast.create_if_absent(key, data), mutating=True
         )
-        if created:
+        if created == CREATED:
             return
-        if created is False:
-            await self._refused_create(state, key, full, data)
+        if created is not None:
+            await self._refused_create(state, key, full, data, created == REFUSED_AFTER_RESEND)
         # Unanswered, or refused with nothing there (S3 says 404 for a missing
         # bucket): s3fs sends it again and reports what S3 says. A 409
         # ConditionalRequestConflict (a concurrent operation on the key; AWS
@@ -239,19 +244,23 @@ class S3Backend(BucketBackend):
                 raise self._exists_error(full) from err
             raise
 
-    async def _refused_create(self, state: Attempt, key: str, full: str, data: bytes) -> None:
+    async def _refused_create(
+        self, state: Attempt, key: str, full: str, data: bytes, resent: bool
+    ) -> None:
         """TensorStore's create was refused (412, or 404: no bucket); return if nothing is there.
 
-        TensorStore resends a request that got no answer, so the refusal may
-        be of this create's own first attempt: other writers' bytes differ;
-        the very same bytes leave the outcome unknown.
+        After a resend (``resent``) the refusal may answer this create's own
+        first attempt: other writers' bytes differ; the very same bytes leave
+        the outcome unknown.
         """
+        if not resent:
+            if await self._exists_attempt(state, key, full):
+                raise self._exists_error(full)
+            return  # nothing there (S3 said 404, e.g. no bucket): s3fs tells why
         fast = self._fast
         existing = await self._via_fast(state, lambda: fast.read(key), mutating=False)
         if existing is None:
-            # Missing (S3 said 404: s3fs tells why) or unreadable: an s3fs 412
-            # from here on may be this create's own first attempt.
-            state.maybe_applied = state.maybe_applied or state.skip_fast
+            state.maybe_applied = True  # unverified: a later 412 may be this create's own
             return
         if existing != bytes(data):
             raise self._exists_error(full)
@@ -401,24 +410,10 @@ class S3Backend(BucketBackend):
     # -- TensorStore --------------------------------------------------------------
 
     def _endpoint(self) -> str | None:
-        client_kwargs = self._options.get("client_kwargs") or {}
-        return (
-            self._options.get("endpoint_url")
-            or client_kwargs.get("endpoint_url")
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-        )
+        return endpoint_of(self._options, os.environ)
 
     def _region(self) -> str | None:
-        client_kwargs = self._options.get("client_kwargs") or {}
-        config_kwargs = self._options.get("config_kwargs") or {}
-        return (
-            client_kwargs.get("region_name")
-            or config_kwargs.get("region_name")
-            or self._options.get("region_name")
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-        )
+        return region_of(self._options, os.environ)
 
     async def _credentials_for_tensorstore(self) -> dict[str, Any] | None:
         """TensorStore's ``aws_credentials`` for s3fs's identity (cached once known).
