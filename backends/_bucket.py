@@ -14,7 +14,10 @@ one only in its prefix, and a new aiobotocore or aiohttp client costs
 between backends opened with different options.
 Every call reaches the filesystem's loop thread through
 :mod:`partialstore.backends._fsspec_async`, so methods may be awaited from
-any event loop.
+any event loop. Every public method is one bounded call
+(:mod:`partialstore.backends._retry`): its attempts are retried in one
+place, under the storage options ``deadline`` and ``retries``, and the
+clients below are built not to retry on their own.
 
 A subclass supplies the service's requests and error mapping: the
 ``_`` hooks below, plus ``create``, conditional writes, ``delete_prefix``,
@@ -39,10 +42,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from partialstore.backends._fsspec_async import on_loop
-from partialstore.backends._options import pop_single_writer
+from partialstore.backends._options import check_options, pop_retry_policy, pop_single_writer
+from partialstore.backends._retry import Attempt, Call, Kind, run_bounded, transport_kind
 
 from partialstore.backend import Backend, Capabilities, join_key, validate_key
-from partialstore.errors import InvalidInputError, NotFoundError
+from partialstore.errors import (
+    InvalidInputError,
+    NotFoundError,
+    PartialStoreError,
+    TransientBackendError,
+)
 
 __all__ = ["BucketBackend", "split_bucket_url"]
 
@@ -107,6 +116,9 @@ class _FilesystemPool:
 
 
 _pool = _FilesystemPool()
+# Pool keys whose endpoint has answered in this process: from then on a
+# refused connection is a restart to ride out, not a wrong address.
+_reached: set[tuple[type, str]] = set()
 
 
 class BucketBackend(Backend):
@@ -133,18 +145,25 @@ class BucketBackend(Backend):
         self.url = url
         self.bucket, self.root = split_bucket_url(url, type(self))
         options = dict(storage_options or {})
+        check_options(options, self._known_options(), owner=type(self).__name__, url=url)
+        self._check_nested_options(options, url)
         self.single_writer = pop_single_writer(options)
+        self._policy = pop_retry_policy(options, url)
         # Filesystems are shared through _pool only: see the module docstring.
         options.pop("skip_instance_cache", None)
         options.pop("asynchronous", None)
         self._options = options
         self._pool_key: tuple[type, str] | None = None
+        self._bucket_seen = False
         pool_key = _pool.key(type(self), options)
         try:
             self._fs = _pool.acquire(pool_key, lambda: self._make_fs(options))
         except self._bad_option_errors as err:
             raise InvalidInputError(f"Bad storage_options for {url}: {err}") from err
+        except Exception as err:  # e.g. no credentials where the client looks at once
+            raise self._map_error(err, "open", url) from err
         self._pool_key = pool_key
+        self._reach_key = pool_key
 
     @property
     def capabilities(self) -> Capabilities:
@@ -155,6 +174,29 @@ class BucketBackend(Backend):
     @abc.abstractmethod
     def _make_fs(self, options: dict[str, Any]) -> Any:
         """The fsspec filesystem, built with ``skip_instance_cache=True`` and ``options``."""
+
+    @abc.abstractmethod
+    def _known_options(self) -> Mapping[str, Any]:
+        """Every storage option this backend accepts, name -> type(s) or None."""
+
+    def _check_nested_options(self, options: Mapping[str, Any], url: str) -> None:
+        """Check options nested inside options (s3fs's ``client_kwargs``, ...)."""
+
+    @abc.abstractmethod
+    def _endpoint_label(self) -> str:
+        """The service endpoint, for messages ("http://127.0.0.1:9000", "AWS S3 us-east-1")."""
+
+    @abc.abstractmethod
+    def _unreachable_hint(self) -> str:
+        """What to check when the endpoint cannot be reached."""
+
+    @abc.abstractmethod
+    def _service_kind(self, err: BaseException) -> Kind | None:
+        """What the service's answer behind ``err`` means for a retry (None: no answer)."""
+
+    @abc.abstractmethod
+    async def _bucket_exists(self) -> bool:
+        """Whether the bucket exists (one request; the service's error if it cannot tell)."""
 
     @abc.abstractmethod
     async def _close_fs(self) -> None:
@@ -222,19 +264,62 @@ class BucketBackend(Backend):
         """Run ``coro_fn()`` on the filesystem's loop thread, awaited from any loop."""
         return await on_loop(self._fs.loop, coro_fn)
 
+    def _classify(self, err: BaseException) -> Kind:
+        """What a failed attempt means for the retry loop (see :class:`Kind`)."""
+        if isinstance(err, PartialStoreError) and not isinstance(err, TransientBackendError):
+            return Kind.PERMANENT  # not found, exists, conflict, denied, no credentials
+        kind = self._service_kind(err) or transport_kind(err)
+        if kind is None:
+            return Kind.AMBIGUOUS if isinstance(err, TransientBackendError) else Kind.PERMANENT
+        return kind
+
+    async def _bounded(
+        self, action: str, where: str, attempt: Callable[[Attempt], Awaitable[T]], *, mutating: bool
+    ) -> T:
+        """One backend call: ``attempt`` retried under this backend's :class:`RetryPolicy`.
+
+        ``attempt`` may raise the service's own exceptions; they are mapped
+        with :meth:`_map_error` (``action`` on ``where``) before the loop sees
+        them.
+        """
+        key = self._reach_key
+
+        async def mapped(state: Attempt) -> T:
+            try:
+                return await attempt(state)
+            except PartialStoreError:
+                raise
+            except Exception as err:
+                raise self._map_error(err, action, where) from err
+
+        call = Call(
+            action=action,
+            where=where,
+            mutating=mutating,
+            endpoint=self._endpoint_label(),
+            reached=lambda: key in _reached,
+            mark_reached=lambda: _reached.add(key),
+            hint=self._unreachable_hint(),
+        )
+        return await run_bounded(self._policy, call, mapped, classify=self._classify)
+
     # -- writes -------------------------------------------------------------------
 
     async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
         full = self._key(key)
-        if if_version is not None:
-            await self._write_if(full, data, if_version)
-            return
+
+        async def attempt(state: Attempt) -> None:
+            if if_version is not None:
+                await self._write_if(full, data, if_version)
+            else:
+                await self._put(full, data)
+
+        await self._bounded("write", self._where(full), attempt, mutating=True)
+
+    async def _put(self, full: str, data: bytes) -> None:
+        """Replace object ``full`` (both services replace atomically on a plain upload)."""
         fs = self._fs
-        try:
-            # Both services replace an object atomically on a plain upload.
-            await self._on_fs(lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
-        except Exception as err:
-            raise self._map_error(err, "write", self._where(full)) from err
+        await self._on_fs(lambda: fs._pipe_file(f"{self.bucket}/{full}", data))
 
     # -- reads --------------------------------------------------------------------
 
@@ -251,22 +336,46 @@ class BucketBackend(Backend):
         range_header = None
         if first or end is not None:
             range_header = f"bytes={first}-{'' if end is None else end - 1}"
-        try:
-            return await self._get_range(full, range_header)
-        except Exception as err:
-            if range_header and self._range_not_satisfiable(err):
-                return b""  # the range starts past the end: Python slicing gives b""
-            raise self._map_error(err, "read", self._where(full)) from err
+
+        async def attempt(state: Attempt) -> bytes:
+            if range_header is None:
+                return await self._read_whole(state, key, full)
+            try:
+                return await self._get_range(full, range_header)
+            except Exception as err:
+                if self._range_not_satisfiable(err):
+                    return b""  # the range starts past the end: Python slicing gives b""
+                raise
+
+        return await self._bounded("read", self._where(full), attempt, mutating=False)
+
+    async def _read_whole(self, state: Attempt, key: str, full: str) -> bytes:
+        """One attempt at reading object ``full`` (``key``) whole."""
+        return await self._get_range(full, None)
 
     async def read_versioned(self, key: str) -> tuple[bytes, str]:
         full = self._key(key)
-        try:
-            return await self._read_versioned(full)
-        except Exception as err:
-            raise self._map_error(err, "read", self._where(full)) from err
+        return await self._bounded(
+            "read", self._where(full), lambda state: self._read_versioned(full), mutating=False
+        )
 
     async def exists(self, key: str) -> bool:
         full = self._key(key)
+        where = self._where(full)
+        found = await self._bounded(
+            "check existence of",
+            where,
+            lambda state: self._exists_attempt(state, key, full),
+            mutating=False,
+        )
+        if found:
+            self._bucket_seen = True
+        elif not self._bucket_seen:
+            await self._confirm_bucket("check existence of", where)
+        return found
+
+    async def _exists_attempt(self, state: Attempt, key: str, full: str) -> bool:
+        """One attempt at telling whether object ``full`` (``key``) exists."""
         try:
             await self._head(full)
         except Exception as err:
@@ -276,14 +385,45 @@ class BucketBackend(Backend):
             raise mapped from err
         return True
 
+    async def _confirm_bucket(self, action: str, where: str) -> None:
+        """Raise :class:`NotFoundError` if the bucket is missing (asked once per backend).
+
+        A missing object and a missing bucket look alike to a HEAD request;
+        without this check a save to a mistyped bucket would only fail at its
+        first write, with a less clear message.
+        """
+
+        async def attempt(state: Attempt) -> bool:
+            try:
+                return await self._bucket_exists()
+            except Exception as err:
+                mapped = self._map_error(err, action, where)
+                if self._classify(mapped) is Kind.PERMANENT:
+                    # Cannot tell (no permission to look at buckets, only at
+                    # objects): the object requests will say what is wrong.
+                    return True
+                raise mapped from err
+
+        if not await self._bounded(action, where, attempt, mutating=False):
+            raise NotFoundError(
+                f"Cannot {action} {where}: the bucket {self.bucket!r} does not exist at "
+                f"{self._endpoint_label()}. Create it, or check the bucket name in the URL."
+            )
+        self._bucket_seen = True
+
     async def list(self, prefix: str = "") -> list[str]:
-        names, _ = await self._list_raw(self._dir(prefix), None)
+        names, _ = await self._bounded_list(self._dir(prefix), None)
         # A name ending in "/" is a console-made folder placeholder, not data.
         return sorted(self._relative(n) for n in names if not n.endswith("/"))
 
+    async def _bounded_list(self, base: str, delimiter: str | None) -> tuple[list[str], list[str]]:
+        return await self._bounded(
+            "list", self._where(base), lambda state: self._list_raw(base, delimiter), mutating=False
+        )
+
     async def list_children(self, prefix: str = "") -> list[str]:
         base = self._dir(prefix)
-        names, dirs = await self._list_raw(base, "/")
+        names, dirs = await self._bounded_list(base, "/")
         children = {n[len(base) :] for n in names} | {d[len(base) :].rstrip("/") for d in dirs}
         children.discard("")
         return sorted(children)
@@ -292,9 +432,14 @@ class BucketBackend(Backend):
 
     async def delete(self, key: str) -> None:
         full = self._key(key)
-        try:
-            await self._delete_object(full)
-        except Exception as err:
-            mapped = self._map_error(err, "delete", self._where(full))
-            if not isinstance(mapped, NotFoundError) or self._missing_bucket(err):
-                raise mapped from err
+        where = self._where(full)
+
+        async def attempt(state: Attempt) -> None:
+            try:
+                await self._delete_object(full)
+            except Exception as err:
+                mapped = self._map_error(err, "delete", where)
+                if not isinstance(mapped, NotFoundError) or self._missing_bucket(err):
+                    raise mapped from err
+
+        await self._bounded("delete", where, attempt, mutating=True)

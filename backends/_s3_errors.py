@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from partialstore.backends._retry import Kind, http_kind
+
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -25,7 +27,7 @@ from partialstore.errors import (
     TransientBackendError,
 )
 
-__all__ = ["client_error_code", "map_s3_error"]
+__all__ = ["client_error_code", "http_status", "map_s3_error", "retry_kind"]
 
 # Error codes that mean "try again later" (throttling, server trouble).
 _TRANSIENT_CODES = frozenset(
@@ -43,6 +45,19 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
+# Codes of a request S3 declined without applying it: retrying is safe.
+_REJECTED_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ServiceUnavailable",
+        "ConditionalRequestConflict",
+    }
+)
+_AMBIGUOUS_CODES = frozenset({"InternalError", "RequestTimeout", "RequestTimeoutException"})
 
 
 def _client_error(err: BaseException) -> Any:
@@ -76,7 +91,13 @@ def client_error_code(err: BaseException) -> str | None:
     return str(status) if status else None
 
 
-def _http_status(err: BaseException) -> int | None:
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status of the S3 response behind ``err``, or None.
+
+    Example::
+
+        http_status(slow_down_error)  # 503
+    """
     client_error = _client_error(err)
     if client_error is None:
         return None
@@ -85,8 +106,28 @@ def _http_status(err: BaseException) -> int | None:
     return int(status) if status else None
 
 
-def map_s3_error(err: BaseException, action: str, where: str) -> Exception:
+def retry_kind(err: BaseException) -> Kind | None:
+    """What S3's answer behind ``err`` means for a retry, or None when S3 did not answer.
+
+    Example::
+
+        retry_kind(slow_down_error)  # Kind.REJECTED
+    """
+    code = client_error_code(err)
+    if code in _REJECTED_CODES:
+        return Kind.REJECTED
+    if code in _AMBIGUOUS_CODES:
+        return Kind.AMBIGUOUS
+    return http_kind(http_status(err))
+
+
+def map_s3_error(
+    err: BaseException, action: str, where: str, endpoint: str = "AWS S3"
+) -> Exception:
     """Translate an s3fs/botocore/aiohttp failure of ``action`` on ``where`` into our tree.
+
+    ``endpoint`` names the service in messages that need it (missing
+    bucket, missing credentials).
 
     Example::
 
@@ -98,20 +139,27 @@ def map_s3_error(err: BaseException, action: str, where: str) -> Exception:
     if isinstance(err, (NotFoundError, AlreadyExistsError, ConflictError, BackendError)):
         return err
     code = client_error_code(err)
-    status = _http_status(err)
+    status = http_status(err)
     detail = f"{type(err).__name__}: {err}"
     if code == "NoSuchBucket":
-        return NotFoundError(f"Cannot {action} {where}: the bucket does not exist ({detail}).")
+        return NotFoundError(
+            f"Cannot {action} {where}: the bucket does not exist at {endpoint}. Create it, or "
+            f"check the bucket name in the URL ({detail})."
+        )
     if code in _NOT_FOUND_CODES or (code is None and isinstance(err, FileNotFoundError)):
         return NotFoundError(f"Cannot {action} {where}: no such object.")
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return BackendError(
-            f"Cannot {action} {where}: no AWS credentials found; pass key/secret in "
-            f"storage_options or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({detail})."
+            f"Cannot {action} {where} at {endpoint}: no AWS credentials found (looked in "
+            "storage_options, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and the "
+            "shared credentials/config files, container and instance metadata). Pass 'key' and "
+            "'secret' in storage_options, set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or use "
+            f"'anon': True for a public bucket ({detail})."
         )
     if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return BackendError(
-            f"Cannot {action} {where}: access denied; check credentials ({detail})."
+            f"Cannot {action} {where} at {endpoint}: access denied; check the credentials and "
+            f"the bucket's permissions ({detail})."
         )
     if (
         code in _TRANSIENT_CODES

@@ -59,7 +59,8 @@ from typing import Any
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 from partialstore.backends import local
-from partialstore.backends._options import pop_single_writer
+from partialstore.backends._options import check_options, pop_single_writer
+from partialstore.backends._service_options import fsspec_options
 
 from partialstore.backend import Backend, Capabilities, validate_key
 from partialstore.errors import (
@@ -82,8 +83,43 @@ CREATE_STRATEGIES: dict[str, str] = {
 }
 
 
-def _class_name(fs: fsspec.AbstractFileSystem) -> str:
-    return f"{type(fs).__module__}.{type(fs).__qualname__}"
+# Filesystems whose constructors pass unknown keywords only to fsspec's base
+# class, which ignores them: every other key is refused as unknown.
+_STRICT_OPTIONS = frozenset(
+    {
+        "fsspec.implementations.local.LocalFileSystem",
+        "fsspec.implementations.memory.MemoryFileSystem",
+    }
+)
+
+
+def _class_name(fs: fsspec.AbstractFileSystem | type) -> str:
+    cls = fs if isinstance(fs, type) else type(fs)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_options(url: str, options: dict[str, Any]) -> None:
+    """Refuse options the URL's filesystem does not take (a typo, a wrong type).
+
+    Filesystems that forward unknown keywords elsewhere (sftp to paramiko,
+    http to aiohttp, ...) only have near-misses of their known options
+    refused.
+    """
+    if "::" in url:
+        return  # chained URLs take per-protocol option dicts: the filesystems check
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        raise InvalidInputError(f"Cannot open an fsspec filesystem for {url!r}: {exc}") from exc
+    strict = _class_name(cls) in _STRICT_OPTIONS
+    check_options(
+        options,
+        fsspec_options(cls, strict=strict),
+        owner=f"FsspecBackend ({cls.__name__})",
+        url=url,
+        open_ended=not strict,
+    )
 
 
 def _check_range(start: int | None, end: int | None) -> None:
@@ -121,6 +157,8 @@ class FsspecBackend(Backend):
         fs: fsspec.AbstractFileSystem | None = None,
     ) -> None:
         options = dict(storage_options)
+        if fs is None:
+            _check_options(url, options)
         single_writer = pop_single_writer(options)
         if fs is None:
             try:

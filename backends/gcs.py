@@ -21,7 +21,8 @@ How the contract maps onto GCS:
   precondition and the bytes together, and fake-gcs-server ignores
   preconditions on resumable uploads); HTTP 412 -> :class:`AlreadyExistsError`.
   GCS decides the precondition atomically.
-- ``write``: a plain upload (objects are replaced atomically).
+- ``write``: a plain upload, the same single multipart request without a
+  precondition (objects are replaced atomically).
   ``write(..., if_version=generation)`` uploads with
   ``ifGenerationMatch=<generation>``; 412 or 404 -> :class:`ConflictError`.
   ``read_versioned`` returns the generation that was read.
@@ -33,10 +34,11 @@ How the contract maps onto GCS:
 - ``rename``: not offered (``atomic_rename=False``): GCS renames copy bytes.
 
 Storage options are gcsfs's (``project``, ``token``, ``endpoint_url``,
-``requester_pays``, ...) plus partialstore's ``single_writer``, kept as
-:attr:`GCSBackend.single_writer`. An emulator is reached with
-``{"endpoint_url": "http://127.0.0.1:4443", "token": "anon"}`` or the
-``STORAGE_EMULATOR_HOST`` environment variable.
+``requester_pays``, ...) plus partialstore's ``single_writer`` (kept as
+:attr:`GCSBackend.single_writer`), ``deadline`` and ``retries``; unknown
+options and wrong value types are refused (:mod:`._service_options`). An
+emulator is reached with ``{"endpoint_url": "http://127.0.0.1:4443",
+"token": "anon"}`` or the ``STORAGE_EMULATOR_HOST`` environment variable.
 
 TensorStore (:meth:`GCSBackend.kvstore_spec`) reaches the bytes with its
 ``gcs`` driver, whose spec has no endpoint member: TensorStore only reaches a
@@ -48,6 +50,15 @@ custom endpoint, ``kvstore_spec`` returns a spec only if
 ``None`` (array bytes then go through ``read``/``write``) and logs once how to
 enable TensorStore. Against real GCS, TensorStore uses Google's default
 credentials.
+
+Failures: every call is retried in one place, under the storage options
+``deadline`` (seconds, default 90) and ``retries`` (default 10), see
+:mod:`partialstore.backends._retry`. Each request is sent once by gcsfs (its
+``retry_request`` loop, six attempts with up to 32 s sleeps, is bypassed),
+with aiohttp timeouts for connecting and for a stalled response unless the
+``requests_timeout`` option says otherwise; TensorStore's arrays get a
+``gcs_request_retries`` schedule that fits in the deadline
+(:meth:`GCSBackend.tensorstore_context`).
 
 Example::
 
@@ -63,16 +74,18 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from partialstore.backends._bucket import BucketBackend
+from partialstore.backends._gcs_errors import map_gcs_error, retry_kind, status_of
+from partialstore.backends._retry import Attempt, Kind
+from partialstore.backends._service_options import gcs_options
 
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
     ConflictError,
-    NotFoundError,
-    TransientBackendError,
 )
 
 __all__ = ["GCSBackend", "map_gcs_error"]
@@ -84,74 +97,11 @@ _DELETE_BATCH = 100  # the JSON batch API's limit
 _DELETE_CONCURRENCY = 16
 _LIST_PAGE = 1000
 _warned_endpoints: set[tuple[str | None, str | None]] = set()
-
-
-class _DropRangeNotSatisfiable(logging.Filter):
-    """Drop gcsfs's ERROR log (with traceback) for an HTTP 416.
-
-    ``read(key, start=size)`` asks GCS for a range past the end; GCS answers
-    416, which this backend turns into ``b""`` like a Python slice. gcsfs
-    logs every non-retriable HTTP error before raising it, so without this
-    filter an ordinary empty read would print a traceback.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (error is not None and _status(error) == 416)
-
-
-logging.getLogger("gcsfs").addFilter(_DropRangeNotSatisfiable())
-
-
-def _status(err: BaseException) -> int | None:
-    code = getattr(err, "code", None)
-    if isinstance(code, int):
-        return code
-    if isinstance(code, str) and code.isdigit():
-        return int(code)
-    status = getattr(err, "status", None)
-    return status if isinstance(status, int) else None
-
-
-def map_gcs_error(err: BaseException, action: str, where: str) -> Exception:
-    """Translate a gcsfs/aiohttp/google-auth failure of ``action`` on ``where``.
-
-    Example::
-
-        raise map_gcs_error(err, "read", "gs://bucket/key") from err
-    """
-    import aiohttp
-
-    if isinstance(err, (NotFoundError, AlreadyExistsError, ConflictError, BackendError)):
-        return err
-    status = _status(err)
-    detail = f"{type(err).__name__}: {err}"
-    if isinstance(err, FileNotFoundError) or status == 404:
-        return NotFoundError(f"Cannot {action} {where}: no such object or bucket.")
-    if isinstance(err, FileExistsError) or status == 412:
-        return AlreadyExistsError(f"Cannot {action} {where}: a precondition failed (412).")
-    transient_types: tuple[type[BaseException], ...] = (
-        TimeoutError,
-        aiohttp.ClientError,
-        ConnectionError,
-    )
-    try:
-        import requests
-
-        transient_types += (requests.exceptions.RequestException,)
-    except ImportError:  # pragma: no cover - gcsfs depends on requests
-        pass
-    if isinstance(err, transient_types) or (
-        status is not None and (status >= 500 or status in (408, 429))
-    ):
-        return TransientBackendError(
-            f"{action.capitalize()} {where} failed; retrying may help ({detail})."
-        )
-    if status in (401, 403) or "Forbidden" in str(err):
-        return BackendError(
-            f"Cannot {action} {where}: access denied; check credentials ({detail})."
-        )
-    return BackendError(f"{action.capitalize()} {where} failed ({detail}).")
+# aiohttp limits for one request unless the user sets requests_timeout: the
+# connection, and silence while waiting for data. No total limit: a large
+# upload that keeps moving is not cut off (the call's deadline still is).
+_CONNECT_TIMEOUT = 5.0
+_STALL_TIMEOUT = 30.0
 
 
 def _normalize_endpoint(url: str | None) -> str | None:
@@ -183,33 +133,82 @@ class GCSBackend(BucketBackend):
 
     # -- plumbing -----------------------------------------------------------------
 
+    def _known_options(self) -> Mapping[str, Any]:
+        return gcs_options()
+
     def _make_fs(self, options: dict[str, Any]) -> Any:
         # The plain class, not gcsfs.GCSFileSystem: see the module docstring.
+        import aiohttp
         from gcsfs.core import GCSFileSystem
 
+        if options.get("requests_timeout") is None:
+            stall = aiohttp.ClientTimeout(
+                total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=_STALL_TIMEOUT
+            )
+            options = {**options, "requests_timeout": stall}
         return GCSFileSystem(skip_instance_cache=True, **options)
 
     def _map_error(self, err: BaseException, action: str, where: str) -> Exception:
-        return map_gcs_error(err, action, where)
+        return map_gcs_error(err, action, where, self._endpoint_label())
 
-    async def _call(self, method: str, path: str, *args: str, **kwargs: Any) -> Any:
+    def _endpoint_label(self) -> str:
+        fs = getattr(self, "_fs", None)  # None while the filesystem is being built
+        return str(fs._location) if fs is not None else self._endpoint() or _GOOGLE_HOSTS[0]
+
+    def _unreachable_hint(self) -> str:
+        return (
+            "storage_options['endpoint_url'] (or STORAGE_EMULATOR_HOST) and that the service "
+            "is running there"
+        )
+
+    def _service_kind(self, err: BaseException) -> Kind | None:
+        return retry_kind(err)
+
+    async def _bucket_exists(self) -> bool:
+        try:
+            await self._call("GET", "b/{}", self.bucket, json_out=True)
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def _call(
+        self, method: str, path: str, *args: str, json_out: bool = False, **kwargs: Any
+    ) -> Any:
+        """One gcsfs request, sent once: the backend's loop is the only retry layer."""
         fs = self._fs
-        return await self._on_fs(lambda: fs._call(method, path, *args, **kwargs))
+        # gcsfs decorates _request with its own retry loop; __wrapped__ is the bare request.
+        request = getattr(type(fs)._request, "__wrapped__", None)
+        if request is None:  # pragma: no cover - a gcsfs without it keeps its own retries
+            return await self._on_fs(
+                lambda: fs._call(method, path, *args, json_out=json_out, **kwargs)
+            )
+        _, headers, _, contents = await self._on_fs(
+            lambda: request(fs, method, path, *args, **kwargs)
+        )
+        return json.loads(contents) if json_out else (headers, contents)
 
     # -- writes -------------------------------------------------------------------
 
     async def create(self, key: str, data: bytes) -> None:
         full = self._key(key)
-        try:
-            # One request carries body and precondition, whatever the size: see _upload.
-            await self._upload(full, data, ifGenerationMatch="0")
-        except Exception as err:
-            if isinstance(err, FileExistsError) or _status(err) == 412:
-                raise AlreadyExistsError(
-                    f"Cannot create {self._where(full)}: the object already exists "
-                    "(ifGenerationMatch=0 failed)."
-                ) from err
-            raise map_gcs_error(err, "create", self._where(full)) from err
+
+        async def attempt(state: Attempt) -> None:
+            try:
+                # One request carries body and precondition, whatever the size: see _upload.
+                await self._upload(full, data, ifGenerationMatch="0")
+            except Exception as err:
+                if isinstance(err, FileExistsError) or status_of(err) == 412:
+                    raise AlreadyExistsError(
+                        f"Cannot create {self._where(full)}: the object already exists "
+                        "(ifGenerationMatch=0 failed)."
+                    ) from err
+                raise
+
+        await self._bounded("create", self._where(full), attempt, mutating=True)
+
+    async def _put(self, full: str, data: bytes) -> None:
+        # Not gcsfs's _pipe_file: its requests carry gcsfs's own retry loop.
+        await self._upload(full, data)
 
     async def _write_if(self, full: str, data: bytes, if_version: str) -> None:
         if not str(if_version).isdigit():
@@ -220,22 +219,26 @@ class GCSBackend(BucketBackend):
         try:
             await self._upload(full, data, ifGenerationMatch=str(if_version))
         except Exception as err:
-            if isinstance(err, (FileExistsError, FileNotFoundError)) or _status(err) in (412, 404):
+            if isinstance(err, (FileExistsError, FileNotFoundError)) or status_of(err) in (
+                412,
+                404,
+            ):
                 raise ConflictError(
                     f"Conditional write of {self._where(full)} failed: its generation is no "
                     f"longer {if_version} (another writer changed or deleted it)."
                 ) from err
-            raise map_gcs_error(err, "write", self._where(full)) from err
+            raise
 
     async def _upload(self, full: str, data: bytes, **params: str) -> dict[str, Any]:
         """One multipart (metadata + media) upload request with query ``params``.
 
-        Conditional writes always go through this single request, never
-        through gcsfs's resumable path (which it takes from 50 MiB): the
-        precondition and the bytes then travel and succeed or fail together,
-        and fake-gcs-server, which ignores preconditions on resumable uploads,
-        is held to the same rule as GCS. gcsfs's own uploads also only know
-        ``ifGenerationMatch=0``, while compare-and-swap needs any generation.
+        Every write goes through this single request, never through gcsfs's
+        uploads (which retry on their own, and take the resumable path from
+        50 MiB): a precondition and the bytes then travel and succeed or fail
+        together, and fake-gcs-server, which ignores preconditions on
+        resumable uploads, is held to the same rule as GCS. gcsfs's own
+        uploads also only know ``ifGenerationMatch=0``, while compare-and-swap
+        needs any generation.
         """
         from urllib.parse import quote
 
@@ -248,16 +251,14 @@ class GCSBackend(BucketBackend):
         ).encode()
         body = head + bytes(data) + f"\r\n--{boundary}--".encode()
         url = f"{fs._location}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
-        return await self._on_fs(
-            lambda: fs._call(
-                "POST",
-                url,
-                uploadType="multipart",
-                headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
-                data=body,
-                json_out=True,
-                **params,
-            ),
+        return await self._call(
+            "POST",
+            url,
+            uploadType="multipart",
+            headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
+            data=body,
+            json_out=True,
+            **params,
         )
 
     # -- reads --------------------------------------------------------------------
@@ -266,14 +267,14 @@ class GCSBackend(BucketBackend):
         fs = self._fs
         url = fs.url(f"{self.bucket}/{full}", generation=generation)
         headers = {"Range": range_header} if range_header else {}
-        _, data = await self._on_fs(lambda: fs._call("GET", url, headers=headers))
+        _, data = await self._call("GET", url, headers=headers)
         return bytes(data)
 
     async def _get_range(self, full: str, range_header: str | None) -> bytes:
         return await self._get(full, range_header, None)
 
     def _range_not_satisfiable(self, err: BaseException) -> bool:
-        return _status(err) == 416
+        return status_of(err) == 416
 
     async def _read_versioned(self, full: str) -> tuple[bytes, str]:
         meta = await self._call("GET", "b/{}/o/{}", self.bucket, full, json_out=True)
@@ -294,10 +295,7 @@ class GCSBackend(BucketBackend):
                 params["delimiter"] = delimiter
             if token:
                 params["pageToken"] = token
-            try:
-                page = await self._call("GET", "b/{}/o", self.bucket, json_out=True, **params)
-            except Exception as err:
-                raise map_gcs_error(err, "list", self._where(prefix)) from err
+            page = await self._call("GET", "b/{}/o", self.bucket, json_out=True, **params)
             names.extend(item["name"] for item in page.get("items", ()))
             dirs.extend(page.get("prefixes", ()))
             token = page.get("nextPageToken")
@@ -311,7 +309,7 @@ class GCSBackend(BucketBackend):
 
     async def delete_prefix(self, prefix: str) -> None:
         base = self._dir(prefix)
-        names, _ = await self._list_raw(base, None)
+        names, _ = await self._bounded_list(base, None)
         if not names:
             return
         fs = self._fs
@@ -319,7 +317,15 @@ class GCSBackend(BucketBackend):
             paths = [f"{self.bucket}/{n}" for n in names]
             batches = [paths[i : i + _DELETE_BATCH] for i in range(0, len(paths), _DELETE_BATCH)]
             results = await asyncio.gather(
-                *(self._on_fs(lambda b=b: fs._rm_files(b)) for b in batches)
+                *(
+                    self._bounded(
+                        "delete objects under",
+                        self._where(base),
+                        lambda state, b=b: self._on_fs(lambda: fs._rm_files(b)),
+                        mutating=True,
+                    )
+                    for b in batches
+                )
             )
             failures = [
                 r
@@ -393,6 +399,15 @@ class GCSBackend(BucketBackend):
                 ours or "<unset>",
             )
         return None
+
+    def tensorstore_context(self) -> dict[str, Any] | None:
+        """TensorStore's own retries for this backend's arrays, fitted to ``deadline``.
+
+        Example::
+
+            ts.Context(backend.tensorstore_context())
+        """
+        return {"gcs_request_retries": self._policy.tensorstore_retries()}
 
     async def _close_fs(self) -> None:
         fs = self._fs

@@ -13,11 +13,11 @@ How the contract maps onto S3:
 
 - ``create``: ``PutObject`` (or ``CompleteMultipartUpload`` past 100 MiB)
   with ``If-None-Match: *``. S3 answers 412 ``PreconditionFailed`` when the
-  key exists -> :class:`AlreadyExistsError`. S3 may answer 409
-  ``ConditionalRequestConflict`` when a conflicting operation on the same key
-  was in flight; AWS documents that the write did not happen and must be
-  retried, so ``create`` retries it a few times (then 412 or success decides)
-  and raises :class:`TransientBackendError` if the conflict persists.
+  key exists -> :class:`AlreadyExistsError`; when the object holds this
+  create's own bytes after an attempt that may have landed,
+  :class:`OutcomeUnknownError`. A 409 ``ConditionalRequestConflict`` (a
+  conflicting operation was in flight; AWS says the write did not happen)
+  is retried like a 503.
 - ``write``: a plain ``PutObject`` (S3 replaces objects atomically).
   ``write(..., if_version=etag)`` sends ``If-Match: <etag>``; 412, 409 or a
   vanished key -> :class:`ConflictError`. ``read_versioned`` returns the ETag.
@@ -33,17 +33,23 @@ Storage options (all optional) are s3fs's: ``endpoint_url``, ``key``,
 ``{"region_name": ...}``), ``config_kwargs``... Without them the standard AWS
 chain applies (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
 ``~/.aws``, instance roles; ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for
-the endpoint). partialstore's own option ``single_writer`` is accepted and
-kept as :attr:`S3Backend.single_writer`.
+the endpoint). partialstore's own options are ``single_writer`` (kept as
+:attr:`S3Backend.single_writer`), ``deadline`` and ``retries``. Unknown
+options and wrong value types are refused (:mod:`._service_options`).
 
 TensorStore (:meth:`S3Backend.kvstore_spec`) reaches the same bytes with its
-``s3`` driver. Its spec cannot carry an access key, so credentials are passed
-as: ``{"type": "anonymous"}`` for ``anon``; ``{"type": "profile"}`` for a
-``profile`` option; ``{"type": "environment"}`` when explicit ``key``/
-``secret`` equal the ``AWS_*`` environment variables; otherwise, for explicit
-keys, a credentials file in a private temporary directory (mode 0600, removed
-by :meth:`S3Backend.close` or at exit) named by a ``profile`` credential.
-Without explicit credentials TensorStore uses its default AWS chain.
+``s3`` driver, with the same identity s3fs uses, named explicitly (no
+default-chain probing, so no C++ log lines): see
+:mod:`partialstore.backends._s3_credentials`. Explicit keys that differ from
+the environment reach TensorStore through an anonymous in-memory file
+(``memfd``), never a file on disk.
+
+Failures are retried in one place, under the storage options ``deadline``
+(seconds, default 90) and ``retries`` (default 10): see
+:mod:`partialstore.backends._retry`. botocore and s3fs make one attempt per
+request, TensorStore's log requests retry once, and its arrays get a
+``s3_request_retries`` schedule that fits in the deadline
+(:meth:`S3Backend.tensorstore_context`).
 
 Example::
 
@@ -57,30 +63,46 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import shutil
-import tempfile
-import weakref
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from partialstore.backends._bucket import BucketBackend
-from partialstore.backends._s3_errors import client_error_code, map_s3_error
-from partialstore.backends._tensorstore_requests import TensorStoreRequests
+from partialstore.backends._retry import Attempt, Kind, note_failure, transport_kind
+from partialstore.backends._s3_credentials import (
+    RESOLVE,
+    SecretFile,
+    endpoint_of,
+    region_of,
+    resolve_credentials,
+    static_credentials,
+)
+from partialstore.backends._s3_errors import client_error_code, map_s3_error, retry_kind
+from partialstore.backends._service_options import check_s3_nested, s3_options
+from partialstore.backends._tensorstore_requests import (
+    CREATED,
+    FAST_RETRIES,
+    REFUSED_AFTER_RESEND,
+    FastRequestError,
+    TensorStoreRequests,
+)
 
 from partialstore.backend import validate_key
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
     ConflictError,
-    TransientBackendError,
+    OutcomeUnknownError,
 )
 
 __all__ = ["S3Backend", "map_s3_error"]
 
+T = TypeVar("T")
+
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _DELETE_CONCURRENCY = 8
-_CONFLICT_RETRIES = 6
+_TS_RETRIES_METRIC = "/tensorstore/kvstore/s3/retries"
+# One attempt per request in botocore: the backend's loop is the only retry layer.
+_ONE_ATTEMPT = {"total_max_attempts": 1, "mode": "standard"}
 
 
 class S3Backend(BucketBackend):
@@ -103,64 +125,150 @@ class S3Backend(BucketBackend):
     _service = "S3"
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self._secrets: list[SecretFile] = []
+        self._ts_credentials: dict[str, Any] | None = None
+        self._ts_credentials_known = False
         super().__init__(url, storage_options)
-        self._credentials_dir: str | None = None
-        self._cleanup: weakref.finalize[Any, Any] | None = None
         # The log's requests (create, full reads, listings) go through
         # TensorStore when it can take them: see _tensorstore_requests.
-        self._fast = TensorStoreRequests(lambda: self.kvstore_spec(""))
+        self._fast = TensorStoreRequests(
+            self._fast_spec, {"s3_request_retries": dict(FAST_RETRIES)}, _TS_RETRIES_METRIC
+        )
 
     # -- plumbing -----------------------------------------------------------------
+
+    def _known_options(self) -> Mapping[str, Any]:
+        return s3_options()
+
+    def _check_nested_options(self, options: Mapping[str, Any], url: str) -> None:
+        check_s3_nested(options, url)
 
     def _make_fs(self, options: dict[str, Any]) -> Any:
         import s3fs
 
-        return s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        config = {**(options.get("config_kwargs") or {}), "retries": dict(_ONE_ATTEMPT)}
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **{**options, "config_kwargs": config})
+        fs.retries = 1  # s3fs's own loop: one attempt (it would sleep and retry on top)
+        return fs
 
     def _map_error(self, err: BaseException, action: str, where: str) -> Exception:
-        return map_s3_error(err, action, where)
+        return map_s3_error(err, action, where, self._endpoint_label())
+
+    def _endpoint_label(self) -> str:
+        endpoint = self._endpoint()
+        return endpoint if endpoint else f"AWS S3 ({self._region() or 'default region'})"
+
+    def _unreachable_hint(self) -> str:
+        return (
+            "storage_options['endpoint_url'] (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) and "
+            "that the service is running there"
+        )
+
+    def _service_kind(self, err: BaseException) -> Kind | None:
+        return retry_kind(err)
+
+    async def _bucket_exists(self) -> bool:
+        try:
+            # Through TensorStore when it can: no s3fs client to build first.
+            if await self._fast.bucket_listed():
+                return True
+        except FastRequestError as err:
+            if "NoSuchBucket" in str(err):
+                return False
+        try:
+            await self._s3("head_bucket")
+        except Exception as err:
+            if client_error_code(err) in ("NoSuchBucket", "404", "NotFound"):
+                return False
+            raise
+        return True
 
     async def _s3(self, method: str, **kwargs: Any) -> Any:
         fs = self._fs
         return await self._on_fs(lambda: fs._call_s3(method, Bucket=self.bucket, **kwargs))
 
+    async def _via_fast(
+        self, state: Attempt, request: Callable[[], Awaitable[T | None]], *, mutating: bool
+    ) -> T | None:
+        """TensorStore's answer, or None: the request is s3fs's (not sent, or it failed).
+
+        After a failure the rest of this call goes through s3fs, which
+        reports precisely what S3 says.
+        """
+        if state.skip_fast:
+            return None
+        try:
+            return await request()
+        except FastRequestError as err:
+            state.skip_fast = True
+            note_failure(state, transport_kind(err) or Kind.AMBIGUOUS, mutating)
+            return None
+
     # -- writes -------------------------------------------------------------------
 
     async def create(self, key: str, data: bytes) -> None:
         full = self._key(key)
-        created = await self._fast.create_if_absent(key, data)
-        if created:
+        await self._bounded(
+            "create",
+            self._where(full),
+            lambda state: self._create_attempt(state, key, full, data),
+            mutating=True,
+        )
+
+    def _exists_error(self, full: str) -> AlreadyExistsError:
+        return AlreadyExistsError(
+            f"Cannot create {self._where(full)}: the object already exists "
+            "(If-None-Match: * failed)."
+        )
+
+    async def _create_attempt(self, state: Attempt, key: str, full: str, data: bytes) -> None:
+        fast = self._fast
+        created = await self._via_fast(
+            state, lambda: fast.create_if_absent(key, data), mutating=True
+        )
+        if created == CREATED:
             return
-        if created is False and await self.exists(key):
-            raise AlreadyExistsError(
-                f"Cannot create {self._where(full)}: the object already exists "
-                "(If-None-Match: * failed)."
-            )
+        if created is not None:
+            await self._refused_create(state, key, full, data, created == REFUSED_AFTER_RESEND)
         # Unanswered, or refused with nothing there (S3 says 404 for a missing
-        # bucket): s3fs sends it again and reports what S3 says.
+        # bucket): s3fs sends it again and reports what S3 says. A 409
+        # ConditionalRequestConflict (a concurrent operation on the key; AWS
+        # says the write did not happen) is retried by the loop, with jitter.
         fs = self._fs
-        path = f"{self.bucket}/{full}"
-        for attempt in range(_CONFLICT_RETRIES):
-            try:
-                await self._on_fs(lambda: fs._pipe_file(path, data, mode="create"))
-                return
-            except Exception as err:
-                code = client_error_code(err)
-                if code == "ConditionalRequestConflict" and attempt + 1 < _CONFLICT_RETRIES:
-                    # 409: a concurrent operation on this key was in flight and
-                    # our write did not happen; AWS says to retry (a multipart
-                    # upload from scratch, which _pipe_file does after aborting).
-                    # Jitter keeps the retrying racers apart.
-                    await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
-                    continue
-                if code in ("PreconditionFailed", "412") or isinstance(err, FileExistsError):
-                    raise AlreadyExistsError(
-                        f"Cannot create {self._where(full)}: the object already exists "
-                        "(If-None-Match: * failed)."
-                    ) from err
-                raise map_s3_error(err, "create", self._where(full)) from err
-        raise TransientBackendError(  # pragma: no cover - loop always returns or raises
-            f"Creating {self._where(full)} kept conflicting with concurrent writers."
+        try:
+            await self._on_fs(lambda: fs._pipe_file(f"{self.bucket}/{full}", data, mode="create"))
+        except Exception as err:
+            if client_error_code(err) in ("PreconditionFailed", "412") or isinstance(
+                err, FileExistsError
+            ):
+                raise self._exists_error(full) from err
+            raise
+
+    async def _refused_create(
+        self, state: Attempt, key: str, full: str, data: bytes, resent: bool
+    ) -> None:
+        """TensorStore's create was refused (412, or 404: no bucket); return if nothing is there.
+
+        After a resend (``resent``) the refusal may answer this create's own
+        first attempt: other writers' bytes differ; the very same bytes leave
+        the outcome unknown.
+        """
+        if not resent:
+            if await self._exists_attempt(state, key, full):
+                raise self._exists_error(full)
+            return  # nothing there (S3 said 404, e.g. no bucket): s3fs tells why
+        fast = self._fast
+        existing = await self._via_fast(state, lambda: fast.read(key), mutating=False)
+        if existing is None:
+            state.maybe_applied = True  # unverified: a later 412 may be this create's own
+            return
+        if existing != bytes(data):
+            raise self._exists_error(full)
+        raise OutcomeUnknownError(
+            f"Create {self._where(full)}: S3 refused it because the object exists, and it "
+            "holds exactly this create's bytes: its first attempt may have landed with the "
+            "answer lost (TensorStore resent it), or another writer created the same bytes. "
+            "Look at the store before repeating."
         )
 
     async def _write_if(self, full: str, data: bytes, if_version: str) -> None:
@@ -179,27 +287,38 @@ class S3Backend(BucketBackend):
                     f"Conditional write of {self._where(full)} failed: the object was deleted "
                     f"since version {if_version!r} was read."
                 ) from err
-            raise map_s3_error(err, "write", self._where(full)) from err
+            raise
 
     # -- reads --------------------------------------------------------------------
 
-    async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
-        if start is None and end is None:
-            data = await self._fast.read(validate_key(key))
-            if data is not None:
-                return data
-        # Ranges, unusual keys, and missing objects (s3fs says why: no such key, or bucket).
-        return await super().read(key, start=start, end=end)
+    async def _read_whole(self, state: Attempt, key: str, full: str) -> bytes:
+        fast = self._fast
+        data = await self._via_fast(state, lambda: fast.read(key), mutating=False)
+        if data is not None:
+            return data
+        # Unusual keys, and missing objects (s3fs says why: no such key, or bucket).
+        return await self._get_range(full, None)
 
-    async def exists(self, key: str) -> bool:
-        found = await self._fast.exists(validate_key(key))
-        return await super().exists(key) if found is None else found
+    async def _exists_attempt(self, state: Attempt, key: str, full: str) -> bool:
+        fast = self._fast
+        found = await self._via_fast(state, lambda: fast.exists(key), mutating=False)
+        return await super()._exists_attempt(state, key, full) if found is None else found
 
     async def list(self, prefix: str = "") -> list[str]:
         prefix = validate_key(prefix, allow_empty=True)
-        names = await self._fast.list(f"{prefix}/" if prefix else "")
-        if names is None:
-            return await super().list(prefix)
+        base = self._dir(prefix)
+
+        async def attempt(state: Attempt) -> list[str]:
+            fast = self._fast
+            names = await self._via_fast(
+                state, lambda: fast.list(f"{prefix}/" if prefix else ""), mutating=False
+            )
+            if names is not None:
+                return names
+            keys, _ = await self._list_raw(base, None)
+            return sorted(self._relative(k) for k in keys)
+
+        names = await self._bounded("list", self._where(base), attempt, mutating=False)
         # A name ending in "/" is a console-made folder placeholder, not data.
         return [name for name in names if not name.endswith("/")]
 
@@ -248,10 +367,7 @@ class S3Backend(BucketBackend):
                 dirs.extend(item["Prefix"] for item in page.get("CommonPrefixes", ()))
             return keys, dirs
 
-        try:
-            return await self._on_fs(pages)
-        except Exception as err:
-            raise map_s3_error(err, "list", self._where(prefix)) from err
+        return await self._on_fs(pages)
 
     # -- deletes ------------------------------------------------------------------
 
@@ -263,102 +379,61 @@ class S3Backend(BucketBackend):
 
     async def delete_prefix(self, prefix: str) -> None:
         base = self._dir(prefix)
-        keys, _ = await self._list_raw(base, None)
+        keys, _ = await self._bounded_list(base, None)
         batches = [keys[i : i + _DELETE_BATCH] for i in range(0, len(keys), _DELETE_BATCH)]
         limit = asyncio.Semaphore(_DELETE_CONCURRENCY)
 
-        async def delete_batch(batch: list[str]) -> None:
-            async with limit:
-                try:
-                    out = await self._s3(
-                        "delete_objects",
-                        Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
-                    )
-                except Exception as err:
-                    raise map_s3_error(err, "delete objects under", self._where(base)) from err
-                errors = [e for e in out.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
-                if errors:
-                    first = errors[0]
-                    raise BackendError(
-                        f"Deleting {len(errors)} objects under {self._where(base)} failed, "
-                        f"e.g. {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
-                    )
+        async def delete_batch(state: Attempt, batch: list[str]) -> None:
+            out = await self._s3(
+                "delete_objects",
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+            errors = [e for e in out.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                raise BackendError(
+                    f"Deleting {len(errors)} objects under {self._where(base)} failed, "
+                    f"e.g. {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                )
 
-        await asyncio.gather(*(delete_batch(b) for b in batches))
+        async def bounded_batch(batch: list[str]) -> None:
+            async with limit:
+                await self._bounded(
+                    "delete objects under",
+                    self._where(base),
+                    lambda state: delete_batch(state, batch),
+                    mutating=True,
+                )
+
+        await asyncio.gather(*(bounded_batch(b) for b in batches))
 
     # -- TensorStore --------------------------------------------------------------
 
     def _endpoint(self) -> str | None:
-        client_kwargs = self._options.get("client_kwargs") or {}
-        return (
-            self._options.get("endpoint_url")
-            or client_kwargs.get("endpoint_url")
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-        )
+        return endpoint_of(self._options, os.environ)
 
     def _region(self) -> str | None:
-        client_kwargs = self._options.get("client_kwargs") or {}
-        config_kwargs = self._options.get("config_kwargs") or {}
-        return (
-            client_kwargs.get("region_name")
-            or config_kwargs.get("region_name")
-            or self._options.get("region_name")
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-        )
+        return region_of(self._options, os.environ)
 
-    def _tensorstore_credentials(self) -> dict[str, Any] | None:
-        opts = self._options
-        if opts.get("anon"):
-            return {"type": "anonymous"}
-        key = opts.get("key") or opts.get("username")
-        secret = opts.get("secret") or opts.get("password")
-        token = opts.get("token")
-        if not (key and secret):
-            if opts.get("profile"):
-                return {"type": "profile", "profile": str(opts["profile"])}
-            return None  # TensorStore's default chain, like botocore's
-        env = os.environ
-        if (
-            env.get("AWS_ACCESS_KEY_ID") == key
-            and env.get("AWS_SECRET_ACCESS_KEY") == secret
-            and env.get("AWS_SESSION_TOKEN") == token
-        ):
-            return {"type": "environment"}
-        return self._credentials_file(str(key), str(secret), token)
+    async def _credentials_for_tensorstore(self) -> dict[str, Any] | None:
+        """TensorStore's ``aws_credentials`` for s3fs's identity (cached once known).
 
-    def _credentials_file(self, key: str, secret: str, token: str | None) -> dict[str, Any]:
-        if self._credentials_dir is None:
-            # mkdtemp makes the directory 0700; the files inside are 0600.
-            directory = tempfile.mkdtemp(prefix="partialstore-aws-")
-            lines = [
-                "[partialstore]",
-                f"aws_access_key_id = {key}",
-                f"aws_secret_access_key = {secret}",
-            ]
-            if token:
-                lines.append(f"aws_session_token = {token}")
-            for name, text in (("credentials", "\n".join(lines) + "\n"), ("config", "")):
-                fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT, 0o600)
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(text)
-            self._credentials_dir = directory
-            self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True)
-        return {
-            "type": "profile",
-            "profile": "partialstore",
-            "credentials_file": os.path.join(self._credentials_dir, "credentials"),
-            "config_file": os.path.join(self._credentials_dir, "config"),
-        }
-
-    def kvstore_spec(self, prefix: str) -> dict[str, Any] | None:
-        """TensorStore ``s3`` kvstore for the bytes under ``prefix``.
-
-        Example::
-
-            ts.KvStore.open(backend.kvstore_spec("data/abc")).result()
+        Raises botocore's ``NoCredentialsError`` when there are none.
         """
+        if not self._ts_credentials_known:
+            found = static_credentials(self._options, os.environ, self._secrets)
+            if found == RESOLVE:
+                fs, options = self._fs, self._options
+                found = await self._on_fs(lambda: resolve_credentials(fs, options))
+            self._ts_credentials = found if isinstance(found, dict) else None
+            self._ts_credentials_known = True
+        return self._ts_credentials
+
+    async def _fast_spec(self) -> dict[str, Any] | None:
+        credentials = await self._credentials_for_tensorstore()
+        return None if credentials is None else self._spec("", credentials)
+
+    def _spec(self, prefix: str, credentials: dict[str, Any]) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "driver": "s3",
             "bucket": self.bucket,
@@ -372,10 +447,39 @@ class S3Backend(BucketBackend):
             region = region or "us-east-1"  # TensorStore needs a region with an endpoint
         if region:
             spec["aws_region"] = region
-        credentials = self._tensorstore_credentials()
-        if credentials is not None:
-            spec["aws_credentials"] = credentials
+        spec["aws_credentials"] = credentials
         return spec
+
+    def kvstore_spec(self, prefix: str) -> dict[str, Any] | None:
+        """TensorStore ``s3`` kvstore for the bytes under ``prefix``, or None.
+
+        None when TensorStore cannot be given s3fs's credentials (explicit
+        keys without ``memfd``) or botocore finds none: array bytes then go
+        through s3fs, which reports the failure.
+
+        Example::
+
+            ts.KvStore.open(backend.kvstore_spec("data/abc")).result()
+        """
+        from fsspec.asyn import sync
+
+        self._dir(prefix)  # validate before any request
+        credentials = self._ts_credentials
+        if not self._ts_credentials_known:
+            try:
+                credentials = sync(self._fs.loop, self._credentials_for_tensorstore)
+            except Exception:
+                return None  # s3fs, through read/write, says what is wrong
+        return None if credentials is None else self._spec(prefix, credentials)
+
+    def tensorstore_context(self) -> dict[str, Any] | None:
+        """TensorStore's own retries for this backend's arrays, fitted to ``deadline``.
+
+        Example::
+
+            ts.Context(backend.tensorstore_context())
+        """
+        return {"s3_request_retries": self._policy.tensorstore_retries()}
 
     async def _close_fs(self) -> None:
         fs = self._fs
@@ -386,5 +490,5 @@ class S3Backend(BucketBackend):
 
     async def close(self) -> None:
         await super().close()
-        if self._cleanup is not None:
-            self._cleanup()
+        for secret in self._secrets:
+            secret.close()

@@ -59,42 +59,85 @@ def test_kvstore_spec_uses_environment_credentials_when_they_match(s3_url) -> No
     run(backend.close())
 
 
-def test_kvstore_spec_hands_explicit_keys_over_in_a_private_file(s3_url, monkeypatch) -> None:
+def test_kvstore_spec_hands_explicit_keys_over_in_memory_not_on_disk(
+    s3_url, monkeypatch, tmp_path
+) -> None:
     url, options = s3_url
     # Keys that differ from the environment cannot use {"type": "environment"}.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where a temp file would have gone
     backend = _open(url, options)
     spec = backend.kvstore_spec("arr")
     credentials = spec["aws_credentials"]
     assert credentials["type"] == "profile"
+    assert credentials["config_file"] == os.devnull
     path = credentials["credentials_file"]
+    # An anonymous memory file (memfd) of this process, private to its owner.
+    assert path.startswith("/proc/self/fd/")
+    assert os.readlink(path).startswith("/memfd:partialstore-aws-credentials")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
     with open(path) as handle:
         assert "aws_secret_access_key = testing" in handle.read()
-    # TensorStore really opens the store with it.
+    assert list(tmp_path.iterdir()) == []
+    # TensorStore really opens the store with it, and reads that profile.
     kvstore = ts.KvStore.open(spec).result()
     kvstore.write("k", b"v").result()
     assert run(backend.read("arr/k")) == b"v"
+    wrong = {**spec, "aws_credentials": {**credentials, "profile": "missing"}}
+    with pytest.raises(ValueError):
+        ts.KvStore.open(wrong).result()
+    fd = int(path.rsplit("/", 1)[1])
     run(backend.close())
-    assert not os.path.exists(os.path.dirname(path))
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the backend
 
 
-def test_kvstore_spec_anonymous_and_default_chain(monkeypatch) -> None:
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+def _no_aws_environment(monkeypatch, tmp_path) -> None:
+    for name in (
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    ):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe
+
+
+def test_kvstore_spec_names_the_provider_botocore_used(monkeypatch, tmp_path) -> None:
+    _no_aws_environment(monkeypatch, tmp_path)
     anonymous = S3Backend("s3://bucket/p", {"anon": True})
     assert anonymous.kvstore_spec("")["aws_credentials"] == {"type": "anonymous"}
-    default = S3Backend("s3://bucket", {})
-    # No endpoint, region or credentials: TensorStore's own AWS chain decides.
-    assert default.kvstore_spec("x") == {
+    # Nothing anywhere: TensorStore is not asked (s3fs reports the missing keys).
+    assert S3Backend("s3://bucket", {"retries": 1}).kvstore_spec("x") is None
+    # A profile in the shared credentials file: both files named explicitly, so
+    # TensorStore never probes ~/.aws (and never logs that it is missing).
+    shared = tmp_path / "absent-credentials"
+    shared.write_text("[work]\naws_access_key_id = a\naws_secret_access_key = b\n")
+    profile = S3Backend("s3://bucket", {"profile": "work"})
+    assert profile.kvstore_spec("x") == {
         "driver": "s3",
         "bucket": "bucket",
         "path": "x/",
         "use_conditional_write": True,
+        "aws_credentials": {
+            "type": "profile",
+            "profile": "work",
+            "credentials_file": str(shared),
+            "config_file": os.devnull,
+        },
     }
-    profile = S3Backend("s3://bucket", {"profile": "work"})
-    assert profile.kvstore_spec("x")["aws_credentials"] == {"type": "profile", "profile": "work"}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    environment = S3Backend("s3://bucket", {"retries": 2})
+    assert environment.kvstore_spec("x")["aws_credentials"] == {"type": "environment"}
+    for backend in (anonymous, profile, environment):
+        run(backend.close())
 
 
 def test_zarr_array_written_by_tensorstore_is_listed(s3_url) -> None:
