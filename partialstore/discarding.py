@@ -28,7 +28,7 @@ import uuid
 
 from partialstore import records, txlog
 from partialstore.errors import CheckpointFinalizedError, CorruptCheckpointError, NotFoundError
-from partialstore.location import DATA_DIR, Location
+from partialstore.location import DATA_DIR, LOG_DIR, Location
 from partialstore.published import already_finalized, drop_stray_staging, read_published, writer
 
 __all__ = ["SAVE_ID", "discard", "gc"]
@@ -37,21 +37,30 @@ __all__ = ["SAVE_ID", "discard", "gc"]
 SAVE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _data_prefix(location: Location, save_id: str) -> str:
-    return f"{location.staging_prefix}/{location.data_dir(save_id)}"
-
-
 async def _delete_dead(location: Location, entries: list[txlog.LogEntry], marker: int) -> None:
-    """Delete the records before ``marker`` and the data their saves wrote."""
-    backend = location.backend
+    """Delete the records before ``marker`` and the data their saves wrote.
+
+    With rename, a finalize of the session that follows the marker may move
+    the staging prefix while this deletes; what moved along is deleted from
+    the checkpoint too (those saves are not in it: they precede the marker).
+    """
     dead = [e for e in entries if e.number < marker]
+    await _delete_records_and_data(location, location.staging_prefix, dead)
+    if location.uses_rename and await read_published(location) is not None:
+        await _delete_records_and_data(location, location.final_prefix, dead)
+
+
+async def _delete_records_and_data(
+    location: Location, root: str, dead: list[txlog.LogEntry]
+) -> None:
+    backend = location.backend
     for entry in dead:
         save_id = entry.record.get("save_id")
         # Only a well-formed save id: never a path that a tampered record chose.
         if entry.record.get("kind") == txlog.SAVE and SAVE_ID.match(str(save_id)):
-            await backend.delete_prefix(_data_prefix(location, str(save_id)))
+            await backend.delete_prefix(f"{root}/{location.data_dir(str(save_id))}")
     for entry in dead:
-        await backend.delete(txlog.record_key(location.log_prefix, entry.number))
+        await backend.delete(f"{root}/{LOG_DIR}/{entry.number:08d}.json")
 
 
 def _marker() -> bytes:
