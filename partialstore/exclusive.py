@@ -77,6 +77,7 @@ async def create_once(backend: Backend, key: str, data: bytes) -> tuple[Created,
         cannot be known now.
     """
     last_error: Exception | None = None
+    settled = True  # whether every failed attempt was found not to have landed
     for attempt in range(ATTEMPTS):
         if attempt:
             await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
@@ -90,13 +91,15 @@ async def create_once(backend: Backend, key: str, data: bytes) -> tuple[Created,
         try:
             seen = await _read_back(backend, key, data)
         except (TransientBackendError, OutcomeUnknownError) as error:
-            last_error = error
+            last_error, settled = error, False
             continue
         if seen is not None:
             return seen, False
         if reported_exists:
             return Created.VANISHED, False
         # Absent after a failed create: it never landed, so creating again is safe.
+    if settled and last_error is not None:
+        raise last_error  # the store failed every try, and none of them landed
     raise OutcomeUnknownError(
         f"Creating {key} on {backend!r} failed {ATTEMPTS} times and reading it back did not "
         f"settle whether it landed (last error: {last_error}). Check that the store is "

@@ -407,11 +407,15 @@ def test_public_api_through_install_faulty(faulty_url: tuple[str, FaultyBackend]
     assert any(key.startswith("ck") and "/log/" in key for key in creates)
     # Deeper paths share the rules and the log.
     # Memory and local disk stage a session in "ck2.partial_save" (they rename).
-    faulty.add(BackendFault(before(), method="create", key=r"^sub/ck2[^/]*/log/"))
+    # Every try fails (the core tries a create again once it finds it did not land).
+    rule = faulty.add(
+        BackendFault(before(), method="create", key=r"^sub/ck2[^/]*/log/", times=None)
+    )
     with pytest.raises(TransientBackendError):
         partialstore.save(f"{url}/sub/ck2", {"a": 1})
     with pytest.raises(FileNotFoundError):
         partialstore.load(f"{url}/sub/ck2")
+    rule.remove()
     partialstore.save(f"{url}/sub/ck2", {"a": 1})
     partialstore.finalize(f"{url}/sub/ck2")
     assert partialstore.load(f"{url}/sub/ck2") == {"a": 1}
