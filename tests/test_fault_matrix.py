@@ -191,7 +191,7 @@ def _run_matrix(
     scenario: str,
     make_case: Callable[[int], Case],
     enumerate_requests: Callable[[Callable[[], Any]], int],
-    inject: Callable[[int, str, str], Callable[[], None]],
+    inject: Callable[[int, str, str], Any],
     faults: list[str],
 ) -> None:
     """Run ``scenario`` once per (recorded request, fault); collect every broken promise."""
@@ -207,15 +207,19 @@ def _run_matrix(
             number += 1
             case = make_case(number)
             prepare(case)
-            remove = inject(index, fault, case.name)
+            rule = inject(index, fault, case.name)
             try:
                 outcome = _attempt(act, case)
             finally:
-                remove()
+                rule.remove()
+            if not rule.fired:  # the repeat made no such request: nothing was tested
+                failures.append(f"request #{index} {fault}: the fault never fired")
+                continue
             try:
                 check(case, outcome)
             except AssertionError as broken:
                 failures.append(f"request #{index} {fault}: {broken}")
+    print(f"{scenario}: {count} requests, {number} faulted runs")
     assert not failures, f"{len(failures)} of {number} cases broke a promise:\n" + "\n".join(
         failures
     )
@@ -236,11 +240,10 @@ def test_http_faults(scenario: str, proxied_url: Any) -> None:
 
     seen: list[Any] = []
 
-    def inject(index: int, fault: str, name: str) -> Callable[[], None]:
+    def inject(index: int, fault: str, name: str) -> Any:
         if not seen:
             seen.extend(proxy.requests())
-        rule = proxy.add(fault_like(seen, index, PROXY_FAULTS[fault](), substitute={"c000": name}))
-        return rule.remove
+        return proxy.add(fault_like(seen, index, PROXY_FAULTS[fault](), substitute={"c000": name}))
 
     _run_matrix(scenario, make_case, enumerate_requests, inject, list(PROXY_FAULTS))
 
@@ -259,11 +262,10 @@ def test_contract_faults(scenario: str, faulty_url: Any) -> None:
 
     seen: list[Any] = []
 
-    def inject(index: int, fault: str, name: str) -> Callable[[], None]:
+    def inject(index: int, fault: str, name: str) -> Any:
         if not seen:
             seen.extend(faulty.calls())
-        rule = faulty.add(_backend_fault_like(seen, index, CONTRACT_FAULTS[fault](), name))
-        return rule.remove
+        return faulty.add(_backend_fault_like(seen, index, CONTRACT_FAULTS[fault](), name))
 
     _run_matrix(scenario, make_case, enumerate_requests, inject, list(CONTRACT_FAULTS))
 
