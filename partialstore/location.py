@@ -4,7 +4,7 @@ A checkpoint path ``<parent>/<name>`` is served by the backend rooted at
 ``<parent>``. The session's staging prefix is ``<name>.partial_save`` where
 the backend renames atomically (finalize then renames it to ``<name>``), and
 ``<name>`` itself where it cannot (finalize then publishes by creating
-``<name>/partialstore.json``). See DESIGN.md, "On-disk layout".
+``<name>/partialstore.json``). See docs/protocol.md.
 
 Example::
 

@@ -130,6 +130,29 @@ def test_kill_at_crash_point(any_backend_url: tuple[str, dict[str, Any]], point:
     assert_checkpoint_holds(path, options, tags)
 
 
+@pytest.mark.parametrize("any_backend_url", CROSS_PROCESS, indirect=True)
+def test_writer_id_recognises_a_killed_jobs_finalize(
+    any_backend_url: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, options = any_backend_url
+    path = f"{root}/ckpt"
+    monkeypatch.setenv("PARTIALSTORE_WRITER_ID", "job-7")
+    child = Child(
+        {"mode": "crash_sequence", "path": path, "options": options, "finalize": True},
+        crash_at="finalize.after_publish",  # published, killed before finalize returned
+    )
+    try:
+        assert child.wait() == KILLED, child.describe()
+    finally:
+        child.close()
+    # The restarted job (same writer id) calls finalize again: its own checkpoint.
+    partialstore.finalize(path, storage_options=options)
+    assert_checkpoint_holds(path, options, ["A", "B"])
+    monkeypatch.setenv("PARTIALSTORE_WRITER_ID", "job-8")  # another job's finalize
+    with pytest.raises(FileExistsError, match="finalized by host"):
+        partialstore.finalize(path, storage_options=options)
+
+
 # Random-instant kills. The big leaf spans several chunks (the workers shrink
 # arrays.py's 16 MiB chunk size to CHUNK_BYTES), so a kill can land between
 # chunk writes of one leaf: the torn-leaf case.
