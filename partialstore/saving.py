@@ -32,6 +32,7 @@ from partialstore.errors import (
     UnsupportedOperationError,
 )
 from partialstore.faults import crash_point
+from partialstore.keypaths import MAX_DEPTH
 from partialstore.location import Location
 from partialstore.published import drop_stray_staging, read_published, writer
 
@@ -72,9 +73,25 @@ def _check_custom_metadata(custom_metadata: Any) -> Any:
         )
     try:
         # Round trip now so a bad value fails before any byte is written.
-        return json.loads(json.dumps(dict(custom_metadata), allow_nan=False))
-    except (TypeError, ValueError) as error:
+        checked = json.loads(json.dumps(dict(custom_metadata), allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as error:
         raise InvalidInputError(f"custom_metadata is not JSON-serializable: {error}.") from error
+    if _json_depth(checked) > MAX_DEPTH:
+        # The record must stay readable: readers bound the nesting they parse.
+        raise InvalidInputError(f"custom_metadata nests more than {MAX_DEPTH} levels deep.")
+    return checked
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict | list):
+            deepest = max(deepest, depth)
+            children = current.values() if isinstance(current, dict) else current
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def snapshot(state: Any, custom_metadata: Any, *, copy: bool) -> Snapshot:
@@ -232,9 +249,8 @@ async def _commit(
 ) -> int:
     try:
         number = await _write_and_append(location, snap, save_id, op, written)
-    except CheckpointFinalizedError:
-        await _drop_data_unless_committed(location, save_id)
-        raise
+    except CheckpointFinalizedError as refused:
+        raise await _with_cleanup(refused, _drop_data_unless_committed(location, save_id)) from None
     except Exception as error:
         # With rename, a finalize may move the session away while this save
         # writes; TensorStore or the backend then fail on vanished directories.
@@ -243,10 +259,10 @@ async def _commit(
         if committed is not None:
             return committed
         if location.uses_rename and await read_published(location) is not None:
-            await _drop_renamed_loser(location, save_id)
-            raise _finalized_in_flight(location) from error
+            refused = _finalized_in_flight(location)
+            raise await _with_cleanup(refused, _drop_renamed_loser(location, save_id)) from error
         if isinstance(error, SessionDiscardedError):  # its data may be half deleted
-            await _drop_own_data(location, save_id)
+            raise await _with_cleanup(error, _drop_own_data(location, save_id)) from None
         raise
     crash_point("save.after_log_append")
     if location.uses_rename:
@@ -258,9 +274,22 @@ async def _commit(
                 f"without it could not be checked: {error}. Look with partialstore.metadata."
             ) from error
         if stray:
-            await _drop_renamed_loser(location, save_id)
-            raise _finalized_in_flight(location)
+            refused = _finalized_in_flight(location)
+            raise await _with_cleanup(refused, _drop_renamed_loser(location, save_id))
     return number
+
+
+async def _with_cleanup(refusal: Exception, cleanup: Awaitable[None]) -> Exception:
+    """Run a refused save's cleanup; its failure must not replace the refusal.
+
+    The refusal is the answer the caller needs; what the cleanup could not
+    delete is unreferenced data that ``gc`` removes.
+    """
+    try:
+        await cleanup
+    except BackendError as failed:
+        refusal.add_note(f"Removing this save's data failed too ({failed}); gc removes it.")
+    return refusal
 
 
 async def _record_went_astray(location: Location, save_id: str) -> bool:

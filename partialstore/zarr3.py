@@ -84,15 +84,27 @@ def backend_kvstore(backend: Backend, key: str) -> dict[str, Any] | None:
 
 
 async def gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:
-    """Like ``asyncio.gather``, but the first failure cancels the rest before it is raised."""
+    """Like ``asyncio.gather``, but a failure is raised only once every write has settled.
+
+    A write handed to a thread (local files) or to TensorStore goes on after
+    the task awaiting it is cancelled, so a failed save that cleaned up at
+    once could see its own late writes land after the cleanup (on local disk,
+    inside a checkpoint a concurrent finalize just renamed into place). So
+    the others are waited for, not cancelled; only a cancellation of this
+    call cancels them.
+    """
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    except asyncio.CancelledError:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return list(outcomes)  # type: ignore[arg-type]
 
 
 def choose_chunks(shape: Sequence[int], itemsize: int, target: int) -> list[int]:

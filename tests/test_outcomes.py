@@ -8,11 +8,16 @@ points.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 import partialstore
+from partialstore.keypaths import MAX_DEPTH
+from partialstore.testing.faulty_backend import BackendFault, before, call, install_faulty
 
 
 def test_a_file_at_the_path_is_refused_before_the_seal(tmp_path: Path) -> None:
@@ -43,3 +48,33 @@ def test_a_second_finalize_after_success_raises_as_orbax_does(tmp_path: Path) ->
     partialstore.finalize(path)
     with pytest.raises(FileExistsError, match="already exists"):
         partialstore.finalize(path)
+
+
+def test_a_refused_save_says_so_even_when_its_cleanup_fails() -> None:
+    inner = f"memory://{uuid.uuid4().hex}"
+    url, faulty = install_faulty(inner)
+    partialstore.save(f"{url}/ck", {"a": 1})
+    # Just before the second save's record, another writer finalizes the session...
+    faulty.add(
+        BackendFault(
+            call(lambda _: partialstore.finalize(f"{inner}/ck"), when="before"),
+            method="create",
+            key=r"^ck[^/]*/log/",
+        )
+    )
+    # ... and the store then refuses every delete, so the save cannot clean up.
+    faulty.add(BackendFault(before(), method="delete_prefix", times=None))
+    with pytest.raises(FileExistsError) as refused:
+        partialstore.save(f"{url}/ck", {"b": np.arange(3)})
+    assert any("gc removes it" in note for note in refused.value.__notes__)
+    assert partialstore.load(f"{inner}/ck") == {"a": 1}
+
+
+def test_custom_metadata_nested_past_the_depth_limit_is_refused(tmp_path: Path) -> None:
+    deep: dict[str, Any] = {}
+    for _ in range(MAX_DEPTH + 1):
+        deep = {"k": deep}
+    with pytest.raises(ValueError, match="nests more than"):
+        partialstore.save(str(tmp_path / "ck"), {"a": 1}, custom_metadata=deep)
+    with pytest.raises(FileNotFoundError):  # nothing was written
+        partialstore.discard(str(tmp_path / "ck"))
