@@ -93,8 +93,6 @@ __all__ = [
     "reset",
 ]
 
-# The old private name, for code that imported it from here before the split.
-_RuleHost = RuleHost
 _NO_HEADERS = email.message.Message()
 
 
