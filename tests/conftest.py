@@ -177,8 +177,12 @@ def proxied_url(request: pytest.FixtureRequest) -> ProxiedUrl:
     return request.getfixturevalue(f"proxied_{request.param}_url")
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(params=["memory", "local", "fsspec"])
 def faulty_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, FaultyBackend]:
-    """``install_faulty`` over a fresh memory or local root: ``(url, faulty_backend)``."""
-    inner = f"memory://{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "root")
+    """``install_faulty`` over a fresh memory, local or fsspec root: ``(url, faulty_backend)``."""
+    inner = {
+        "memory": f"memory://{uuid.uuid4().hex}",
+        "local": str(tmp_path / "root"),
+        "fsspec": "local://" + str(tmp_path / "fsroot"),
+    }[request.param]
     return install_faulty(inner)

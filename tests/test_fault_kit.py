@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ from partialstore.testing.faulty_backend import (
     before,
     call,
     hang,
+    install_faulty,
 )
 from partialstore.testing.faulty_backend import latency as call_latency
 
@@ -286,9 +288,11 @@ def test_stop_ends_blackholed_and_idle_connections(moto_server: Any) -> None:
 # -- FaultyBackend on memory and local disk -----------------------------------------
 
 
-@pytest.fixture
-def faulty(faulty_url: tuple[str, FaultyBackend]) -> FaultyBackend:
-    return faulty_url[1]
+@pytest.fixture(params=["memory", "local"])
+def faulty(request: pytest.FixtureRequest, tmp_path: Path) -> FaultyBackend:
+    """A wrapped store with rename (the actions below use it): memory or local disk."""
+    inner = f"memory://{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "r")
+    return install_faulty(inner)[1]
 
 
 def test_before_fails_without_applying(faulty: FaultyBackend) -> None:

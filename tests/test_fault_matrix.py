@@ -2,8 +2,8 @@
 
 For each operation the test first runs it fault-free and records every
 request it makes (at the HTTP level through :class:`FaultProxy` on S3 and
-GCS, at the Backend contract through :class:`FaultyBackend` on memory and
-local disk). Then, for every recorded request and every fault, it prepares
+GCS, at the Backend contract through :class:`FaultyBackend` on memory,
+local disk and the generic fsspec backend). Then, for every recorded request and every fault, it prepares
 the same state on a fresh checkpoint path, injects the fault on the request
 that plays that part, runs the operation and checks what it answered
 against what is actually stored:
