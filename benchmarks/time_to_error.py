@@ -157,7 +157,7 @@ def _without_credentials(
     if store.name == "s3":
         options = {
             "endpoint_url": server.endpoint_url,
-            "client_kwargs": {"region_name": "us-east-1"},
+            "client_kwargs": {"region_name": server.region},
         }
         return options, {**server.env(), **no_aws_credentials_env(folder)}
     options = {
@@ -415,8 +415,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stores = parse_list(args.stores, STORES, "store")
     os.makedirs(args.out, exist_ok=True)
-    out_json = os.path.join(args.out, "time_to_error.json")
-    out_md = os.path.join(args.out, "time_to_error.md")
     log_path = os.path.join(args.out, "time_to_error-workers.log")
     scratch = Path(tempfile.mkdtemp(prefix="partialstore-tte-"))
     started = time.monotonic()
@@ -452,13 +450,20 @@ def main(argv: list[str] | None = None) -> int:
         "measurements": measurements,
         "elapsed_s": time.monotonic() - started,
     }
+    _write(result, args.out)
+    return 0 if all(row["met_bound"] for row in measurements) else 1
+
+
+def _write(result: dict[str, Any], out: str) -> None:
+    """Print the table; write it and the JSON into ``out``."""
+    out_json = os.path.join(out, "time_to_error.json")
+    out_md = os.path.join(out, "time_to_error.md")
     table = render_table(result)
     report.write_json(out_json, result)
     with open(out_md, "w") as handle:
         handle.write(table + "\n")
     print(table, flush=True)
     print(f"\nWrote {out_json} and {out_md}", file=sys.stderr)
-    return 0 if all(row["met_bound"] for row in measurements) else 1
 
 
 if __name__ == "__main__":
