@@ -26,7 +26,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import finalize_latency, report, rounds, runner, throughput  # noqa: E402
+from benchmarks import (  # noqa: E402
+    finalize_latency,
+    report,
+    rounds,
+    runner,
+    throughput,
+    time_to_error,
+)
 from benchmarks.common import Budget, Stats, loglog_slope, peak_rss  # noqa: E402
 from benchmarks.runner import run_group  # noqa: E402
 from benchmarks.stores import StoreEnv  # noqa: E402
@@ -174,6 +181,39 @@ def test_throughput_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
             assert row["save_vs_numpy"] > 0
             assert row["save_per_call_vs_orbax"] > 0
             assert row["finalize_vs_orbax"] > 0
+
+
+def test_time_to_error_quick_on_s3(tmp_path: Path, capsys: Any) -> None:
+    # A correctness bound, not a performance figure: each case must fail, with a
+    # partialstore error that says why, within its promised bound.
+    out = tmp_path / "out"
+    rc = time_to_error.main(["--quick", "--stores", "s3", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert "## Time to error (quick run)" in stdout
+    assert (out / "time_to_error.md").read_text().strip() == stdout.strip()
+    result = json.loads((out / "time_to_error.json").read_text())
+    assert result["benchmark"] == "time_to_error" and result["quick"] is True
+    rows = {row["case"]: row for row in result["measurements"]}
+    assert [row["store"] for row in result["measurements"]] == ["s3"] * len(rows)
+    expected = {
+        "refused": ("BackendError", "the connection was refused", 10.0),
+        "invalid_host": ("BackendError", "does not resolve", 10.0),
+        "no_credentials": ("BackendError", "no AWS credentials found", 10.0),
+        "missing_bucket": ("NotFoundError", "does not exist", 10.0),
+        "503_save_deadline5": ("TransientBackendError", "deadline=5 s", 120.0),
+        "503_load_deadline5": ("TransientBackendError", "deadline=5 s", 120.0),
+    }
+    assert set(rows) == set(expected) == {c.id for c in time_to_error.cases(quick=True)}
+    for case, (error_type, words, bound) in expected.items():
+        row = rows[case]
+        assert row["status"] == "raised" and row["partialstore_error"] is True, row
+        assert (row["error_type"], words in row["message"]) == (error_type, True), row
+        assert row["bound_s"] == bound and 0 < row["seconds"] < bound, row
+        assert row["met_bound"] is True
+    # The 503 store really answered 503 to the calls measured.
+    assert rows["503_save_deadline5"]["requests_answered_503"] > 1
+    assert rows["503_load_deadline5"]["requests_answered_503"] > 1
+    assert rc == 0
 
 
 def test_over_budget_points_are_reported_as_skipped(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from partialstore.errors import (
     OutcomeUnknownError,
     TransientBackendError,
 )
+from partialstore.testing.misconfig import refused_endpoint
 from partialstore.testing.servers import FakeGcsServer, MotoS3Server
 
 # The promised bounds: an unreachable endpoint, missing credentials or a
@@ -161,14 +162,6 @@ def _url(server: http.server.ThreadingHTTPServer) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def _refused_endpoint() -> str:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nothing listens there now: connections are refused
-    return f"http://127.0.0.1:{port}"
-
-
 def _target(service: str, endpoint: str, **extra: Any) -> tuple[str, dict[str, Any]]:
     """A fresh ``(url, storage_options)`` for ``service`` at ``endpoint``."""
     bucket = f"ps-{uuid.uuid4().hex[:12]}"
@@ -192,7 +185,7 @@ def _timed_save(url: str, options: dict[str, Any], error: type[Exception]) -> tu
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_refused_endpoint_fails_fast_through_save(service: str) -> None:
-    endpoint = _refused_endpoint()
+    endpoint = refused_endpoint()
     url, options = _target(service, endpoint)
     message, elapsed = _timed_save(url, options, BackendError)
     assert elapsed < FAST_BOUND
