@@ -93,10 +93,10 @@ def map_gcs_error(
         return NotFoundError(f"Cannot {action} {where}: no such object or bucket.")
     if isinstance(err, google.auth.exceptions.DefaultCredentialsError):
         return BackendError(
-            f"Cannot {action} {where} at {endpoint}: no Google credentials found. Pass 'token' "
-            "in storage_options (a service-account file, 'google_default', or 'anon' for a "
-            "public bucket), set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth "
-            f"application-default login` ({detail})."
+            f"Cannot {action} {where} at {endpoint}: no Google credentials found. Set "
+            "GOOGLE_APPLICATION_CREDENTIALS to a service-account file, run `gcloud auth "
+            "application-default login`, or pass 'token' in storage_options (a service-account "
+            f"file, or 'anon' for a public bucket) ({detail})."
         )
     if isinstance(err, FileExistsError) or status == 412:
         return AlreadyExistsError(f"Cannot {action} {where}: a precondition failed (412).")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-_BENCHMARKS = ("finalize_latency", "throughput")
+_BENCHMARKS = ("finalize_latency", "throughput", "time_to_error")
 
 
 def _parser() -> argparse.ArgumentParser:
