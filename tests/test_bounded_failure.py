@@ -40,7 +40,7 @@ from partialstore.errors import (
     OutcomeUnknownError,
     TransientBackendError,
 )
-from partialstore.testing.misconfig import refused_endpoint
+from partialstore.testing.misconfig import no_google_credentials_env, refused_endpoint
 from partialstore.testing.servers import FakeGcsServer, MotoS3Server
 
 # The promised bounds: an unreachable endpoint, missing credentials or a
@@ -240,6 +240,25 @@ def test_missing_credentials_fail_fast_through_save(
     assert "no AWS credentials found" in message
     assert moto_server.endpoint_url in message and bucket in message
     assert "Failed to open file" not in capfd.readouterr().err  # one message, no C++ lines
+
+
+def test_missing_google_credentials_fail_fast_through_save(
+    gcs_server: FakeGcsServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Asked for default credentials where there are none: no key file, an
+    # empty gcloud folder, and no metadata server (refused on 127.0.0.1).
+    for name, value in no_google_credentials_env(tmp_path / "gcloud").items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    bucket = f"ps-{uuid.uuid4().hex[:12]}"
+    gcs_server.create_bucket(bucket)
+    options = {**gcs_server.storage_options(), "token": "google_default", "deadline": 43.0}
+    message, elapsed = _timed_save(f"gs://{bucket}/ckpt", options, BackendError)
+    assert elapsed < FAST_BOUND
+    assert "no Google credentials found" in message
+    assert gcs_server.endpoint_url in message and bucket in message
 
 
 @pytest.mark.parametrize("service", SERVICES)
