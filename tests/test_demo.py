@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from partialstore.cli import main
-from partialstore.demo import run_demo
+from partialstore._cli.cli import main
+from partialstore._cli.demo import run_demo
 
 
 @pytest.mark.parametrize("store", ["local", "s3", "gcs"])

@@ -36,8 +36,8 @@ import pytest
 
 import partialstore
 from partialstore import errors
-from partialstore._aio import run
-from partialstore.location import resolve
+from partialstore._commit.location import resolve
+from partialstore._runtime.aio import run
 from partialstore.testing.faultproxy import drop_response, error, error_after, fault_like
 from partialstore.testing.faulty_backend import BackendFault, after, after_as_retry, before
 

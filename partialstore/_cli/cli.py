@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``partialstore`` command line; return the exit status."""
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from partialstore import demo
+        from partialstore._cli import demo
 
         return demo.main(args)
     # The benchmark scripts live beside the package in a source checkout; the
