@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(args)
     # The benchmark scripts live beside the package in a source checkout; the
     # console script's sys.path does not hold the checkout, so add it.
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]  # partialstore/_cli/cli.py
     if (checkout / "benchmarks").is_dir() and str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     try:
