@@ -17,6 +17,7 @@ other in a cycle either.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,6 +171,13 @@ def test_every_module_belongs_to_a_layer() -> None:
         "partialstore.errors",
         "partialstore.registry",
     }
+
+
+def test_pyproject_installs_every_package() -> None:
+    # setuptools installs only the packages listed: a new subpackage left out
+    # would be missing from a wheel although every test here passes.
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert set(config["tool"]["setuptools"]["packages"]) == PACKAGES
 
 
 def test_the_checks_catch_a_back_edge_and_a_cycle() -> None:

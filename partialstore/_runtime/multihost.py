@@ -3,8 +3,10 @@
 In a multi-process JAX job (``jax.distributed.initialize`` called) every
 process calls ``save`` with the same global tree, in the same order. Each
 process snapshots and writes only the shards it owns (``replica_id == 0``,
-so a replicated shard is written once) into the same zarr3 arrays, whose
-chunks tile every shard exactly, so no two processes ever write one chunk.
+so a replicated shard is written once; :mod:`partialstore._pytree.shards`)
+into the same zarr3 arrays, whose chunks tile every shard exactly
+(:mod:`partialstore._arrays.sharded`), so no two processes ever write one
+chunk; this module only coordinates.
 The primary process (index 0) also writes the small and process-local
 leaves, collects every process's outcome, appends the one log record and
 tells the others how it went; finalize, discard and gc run on the primary
