@@ -41,11 +41,10 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
+from partialstore.backend import Backend, Capabilities, join_key, validate_key
 from partialstore.backends._fsspec_async import on_loop
 from partialstore.backends._options import check_options, pop_retry_policy, pop_single_writer
 from partialstore.backends._retry import Attempt, Call, Kind, run_bounded, transport_kind
-
-from partialstore.backend import Backend, Capabilities, join_key, validate_key
 from partialstore.errors import (
     InvalidInputError,
     NotFoundError,

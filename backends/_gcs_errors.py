@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 
 from partialstore.backends._retry import Kind, causes, http_kind
-
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

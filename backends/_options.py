@@ -36,7 +36,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from partialstore.backends._retry import DEFAULT_DEADLINE, DEFAULT_RETRIES, RetryPolicy
-
 from partialstore.errors import InvalidInputError
 
 __all__ = [

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 from partialstore.backends._retry import Kind, http_kind
-
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

@@ -26,7 +26,6 @@ from partialstore.backends._options import (
     init_parameters,
     parameters,
 )
-
 from partialstore.errors import InvalidInputError
 
 __all__ = ["check_s3_nested", "fsspec_options", "gcs_options", "s3_options"]

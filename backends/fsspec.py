@@ -58,11 +58,11 @@ from typing import Any
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
+
+from partialstore.backend import Backend, Capabilities, validate_key
 from partialstore.backends import local
 from partialstore.backends._options import check_options, pop_single_writer
 from partialstore.backends._service_options import fsspec_options
-
-from partialstore.backend import Backend, Capabilities, validate_key
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

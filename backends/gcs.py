@@ -81,7 +81,6 @@ from partialstore.backends._bucket import BucketBackend
 from partialstore.backends._gcs_errors import map_gcs_error, retry_kind, status_of
 from partialstore.backends._retry import Attempt, Kind
 from partialstore.backends._service_options import gcs_options
-
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

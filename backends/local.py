@@ -23,7 +23,7 @@ URLs are taken literally (no percent-decoding), as fsspec does.
 Example::
 
     from partialstore import registry
-    from partialstore._aio import run
+    from partialstore._runtime.aio import run
 
     backend = registry.open_backend("/tmp/ckpts")
     run(backend.create("run1/log/00000001.json", b"{}"))
@@ -47,9 +47,8 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from partialstore.backends._options import pop_single_writer, reject_options
-
 from partialstore.backend import Backend, Capabilities, validate_key
+from partialstore.backends._options import pop_single_writer, reject_options
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

@@ -10,7 +10,7 @@ see the store.
 Example::
 
     from partialstore import registry
-    from partialstore._aio import run
+    from partialstore._runtime.aio import run
 
     backend = registry.open_backend("memory://scratch")
     run(backend.create("log/00000001.json", b"{}"))
@@ -24,9 +24,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from partialstore.backends._options import pop_single_writer, reject_options
-
 from partialstore.backend import Backend, Capabilities, join_key, validate_key
+from partialstore.backends._options import pop_single_writer, reject_options
 from partialstore.errors import (
     AlreadyExistsError,
     ConflictError,

@@ -66,6 +66,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from partialstore.backend import validate_key
 from partialstore.backends._bucket import BucketBackend
 from partialstore.backends._retry import Attempt, Kind, note_failure, transport_kind
 from partialstore.backends._s3_credentials import (
@@ -85,8 +86,6 @@ from partialstore.backends._tensorstore_requests import (
     FastRequestError,
     TensorStoreRequests,
 )
-
-from partialstore.backend import validate_key
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

@@ -59,7 +59,7 @@ WARMUP = Workload("warmup", saves=1, leaves=1, leaf_bytes=4096)
 def _job_floor(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
     """One small ``create`` and one ``list`` through partialstore's backend for the store."""
     from partialstore import registry
-    from partialstore._aio import run
+    from partialstore._runtime.aio import run
 
     url = store.fresh("floor")
     root = store.group_of(url)

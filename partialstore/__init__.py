@@ -25,24 +25,24 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from partialstore import errors
-    from partialstore.api import discard, finalize, gc, load, metadata, save, save_async
+    from partialstore._api import discard, finalize, gc, load, metadata, save, save_async
+    from partialstore._commit.loading import CheckpointMetadata, LeafMetadata
+    from partialstore._runtime.ordering import AsyncResponse, UnobservedSaveError
     from partialstore.backend import Backend, Capabilities
-    from partialstore.loading import CheckpointMetadata, LeafMetadata
-    from partialstore.ordering import AsyncResponse, UnobservedSaveError
     from partialstore.registry import open_backend, register_backend
 
 _EXPORTS = {
-    "save": "partialstore.api",
-    "save_async": "partialstore.api",
-    "finalize": "partialstore.api",
-    "load": "partialstore.api",
-    "metadata": "partialstore.api",
-    "discard": "partialstore.api",
-    "gc": "partialstore.api",
-    "AsyncResponse": "partialstore.ordering",
-    "UnobservedSaveError": "partialstore.ordering",
-    "CheckpointMetadata": "partialstore.loading",
-    "LeafMetadata": "partialstore.loading",
+    "save": "partialstore._api",
+    "save_async": "partialstore._api",
+    "finalize": "partialstore._api",
+    "load": "partialstore._api",
+    "metadata": "partialstore._api",
+    "discard": "partialstore._api",
+    "gc": "partialstore._api",
+    "AsyncResponse": "partialstore._runtime.ordering",
+    "UnobservedSaveError": "partialstore._runtime.ordering",
+    "CheckpointMetadata": "partialstore._commit.loading",
+    "LeafMetadata": "partialstore._commit.loading",
     "Backend": "partialstore.backend",
     "Capabilities": "partialstore.backend",
     "open_backend": "partialstore.registry",

@@ -30,7 +30,7 @@ Rules every implementation keeps (the conformance suite in
 Example (a backend from the registry, driven synchronously)::
 
     from partialstore import registry
-    from partialstore._aio import run
+    from partialstore._runtime.aio import run
 
     backend = registry.open_backend("memory://demo")
     run(backend.create("log/00000001.json", b"{}"))

@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import partialstore
-from partialstore import _aio
+from partialstore._commit.location import Location, resolve
+from partialstore._runtime import aio
 from partialstore.backend import join_key
 from partialstore.errors import CorruptCheckpointError
-from partialstore.location import Location, resolve
 
 # Where a local-disk Pristine keeps a copy of its unfinalized session.
 _SESSION_COPY = "session-copy"
@@ -116,16 +116,16 @@ class Pristine:
 
 def put(location: Location, key: str, data: bytes) -> None:
     """Overwrite ``key`` of ``location``'s store with ``data``."""
-    _aio.run(location.backend.write(key, data))
+    aio.run(location.backend.write(key, data))
 
 
 def get(location: Location, key: str) -> bytes:
     """The bytes at ``key`` of ``location``'s store."""
-    return _aio.run(location.backend.read(key))
+    return aio.run(location.backend.read(key))
 
 
 def _objects(location: Location, prefix: str) -> dict[str, bytes]:
-    keys = _aio.run(location.backend.list(prefix))
+    keys = aio.run(location.backend.list(prefix))
     return {key[len(prefix) + 1 :]: get(location, key) for key in keys}
 
 

@@ -188,7 +188,7 @@ def _save_targets(targets: list[Any], state: dict[str, Any], written: list[str])
 def _failing_save(path: str, options: dict[str, Any], state: dict[str, Any]) -> dict[str, str]:
     """A chunk write failing in process 1 fails the save everywhere; nothing is committed."""
     import partialstore
-    from partialstore import multihost
+    from partialstore._runtime import multihost
     from partialstore.errors import BackendError
 
     def backend_error(key: str) -> BaseException:
@@ -215,7 +215,7 @@ def _failing_save(path: str, options: dict[str, Any], state: dict[str, Any]) -> 
 def _failure_causes(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
     """Saves that fail in process 1 only, with a TimeoutError and with an OSError."""
     import partialstore
-    from partialstore import multihost
+    from partialstore._runtime import multihost
 
     on_one = multihost.process_index() == 1
 
@@ -281,7 +281,7 @@ def _killed_mid_save(job: dict[str, Any], mesh: Any, report_file: str) -> None:
     from jax.sharding import NamedSharding, PartitionSpec
 
     import partialstore
-    from partialstore import multihost
+    from partialstore._runtime import multihost
 
     spec = job["kill"]
     rows = 8 * mesh.devices.size
@@ -322,7 +322,8 @@ def main() -> None:
     )
     from jax.sharding import Mesh
 
-    from partialstore import arrays, multihost
+    from partialstore._arrays import arrays
+    from partialstore._runtime import multihost
 
     arrays.CHUNK_BYTES = CHUNK_BYTES
     written: list[str] = []

@@ -94,12 +94,12 @@ def make_state(tag: str, shape: tuple[int, ...] = (64,)) -> dict[str, Any]:
 # OpenBLAS pool exists, which handles fork itself) and opens no connection.
 _PRELOAD = [
     __name__,
-    "partialstore.api",
-    "partialstore.arrays",
-    "partialstore.finalizing",
-    "partialstore.loading",
-    "partialstore.saving",
-    "partialstore.tree",
+    "partialstore._api",
+    "partialstore._arrays.arrays",
+    "partialstore._commit.finalizing",
+    "partialstore._commit.loading",
+    "partialstore._commit.saving",
+    "partialstore._pytree.tree",
     "partialstore.backends.local",
     "partialstore.backends.fsspec",
     "partialstore.backends.s3",
@@ -241,9 +241,9 @@ def read_stored_json(path: str, options: dict[str, Any], relative: str) -> Any:
     ``relative`` is e.g. ``"partialstore.json"`` or ``"log/00000003.json"``: the
     on-disk format itself, for checks that must not trust the code under test.
     """
-    from partialstore._aio import run
+    from partialstore._commit.location import resolve
+    from partialstore._runtime.aio import run
     from partialstore.backend import join_key
-    from partialstore.location import resolve
 
     location = resolve(path, options)
     return json.loads(run(location.backend.read(join_key(location.final_prefix, relative))))
@@ -407,6 +407,6 @@ def shrink_chunks(chunk_bytes: int) -> None:
 
         shrink_chunks(512 << 10)
     """
-    from partialstore import arrays
+    from partialstore._arrays import arrays
 
     arrays.CHUNK_BYTES = chunk_bytes

@@ -13,8 +13,8 @@ import pytest
 
 import partialstore
 from partialstore import errors
-from partialstore._aio import run
-from partialstore.location import resolve
+from partialstore._commit.location import resolve
+from partialstore._runtime.aio import run
 
 
 class Adam(typing.NamedTuple):

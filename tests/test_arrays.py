@@ -22,8 +22,7 @@ import pytest
 import tensorstore as ts
 
 from partialstore import registry
-from partialstore._aio import run
-from partialstore.arrays import (
+from partialstore._arrays.arrays import (
     PACK_THRESHOLD,
     descriptor_nbytes,
     dtype_from_name,
@@ -31,16 +30,17 @@ from partialstore.arrays import (
     read_arrays,
     write_arrays,
 )
+from partialstore._arrays.descriptors import normalize_index
+from partialstore._arrays.dtypes import SUPPORTED_DTYPE_NAMES, check_array_supported
+from partialstore._arrays.packing import PackedLeaf, coalesce, plan_packs
+from partialstore._arrays.zarr3 import choose_chunks, chunk_keys
+from partialstore._runtime.aio import run
 from partialstore.backend import Backend, join_key
-from partialstore.descriptors import normalize_index
-from partialstore.dtypes import SUPPORTED_DTYPE_NAMES, check_array_supported
 from partialstore.errors import (
     CorruptCheckpointError,
     InvalidInputError,
     UnsupportedLeafError,
 )
-from partialstore.packing import PackedLeaf, coalesce, plan_packs
-from partialstore.zarr3 import choose_chunks, chunk_keys
 
 ROOT = "ckpt.partial_save"
 SAVE = "data/s1"
@@ -266,7 +266,7 @@ def test_partial_read_touches_only_needed_chunks(backend: Backend) -> None:
 
 
 def test_chunk_keys_for_an_index() -> None:
-    from partialstore.descriptors import Zarr3Leaf
+    from partialstore._arrays.descriptors import Zarr3Leaf
 
     f4 = np.dtype("f4")
     leaf = Zarr3Leaf("data/s/a", f4, f4, (25, 8), (10, 4))

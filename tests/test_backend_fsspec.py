@@ -19,11 +19,11 @@ import fsspec
 import pytest
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from fsspec.implementations.local import LocalFileSystem
-from partialstore.backends.fsspec import FsspecBackend
 
 from partialstore import registry
-from partialstore._aio import run
+from partialstore._runtime.aio import run
 from partialstore.backend import Backend
+from partialstore.backends.fsspec import FsspecBackend
 from partialstore.errors import (
     AlreadyExistsError,
     InvalidInputError,

@@ -7,10 +7,10 @@ import os
 import gcsfs.core
 import pytest
 from gcsfs.retry import HttpError
-from partialstore.backends.gcs import GCSBackend, map_gcs_error
 
 from partialstore import registry
-from partialstore._aio import run
+from partialstore._runtime.aio import run
+from partialstore.backends.gcs import GCSBackend, map_gcs_error
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

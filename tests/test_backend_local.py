@@ -6,10 +6,10 @@ import os
 import pathlib
 
 import pytest
-from partialstore.backends import local
 
 from partialstore import registry
-from partialstore._aio import run
+from partialstore._runtime.aio import run
+from partialstore.backends import local
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

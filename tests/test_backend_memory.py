@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from partialstore import registry
-from partialstore._aio import run
+from partialstore._runtime.aio import run
 from partialstore.errors import InvalidInputError
 from partialstore.testing.conformance import BackendConformance
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorstore as ts
 from botocore.exceptions import ClientError, EndpointConnectionError
-from partialstore.backends.s3 import S3Backend, map_s3_error
 
 from partialstore import registry
-from partialstore._aio import run
+from partialstore._runtime.aio import run
+from partialstore.backends.s3 import S3Backend, map_s3_error
 from partialstore.errors import (
     BackendError,
     InvalidInputError,

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from partialstore.backends._retry import RetryPolicy
 
 import partialstore
 from partialstore import registry
-from partialstore._aio import run
+from partialstore._runtime.aio import run
+from partialstore.backends._retry import RetryPolicy
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,

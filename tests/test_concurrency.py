@@ -34,7 +34,7 @@ from _workers import (
 )
 
 import partialstore
-from partialstore import arrays
+from partialstore._arrays import arrays
 
 # Backends reachable from several processes.
 MULTI_PROCESS = ("local", "s3", "gcs", "fsspec")

@@ -7,7 +7,7 @@ finalized checkpoint holds every save that returned, and no torn leaf ever.
 Two kinds of kill, both with ``SIGKILL`` (no cleanup handler can run, as after
 an out-of-memory kill or a preempted VM):
 
-- at a named crash point (:data:`partialstore.faults.CRASH_POINTS`, armed
+- at a named crash point (:data:`partialstore._runtime.faults.CRASH_POINTS`, armed
   through ``PARTIALSTORE_CRASH_AT`` in the child's environment);
 - at a random instant chosen by the parent (seeded), while the child saves
   multi-chunk arrays in a loop.
@@ -43,8 +43,8 @@ from _workers import (
 )
 
 import partialstore
-from partialstore.faults import CRASH_POINTS
-from partialstore.location import resolve
+from partialstore._commit.location import resolve
+from partialstore._runtime.faults import CRASH_POINTS
 
 CROSS_PROCESS = ("local", "s3", "gcs", "fsspec")
 KILLED = -signal.SIGKILL

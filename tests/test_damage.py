@@ -37,7 +37,7 @@ from _damage import (
 from hypothesis import HealthCheck, event, given, settings
 
 import partialstore
-from partialstore import _aio
+from partialstore._runtime import aio
 from partialstore.backend import join_key
 
 FUZZ = settings(
@@ -184,7 +184,7 @@ def test_mutated_log_record_is_reported_by_finalize_or_merged_exactly(
     )
     event(f"finalize {'published' if finalized else 'reported'}")
     if finalized is None:
-        assert not _aio.run(location.backend.exists(location.manifest_key)), what
+        assert not aio.run(location.backend.exists(location.manifest_key)), what
         return  # reported, and nothing was published
     # Accepted: the merge used only intact fields, so the checkpoint is exact.
     assert check_reads(pristine, path, location.manifest_key) == [], what

@@ -20,10 +20,10 @@ import pytest
 from _damage import Pristine, build_pristine, check_reads, outcome, put, same
 
 import partialstore
-from partialstore import _aio
+from partialstore._pytree.keypaths import MAX_DEPTH
+from partialstore._runtime import aio
 from partialstore.backend import join_key
 from partialstore.errors import CorruptCheckpointError, InvalidInputError, NotFoundError
-from partialstore.keypaths import MAX_DEPTH
 
 ALL = ["load", "metadata", "gc"]
 Edit = Callable[[dict[str, Any]], Any]
@@ -240,7 +240,7 @@ def test_record_damage_is_reported_by_finalize(pristine: Pristine, case: str) ->
     put(location, key, json.dumps(record).encode())
     finalize = lambda: partialstore.finalize(path, storage_options=pristine.options)  # noqa: E731
     assert outcome(lambda: finalize() or "published", key) is None
-    assert not _aio.run(location.backend.exists(location.manifest_key))
+    assert not aio.run(location.backend.exists(location.manifest_key))
     # The damage stays reported, and nothing half-published appears meanwhile.
     assert outcome(lambda: finalize() or "published", key) is None
 
@@ -307,7 +307,7 @@ def test_array_inflated_in_manifest_and_zarr_json_is_refused_before_allocating(
     big.update(shape=[2**21, 512], chunks=list(chunks))
     put(location, location.manifest_key, json.dumps(body).encode())
     zarr_key = join_key(location.final_prefix, big["path"], "zarr.json")
-    zarr = json.loads(_aio.run(location.backend.read(zarr_key)))
+    zarr = json.loads(aio.run(location.backend.read(zarr_key)))
     zarr["shape"] = big["shape"]
     zarr["chunk_grid"]["configuration"]["chunk_shape"] = big["chunks"]
     put(location, zarr_key, json.dumps(zarr).encode())

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import partialstore
-from partialstore import discarding, finalizing, published, saving, txlog
-from partialstore._aio import run
-from partialstore.location import resolve
+from partialstore._commit import discarding, finalizing, published, saving, txlog
+from partialstore._commit.location import resolve
+from partialstore._runtime.aio import run
 
 
 @pytest.fixture

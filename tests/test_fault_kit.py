@@ -25,7 +25,7 @@ from conftest import ProxiedUrl
 
 import partialstore
 from partialstore import registry
-from partialstore._aio import run, submit
+from partialstore._runtime.aio import run, submit
 from partialstore.backend import Backend
 from partialstore.errors import (
     AlreadyExistsError,

@@ -3,10 +3,10 @@
 For each operation the test first runs it fault-free and records every
 request it makes (at the HTTP level through :class:`FaultProxy` on S3 and
 GCS, at the Backend contract through :class:`FaultyBackend` on memory,
-local disk and the generic fsspec backend). Then, for every recorded request and every fault, it prepares
-the same state on a fresh checkpoint path, injects the fault on the request
-that plays that part, runs the operation and checks what it answered
-against what is actually stored:
+local disk and the generic fsspec backend). Then, for every recorded
+request and every fault, it prepares the same state on a fresh checkpoint
+path, injects the fault on the request that plays that part, runs the
+operation and checks what it answered against what is actually stored:
 
 - a fault that loses a response after the store applied the request (the
   client retries, or the call fails);
@@ -36,8 +36,8 @@ import pytest
 
 import partialstore
 from partialstore import errors
-from partialstore._aio import run
-from partialstore.location import resolve
+from partialstore._commit.location import resolve
+from partialstore._runtime.aio import run
 from partialstore.testing.faultproxy import drop_response, error, error_after, fault_like
 from partialstore.testing.faulty_backend import BackendFault, after, after_as_retry, before
 

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from partialstore._commit.manifest import build_manifest, merge_metadata
+from partialstore._commit.records import decode_manifest
+from partialstore._commit.txlog import LogEntry
 from partialstore.errors import CorruptCheckpointError
-from partialstore.manifest import build_manifest, decode_manifest, merge_metadata
-from partialstore.txlog import LogEntry
 
 
 def key(*names: str) -> list[list[str]]:
@@ -32,7 +33,7 @@ def record(leaves: dict[tuple[str, ...], int], nodes: dict[tuple[str, ...], str]
 def merged(*records) -> dict:
     entries = [LogEntry(i + 1, r) for i, r in enumerate(records)]
     seal = LogEntry(len(records) + 1, {"kind": "finalize", "created": "t"})
-    return decode_manifest("test", build_manifest(entries, seal, "ckpt/log"))
+    return decode_manifest("test", build_manifest(entries, seal, "ckpt/log")).body
 
 
 def leaf_values(manifest: dict) -> dict[tuple[str, ...], int]:

@@ -33,14 +33,11 @@ import pytest
 from _multihost_worker import DEVICES_PER_PROCESS, expected_state
 
 import partialstore
+from partialstore._arrays.sharded import shard_chunks
+from partialstore._commit.location import job_wide_name
+from partialstore._pytree.shards import ShardedArray
+from partialstore._runtime.multihost import decode_outcome, encode_outcome, next_op
 from partialstore.errors import NotFoundError, ProcessLostError
-from partialstore.multihost import (
-    ShardedArray,
-    decode_outcome,
-    encode_outcome,
-    next_op,
-    shard_chunks,
-)
 
 WORKER = Path(__file__).with_name("_multihost_worker.py")
 PROCESSES = 2
@@ -323,7 +320,10 @@ class _ThirdPartyError(ValueError):
 def test_collective_operations_are_named_by_checkpoint_not_spelling() -> None:
     # One counter per checkpoint, so every process names the n-th operation
     # on it alike whichever spelling each used.
-    first, second = next_op("s3a://b/run/q"), next_op("s3://b/run//q/")
+    first, second = (
+        next_op(job_wide_name("s3a://b/run/q")),
+        next_op(job_wide_name("s3://b/run//q/")),
+    )
     assert first.rsplit("/", 1)[0] == second.rsplit("/", 1)[0]
     assert int(second.rsplit("/", 1)[1]) == int(first.rsplit("/", 1)[1]) + 1
-    assert next_op("s3://b/run/other").rsplit("/", 1)[0] != first.rsplit("/", 1)[0]
+    assert next_op(job_wide_name("s3://b/run/other")).rsplit("/", 1)[0] != first.rsplit("/", 1)[0]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import partialstore
-from partialstore.keypaths import MAX_DEPTH
+from partialstore._pytree.keypaths import MAX_DEPTH
 from partialstore.testing.faulty_backend import BackendFault, before, call, install_faulty
 
 

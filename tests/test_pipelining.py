@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from partialstore.backends.memory import MemoryBackend
 
 import partialstore
-from partialstore import ordering, registry
+from partialstore import registry
+from partialstore._runtime import ordering
+from partialstore.backends.memory import MemoryBackend
 from partialstore.errors import BackendError
 
 SCHEME = "gatedmemory"

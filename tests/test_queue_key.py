@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 import partialstore
+from partialstore._commit.location import freeze_options, job_wide_name, resolve
+from partialstore._runtime.ordering import UnobservedSaveError
 from partialstore.errors import BackendError, InvalidInputError
-from partialstore.location import freeze_options, job_wide_name, resolve
-from partialstore.ordering import UnobservedSaveError
 
 WAIT_S = 30.0
 #: How long the save is held after the finalize starts; a finalize that does

@@ -27,10 +27,12 @@ import numpy as np
 import pytest
 
 import partialstore
-from partialstore import _aio, discarding, finalizing, registry, saving, txlog
+from partialstore import registry
+from partialstore._commit import discarding, finalizing, saving, txlog
+from partialstore._commit.location import DATA_DIR, Location, resolve
+from partialstore._runtime import aio
 from partialstore.backend import Backend, Capabilities
 from partialstore.errors import CheckpointFinalizedError, NotFoundError, SessionDiscardedError
-from partialstore.location import DATA_DIR, Location, resolve
 
 ROUNDS = 100
 SAVERS, FINALIZERS = 8, 3
@@ -132,20 +134,20 @@ async def _run_round(path: str, options: dict[str, Any], seed: int) -> dict[str,
 
 def _log_entries(location: Location) -> list[txlog.LogEntry]:
     prefix = location.log_prefix
-    if location.uses_rename and _aio.run(location.backend.exists(location.manifest_key)):
+    if location.uses_rename and aio.run(location.backend.exists(location.manifest_key)):
         prefix = f"{location.final_prefix}/log"
-    return _aio.run(txlog.read_log(location.backend, prefix))
+    return aio.run(txlog.read_log(location.backend, prefix))
 
 
 def _data_dirs(location: Location, published: bool) -> set[str]:
     root = location.final_prefix if published else location.staging_prefix
-    return set(_aio.run(location.backend.list_children(f"{root}/{DATA_DIR}")))
+    return set(aio.run(location.backend.list_children(f"{root}/{DATA_DIR}")))
 
 
 def _check_round(path: str, options: dict[str, Any], seed: int, outcomes: dict[str, Any]) -> None:
     where = f"round seed {seed}: {outcomes}"
     location = resolve(path, options)
-    published = _aio.run(location.backend.exists(location.manifest_key))
+    published = aio.run(location.backend.exists(location.manifest_key))
     entries = _log_entries(location)
     markers = [e.number for e in entries if txlog.is_discard(e.record)]
     marker = max(markers, default=0)
@@ -177,7 +179,7 @@ def _check_round(path: str, options: dict[str, Any], seed: int, outcomes: dict[s
     dirs = _data_dirs(location, published)
     assert dirs == in_checkpoint, f"data {dirs} != {in_checkpoint}; log {log}; {where}"
     if location.uses_rename and published:
-        staging = _aio.run(location.backend.list(location.staging_prefix))
+        staging = aio.run(location.backend.list(location.staging_prefix))
         assert staging == [], f"stray staging {staging}; {where}"
 
 
@@ -190,7 +192,7 @@ def test_random_rounds_keep_every_promise(store: str, request: pytest.FixtureReq
     seen: set[tuple[str, str]] = set()
     for round_no in range(ROUNDS):
         path = f"{root}/r{round_no}"
-        outcomes = _aio.run(_run_round(path, options, round_no))
+        outcomes = aio.run(_run_round(path, options, round_no))
         _check_round(path, options, round_no, outcomes)
         seen |= {(name.rstrip("0123456789"), verdict) for name, (verdict, _) in outcomes.items()}
     # The rounds must have met every kind of race, or they proved little.

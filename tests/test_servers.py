@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from partialstore import registry
-from partialstore._aio import run
+from partialstore._runtime.aio import run
 from partialstore.testing import servers
 from partialstore.testing.servers import FakeGcsServer, MotoS3Server, ServerStartError
 

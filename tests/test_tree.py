@@ -1,4 +1,4 @@
-"""Tests for the pytree layer: partialstore.tree, partialstore.leaves, partialstore.keypaths.
+"""Tests for the pytree layer (partialstore._pytree: tree, leaves, keypaths).
 
 Storage is simulated the way the manifest stores records: paths and inline
 values go through ``json.dumps``/``json.loads`` (strict JSON, UTF-8), arrays
@@ -24,13 +24,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from partialstore import tree
-from partialstore.errors import (
-    CorruptCheckpointError,
-    InvalidInputError,
-    UnsupportedLeafError,
-)
-from partialstore.tree import (
+from partialstore._pytree import tree
+from partialstore._pytree.tree import (
     MAX_DEPTH,
     Leaf,
     Node,
@@ -46,6 +41,11 @@ from partialstore.tree import (
     selector_matches,
     target_leaf_paths,
     value_from_array,
+)
+from partialstore.errors import (
+    CorruptCheckpointError,
+    InvalidInputError,
+    UnsupportedLeafError,
 )
 
 # --------------------------------------------------------------------------- fixtures

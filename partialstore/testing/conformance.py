@@ -52,7 +52,7 @@ import numpy as np
 import pytest
 
 from partialstore import registry
-from partialstore._aio import run
+from partialstore._runtime.aio import run
 from partialstore.backend import Backend, Capabilities
 from partialstore.errors import (
     AlreadyExistsError,
@@ -488,7 +488,7 @@ class BackendConformance(RaceConformance):
 
     def _check_zarr3_through_backend(self, backend: Backend) -> None:
         """Without a kvstore spec, zarr3 arrays reach the store through read/write."""
-        from partialstore import arrays
+        from partialstore._arrays import arrays
 
         values = np.arange(600_000, dtype=np.float32).reshape(600, 1000) + 1
         (descriptor,) = run(

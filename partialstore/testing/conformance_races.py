@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from partialstore._aio import run
+from partialstore._runtime.aio import run
 from partialstore.backend import Backend
 from partialstore.errors import AlreadyExistsError, ConflictError, UnsupportedOperationError
 from partialstore.testing import race_workers

@@ -152,7 +152,7 @@ def _barrier() -> None:
 
 def _create_job(backend: Any, job: Mapping[str, Any]) -> list[str]:
     """Race ``create`` on each key; per key ``won``/``lost``/``error: ...``."""
-    from partialstore._aio import run
+    from partialstore._runtime.aio import run
     from partialstore.errors import AlreadyExistsError, UnsupportedOperationError
 
     records: list[str] = []
@@ -173,7 +173,7 @@ def _create_job(backend: Any, job: Mapping[str, Any]) -> list[str]:
 
 def _cas_job(backend: Any, job: Mapping[str, Any]) -> list[tuple[int, str, str]]:
     """Race versioned writes on one key; per round ``(round, sha256 read, outcome)``."""
-    from partialstore._aio import run
+    from partialstore._runtime.aio import run
     from partialstore.errors import ConflictError, UnsupportedOperationError
 
     records: list[tuple[int, str, str]] = []
@@ -229,7 +229,7 @@ def main() -> None:
     """Worker entry point: read the job, run it in step with the parent, print the result."""
     try:
         from partialstore import registry
-        from partialstore._aio import run
+        from partialstore._runtime.aio import run
 
         job = _decode(sys.stdin.readline())
         backend = registry.open_backend(job["url"], job["options"])

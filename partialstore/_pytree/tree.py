@@ -4,7 +4,7 @@
 every node registered with ``jax.tree_util``, e.g. flax structs or registered
 dataclasses), validates every leaf, snapshots arrays to host memory, and
 returns :class:`Leaf` and :class:`Node` records with stable key paths (see
-:mod:`partialstore.keypaths`). Unlike ``jax.tree_util`` it keeps ``None``
+:mod:`partialstore._pytree.keypaths`). Unlike ``jax.tree_util`` it keeps ``None``
 leaves and empty containers, so they survive a save.
 
 :func:`build_tree` rebuilds a tree from stored records without a target;
@@ -12,8 +12,8 @@ leaves and empty containers, so they survive a save.
 looked up by the same key path :func:`flatten` gave at save time.
 
 Which leaves are supported, and how inline values are stored in JSON, is
-decided in :mod:`partialstore.leaves`; this module re-exports what the layers
-above need from it and from :mod:`partialstore.keypaths`, so they import one
+decided in :mod:`partialstore._pytree.leaves`; this module re-exports what the layers
+above need from it and from :mod:`partialstore._pytree.keypaths`, so they import one
 module.
 
 Example::
@@ -35,8 +35,7 @@ from typing import Any
 import jax.tree_util as jtu
 import numpy as np
 
-from partialstore.errors import CorruptCheckpointError, InvalidInputError
-from partialstore.keypaths import (
+from partialstore._pytree.keypaths import (
     MAX_DEPTH,
     KeyPath,
     PathEntry,
@@ -49,7 +48,7 @@ from partialstore.keypaths import (
     path_keys,
     selector_matches,
 )
-from partialstore.leaves import (
+from partialstore._pytree.leaves import (
     ARRAY_KINDS,
     INLINE_KINDS,
     LEAF_KINDS,
@@ -64,7 +63,8 @@ from partialstore.leaves import (
     type_name,
     value_from_array,
 )
-from partialstore.multihost import ShardedArray, snapshot_shards
+from partialstore._pytree.shards import ShardedArray, snapshot_shards
+from partialstore.errors import CorruptCheckpointError, InvalidInputError
 
 __all__ = [
     "ARRAY_KINDS",
@@ -300,7 +300,7 @@ def flatten(state: Any, *, copy_arrays: bool = True) -> tuple[list[Leaf], list[N
 def encode_value(leaf: Leaf) -> Any:
     """Return the JSON form of an inline leaf's value (see :func:`decode_value`).
 
-    See :func:`partialstore.leaves.encode_inline` for the encoding.
+    See :func:`partialstore._pytree.leaves.encode_inline` for the encoding.
 
     Example::
 

@@ -14,10 +14,10 @@ What is checked, before anything uses it:
   and version;
 - every field a reader uses has the right type; unknown extra fields (at the
   top level and in entries) are ignored, so newer writers can add some;
-- key paths are well-formed and at most :data:`~partialstore.keypaths.MAX_DEPTH`
+- key paths are well-formed and at most :data:`~partialstore._pytree.keypaths.MAX_DEPTH`
   entries long; no two entries share a path; no leaf lies under a leaf;
 - kinds are from the known sets; inline values decode; array descriptors
-  pass :func:`partialstore.descriptors.parse` (paths inside the checkpoint,
+  pass :func:`partialstore._arrays.descriptors.parse` (paths inside the checkpoint,
   dtypes from the table, bounded shapes, sizes and offsets), and lie in the
   data directory of their own save.
 
@@ -39,11 +39,18 @@ import json
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from partialstore import descriptors, manifest, txlog
+from partialstore._arrays import descriptors
+from partialstore._commit.formats import (
+    LOG_FORMAT,
+    LOG_VERSION,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    paused_gc,
+)
+from partialstore._pytree.keypaths import KeyPath, decode_path, format_path, short_repr
+from partialstore._pytree.leaves import ARRAY_KINDS, INLINE_KINDS, decode_value
+from partialstore._pytree.tree import NODE_KINDS
 from partialstore.errors import CorruptCheckpointError
-from partialstore.keypaths import KeyPath, decode_path, format_path, short_repr
-from partialstore.leaves import ARRAY_KINDS, INLINE_KINDS, decode_value
-from partialstore.tree import NODE_KINDS
 
 __all__ = [
     "NODE_KINDS",
@@ -128,7 +135,7 @@ def parse_versioned(what: str, data: bytes, *, fmt: str, version: int) -> dict[s
         another version.
     """
     try:
-        with txlog.paused_gc():
+        with paused_gc():
             body = json.loads(data, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         why = "it is nested too deeply" if isinstance(error, RecursionError) else str(error)
@@ -275,7 +282,7 @@ def check_record(key: str, body: dict[str, Any]) -> dict[str, Any]:
       CorruptCheckpointError: a field the merge uses is malformed.
     """
     try:
-        with txlog.paused_gc():
+        with paused_gc():
             _check_body(body)
     except _Damage as damage:
         raise CorruptCheckpointError(
@@ -297,7 +304,7 @@ def decode_record(key: str, data: bytes) -> dict[str, Any]:
       CorruptCheckpointError: not a version-1 log record, or malformed (the
         message names ``key`` and the entry).
     """
-    body = parse_versioned(f"Log record {key}", data, fmt=txlog.FORMAT, version=txlog.VERSION)
+    body = parse_versioned(f"Log record {key}", data, fmt=LOG_FORMAT, version=LOG_VERSION)
     return check_record(key, body)
 
 
@@ -354,9 +361,9 @@ def decode_manifest(key: str, data: bytes) -> Manifest:
       CorruptCheckpointError: not a version-1 manifest, or malformed (the
         message names ``key`` and the entry).
     """
-    body = parse_versioned(f"Manifest {key}", data, fmt=manifest.FORMAT, version=manifest.VERSION)
+    body = parse_versioned(f"Manifest {key}", data, fmt=MANIFEST_FORMAT, version=MANIFEST_VERSION)
     try:
-        with txlog.paused_gc():
+        with paused_gc():
             return _manifest(key, body)
     except _Damage as damage:
         raise CorruptCheckpointError(

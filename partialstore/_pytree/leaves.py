@@ -1,6 +1,6 @@
 """Leaf rules: which values partialstore saves, how they are snapshotted and inlined.
 
-Used by :mod:`partialstore.tree`. A leaf is one of these kinds:
+Used by :mod:`partialstore._pytree.tree`. A leaf is one of these kinds:
 
 =================  ==========================================================
 kind               what is stored
@@ -44,8 +44,8 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from partialstore._pytree.keypaths import KeyPath, check_str, format_path, short_repr
 from partialstore.errors import CorruptCheckpointError, InvalidInputError, UnsupportedLeafError
-from partialstore.keypaths import KeyPath, check_str, format_path, short_repr
 
 __all__ = [
     "ARRAY_KINDS",
@@ -236,7 +236,7 @@ def is_sharded_across_processes(obj: jax.Array) -> bool:
     """Whether this process holds only part of ``obj`` (a multi-process global array).
 
     Such a leaf is snapshotted as its owned shards
-    (:func:`partialstore.multihost.snapshot_shards`), not as one host array.
+    (:func:`partialstore._pytree.shards.snapshot_shards`), not as one host array.
     """
     return not obj.is_fully_addressable and not obj.is_fully_replicated
 

@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``partialstore`` command line; return the exit status."""
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from partialstore import demo
+        from partialstore._cli import demo
 
         return demo.main(args)
     # The benchmark scripts live beside the package in a source checkout; the
     # console script's sys.path does not hold the checkout, so add it.
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]  # partialstore/_cli/cli.py
     if (checkout / "benchmarks").is_dir() and str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     try:

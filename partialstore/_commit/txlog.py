@@ -15,7 +15,7 @@ they name; readers ignore (and tolerate gaps in) everything before the last
 marker, and treat a gap after it as damage. Saves may follow a marker (they
 start a new session); a seal may not directly follow one (nothing to
 finalize). Every record carries a fresh id, so a create whose answer was
-lost is recognised by reading it back (:mod:`partialstore.exclusive`).
+lost is recognised by reading it back (:mod:`partialstore._commit.exclusive`).
 
 Example::
 
@@ -26,13 +26,14 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from partialstore._commit import records
+from partialstore._commit.exclusive import Created, create_once
+from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
 from partialstore.backend import Backend
 from partialstore.errors import (
     BackendError,
@@ -42,7 +43,6 @@ from partialstore.errors import (
     OutcomeUnknownError,
     SessionDiscardedError,
 )
-from partialstore.exclusive import Created, create_once
 
 __all__ = [
     "FORMAT",
@@ -53,13 +53,12 @@ __all__ = [
     "is_discard",
     "is_seal",
     "list_numbers",
-    "paused_gc",
     "read_log",
     "session_of",
 ]
 
-FORMAT = "partialstore.log"
-VERSION = 1
+FORMAT = LOG_FORMAT
+VERSION = LOG_VERSION
 _NAME = re.compile(r"^(\d{8})\.json$")
 # Reading records is latency bound on object stores; bound the fan-out so a
 # log of thousands of saves does not open thousands of connections at once.
@@ -67,24 +66,6 @@ _READ_CONCURRENCY = 64
 # How often a reader lists again when records vanish under it (a concurrent discard).
 _REREADS = 8
 SAVE, SEAL, DISCARD = "save", "finalize", "discard"
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building many small objects.
-
-    Merging 10^4 leaf entries allocates enough containers to trigger full
-    collections, each of which walks every object of the process (JAX's
-    included): measured, that tripled the cost of a 6,000-leaf merge. The
-    objects built here hold no cycles, so nothing is lost by waiting.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def record_key(log_prefix: str, number: int) -> str:
@@ -96,16 +77,6 @@ def encode_record(record: dict[str, Any]) -> bytes:
     """Serialize a record deterministically (sorted keys, no whitespace)."""
     body = {"format": FORMAT, "version": VERSION, **record}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def decode_record(key: str, data: bytes) -> dict[str, Any]:
-    """Parse and check one record; raise :class:`CorruptCheckpointError` if malformed.
-
-    The checks live in :func:`partialstore.records.decode_record`.
-    """
-    from partialstore import records  # records builds on this module
-
-    return records.decode_record(key, data)
 
 
 def is_seal(record: dict[str, Any]) -> bool:
@@ -143,7 +114,7 @@ async def list_numbers(backend: Backend, log_prefix: str) -> list[int]:
 
 async def _read(backend: Backend, log_prefix: str, number: int) -> dict[str, Any]:
     key = record_key(log_prefix, number)
-    return decode_record(key, await backend.read(key))
+    return records.decode_record(key, await backend.read(key))
 
 
 async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]) -> list[LogEntry]:

@@ -19,7 +19,14 @@ import uuid
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-from partialstore import arrays, multihost, tree, txlog
+from partialstore._arrays import arrays
+from partialstore._commit import txlog
+from partialstore._commit.location import Location
+from partialstore._commit.published import drop_stray_staging, read_published, writer
+from partialstore._pytree import tree
+from partialstore._pytree.keypaths import MAX_DEPTH
+from partialstore._runtime import multihost
+from partialstore._runtime.faults import crash_point
 from partialstore.errors import (
     BackendError,
     CheckpointFinalizedError,
@@ -31,10 +38,6 @@ from partialstore.errors import (
     UnsupportedLeafError,
     UnsupportedOperationError,
 )
-from partialstore.faults import crash_point
-from partialstore.keypaths import MAX_DEPTH
-from partialstore.location import Location
-from partialstore.published import drop_stray_staging, read_published, writer
 
 __all__ = [
     "Descriptors",
@@ -198,7 +201,7 @@ async def commit_save(
     """Write ``snap``'s arrays under a fresh save directory, then append its log record.
 
     Returns the log number of the committed record. ``op`` is set in a
-    multi-process JAX job (:func:`partialstore.multihost.next_op`): every
+    multi-process JAX job (:func:`partialstore._runtime.multihost.next_op`): every
     process writes its shards into the save directory the primary names,
     the primary appends the record once all have written, and every process
     returns the same number or raises. Otherwise the arrays may have been

@@ -2,7 +2,7 @@
 
 Only the manifest says what a checkpoint holds, so ``metadata`` is one read
 and ``load(select=...)`` reads only the bytes of the selected leaves. The
-manifest is checked once, as it is decoded (:mod:`partialstore.records`):
+manifest is checked once, as it is decoded (:mod:`partialstore._commit.records`):
 everything here works on checked, typed entries, in time linear in the
 manifest's size.
 
@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from partialstore import arrays, records, tree
-from partialstore.dtypes import dtype_name
+from partialstore._arrays import arrays
+from partialstore._arrays.dtypes import dtype_name
+from partialstore._commit import records
+from partialstore._commit.location import Location
+from partialstore._commit.records import LeafEntry, Manifest
+from partialstore._pytree import tree
 from partialstore.errors import InvalidInputError, NotFoundError
-from partialstore.location import Location
-from partialstore.records import LeafEntry, Manifest
 
 __all__ = ["CheckpointMetadata", "LeafMetadata", "load_tree", "read_manifest", "read_metadata"]
 
@@ -65,7 +67,7 @@ class CheckpointMetadata:
 async def read_manifest(location: Location) -> Manifest:
     """Read and check the manifest of the finalized checkpoint at ``location``.
 
-    Every check (:func:`partialstore.records.decode_manifest`) runs here,
+    Every check (:func:`partialstore._commit.records.decode_manifest`) runs here,
     once, so ``load``, ``metadata`` and ``gc`` refuse the same damage.
 
     Example::

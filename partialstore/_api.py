@@ -10,9 +10,11 @@ import os
 from collections.abc import Awaitable, Hashable, Mapping, Sequence
 from typing import Any
 
-from partialstore import _aio, discarding, finalizing, loading, multihost, ordering, saving
-from partialstore.location import Location, resolve
-from partialstore.ordering import AsyncResponse
+from partialstore._commit import discarding, finalizing, loading, saving
+from partialstore._commit.location import Location, job_wide_name, resolve
+from partialstore._runtime import aio, multihost, ordering
+from partialstore._runtime.ordering import AsyncResponse
+from partialstore.errors import InvalidInputError
 
 __all__ = ["discard", "finalize", "gc", "load", "metadata", "save", "save_async"]
 
@@ -39,9 +41,9 @@ def _start_save(
     snap = saving.snapshot(state, custom_metadata, copy=copy)
     multiprocess = multihost.is_multiprocess()
     if check_now or multiprocess:  # every process of a JAX job checks before it takes part
-        _aio.run(saving.raise_if_finalized(location))
+        aio.run(saving.raise_if_finalized(location))
     # Taken in call order, so every process of a JAX job names the same operation.
-    op = multihost.next_op(location.path) if multiprocess else None
+    op = multihost.next_op(job_wide_name(location.path)) if multiprocess else None
 
     key = _queue_key(location)
     if op is not None:  # every process takes part in each save, one save at a time
@@ -77,7 +79,7 @@ def save_async(
     are copied to host and numpy arrays are copied, so the caller may mutate
     or free them immediately. Saves to one path commit in call order, and
     :func:`finalize` waits for those still running; their array bytes are
-    written at once, up to :data:`~partialstore.ordering.PIPELINE_DEPTH`
+    written at once, up to :data:`~partialstore._runtime.ordering.PIPELINE_DEPTH`
     saves per path at a time, while earlier saves commit.
 
     Example::
@@ -182,13 +184,13 @@ def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None
       FileExistsError: a finalized checkpoint exists at ``path`` (also for all but
         one of several concurrent finalizers).
       FileNotFoundError: there is no partial save session at ``path``.
-      partialstore.ordering.UnobservedSaveError: an earlier ``save_async`` to ``path``
+      partialstore._runtime.ordering.UnobservedSaveError: an earlier ``save_async`` to ``path``
         failed and its result was never read; nothing was finalized.
     """
     location = resolve(path, storage_options)
     saving.check_writable(location)
     key = _queue_key(location)
-    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
+    op = multihost.next_op(job_wide_name(location.path)) if multihost.is_multiprocess() else None
 
     async def run() -> None:
         ordering.raise_unobserved_failures(key)
@@ -233,8 +235,6 @@ def load(
         corrupt or points outside the checkpoint.
     """
     if select is not None and target is not None:
-        from partialstore.errors import InvalidInputError
-
         raise InvalidInputError("Pass either select or target to load, not both.")
     location = resolve(path, storage_options)
 
@@ -244,7 +244,7 @@ def load(
             return await loading.load_into_target(location, manifest, target)
         return await loading.load_tree(location, manifest, select=select)
 
-    return _aio.run(run())
+    return aio.run(run())
 
 
 def metadata(
@@ -262,7 +262,7 @@ def metadata(
       FileNotFoundError: no finalized checkpoint at ``path``.
     """
     location = resolve(path, storage_options)
-    manifest = _aio.run(loading.read_manifest(location))
+    manifest = aio.run(loading.read_manifest(location))
     return loading.read_metadata(location, manifest)
 
 
@@ -282,7 +282,7 @@ def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None)
       FileNotFoundError: there is no session at ``path``.
     """
     location = resolve(path, storage_options)
-    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
+    op = multihost.next_op(job_wide_name(location.path)) if multihost.is_multiprocess() else None
 
     async def run() -> None:
         await multihost.run_on_primary(op, lambda: discarding.discard(location), "Discard")
@@ -307,7 +307,7 @@ def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> l
       FileNotFoundError: no finalized checkpoint at ``path``.
     """
     location = resolve(path, storage_options)
-    op = multihost.next_op(location.path) if multihost.is_multiprocess() else None
+    op = multihost.next_op(job_wide_name(location.path)) if multihost.is_multiprocess() else None
     deleted: list[str] = []
 
     async def run() -> None:

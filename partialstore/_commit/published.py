@@ -28,9 +28,9 @@ import socket
 import threading
 from typing import Any
 
+from partialstore._commit import records
+from partialstore._commit.location import Location
 from partialstore.errors import CheckpointFinalizedError, NotFoundError
-from partialstore.location import Location
-from partialstore.manifest import decode_manifest
 
 __all__ = [
     "WRITER_ID_ENV",
@@ -132,7 +132,7 @@ async def read_published(location: Location) -> dict[str, Any] | None:
         body = await location.backend.read(location.manifest_key)
     except NotFoundError:
         return None
-    return decode_manifest(location.manifest_key, body)
+    return records.decode_manifest(location.manifest_key, body).body
 
 
 def already_finalized(

@@ -7,7 +7,7 @@ threads that already run their own loop, like Jupyter's) never nest loops.
 
 Example::
 
-    from partialstore._aio import run
+    from partialstore._runtime.aio import run
     data = run(backend.read("log/00000001.json"))
 """
 
@@ -51,5 +51,5 @@ def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """
     if _loop is not None and threading.current_thread().name == "partialstore-io":
         coro.close()
-        raise RuntimeError("partialstore._aio.run called from the partialstore I/O loop.")
+        raise RuntimeError("partialstore._runtime.aio.run called from the partialstore I/O loop.")
     return submit(coro).result(timeout)

@@ -33,9 +33,11 @@ from typing import Any, TypeVar
 import numpy as np
 import tensorstore as ts
 
+from partialstore._arrays.descriptors import FORMAT_ZARR3, Index, Zarr3Leaf
+from partialstore._arrays.dtypes import dtype_name, storage_dtype_name
+from partialstore._arrays.sharded import shard_chunks
+from partialstore._pytree.shards import ShardedArray
 from partialstore.backend import Backend, join_key
-from partialstore.descriptors import FORMAT_ZARR3, Index, Zarr3Leaf
-from partialstore.dtypes import dtype_name, storage_dtype_name
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -43,7 +45,6 @@ from partialstore.errors import (
     NotFoundError,
     TransientBackendError,
 )
-from partialstore.multihost import ShardedArray, shard_chunks
 
 __all__ = ["choose_chunks", "gather", "read_array_group", "write_array"]
 
@@ -191,7 +192,7 @@ async def write_array(
 
     ``memory`` is the caller's private in-memory context, used when the
     backend has no kvstore (shared by the arrays of one save). A
-    :class:`~partialstore.multihost.ShardedArray` is one process's part of a
+    :class:`~partialstore._pytree.shards.ShardedArray` is one process's part of a
     global array: its chunks tile every shard, only its own shards are
     written, and only the ``primary`` process writes ``zarr.json`` (the
     others assume the same metadata instead of reading it, so no process

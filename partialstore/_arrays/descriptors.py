@@ -12,7 +12,7 @@ non-negative ints whose product (in bytes) is at most :data:`MAX_ARRAY_BYTES`,
 chunks lie within the shape, packed offsets are aligned and ``nbytes`` equals
 the shape's size, so no read allocates from an unchecked number.
 
-Two formats (see :mod:`partialstore.arrays` for when each is used)::
+Two formats (see :mod:`partialstore._arrays.arrays` for when each is used)::
 
     {"format": "zarr3", "path": "data/<sid>/a00003", "dtype": "bfloat16",
      "storage_dtype": "bfloat16", "shape": [4096, 4096], "chunks": [2048, 4096],
@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from partialstore._arrays.dtypes import MAX_RANK, dtype_from_name
+from partialstore._arrays.packing import ALIGN, PackedLeaf
+from partialstore._pytree.keypaths import short_repr
 from partialstore.backend import validate_key
-from partialstore.dtypes import MAX_RANK, dtype_from_name
 from partialstore.errors import CorruptCheckpointError, InvalidInputError
-from partialstore.keypaths import short_repr
-from partialstore.packing import ALIGN, PackedLeaf
 
 __all__ = [
     "DATA_PREFIX",

@@ -14,10 +14,10 @@ chosen by size:
   numpy dtypes but not bfloat16/float8 (no such zarr data types there yet).
   A ``jax.Array`` sharded across the processes of a JAX job is always
   zarr3, with chunks that tile its shards; each process writes its own
-  shards (see :mod:`partialstore.multihost`).
+  shards (see :mod:`partialstore._runtime.multihost`).
 - **packed** (leaves below :data:`PACK_THRESHOLD`, 1 MiB): copied into a few
   ``packed-NNNN.bin`` objects with one write each; see
-  :mod:`partialstore.packing`.
+  :mod:`partialstore._arrays.packing`.
 
 Backends without a TensorStore kvstore (``kvstore_spec`` returns ``None``:
 memory, generic fsspec) get exactly the same bytes: TensorStore encodes each
@@ -50,7 +50,7 @@ either).
 
 Example::
 
-    from partialstore._aio import run
+    from partialstore._runtime.aio import run
     descriptors = run(write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y]))
     x2, y_top = run(read_arrays(backend, "ckpt.partial_save",
                                 [(descriptors[0], None), (descriptors[1], (slice(0, 8),))]))
@@ -65,9 +65,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from partialstore import packing, zarr3
-from partialstore.backend import Backend, join_key
-from partialstore.descriptors import (
+from partialstore._arrays import packing, zarr3
+from partialstore._arrays.descriptors import (
     FORMAT_PACKED,
     Index,
     Leaf,
@@ -78,9 +77,10 @@ from partialstore.descriptors import (
     normalize_index,
     parse,
 )
-from partialstore.dtypes import check_array_supported, dtype_from_name, dtype_name
+from partialstore._arrays.dtypes import check_array_supported, dtype_from_name, dtype_name
+from partialstore._pytree.shards import ShardedArray
+from partialstore.backend import Backend, join_key
 from partialstore.errors import CorruptCheckpointError, NotFoundError
-from partialstore.multihost import ShardedArray
 
 __all__ = [
     "CHUNK_BYTES",
@@ -173,7 +173,7 @@ async def write_arrays(
       checksum: add zarr3's ``crc32c`` codec to every chunk (packed leaves
         always carry a CRC-32C).
       primary: whether this is the primary process of a multi-process save
-        (see :mod:`partialstore.multihost`). :class:`ShardedArray` entries
+        (see :mod:`partialstore._runtime.multihost`). :class:`ShardedArray` entries
         (one process's shards of a global array) always become zarr3 arrays,
         written by every process; numpy arrays and ``zarr.json`` files are
         written only by the primary, so the others return only the

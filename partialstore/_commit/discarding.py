@@ -26,10 +26,15 @@ import datetime
 import re
 import uuid
 
-from partialstore import records, txlog
+from partialstore._commit import records, txlog
+from partialstore._commit.location import DATA_DIR, LOG_DIR, Location
+from partialstore._commit.published import (
+    already_finalized,
+    drop_stray_staging,
+    read_published,
+    writer,
+)
 from partialstore.errors import CheckpointFinalizedError, CorruptCheckpointError, NotFoundError
-from partialstore.location import DATA_DIR, LOG_DIR, Location
-from partialstore.published import already_finalized, drop_stray_staging, read_published, writer
 
 __all__ = ["SAVE_ID", "discard", "gc"]
 

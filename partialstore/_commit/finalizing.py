@@ -28,19 +28,11 @@ from __future__ import annotations
 import datetime
 import uuid
 
-from partialstore import txlog
-from partialstore.errors import (
-    AlreadyExistsError,
-    BackendError,
-    CheckpointFinalizedError,
-    CorruptCheckpointError,
-    NotFoundError,
-)
-from partialstore.exclusive import Created, create_once
-from partialstore.faults import crash_point
-from partialstore.location import Location
-from partialstore.manifest import build_manifest
-from partialstore.published import (
+from partialstore._commit import records, txlog
+from partialstore._commit.exclusive import Created, create_once
+from partialstore._commit.location import Location
+from partialstore._commit.manifest import build_manifest
+from partialstore._commit.published import (
     already_finalized,
     drop_stray_staging,
     forget_finalizes,
@@ -49,6 +41,14 @@ from partialstore.published import (
     remember_finalize,
     sealer_gone,
     writer,
+)
+from partialstore._runtime.faults import crash_point
+from partialstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    CheckpointFinalizedError,
+    CorruptCheckpointError,
+    NotFoundError,
 )
 
 __all__ = ["finalize"]
@@ -113,7 +113,7 @@ async def _seal(
                 entries += await txlog.read_entries(
                     backend, log, [n for n in numbers if n not in known]
                 )
-                entries.append(txlog.LogEntry(number, txlog.decode_record("seal", seal)))
+                entries.append(txlog.LogEntry(number, records.decode_record("seal", seal)))
             except NotFoundError:  # a discard before our seal is deleting its records
                 entries = await txlog.read_log(backend, log)
         session = txlog.session_of(entries)
@@ -174,7 +174,7 @@ async def _seal_merge_publish(location: Location, finalize_id: str) -> bool:
     """Seal (or find the seal), merge and publish; return whether the checkpoint is this call's.
 
     It is when this call sealed the log, or completed the seal of a finalize
-    that is known to have stopped (see :func:`~partialstore.published.sealer_gone`).
+    that is known to have stopped (see :func:`~partialstore._commit.published.sealer_gone`).
     """
     backend = location.backend
     saves, seal = await _seal(location, finalize_id)

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any
 
-from partialstore import _aio
+from partialstore._runtime import aio
 from partialstore.errors import PartialStoreError
 
 __all__ = [
@@ -197,7 +197,7 @@ def schedule(
         schedule(key, lambda written: commit(written), prepare=lambda: write_bytes())
     """
     outcome = _Outcome()
-    response = AsyncResponse(_aio.submit(_ordered(key, make, prepare, outcome)), outcome)
+    response = AsyncResponse(aio.submit(_ordered(key, make, prepare, outcome)), outcome)
     if track:
         with _responses_lock:
             # Keep only responses that may still turn into an unread failure.

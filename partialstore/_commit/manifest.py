@@ -15,7 +15,7 @@ deterministically, so concurrent or repeated finalizers write the same bytes.
 Example::
 
     body = build_manifest(entries_before_seal, seal_entry)
-    manifest = decode_manifest(body)
+    manifest = records.decode_manifest("ckpt/partialstore.json", body)
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from partialstore._commit.formats import MANIFEST_FORMAT, MANIFEST_VERSION, paused_gc
+from partialstore._commit.txlog import LogEntry, record_key
 from partialstore.errors import CorruptCheckpointError
-from partialstore.txlog import LogEntry, paused_gc, record_key
 
-__all__ = ["FORMAT", "VERSION", "build_manifest", "decode_manifest", "merge_metadata"]
+__all__ = ["FORMAT", "VERSION", "build_manifest", "merge_metadata"]
 
-FORMAT = "partialstore"
-VERSION = 1
+FORMAT = MANIFEST_FORMAT
+VERSION = MANIFEST_VERSION
 
 PathKey = tuple[tuple[str, Any], ...]
 
@@ -148,18 +149,3 @@ def _build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str
     # written with sorted keys), and sorting 10^4 leaf entries again is most of
     # the cost of serializing them.
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-
-
-def decode_manifest(where: str, data: bytes) -> dict[str, Any]:
-    """Parse and check a manifest read from ``where``; return its JSON object.
-
-    The checks live in :func:`partialstore.records.decode_manifest`, which
-    also gives the typed entries.
-
-    Raises:
-      CorruptCheckpointError: not JSON, not a partialstore manifest, unknown
-        version, or any entry malformed (the message names ``where``).
-    """
-    from partialstore import records  # records builds on this module
-
-    return records.decode_manifest(where, data).body

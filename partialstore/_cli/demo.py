@@ -67,7 +67,7 @@ def demo_state(scale: int = 1) -> list[tuple[dict[str, Any], bool]]:
 
 
 def _expected(pieces: list[tuple[dict[str, Any], bool]]) -> dict[str, Any]:
-    from partialstore.manifest import merge_metadata
+    from partialstore._commit.manifest import merge_metadata
 
     merged: dict[str, Any] = {}
     for piece, _ in pieces:
@@ -193,7 +193,7 @@ def run_demo(
 
 
 def main(args: Any) -> int:
-    """Entry for ``partialstore demo`` (see :mod:`partialstore.cli`)."""
+    """Entry for ``partialstore demo`` (see :mod:`partialstore._cli.cli`)."""
     options = json.loads(args.storage_options) if args.storage_options else None
     run_demo(args.url, storage_options=options, emulator=args.emulator, scale=args.scale)
     return 0

@@ -1,10 +1,12 @@
-"""Multi-process saves: sharded snapshots, chunk layout, and coordination.
+"""Multi-process saves: coordination between the processes of a JAX job.
 
 In a multi-process JAX job (``jax.distributed.initialize`` called) every
 process calls ``save`` with the same global tree, in the same order. Each
 process snapshots and writes only the shards it owns (``replica_id == 0``,
-so a replicated shard is written once) into the same zarr3 arrays, whose
-chunks tile every shard exactly, so no two processes ever write one chunk.
+so a replicated shard is written once; :mod:`partialstore._pytree.shards`)
+into the same zarr3 arrays, whose chunks tile every shard exactly
+(:mod:`partialstore._arrays.sharded`), so no two processes ever write one
+chunk; this module only coordinates.
 The primary process (index 0) also writes the small and process-local
 leaves, collects every process's outcome, appends the one log record and
 tells the others how it went; finalize, discard and gc run on the primary
@@ -23,7 +25,7 @@ without ``jax.distributed``) nothing here talks to anyone.
 Example::
 
     if is_multiprocess():
-        save_id = await broadcast(f"{next_op(path)}/save_id", new_id() if is_primary() else None)
+        save_id = await broadcast(f"{next_op(name)}/save_id", new_id() if is_primary() else None)
 """
 
 from __future__ import annotations
@@ -31,24 +33,18 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
-
 from partialstore import errors
-from partialstore.location import job_wide_name
 
 __all__ = [
     "OUTCOME",
-    "ShardedArray",
     "broadcast",
     "decode_outcome",
     "encode_outcome",
@@ -59,8 +55,6 @@ __all__ = [
     "process_count",
     "process_index",
     "run_on_primary",
-    "shard_chunks",
-    "snapshot_shards",
 ]
 
 #: How long a process waits for another that is alive (seconds);
@@ -237,19 +231,20 @@ _counters: dict[str, int] = {}
 _counters_lock = threading.Lock()
 
 
-def next_op(path: str | os.PathLike[str]) -> str:
-    """A key prefix unique to the next collective operation on the checkpoint at ``path``.
+def next_op(name: str) -> str:
+    """A key prefix unique to the next collective operation on the checkpoint ``name``.
 
-    Every process calls save/finalize/discard/gc on a path in the same order,
-    so the per-path counter gives the same prefix everywhere, whatever the
-    spelling (:func:`~partialstore.location.job_wide_name`).
+    ``name`` is the checkpoint's job-wide name
+    (:func:`~partialstore._commit.location.job_wide_name`), the same in every
+    process whatever the spelling of its path. Every process calls
+    save/finalize/discard/gc on a checkpoint in the same order, so the
+    per-checkpoint counter gives the same prefix everywhere.
 
     Example::
 
         op = next_op("gs://bucket/run/step_10")  # "partialstore/<digest>/0", then .../1
     """
     _ensure_heartbeat()
-    name = job_wide_name(path)
     digest = hashlib.sha256(name.encode()).hexdigest()[:24]
     with _counters_lock:
         number = _counters.get(digest, 0)
@@ -408,87 +403,3 @@ def _rebuild(origin: dict[str, Any], where: str) -> Exception:
         error.errno = origin.get("errno")
     setattr(error, ORIGIN_ATTRIBUTE, origin)
     return error
-
-
-@dataclasses.dataclass
-class ShardedArray:
-    """The part of a global ``jax.Array`` that this process writes.
-
-    ``shards`` are ``(box, host data)`` for each addressable shard with
-    ``replica_id == 0``; ``boundaries`` are, per axis, every shard start and
-    stop of the global sharding, so every process derives the same chunks.
-    """
-
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    boundaries: tuple[tuple[int, ...], ...]
-    shards: list[tuple[tuple[tuple[int, int], ...], np.ndarray]]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the whole global array."""
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    def probe(self) -> np.ndarray:
-        """An empty array of the same rank and dtype, for dtype and rank checks."""
-        return np.empty((0,) * len(self.shape), self.dtype)
-
-
-def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
-
-
-def snapshot_shards(obj: Any, copy_arrays: bool) -> ShardedArray:
-    """Copy to host the shards of ``obj`` (a ``jax.Array``) that this process writes."""
-    shape = tuple(obj.shape)
-    boundaries: list[set[int]] = [set() for _ in shape]
-    for index in obj.sharding.devices_indices_map(shape).values():
-        for axis, (start, stop) in enumerate(_box(index, shape)):
-            boundaries[axis].update((start, stop))
-    owned = [s for s in obj.addressable_shards if s.replica_id == 0]
-    for shard in owned:
-        shard.data.copy_to_host_async()
-    shards = []
-    for shard in owned:
-        host = np.asarray(shard.data)
-        if copy_arrays and shard.device.platform == "cpu":
-            # On CPU np.asarray views the jax buffer; a snapshot must not.
-            host = np.array(host, copy=True)
-        shards.append((_box(shard.index, shape), host))
-    return ShardedArray(
-        shape, np.dtype(obj.dtype), tuple(tuple(sorted(b)) for b in boundaries), shards
-    )
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    best = 1
-    for d in range(1, math.isqrt(n) + 1):
-        if n % d == 0:
-            for c in (d, n // d):
-                if best < c <= limit:
-                    best = c
-    return best
-
-
-def shard_chunks(array: ShardedArray, target: int) -> list[int]:
-    """Chunk shape of at most about ``target`` bytes whose grid lines include every shard edge.
-
-    Along each axis the chunk divides the gcd of all interior shard edges,
-    so every shard is a union of whole chunks and no chunk has two writers.
-
-    Example::
-
-        shard_chunks(ShardedArray((16, 3), f32, ((0, 4, 8, 12, 16), (0, 3)), []), 1 << 20)
-        # [4, 3]
-    """
-    chunks: list[int] = []
-    for n, edges in zip(array.shape, array.boundaries, strict=True):
-        interior = [e for e in edges if 0 < e < n]
-        chunks.append(max(1, math.gcd(*interior) if interior else n))
-    itemsize = array.dtype.itemsize
-    for axis in range(len(chunks)):
-        row = itemsize * math.prod(chunks[axis + 1 :])
-        if row * chunks[axis] <= target:
-            break
-        chunks[axis] = _largest_divisor_at_most(chunks[axis], max(1, target // row))
-    return chunks

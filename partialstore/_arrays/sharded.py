@@ -1,0 +1,48 @@
+"""Chunk layout of a sharded array: a grid whose lines include every shard edge.
+
+Example::
+
+    shard_chunks(sharded, 16 << 20)  # e.g. [4, 1024]: every shard is whole chunks
+"""
+
+from __future__ import annotations
+
+import math
+
+from partialstore._pytree.shards import ShardedArray
+
+__all__ = ["shard_chunks"]
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    best = 1
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            for c in (d, n // d):
+                if best < c <= limit:
+                    best = c
+    return best
+
+
+def shard_chunks(array: ShardedArray, target: int) -> list[int]:
+    """Chunk shape of at most about ``target`` bytes whose grid lines include every shard edge.
+
+    Along each axis the chunk divides the gcd of all interior shard edges,
+    so every shard is a union of whole chunks and no chunk has two writers.
+
+    Example::
+
+        shard_chunks(ShardedArray((16, 3), f32, ((0, 4, 8, 12, 16), (0, 3)), []), 1 << 20)
+        # [4, 3]
+    """
+    chunks: list[int] = []
+    for n, edges in zip(array.shape, array.boundaries, strict=True):
+        interior = [e for e in edges if 0 < e < n]
+        chunks.append(max(1, math.gcd(*interior) if interior else n))
+    itemsize = array.dtype.itemsize
+    for axis in range(len(chunks)):
+        row = itemsize * math.prod(chunks[axis + 1 :])
+        if row * chunks[axis] <= target:
+            break
+        chunks[axis] = _largest_divisor_at_most(chunks[axis], max(1, target // row))
+    return chunks

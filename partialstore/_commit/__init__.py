@@ -1,0 +1,1 @@
+"""Commit layer: locations, the transaction log, records, manifests, save/finalize/discard/load."""

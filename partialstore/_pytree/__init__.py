@@ -1,0 +1,1 @@
+"""PyTree layer: key paths, leaf classification and snapshots, flattening and rebuilding trees."""

@@ -1,0 +1,1 @@
+"""Runtime layer: the background I/O loop, crash points, cross-process coordination, ordering."""
