@@ -60,7 +60,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from partialstore.backend import Backend, Capabilities, validate_key
-from partialstore.backends import local
+from partialstore.backends import _local_files as local_files
 from partialstore.backends._options import check_options, pop_single_writer
 from partialstore.backends._service_options import fsspec_options
 from partialstore.errors import (
@@ -278,12 +278,12 @@ class FsspecBackend(Backend):
             )
 
     def _create_local(self, path: str, data: bytes) -> None:
-        local.makedirs_durable(os.path.dirname(path))
-        local.create_file(path, data)
+        local_files.makedirs_durable(os.path.dirname(path))
+        local_files.create_file(path, data)
 
     def _replace_local(self, path: str, data: bytes) -> None:
-        local.makedirs_durable(os.path.dirname(path))
-        local.replace_file(path, data)
+        local_files.makedirs_durable(os.path.dirname(path))
+        local_files.replace_file(path, data)
 
     async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
         path = self._path(key)
@@ -342,7 +342,7 @@ class FsspecBackend(Backend):
             # find() on a file returns the file itself; a prefix only matches below it.
             if prefix and not key.startswith(f"{prefix}/"):
                 continue
-            if local.is_temp_name(posixpath.basename(key)):
+            if local_files.is_temp_name(posixpath.basename(key)):
                 continue
             paths.append(path)
         return paths

@@ -20,6 +20,10 @@ filesystem cannot hold a key and a prefix of the same name (``a`` and
 ``a/b``); that raises :class:`~partialstore.errors.BackendError`. ``file://``
 URLs are taken literally (no percent-decoding), as fsspec does.
 
+The durable file writes live in ``_local_files`` and the probing of
+``renameat2`` and ``flock`` support in ``_local_probe``; this module maps
+the contract onto them.
+
 Example::
 
     from partialstore import registry
@@ -33,21 +37,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
-import fcntl
 import hashlib
 import os
-import re
 import shutil
 import sys
-import tempfile
-import threading
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from partialstore.backend import Backend, Capabilities, validate_key
+from partialstore.backends._local_files import (
+    create_file,
+    dir_lock,
+    fsync_dir,
+    is_temp_name,
+    makedirs_durable,
+    replace_file,
+)
+from partialstore.backends._local_probe import (
+    ProbeCache,
+    find_renameat2,
+    probe,
+    rename_noreplace,
+)
 from partialstore.backends._options import pop_single_writer, reject_options
 from partialstore.errors import (
     AlreadyExistsError,
@@ -60,6 +72,8 @@ from partialstore.errors import (
     UnsupportedOperationError,
 )
 
+# The file helpers are re-exported: callers (and the fsspec backend's users)
+# have always found them here.
 __all__ = [
     "LocalBackend",
     "create_file",
@@ -71,236 +85,13 @@ __all__ = [
 
 T = TypeVar("T")
 
-_TEMP_RE = re.compile(r"^\..*\.tmp-[0-9a-f]{32}$", re.DOTALL)
 _TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT}
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
 # Create attempts when a concurrent delete_prefix removes the directory under us.
 _CREATE_ATTEMPTS = 5
-
-
-def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is one of this backend's in-flight temp files.
-
-    Example::
-
-        is_temp_name(".x.json.tmp-" + "0" * 32)  # True
-    """
-    return bool(_TEMP_RE.match(name))
-
-
-def _temp_path(final_path: str) -> str:
-    directory, name = os.path.split(final_path)
-    # Keep the name short enough for NAME_MAX even for long keys.
-    return os.path.join(directory, f".{name[:40]}.tmp-{uuid.uuid4().hex}")
-
-
-def _renameat2() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
-    function.restype = ctypes.c_int
-    return function
-
-
-_RENAMEAT2 = _renameat2()
-_probe_cache: dict[int, tuple[bool, bool]] = {}
-_probe_lock = threading.Lock()
-
-
-def _rename_noreplace(src: str, dst: str) -> None:
-    """``renameat2(src, dst, RENAME_NOREPLACE)``; raises ``OSError`` with the errno."""
-    assert _RENAMEAT2 is not None
-    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), src, None, dst)
-
-
-def _nearest_existing_dir(path: str) -> str:
-    while not os.path.isdir(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
-
-
-def _probe(root: str) -> tuple[bool, bool]:
-    """``(atomic_rename, dir_flock)`` for the filesystem that holds (or will hold) ``root``.
-
-    Probed in a scratch directory inside the root's nearest existing
-    ancestor, once per device: whether ``renameat2(RENAME_NOREPLACE)``
-    works (some filesystems answer ``EINVAL``) and whether an exclusive
-    ``flock`` on a directory works (NFS's emulation refuses read-only fds).
-    """
-    anchor = _nearest_existing_dir(root)
-    try:
-        device = os.stat(anchor).st_dev
-    except OSError:
-        return False, False
-    with _probe_lock:
-        if device in _probe_cache:
-            return _probe_cache[device]
-        try:
-            scratch = tempfile.mkdtemp(prefix=".partialstore-probe-", dir=anchor)
-        except OSError:
-            return False, False  # not writable: nothing to promise, do not cache
-        try:
-            answer = _probe_in(scratch)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        if answer is None:
-            return False, False  # inconclusive (the scratch dir was disturbed): promise nothing
-        _probe_cache[device] = answer
-        return answer
-
-
-_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
-
-
-def _probe_in(scratch: str) -> tuple[bool, bool] | None:
-    """Probe inside ``scratch``; ``None`` when an unrelated error makes the answer unknown."""
-    rename_ok = False
-    try:
-        if _RENAMEAT2 is not None:
-            os.mkdir(os.path.join(scratch, "a"))
-            os.mkdir(os.path.join(scratch, "b"))
-            try:
-                _rename_noreplace(os.path.join(scratch, "a"), os.path.join(scratch, "b"))
-            except OSError as exc:
-                # EEXIST is the right answer: the flag is honoured.
-                if exc.errno not in _UNSUPPORTED | {errno.EEXIST}:
-                    return None
-                rename_ok = exc.errno == errno.EEXIST
-        try:
-            with _dir_lock(scratch):
-                flock_ok = True
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED | {errno.EBADF, errno.ENOLCK}:
-                return None
-            flock_ok = False
-    except OSError:
-        return None
-    return rename_ok, flock_ok
-
-
-@contextlib.contextmanager
-def _dir_lock(directory: str) -> Iterator[None]:
-    """Exclusive ``flock`` on ``directory``; per open file description, so threads conflict too."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    with open(fd, "wb", buffering=0, closefd=True) as handle:
-        view = memoryview(data)
-        while view:
-            view = view[handle.write(view) :]
-        os.fsync(fd)
-
-
-def makedirs_durable(directory: str) -> None:
-    """``os.makedirs`` that also fsyncs each new directory's parent, so the entries survive.
-
-    Raises ``NotADirectoryError`` when a file is in the way.
-
-    Example::
-
-        makedirs_durable("/tmp/c/log")
-    """
-    missing: list[str] = []
-    path = directory
-    while not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for path in reversed(missing):
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            if not os.path.isdir(path):
-                raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", path) from None
-        _fsync_dir(os.path.dirname(path))
-
-
-def create_file(path: str, data: bytes) -> None:
-    """Create ``path`` holding ``data`` only if absent, atomically and durably.
-
-    Temp file in the same directory, fsync, ``os.link`` (fails with
-    ``EEXIST`` atomically, and the file appears whole), unlink the temp,
-    fsync the directory. The directory must exist.
-
-    Raises:
-      FileExistsError: ``path`` exists (another creator won).
-
-    Example::
-
-        create_file("/tmp/c/log/00000001.json", b"{}")
-    """
-    temp = _temp_path(path)
-    _write_file(temp, data)
-    try:
-        os.link(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-    _fsync_dir(os.path.dirname(path))
-
-
-def replace_file(
-    path: str,
-    data: bytes,
-    *,
-    lock: contextlib.AbstractContextManager[None] | None = None,
-    check: Callable[[], None] | None = None,
-) -> None:
-    """Atomically and durably replace ``path`` with ``data`` (temp, fsync, ``os.replace``).
-
-    The slow part (writing and syncing the temp file) happens outside
-    ``lock``; only ``check`` (which may raise to abandon the write) and the
-    replace run inside it. The directory must exist.
-
-    Example::
-
-        replace_file("/tmp/c/partialstore.json", b"{}")
-    """
-    temp = _temp_path(path)
-    try:
-        _write_file(temp, data)
-        with lock or contextlib.nullcontext():
-            if check is not None:
-                check()
-            os.replace(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-    _fsync_dir(os.path.dirname(path))
+# Module globals, read at each construction, so a test can simulate a libc
+# without renameat2 (and start from an empty cache).
+_RENAMEAT2 = find_renameat2()
+_probe_cache: ProbeCache = {}
 
 
 def _digest(data: bytes) -> str:
@@ -350,7 +141,8 @@ class LocalBackend(Backend):
         self.single_writer = single_writer
         self.url = url
         self.root = root_from_url(url)
-        atomic_rename, flock_ok = _probe(self.root)
+        self._renameat2 = _RENAMEAT2
+        atomic_rename, flock_ok = probe(self.root, self._renameat2, _probe_cache)
         self._capabilities = Capabilities(
             atomic_create=True,
             atomic_rename=atomic_rename,
@@ -433,7 +225,7 @@ class LocalBackend(Backend):
 
     def _maybe_lock(self, directory: str) -> contextlib.AbstractContextManager[None]:
         if self._capabilities.compare_and_swap:
-            return _dir_lock(directory)
+            return dir_lock(directory)
         return contextlib.nullcontext()
 
     def _check_version(self, key: str, path: str, expected: str) -> None:
@@ -545,8 +337,9 @@ class LocalBackend(Backend):
         if not os.path.isdir(src):
             raise NotFoundError(f"Cannot rename {src_prefix!r} under {self.root}: no such prefix.")
         makedirs_durable(os.path.dirname(dst))
+        assert self._renameat2 is not None  # atomic_rename is False without it
         try:
-            _rename_noreplace(src, dst)
+            rename_noreplace(self._renameat2, src, dst)
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise AlreadyExistsError(
@@ -558,8 +351,8 @@ class LocalBackend(Backend):
                     f"Cannot rename {src_prefix!r} under {self.root}: no such prefix."
                 ) from None
             raise
-        _fsync_dir(os.path.dirname(dst))
-        _fsync_dir(os.path.dirname(src))
+        fsync_dir(os.path.dirname(dst))
+        fsync_dir(os.path.dirname(src))
 
     def kvstore_spec(self, prefix: str) -> dict[str, Any] | None:
         """TensorStore ``file`` kvstore for the directory under ``prefix``.
