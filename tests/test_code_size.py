@@ -89,3 +89,25 @@ def test_allowed_offenders_still_offend() -> None:
     found = offenders()
     fixed = sorted(key for key in ALLOWED if key not in found)
     assert not fixed, f"no longer over the limit, remove from ALLOWED: {fixed}"
+
+
+def test_only_the_core_has_allowed_offenders() -> None:
+    # backends/ and partialstore/testing/ were brought under the limits; keep them there.
+    kept_small = ("backends/", "partialstore/testing/")
+    assert not [key for key in ALLOWED if key.startswith(kept_small)]
+
+
+def test_function_sizes_count_def_to_end_and_nested_functions() -> None:
+    source = (
+        "@decorator\n"  # not counted
+        "def outer():\n"
+        "    def inner():\n"
+        "        return 1\n"
+        "    return inner\n"
+        "class C:\n"
+        "    async def method(self):\n"
+        "        pass\n"
+    )
+    found: dict[str, int] = {}
+    _function_sizes(ast.parse(source), "m.py", "", found)
+    assert found == {"m.py:outer": 4, "m.py:outer.inner": 2, "m.py:C.method": 2}
