@@ -46,6 +46,7 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.common import REPO_ROOT, machine_description
+from benchmarks.runner import PlanResult, run_plan
 
 # Raw results go here by default; .gitignore lists it.
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -140,9 +141,9 @@ class Run:
     out: Outputs
     scratch: str
     machine: dict[str, Any]
-    started: float = dataclasses.field(default_factory=time.monotonic)
+    started: float  # time.monotonic() at the start of the run
 
-    def plan(self, groups: list[tuple[str, list[dict[str, Any]]]], **kwargs: Any) -> Any:
+    def plan(self, groups: list[tuple[str, list[dict[str, Any]]]], **kwargs: Any) -> PlanResult:
         """:func:`benchmarks.runner.run_plan` on this run's stores, systems, scratch and log.
 
         Example::
@@ -151,8 +152,6 @@ class Run:
                 groups, label="finalize", timeout_for=lambda jobs: 600.0
             )
         """
-        from benchmarks.runner import run_plan
-
         return run_plan(
             groups,
             stores=self.args.stores,

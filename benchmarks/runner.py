@@ -298,6 +298,15 @@ def _job_record(job: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+# What run_plan returns: events, worker records, store info, (store, system) -> why not.
+PlanResult = tuple[
+    list[dict[str, Any]],
+    list[dict[str, Any]],
+    dict[str, dict[str, Any]],
+    dict[tuple[str, str], str],
+]
+
+
 def run_plan(
     groups: list[tuple[str, list[dict[str, Any]]]],
     *,
@@ -309,12 +318,7 @@ def run_plan(
     timeout_for: Callable[[list[dict[str, Any]]], float],
     before_group: Callable[[str, list[dict[str, Any]]], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[
-    list[dict[str, Any]],
-    list[dict[str, Any]],
-    dict[str, dict[str, Any]],
-    dict[tuple[str, str], str],
-]:
+) -> PlanResult:
     """Start the stores, run every (store, jobs) group in a worker, with a progress bar.
 
     ``before_group`` may adjust a group's jobs from earlier results (the raw
