@@ -23,14 +23,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
-import time
 from typing import Any
 
 from benchmarks import report
+from benchmarks.cli import Measured, Run, Script, add_list_option
 from benchmarks.common import (
     GiB,
     MiB,
@@ -38,15 +35,9 @@ from benchmarks.common import (
     fmt_seconds,
     fmt_stats,
     loglog_slope,
-    machine_description,
     ratio,
 )
-from benchmarks.runner import (
-    add_common_arguments,
-    exit_status,
-    parse_list,
-    run_plan,
-)
+from benchmarks.runner import exit_status
 from benchmarks.stores import STORE_NAMES
 from benchmarks.systems import CHECKPOINT_SYSTEMS, Workload
 
@@ -102,18 +93,8 @@ def x_value(series: str, workload: dict[str, Any]) -> float:
     }.get(series, workload["keys"])
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.finalize_latency",
-        description="Finalize latency of partialstore and Orbax against bytes, saves and "
-        "leaves, on local disk, S3 (moto) and GCS (fake-gcs-server).",
-    )
-    add_common_arguments(parser, systems=CHECKPOINT_SYSTEMS)
-    parser.add_argument(
-        "--series",
-        default=",".join(SERIES),
-        help=f"comma-separated series (default: {','.join(SERIES)})",
-    )
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_list_option(parser, "--series", SERIES, "series", "series")
     parser.add_argument(
         "--emulator-max-bytes",
         type=int,
@@ -129,7 +110,6 @@ def _parser() -> argparse.ArgumentParser:
         "save is several requests to an emulator sharing the 2 cores, so 1,000 saves x 3 "
         "repetitions would take most of the run); larger points are left out",
     )
-    return parser
 
 
 def _jobs_for(
@@ -330,47 +310,20 @@ def _slope(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the finalize-latency benchmark; print the table, write JSON and PNG to ``--out``.
-
-    Example::
-
-        main(["--quick", "--stores", "local", "--out", "/tmp/bench"])
-    """
-    args = _parser().parse_args(argv)
-    stores = parse_list(args.stores, STORE_NAMES, "store")
-    systems = parse_list(args.systems, CHECKPOINT_SYSTEMS, "system")
-    series = parse_list(args.series, SERIES, "series")
-    args.reps = args.reps or (2 if args.quick else 3)
-    args.budget_s = args.budget_s or (30.0 if args.quick else 150.0)
-    os.makedirs(args.out, exist_ok=True)
-    out_json = os.path.join(args.out, "finalize_latency.json")
-    out_png = os.path.join(args.out, "finalize_latency.png")
-    out_md = os.path.join(args.out, "finalize_latency.md")
-    log_path = os.path.join(args.out, "finalize_latency-workers.log")
-    tmp_root = tempfile.mkdtemp(prefix="partialstore-bench-", dir=args.tmp_dir)
-    started = time.monotonic()
-    machine = machine_description(tmp_root)
+def measure(run: Run) -> Measured:
+    """Run every series of every system on every store, each in worker processes."""
+    args = run.args
     groups: list[tuple[str, list[dict[str, Any]]]] = []
-    for store in stores:
-        jobs = [j for system in systems for j in _jobs_for(store, system, series, args)]
+    for store in args.stores:
+        jobs = [j for system in args.systems for j in _jobs_for(store, system, args.series, args)]
         if args.quick:
             # One worker per store: process start-up dominates tiny runs.
             groups.append((store, jobs))
         else:
             groups.extend((store, [job]) for job in jobs)
-    try:
-        events, workers, store_info, unavailable = run_plan(
-            groups,
-            stores=stores,
-            systems=systems,
-            label="finalize",
-            tmp_root=tmp_root,
-            log_path=log_path,
-            timeout_for=lambda jobs: _timeout(jobs, args.budget_s),
-        )
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+    events, workers, store_info, unavailable = run.plan(
+        groups, label="finalize", timeout_for=lambda jobs: _timeout(jobs, args.budget_s)
+    )
     for event in events:
         if event.get("type") == "floor":
             store_info[event["store"]]["floor"] = event
@@ -378,47 +331,59 @@ def main(argv: list[str] | None = None) -> int:
     points = [e for e in events if e.get("type") == "finalize_point"]
     for point in points:
         point["x"] = x_value(point["series"], point["workload"])
-    floors = {
+    config = {
+        "stores": args.stores,
+        "systems": args.systems,
+        "series": args.series,
+        "reps": args.reps,
+        "budget_s_per_point": args.budget_s,
+        "emulator_max_bytes": args.emulator_max_bytes,
+        "emulator_max_saves": args.emulator_max_saves,
+    }
+    body = {
+        "stores": store_info,
+        "orbax": report.orbax_status(args.stores, args.systems, events, unavailable),
+        "points": points,
+        "summary": _summary(points, _floors(store_info)),
+        "workers": workers,
+    }
+    return Measured(config, body, exit_status(workers, points))
+
+
+def _floors(store_info: dict[str, Any]) -> dict[str, float | None]:
+    return {
         name: (info.get("floor") or {}).get("total", {}).get("median")
         for name, info in store_info.items()
     }
-    result = {
-        "benchmark": "finalize_latency",
-        "format": 1,
-        "command": "python -m benchmarks.finalize_latency " + " ".join(argv or sys.argv[1:]),
-        "quick": bool(args.quick),
-        "config": {
-            "stores": stores,
-            "systems": systems,
-            "series": series,
-            "reps": args.reps,
-            "budget_s_per_point": args.budget_s,
-            "emulator_max_bytes": args.emulator_max_bytes,
-            "emulator_max_saves": args.emulator_max_saves,
-        },
-        "machine": machine,
-        "stores": store_info,
-        "orbax": report.orbax_status(stores, systems, events, unavailable),
-        "points": points,
-        "summary": _summary(points, floors),
-        "workers": workers,
-        "elapsed_s": time.monotonic() - started,
-    }
-    tables = render_tables(result)
-    report.write_json(out_json, result)
-    with open(out_md, "w") as handle:
-        handle.write(tables + "\n")
-    print(tables, flush=True)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Finalize latency against each series, one line per system and store (log-log)."""
     report.plot_finalize_scaling(
-        points,
-        {k: v for k, v in floors.items() if v},
-        {k: v for k, v in AXES.items() if k in series},
-        out_png,
-        title=f"Finalize latency ({'quick' if args.quick else 'full'} run, "
-        f"{machine['cpu_count']} CPUs); dotted: store floor",
+        result["points"],
+        {k: v for k, v in _floors(result["stores"]).items() if v},
+        {k: v for k, v in AXES.items() if k in result["config"]["series"]},
+        path,
+        title=f"Finalize latency ({'quick' if result['quick'] else 'full'} run, "
+        f"{result['machine']['cpu_count']} CPUs); dotted: store floor",
     )
-    print(f"\nWrote {out_json}, {out_png} and {out_md}", file=sys.stderr)
-    return exit_status(workers, points)
+
+
+SCRIPT = Script(
+    name="finalize_latency",
+    description="Finalize latency of partialstore and Orbax against bytes, saves and "
+    "leaves, on local disk, S3 (moto) and GCS (fake-gcs-server).",
+    stores=STORE_NAMES,
+    systems=CHECKPOINT_SYSTEMS,
+    add_arguments=_add_arguments,
+    measure=measure,
+    render=render_tables,
+    plot=plot,
+)
+
+
+# ``python -m benchmarks.finalize_latency`` and ``partialstore bench finalize_latency`` call this.
+main = SCRIPT.main
 
 
 if __name__ == "__main__":

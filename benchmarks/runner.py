@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -299,6 +298,15 @@ def _job_record(job: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+# What run_plan returns: events, worker records, store info, (store, system) -> why not.
+PlanResult = tuple[
+    list[dict[str, Any]],
+    list[dict[str, Any]],
+    dict[str, dict[str, Any]],
+    dict[tuple[str, str], str],
+]
+
+
 def run_plan(
     groups: list[tuple[str, list[dict[str, Any]]]],
     *,
@@ -310,12 +318,7 @@ def run_plan(
     timeout_for: Callable[[list[dict[str, Any]]], float],
     before_group: Callable[[str, list[dict[str, Any]]], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[
-    list[dict[str, Any]],
-    list[dict[str, Any]],
-    dict[str, dict[str, Any]],
-    dict[tuple[str, str], str],
-]:
+) -> PlanResult:
     """Start the stores, run every (store, jobs) group in a worker, with a progress bar.
 
     ``before_group`` may adjust a group's jobs from earlier results (the raw
@@ -376,58 +379,3 @@ def exit_status(workers: list[dict[str, Any]], results: list[dict[str, Any]]) ->
     failed = any(w["status"] not in ("ok", "killed over budget") for w in workers)
     errored = any(r.get("status") == "error" for r in results)
     return 1 if failed or errored else 0
-
-
-def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    """Split ``"a,b"`` and check every item is in ``allowed``.
-
-    Example::
-
-        parse_list("local,s3", ("local", "s3", "gcs"), "store")  # ['local', 's3']
-    """
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in allowed]
-    if unknown or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown or missing {what}(s) {unknown}; choose from {', '.join(allowed)}"
-        )
-    return items
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, *, systems: tuple[str, ...]) -> None:
-    """The options both benchmark scripts share."""
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny sizes and 2 repetitions: a smoke run of seconds (what CI runs)",
-    )
-    parser.add_argument(
-        "--stores",
-        default="local,s3,gcs",
-        help="comma-separated stores: local (temp folder), s3 (moto server started on "
-        "127.0.0.1), gcs (fake-gcs-server started on 127.0.0.1). Default: all three.",
-    )
-    parser.add_argument(
-        "--systems",
-        default=",".join(systems),
-        help=f"comma-separated systems to measure (default: {','.join(systems)})",
-    )
-    parser.add_argument(
-        "--out", default="bench-results", help="folder for the JSON, PNG, table and worker log"
-    )
-    parser.add_argument(
-        "--reps", type=int, default=None, help="repetitions per figure (default 3; quick: 2)"
-    )
-    parser.add_argument(
-        "--budget-s",
-        type=float,
-        default=None,
-        help="time budget in seconds per point and system (all repetitions together); "
-        "larger points predicted to exceed it are reported as skipped "
-        "(default 150; quick: 30)",
-    )
-    parser.add_argument(
-        "--tmp-dir",
-        default=None,
-        help="parent folder of the local-disk store (default: the system temp folder)",
-    )

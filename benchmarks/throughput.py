@@ -34,30 +34,21 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
-import time
 from typing import Any
 
 from benchmarks import report
+from benchmarks.cli import Measured, Run, Script, add_list_option
 from benchmarks.common import (
     GiB,
     MiB,
     fmt_bytes,
     fmt_ratio,
     fmt_stats,
-    machine_description,
     ratio,
 )
 from benchmarks.rounds import RoundBudget, merge_rounds, rotated
-from benchmarks.runner import (
-    add_common_arguments,
-    exit_status,
-    parse_list,
-    run_plan,
-)
+from benchmarks.runner import exit_status
 from benchmarks.stores import STORE_NAMES
 from benchmarks.systems import CHECKPOINT_SYSTEMS, RAW_SYSTEMS, Workload
 
@@ -89,18 +80,8 @@ def workloads(quick: bool) -> list[Workload]:
     ]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.throughput",
-        description="Save/load throughput and peak RSS of partialstore, Orbax, raw "
-        "TensorStore and np.save on local disk, S3 (moto) and GCS (fake-gcs-server).",
-    )
-    add_common_arguments(parser, systems=SYSTEMS)
-    parser.add_argument(
-        "--workloads",
-        default=",".join(WORKLOADS),
-        help=f"comma-separated workloads (default: {','.join(WORKLOADS)})",
-    )
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_list_option(parser, "--workloads", WORKLOADS, "workload", "workloads")
     parser.add_argument(
         "--emulator-max-bytes",
         type=int,
@@ -110,7 +91,6 @@ def _parser() -> argparse.ArgumentParser:
         "so workload c is 256 MiB there: 1 GiB x 3 repetitions x 2 systems through an "
         "emulator on the same 2 cores would take minutes and measure the emulator)",
     )
-    return parser
 
 
 def _plan(
@@ -307,29 +287,13 @@ def render_tables(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the throughput benchmark; print the table, write JSON and PNG to ``--out``.
-
-    Example::
-
-        main(["--quick", "--stores", "local", "--out", "/tmp/bench"])
-    """
-    args = _parser().parse_args(argv)
-    stores = parse_list(args.stores, STORE_NAMES, "store")
-    systems = parse_list(args.systems, SYSTEMS, "system")
-    chosen = parse_list(args.workloads, WORKLOADS, "workload")
-    args.reps = args.reps or (2 if args.quick else 3)
-    args.budget_s = args.budget_s or (30.0 if args.quick else 150.0)
-    works = [w for w in workloads(args.quick) if w.name in chosen]
-    os.makedirs(args.out, exist_ok=True)
-    out_json = os.path.join(args.out, "throughput.json")
-    out_png = os.path.join(args.out, "throughput.png")
-    out_md = os.path.join(args.out, "throughput.md")
-    log_path = os.path.join(args.out, "throughput-workers.log")
-    tmp_root = tempfile.mkdtemp(prefix="partialstore-bench-", dir=args.tmp_dir)
-    started = time.monotonic()
-    machine = machine_description(tmp_root)
-    plan = [(store, jobs) for store in stores for jobs in _plan(store, systems, works, args)]
+def measure(run: Run) -> Measured:
+    """Run every workload in rotated rounds of every system, on every store."""
+    args = run.args
+    works = [w for w in workloads(args.quick) if w.name in args.workloads]
+    plan = [
+        (store, jobs) for store in args.stores for jobs in _plan(store, args.systems, works, args)
+    ]
     layouts: dict[tuple[str, str], list[dict[str, Any]]] = {}
     budget = RoundBudget(args.budget_s)
 
@@ -349,55 +313,57 @@ def main(argv: list[str] | None = None) -> int:
         if event.get("system") == "partialstore" and event.get("layouts"):
             layouts[(event["store"], event["workload"]["name"])] = event["layouts"]
 
-    try:
-        events, workers, store_info, unavailable = run_plan(
-            plan,
-            stores=stores,
-            systems=systems,
-            label="throughput",
-            tmp_root=tmp_root,
-            log_path=log_path,
-            timeout_for=lambda jobs: _timeout(jobs, args.budget_s),
-            before_group=prepare,
-            on_event=keep,
-        )
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+    events, workers, store_info, unavailable = run.plan(
+        plan,
+        label="throughput",
+        timeout_for=lambda jobs: _timeout(jobs, args.budget_s),
+        before_group=prepare,
+        on_event=keep,
+    )
     results = merge_rounds([e for e in events if e.get("type") == "throughput"])
-    result = {
-        "benchmark": "throughput",
-        "format": 1,
-        "command": "python -m benchmarks.throughput " + " ".join(argv or sys.argv[1:]),
-        "quick": bool(args.quick),
-        "config": {
-            "stores": stores,
-            "systems": systems,
-            "workloads": [w.to_json() for w in works],
-            "reps": args.reps,
-            "budget_s_per_workload": args.budget_s,
-            "emulator_max_bytes": args.emulator_max_bytes,
-        },
-        "machine": machine,
+    config = {
+        "stores": args.stores,
+        "systems": args.systems,
+        "workloads": [w.to_json() for w in works],
+        "reps": args.reps,
+        "budget_s_per_workload": args.budget_s,
+        "emulator_max_bytes": args.emulator_max_bytes,
+    }
+    body = {
         "stores": store_info,
-        "orbax": report.orbax_status(stores, systems, events, unavailable),
+        "orbax": report.orbax_status(args.stores, args.systems, events, unavailable),
         "results": results,
         "ratios": _ratios(results),
         "workers": workers,
-        "elapsed_s": time.monotonic() - started,
     }
-    tables = render_tables(result)
-    report.write_json(out_json, result)
-    with open(out_md, "w") as handle:
-        handle.write(tables + "\n")
-    print(tables, flush=True)
+    return Measured(config, body, exit_status(workers, results))
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Save + finalize and load throughput per workload, one bar per system and store."""
     report.plot_throughput(
-        results,
-        out_png,
-        title=f"Save+finalize and load throughput ({'quick' if args.quick else 'full'} run, "
-        f"{machine['cpu_count']} CPUs)",
+        result["results"],
+        path,
+        title=f"Save+finalize and load throughput ({'quick' if result['quick'] else 'full'} "
+        f"run, {result['machine']['cpu_count']} CPUs)",
     )
-    print(f"\nWrote {out_json}, {out_png} and {out_md}", file=sys.stderr)
-    return exit_status(workers, results)
+
+
+SCRIPT = Script(
+    name="throughput",
+    description="Save/load throughput and peak RSS of partialstore, Orbax, raw "
+    "TensorStore and np.save on local disk, S3 (moto) and GCS (fake-gcs-server).",
+    stores=STORE_NAMES,
+    systems=SYSTEMS,
+    add_arguments=_add_arguments,
+    measure=measure,
+    render=render_tables,
+    plot=plot,
+)
+
+
+# ``python -m benchmarks.throughput`` and ``partialstore bench throughput`` call this.
+main = SCRIPT.main
 
 
 if __name__ == "__main__":

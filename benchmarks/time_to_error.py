@@ -40,16 +40,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -57,8 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.common import REPO_ROOT, machine_description
-from benchmarks.runner import parse_list
+from benchmarks.cli import Measured, Run, Script, run_script
+from benchmarks.common import REPO_ROOT
 
 STORES = ("s3", "gcs")
 FAST_BOUND_S = 10.0
@@ -288,12 +285,12 @@ def _measure_one(task: dict[str, Any]) -> dict[str, Any]:
     return {"status": "returned", "seconds": seconds, "message": "the call returned, no error"}
 
 
-def measure(store: _Store, case: Case, scratch: Path, log_path: str) -> dict[str, Any]:
+def measure_case(store: _Store, case: Case, scratch: Path, log_path: str) -> dict[str, Any]:
     """Plan, prepare (the 503 load) and run one case; the row of the JSON.
 
     Example::
 
-        row = measure(stores["gcs"], CASES[3], Path(tmp), log)  # missing bucket on GCS
+        row = measure_case(stores["gcs"], CASES[3], Path(tmp), log)  # missing bucket on GCS
     """
     task = plan(store, case, scratch)
     row: dict[str, Any] = {
@@ -367,31 +364,6 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.time_to_error",
-        description="Seconds from a partialstore call to its error against a refused "
-        "endpoint, an unresolvable host, missing credentials, a missing bucket and a store "
-        "answering 503 to everything, on S3 (moto) and GCS (fake-gcs-server).",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="leave out the 503 runs with the default deadline (each takes about a minute)",
-    )
-    parser.add_argument(
-        "--stores",
-        default=",".join(STORES),
-        help="comma-separated stores: s3 (moto server started on 127.0.0.1), gcs "
-        "(fake-gcs-server started on 127.0.0.1). Default: both.",
-    )
-    parser.add_argument(
-        "--out", default="bench-results", help="folder for the JSON, table and child-process log"
-    )
-    parser.add_argument(_CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
-    return parser
-
-
 def _defaults() -> dict[str, Any]:
     from partialstore.backends._retry import RetryPolicy
 
@@ -399,71 +371,58 @@ def _defaults() -> dict[str, Any]:
     return {"deadline": policy.deadline, "retries": policy.retries}
 
 
+def measure(run: Run) -> Measured:
+    """Run every case on every store, each call in a fresh process."""
+    args, scratch = run.args, Path(run.scratch)
+    todo = [(store, case) for store in args.stores for case in cases(args.quick)]
+    measurements: list[dict[str, Any]] = []
+    with _started(args.stores) as running:
+        bar = report.ProgressBar(len(todo), "time to error")
+        for store, case in todo:
+            row = measure_case(running[store], case, scratch, str(run.out.path("-workers.log")))
+            measurements.append(row)
+            took = f"{row['seconds']:.1f} s" if row.get("seconds") is not None else row["status"]
+            bar.step(f"{store} {case.id}: {took}")
+        bar.close()
+        servers = {name: s.server.endpoint_url for name, s in running.items()}
+    config = {
+        "stores": args.stores,
+        "cases": [c.id for c in cases(args.quick)],
+        "defaults": _defaults(),
+    }
+    body = {"servers": servers, "measurements": measurements}
+    return Measured(config, body, 0 if all(row["met_bound"] for row in measurements) else 1)
+
+
+SCRIPT = Script(
+    name="time_to_error",
+    description="Seconds from a partialstore call to its error against a refused "
+    "endpoint, an unresolvable host, missing credentials, a missing bucket and a store "
+    "answering 503 to everything, on S3 (moto) and GCS (fake-gcs-server).",
+    stores=STORES,
+    add_arguments=lambda parser: None,
+    measure=measure,
+    render=render_table,
+    quick_help="leave out the 503 runs with the default deadline (each takes about a minute)",
+    scratch_prefix="partialstore-tte-",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every case; print the table, write JSON and the table to ``--out``.
 
     Exit status 1 when a case missed its bound (or its process hung or crashed).
+    Raw results go to ``--out`` (default ``benchmarks/results/``, ignored by git).
 
     Example::
 
         main(["--quick", "--stores", "s3", "--out", "/tmp/bench"])
     """
-    args = _parser().parse_args(argv)
-    if args.measure_one:
+    if (sys.argv[1:] if argv is None else argv) == [_CHILD_FLAG]:
         answer = _measure_one(json.load(sys.stdin))
         print(_MARK + json.dumps(answer), flush=True)
         return 0
-    stores = parse_list(args.stores, STORES, "store")
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "time_to_error-workers.log")
-    scratch = Path(tempfile.mkdtemp(prefix="partialstore-tte-"))
-    started = time.monotonic()
-    machine = machine_description(str(scratch))
-    todo = [(store, case) for store in stores for case in cases(args.quick)]
-    measurements: list[dict[str, Any]] = []
-    try:
-        with _started(stores) as running:
-            bar = report.ProgressBar(len(todo), "time to error")
-            for store, case in todo:
-                row = measure(running[store], case, scratch, log_path)
-                measurements.append(row)
-                took = (
-                    f"{row['seconds']:.1f} s" if row.get("seconds") is not None else row["status"]
-                )
-                bar.step(f"{store} {case.id}: {took}")
-            bar.close()
-            servers = {name: s.server.endpoint_url for name, s in running.items()}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    result = {
-        "benchmark": "time_to_error",
-        "format": 1,
-        "command": "python -m benchmarks.time_to_error " + " ".join(argv or sys.argv[1:]),
-        "quick": bool(args.quick),
-        "config": {
-            "stores": stores,
-            "cases": [c.id for c in cases(args.quick)],
-            "defaults": _defaults(),
-        },
-        "machine": machine,
-        "servers": servers,
-        "measurements": measurements,
-        "elapsed_s": time.monotonic() - started,
-    }
-    _write(result, args.out)
-    return 0 if all(row["met_bound"] for row in measurements) else 1
-
-
-def _write(result: dict[str, Any], out: str) -> None:
-    """Print the table; write it and the JSON into ``out``."""
-    out_json = os.path.join(out, "time_to_error.json")
-    out_md = os.path.join(out, "time_to_error.md")
-    table = render_table(result)
-    report.write_json(out_json, result)
-    with open(out_md, "w") as handle:
-        handle.write(table + "\n")
-    print(table, flush=True)
-    print(f"\nWrote {out_json} and {out_md}", file=sys.stderr)
+    return run_script(SCRIPT, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from any
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import (  # noqa: E402
+    cli,
     finalize_latency,
     report,
     rounds,
@@ -453,3 +455,87 @@ def test_round_budget_skips_rounds_that_would_pass_it() -> None:
     on_s3 = dict(job)
     budget.prepare("s3", on_s3)
     assert on_s3["skip"] == "skipped: repetition 1 did not complete"
+
+
+def _demo_script(seen: dict[str, Any]) -> cli.Script:
+    """A script on the shared skeleton whose steps record what they were given."""
+
+    def add_arguments(parser: Any) -> None:
+        cli.add_list_option(parser, "--colours", ("red", "blue"), "colour", "colours")
+
+    def measure(run: cli.Run) -> cli.Measured:
+        seen["scratch"] = Path(run.scratch)
+        seen["scratch_existed"] = seen["scratch"].is_dir()
+        body = {"rows": [{"colour": c} for c in run.args.colours]}
+        return cli.Measured({"stores": run.args.stores}, body, status=3)
+
+    def plot(result: dict[str, Any], path: str) -> None:
+        Path(path).write_bytes(PNG_MAGIC + json.dumps(result["rows"]).encode())
+
+    return cli.Script(
+        name="demo",
+        description="A demo script.",
+        stores=("local", "s3"),
+        add_arguments=add_arguments,
+        measure=measure,
+        render=lambda result: f"## Demo\n\n{len(result['rows'])} rows",
+        plot=plot,
+    )
+
+
+def test_skeleton_writes_raw_results_and_publishes_only_the_summary(
+    tmp_path: Path, capsys: Any
+) -> None:
+    seen: dict[str, Any] = {}
+    out, latest = tmp_path / "out", tmp_path / "latest"
+    argv = ["--stores", "s3", "--colours", "blue", "--out", str(out), "--publish", str(latest)]
+    assert cli.run_script(_demo_script(seen), argv) == 3  # measure's status passes through
+    stdout = capsys.readouterr().out
+    assert stdout.strip() == "## Demo\n\n1 rows"
+    assert (out / "demo.md").read_text().strip() == stdout.strip()
+    assert (out / "demo.png").read_bytes() == PNG_MAGIC + b'[{"colour": "blue"}]'
+    result = json.loads((out / "demo.json").read_text())
+    assert result["benchmark"] == "demo" and result["quick"] is False
+    assert result["command"] == "python -m benchmarks.demo " + " ".join(argv)
+    assert result["config"] == {"stores": ["s3"]}
+    assert result["rows"] == [{"colour": "blue"}]
+    assert result["machine"]["cpu_count"] >= 1 and result["elapsed_s"] > 0
+    assert list(result)[-1] == "elapsed_s"
+    # The scratch folder existed while measuring and is gone after.
+    assert seen["scratch_existed"] and not seen["scratch"].exists()
+    # Only the table and the plot are published; the raw JSON stays in --out.
+    assert sorted(p.name for p in latest.iterdir()) == ["demo.md", "demo.png"]
+    assert (latest / "demo.md").read_bytes() == (out / "demo.md").read_bytes()
+
+
+def test_skeleton_refuses_bad_options(capsys: Any) -> None:
+    script = _demo_script({})
+    for argv, words in (
+        (["--stores", "gcs"], "unknown or missing store(s) ['gcs']"),
+        (["--colours", "red,green"], "unknown or missing colour(s) ['green']"),
+        (["--quick", "--publish"], "--quick figures mean nothing"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_script(script, argv)
+        assert exit_info.value.code == 2
+        assert words in capsys.readouterr().err
+
+
+def test_raw_results_default_to_a_folder_git_ignores() -> None:
+    for script in (finalize_latency.SCRIPT, throughput.SCRIPT, time_to_error.SCRIPT):
+        assert script.parser().parse_args([]).out == cli.RESULTS_DIR
+        assert script.parser().parse_args(["--publish"]).publish == cli.LATEST_DIR
+    raw = cli.RESULTS_DIR / "throughput.json"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(raw)], cwd=REPO_ROOT, check=False, timeout=30
+    )
+    assert ignored.returncode == 0, f"{raw} is not ignored by git"
+    tracked = subprocess.run(
+        ["git", "ls-files", "benchmarks/latest"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
+    assert tracked and all(Path(name).suffix in (".md", ".png") for name in tracked), tracked
