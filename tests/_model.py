@@ -449,3 +449,25 @@ json_values = st.recursive(
 )
 # JSON object keys are str: an int key would come back as a str.
 custom_metadata = st.none() | st.dictionaries(keys, json_values, max_size=3)
+
+# Leaves save refuses (TypeError naming the key path), and custom_metadata it
+# refuses (ValueError): neither may write anything.
+unsupported_leaves = st.sampled_from(
+    [
+        lambda: {1, 2},
+        lambda: b"raw",
+        lambda: 1j,
+        lambda: np.array(["text"]),
+        lambda: np.array([object()], dtype=object),
+        lambda: object(),
+    ]
+).map(lambda make: make())
+bad_custom_metadata = st.sampled_from(
+    [
+        lambda: ["not", "a", "dict"],
+        lambda: "text",
+        lambda: {"a": object()},
+        lambda: {"a": {"b": float("nan")}},
+        lambda: {"a": b"raw"},
+    ]
+).map(lambda make: make())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 import sys
 import uuid
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from partialstore import errors
 # so the fast stores run the most; the emulated object stores enough to meet
 # every rule on them. Sized so all five together stay well under 90 s on the
 # 2-core CI machine.
-EXAMPLES = {"memory": 200, "local": 100, "fsspec": 80, "gcs": 50, "s3": 40}
+EXAMPLES = {"memory": 150, "local": 40, "fsspec": 60, "gcs": 40, "s3": 25}
 SETTINGS = settings(stateful_step_count=30, deadline=None, derandomize=True, database=None)
 # Long enough for a slow emulator; a save that takes longer is a failure, not slowness.
 WAIT_S = 120.0
@@ -246,6 +247,33 @@ class PartialStoreMachine(RuleBasedStateMachine):
         else:
             metadata = data.draw(model.custom_metadata)
         self._save(p, state, metadata, blocking=data.draw(st.booleans()))
+
+    def _open(self) -> list[int]:
+        return [p for p, slot in enumerate(self.slots) if slot.final is None]
+
+    @precondition(lambda self: self._open())
+    @rule(data=st.data())
+    def save_bad_input(self, data: st.DataObject) -> None:
+        """A save with an unsupported leaf or bad custom_metadata raises and writes nothing.
+
+        The model does not change: without a session there is still none.
+        """
+        p = data.draw(st.sampled_from(self._open()))
+        state = data.draw(st.dictionaries(model.keys, model.subtrees, max_size=2))
+        metadata = data.draw(model.custom_metadata)
+        if data.draw(st.booleans()):
+            path = data.draw(st.lists(model.keys, min_size=1, max_size=3).map(tuple))
+            bad = data.draw(model.unsupported_leaves)
+            state[path[0]] = functools.reduce(lambda v, k: {k: v}, reversed(path[1:]), bad)
+            expected, needle = TypeError, "/".join(path)
+        else:
+            metadata = data.draw(model.bad_custom_metadata)
+            expected, needle = ValueError, "custom_metadata"
+        event(f"bad input -> {expected.__name__}")
+        function = data.draw(st.sampled_from((partialstore.save, partialstore.save_async)))
+        with pytest.raises(expected, match=re.escape(needle)) as info:
+            self._call(function, p, state, custom_metadata=metadata)
+        assert isinstance(info.value, errors.PartialStoreError), repr(info.value)
 
     @precondition(lambda self: any(slot.pending for slot in self.slots))
     @rule(data=st.data())
