@@ -11,9 +11,16 @@ The model follows the "Semantics" section of the README, not the code:
 - ``load`` gives back dicts, lists and tuples, numpy arrays bit-exact and
   scalars as the type saved.
 
-Each model leaf is a :class:`Stored`: the saved value (arrays copied) and
-the number of the save that wrote it, so the model also knows which saves a
-finalized checkpoint no longer uses (what ``gc`` may delete).
+Each model leaf is a :class:`Stored`: the saved value (arrays copied,
+``jax.Array`` kept as numpy) and the number of the save that wrote it, so
+the model also knows which saves a finalized checkpoint no longer uses (what
+``gc`` may delete).
+
+The second half holds the hypothesis strategies the state machine draws
+from: tiny trees over small key alphabets (so replacements are frequent),
+leaves of every supported kind with bit patterns a lossy round trip would
+change (NaN payloads, -0.0, subnormals, ints past 64 bits), and inputs that
+``save`` must refuse.
 
 Example::
 
@@ -40,21 +47,32 @@ from hypothesis import strategies as st
 from partialstore import LeafMetadata
 
 __all__ = [
+    "INT_KEYS",
     "KEYS",
     "Stored",
     "array_kind_saves",
+    "arrays",
     "assert_exact",
     "assert_json_exact",
     "assert_leaf",
+    "bad_custom_metadata",
     "count_leaves",
+    "custom_metadata",
     "dict_paths",
+    "dicts",
+    "json_values",
     "kind_of",
+    "leaf_values",
     "merge",
     "merge_metadata",
     "metadata_tree",
+    "numpy_scalars",
     "select",
     "snapshot",
+    "states",
     "subtree",
+    "subtrees",
+    "unsupported_leaves",
     "without_mixed_keys",
 ]
 

@@ -148,6 +148,9 @@ def assert_target_leaf(expected: Any, actual: Any, where: str) -> None:
     model.assert_leaf(expected, np.asarray(actual), where)
 
 
+Refusal = tuple[type[BaseException], Callable[..., Any], dict[str, Any]]
+
+
 def raises(expected: type[BaseException], call: Callable[..., Any], *args: Any, **kw: Any) -> None:
     """Assert ``call`` raises ``expected``, as one of partialstore's errors."""
     with pytest.raises(expected) as info:
@@ -313,9 +316,7 @@ class PartialStoreMachine(RuleBasedStateMachine):
         self._drain(slot, done=False)
         slot.session = None
 
-    def _refusals(
-        self, p: int
-    ) -> list[tuple[type[BaseException], Callable[..., Any], dict[str, Any]]]:
+    def _refusals(self, p: int) -> list[Refusal]:
         """The calls the model says must fail at slot ``p`` now, with the error each raises."""
         slot = self.slots[p]
         target = {"a": jax.ShapeDtypeStruct((1,), np.float32, sharding=sharding())}
@@ -327,7 +328,7 @@ class PartialStoreMachine(RuleBasedStateMachine):
                 (FileExistsError, partialstore.finalize, {}),
                 (FileExistsError, partialstore.discard, {}),
             ]
-        refused: list[tuple[type[BaseException], Callable[..., Any], dict[str, Any]]] = [
+        refused: list[Refusal] = [
             (FileNotFoundError, partialstore.load, {}),
             (FileNotFoundError, partialstore.load, {"select": ["a"]}),
             (FileNotFoundError, partialstore.load, {"target": target}),
