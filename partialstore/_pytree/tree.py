@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax.tree_util as jtu
 import numpy as np
@@ -146,6 +146,16 @@ class Node:
     type_name: str | None
 
 
+class _TreeSize(Protocol):
+    """What is read of a ``jax.tree_util.PyTreeDef`` (jaxlib ships it without type stubs)."""
+
+    @property
+    def num_nodes(self) -> int: ...
+
+    @property
+    def num_leaves(self) -> int: ...
+
+
 def _children(obj: Any, path: KeyPath) -> list[tuple[PathEntry, Any]] | None:
     """Flatten ``obj`` by one level with jax's key paths; ``None`` if it is no node.
 
@@ -173,6 +183,7 @@ def _children(obj: Any, path: KeyPath) -> list[tuple[PathEntry, Any]] | None:
         stopped, below_root = below_root, True
         return stopped
 
+    treedef: _TreeSize
     try:
         keyed, treedef = jtu.tree_flatten_with_path(obj, is_leaf=stop_below_root)
     except Exception as exc:  # jax raises plain TypeError/ValueError from user flatten code
@@ -232,12 +243,10 @@ def _walk(state: Any) -> tuple[list[tuple[KeyPath, str, Any]], list[Node]]:
                 "nested containers) before saving."
             )
         kind = classify_leaf(obj, path)
-        children = None
-        if kind is None:
-            children = _children(obj, path)
-            if children is None:
-                kind = fallback_leaf_kind(obj, path)
+        children = None if kind is not None else _children(obj, path)
         if children is None:
+            if kind is None:
+                kind = fallback_leaf_kind(obj, path)
             leaves.append((path, kind, obj))
             continue
         if id(obj) in active:

@@ -391,9 +391,14 @@ def _rebuild(origin: dict[str, Any], where: str) -> Exception:
         f"{origin['type']}: {origin['message']}"
     )
     name = str(origin.get("sendable", ""))
-    cls = _ERROR_TYPES.get(name) or getattr(builtins, name, errors.PartialStoreError)
-    if not ((isinstance(cls, type) and _is_builtin(cls)) or cls in _ERROR_TYPES.values()):
-        cls = errors.PartialStoreError
+    found = _ERROR_TYPES.get(name) or getattr(builtins, name, None)
+    cls: type[Exception] = errors.PartialStoreError
+    if (
+        isinstance(found, type)
+        and issubclass(found, Exception)
+        and (_is_builtin(found) or found in _ERROR_TYPES.values())
+    ):
+        cls = found
     error: Exception = errors.PartialStoreError(message)
     for base in cls.__mro__:  # UnicodeDecodeError wants five arguments: UnicodeError then
         with contextlib.suppress(Exception):
