@@ -496,7 +496,9 @@ async def read_array_group(
         else:
             await gather([_check_last_chunk(backend, root, path, m[1], m[2]) for m in members])
 
-        async def read_one(request_id: int, leaf: Zarr3Leaf, index: Index) -> tuple[int, Any]:
+        async def read_one(
+            request_id: int, leaf: Zarr3Leaf, index: Index
+        ) -> tuple[int, np.ndarray]:
             try:
                 array = await store[index.box_slices()].read()
             except ValueError as error:

@@ -13,13 +13,14 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,7 @@ def run_demo(
     storage_options: Mapping[str, Any] | None = None,
     emulator: str | None = None,
     scale: int = 1,
-    echo: Any = print,
+    echo: Callable[[str], object] = print,
 ) -> dict[str, float]:
     """Run the demo job; return the seconds each phase took.
 
@@ -192,7 +193,7 @@ def run_demo(
         return timings
 
 
-def main(args: Any) -> int:
+def main(args: argparse.Namespace) -> int:
     """Entry for ``partialstore demo`` (see :mod:`partialstore._cli.cli`)."""
     options = json.loads(args.storage_options) if args.storage_options else None
     run_demo(args.url, storage_options=options, emulator=args.emulator, scale=args.scale)

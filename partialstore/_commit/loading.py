@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from partialstore._arrays import arrays
+from partialstore._arrays.descriptors import Leaf
 from partialstore._arrays.dtypes import dtype_name
 from partialstore._commit import records
 from partialstore._commit.location import Location
@@ -199,7 +200,7 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
 
     stored = {leaf.path: leaf for leaf in manifest.leaves}
     paths, target_leaves, treedef = tree.target_leaf_paths(target)
-    requests: list[tuple[Any, tuple[slice, ...] | None]] = []
+    requests: list[tuple[Leaf, tuple[slice, ...] | None]] = []
     plans: list[Any] = []
     for path, wanted in zip(paths, target_leaves, strict=True):
         entry = stored.get(path)
