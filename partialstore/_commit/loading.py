@@ -201,7 +201,7 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
     stored = {leaf.path: leaf for leaf in manifest.leaves}
     paths, target_leaves, treedef = tree.target_leaf_paths(target)
     requests: list[tuple[Leaf, tuple[slice, ...] | None]] = []
-    plans: list[Any] = []
+    plans: list[tuple[Any, ...]] = []
     for path, wanted in zip(paths, target_leaves, strict=True):
         entry = stored.get(path)
         if entry is None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from partialstore._arrays import descriptors
 from partialstore._commit.formats import (
@@ -118,7 +118,7 @@ def _fail(where: str, why: str) -> _Damage:
     return _Damage(f"{where}: {why}" if where else why)
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"the non-JSON constant {name} is not allowed")
 
 

@@ -269,7 +269,9 @@ def _snapshot_jax(obj: jax.Array, copy_arrays: bool) -> np.ndarray:
     return host
 
 
-def snapshot(kind: str, obj: Any, copy_arrays: bool) -> tuple[np.ndarray | None, Any]:
+def snapshot(
+    kind: str, obj: Any, copy_arrays: bool
+) -> tuple[np.ndarray | None, int | float | bool | str | None]:
     """Return ``(array, value)`` for a leaf already classified as ``kind``.
 
     Array kinds give a host array and ``None``; inline kinds ``None`` and the

@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax.tree_util as jtu
 import numpy as np
@@ -65,6 +65,9 @@ from partialstore._pytree.leaves import (
 )
 from partialstore._pytree.shards import ShardedArray, snapshot_shards
 from partialstore.errors import CorruptCheckpointError, InvalidInputError
+
+if TYPE_CHECKING:
+    from jax.sharding import Sharding
 
 __all__ = [
     "ARRAY_KINDS",
@@ -111,7 +114,7 @@ class Leaf:
     kind: str
     array: np.ndarray | None
     value: int | float | bool | str | None
-    sharding: Any = None
+    sharding: Sharding | None = None
     shards: ShardedArray | None = None
 
     @property
