@@ -107,7 +107,9 @@ def _emulated(kind: str | None) -> Iterator[tuple[str | None, dict[str, Any]]]:
         return
     from partialstore.testing import servers
 
-    server = servers.MotoS3Server() if kind == "s3" else servers.FakeGcsServer()
+    server: servers.MotoS3Server | servers.FakeGcsServer = (
+        servers.MotoS3Server() if kind == "s3" else servers.FakeGcsServer()
+    )
     server.start()
     # TensorStore reads its GCS endpoint from the environment only.
     saved_env = {name: os.environ.get(name) for name in server.env()}

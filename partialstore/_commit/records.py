@@ -240,11 +240,12 @@ def _check_layout(nodes: Iterable[NodeEntry], leaves: Iterable[LeafEntry]) -> No
             for step in entry.path:
                 if slot[0] == "leaf":
                     raise _fail(f"{role} {format_path(entry.path)!r}", "it lies under a leaf")
-                if slot[1] is None:
-                    slot[1] = {}
-                child = slot[1].get(step)
+                children = slot[1]
+                if children is None:
+                    children = slot[1] = {}
+                child = children.get(step)
                 if child is None:
-                    child = slot[1][step] = [None, None]
+                    child = children[step] = [None, None]
                 slot = child
             if slot[0] is not None:
                 why = f"the path is stored twice (also as a {slot[0]})"

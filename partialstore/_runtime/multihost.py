@@ -409,6 +409,7 @@ def _rebuild(origin: dict[str, Any], where: str) -> Exception:
             error = base(message)
             break
     if isinstance(error, OSError):
-        error.errno = origin.get("errno")
+        code: Any = origin.get("errno")  # as the other process sent it: an int or None
+        error.errno = code
     setattr(error, ORIGIN_ATTRIBUTE, origin)
     return error
