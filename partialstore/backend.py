@@ -40,6 +40,7 @@ Example (a backend from the registry, driven synchronously)::
 from __future__ import annotations
 
 import abc
+import builtins
 import dataclasses
 from typing import Any
 
@@ -160,7 +161,8 @@ class Backend(abc.ABC):
     async def list(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (directory semantics), sorted, root-relative."""
 
-    async def list_children(self, prefix: str = "") -> list[str]:
+    # ``builtins.list``: inside the class body ``list`` names the method above.
+    async def list_children(self, prefix: str = "") -> builtins.list[str]:
         """Names of the immediate children under ``prefix`` (keys and sub-prefixes), sorted.
 
         The default derives them from :meth:`list`; stores with delimiter

@@ -80,13 +80,15 @@ def register_backend(scheme: str, factory: BackendFactory) -> None:
 
 def _load(target: str) -> BackendFactory:
     module_name, _, attribute = target.partition(":")
-    return getattr(importlib.import_module(module_name), attribute)
+    factory: BackendFactory = getattr(importlib.import_module(module_name), attribute)
+    return factory
 
 
 def _entry_point(scheme: str) -> BackendFactory | None:
     for entry in importlib_metadata.entry_points(group="partialstore.backends"):
         if entry.name == scheme:
-            return entry.load()
+            factory: BackendFactory = entry.load()
+            return factory
     return None
 
 

@@ -267,9 +267,11 @@ async def _write_pack(
 async def read_arrays(
     backend: Backend,
     root: str,
-    requests: Sequence[tuple[dict[str, Any], tuple[slice, ...] | None]],
+    requests: Sequence[tuple[dict[str, Any] | Leaf, tuple[slice, ...] | None]],
 ) -> list[np.ndarray]:
     """Read each ``(descriptor, index)``; ``index`` None is the whole array, else slices.
+
+    A descriptor is the stored dict or a :class:`Leaf` already parsed from one.
 
     All reads run concurrently. A zarr3 array is opened once per call even
     when several requests (shards) hit it; packed leaves of one pack object

@@ -102,7 +102,7 @@ def _bad(descriptor: Any, why: str) -> CorruptCheckpointError:
     )
 
 
-def _int(descriptor: Any, value: Any, what: str, minimum: int) -> int:
+def _int(descriptor: Any, value: object, what: str, minimum: int) -> int:
     if type(value) is int and minimum <= value <= MAX_ARRAY_BYTES:
         return value  # the common case, checked first: manifests hold many
     if (

@@ -149,7 +149,7 @@ def dtype_name(dtype: Any) -> str:
         longdouble dtypes (the message names the dtype and what to do).
     """
     try:
-        dt = np.dtype(dtype)
+        dt: np.dtype[Any] = np.dtype(dtype)
     except TypeError as error:
         raise UnsupportedLeafError(f"{dtype!r} is not a numpy dtype: {error}") from None
     ml_name = _ML_NAME_BY_TYPE.get(dt.type)

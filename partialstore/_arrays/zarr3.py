@@ -50,6 +50,9 @@ __all__ = ["choose_chunks", "gather", "read_array_group", "write_array"]
 
 T = TypeVar("T")
 
+# One piece of an array to write: the box it covers (None: the whole array) and its data.
+_Part = tuple[tuple[tuple[int, int], ...] | None, np.ndarray]
+
 # Chunk reads of one array through a backend without a kvstore run in this
 # many workers at most (the caller's semaphore bounds the total across arrays).
 _FETCH_WORKERS = 64
@@ -102,10 +105,12 @@ async def gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    results: list[T] = []
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
-    return list(outcomes)  # type: ignore[arg-type]
+        results.append(outcome)
+    return results
 
 
 def choose_chunks(shape: Sequence[int], itemsize: int, target: int) -> list[int]:
@@ -202,7 +207,7 @@ async def write_array(
     storage = storage_dtype_name(logical)
     if isinstance(array, ShardedArray):
         chunks = shard_chunks(array, chunk_bytes)
-        parts = [(box, _store_view(data, storage)) for box, data in array.shards]
+        parts: list[_Part] = [(box, _store_view(data, storage)) for box, data in array.shards]
     else:
         chunks = choose_chunks(array.shape, array.dtype.itemsize, chunk_bytes)
         parts = [(None, _store_view(array, storage))]
@@ -252,7 +257,7 @@ async def write_array(
     }
 
 
-async def _write_parts(store: ts.TensorStore, parts: list[tuple[Any, np.ndarray]]) -> None:
+async def _write_parts(store: ts.TensorStore, parts: list[_Part]) -> None:
     """Write each ``(box, data)`` part (``box`` None: the whole array) into ``store``."""
     writes = []
     for box, data in parts:
@@ -491,7 +496,9 @@ async def read_array_group(
         else:
             await gather([_check_last_chunk(backend, root, path, m[1], m[2]) for m in members])
 
-        async def read_one(request_id: int, leaf: Zarr3Leaf, index: Index) -> tuple[int, Any]:
+        async def read_one(
+            request_id: int, leaf: Zarr3Leaf, index: Index
+        ) -> tuple[int, np.ndarray]:
             try:
                 array = await store[index.box_slices()].read()
             except ValueError as error:

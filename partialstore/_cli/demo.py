@@ -13,13 +13,14 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,9 @@ def _emulated(kind: str | None) -> Iterator[tuple[str | None, dict[str, Any]]]:
         return
     from partialstore.testing import servers
 
-    server = servers.MotoS3Server() if kind == "s3" else servers.FakeGcsServer()
+    server: servers.MotoS3Server | servers.FakeGcsServer = (
+        servers.MotoS3Server() if kind == "s3" else servers.FakeGcsServer()
+    )
     server.start()
     # TensorStore reads its GCS endpoint from the environment only.
     saved_env = {name: os.environ.get(name) for name in server.env()}
@@ -131,7 +134,7 @@ def run_demo(
     storage_options: Mapping[str, Any] | None = None,
     emulator: str | None = None,
     scale: int = 1,
-    echo: Any = print,
+    echo: Callable[[str], object] = print,
 ) -> dict[str, float]:
     """Run the demo job; return the seconds each phase took.
 
@@ -192,7 +195,7 @@ def run_demo(
         return timings
 
 
-def main(args: Any) -> int:
+def main(args: argparse.Namespace) -> int:
     """Entry for ``partialstore demo`` (see :mod:`partialstore._cli.cli`)."""
     options = json.loads(args.storage_options) if args.storage_options else None
     run_demo(args.url, storage_options=options, emulator=args.emulator, scale=args.scale)

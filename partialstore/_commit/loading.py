@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from partialstore._arrays import arrays
+from partialstore._arrays.descriptors import Leaf
 from partialstore._arrays.dtypes import dtype_name
 from partialstore._commit import records
 from partialstore._commit.location import Location
@@ -173,11 +174,11 @@ async def load_tree(
     nodes = _nodes(manifest)
     if select is not None:
         leaves, nodes = _select(leaves, nodes, select)
-    with_data = [leaf for leaf in leaves if leaf.data is not None]
+    with_data = [(leaf, leaf.data) for leaf in leaves if leaf.data is not None]
     loaded = await arrays.read_arrays(
-        location.backend, location.final_prefix, [(leaf.data, None) for leaf in with_data]
+        location.backend, location.final_prefix, [(data, None) for _, data in with_data]
     )
-    by_path = {leaf.path: a for leaf, a in zip(with_data, loaded, strict=True)}
+    by_path = {leaf.path: a for (leaf, _), a in zip(with_data, loaded, strict=True)}
     values = {leaf.path: _python_value(leaf, by_path.get(leaf.path)) for leaf in leaves}
     return tree.build_tree(nodes, values)
 
@@ -199,8 +200,8 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
 
     stored = {leaf.path: leaf for leaf in manifest.leaves}
     paths, target_leaves, treedef = tree.target_leaf_paths(target)
-    requests: list[tuple[Any, tuple[slice, ...] | None]] = []
-    plans: list[Any] = []
+    requests: list[tuple[Leaf, tuple[slice, ...] | None]] = []
+    plans: list[tuple[Any, ...]] = []
     for path, wanted in zip(paths, target_leaves, strict=True):
         entry = stored.get(path)
         if entry is None:
@@ -232,7 +233,11 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+def _index_key(
+    index: tuple[slice, ...] | None, shape: tuple[int, ...]
+) -> tuple[tuple[int, int], ...]:
+    if index is None:  # jax types shard indexes as optional; None means the whole array
+        return tuple((0, n) for n in shape)
     return tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(index, shape, strict=True))
 
 
@@ -256,10 +261,14 @@ def _realize(plan: tuple[Any, ...], loaded: list[np.ndarray]) -> Any:
             array = array.astype(dtype, copy=False)
         return array[()] if kind == "np_scalar" else array
     _, shape, sharding, dtype, first, unique = plan
-    shards = {key: loaded[first + i] for i, key in enumerate(unique)}
+    shards: dict[tuple[tuple[int, int], ...], np.ndarray] = {
+        key: loaded[first + i] for i, key in enumerate(unique)
+    }
 
-    def shard(index: tuple[slice, ...]) -> np.ndarray:
+    def shard(index: tuple[slice, ...] | None) -> np.ndarray:
         block = shards[_index_key(index, shape)]
-        return block.astype(dtype, copy=False) if dtype is not None else block
+        if dtype is not None:
+            block = block.astype(dtype, copy=False)
+        return block
 
     return jax.make_array_from_callback(shape, sharding, shard)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from partialstore._arrays import descriptors
 from partialstore._commit.formats import (
@@ -118,7 +118,7 @@ def _fail(where: str, why: str) -> _Damage:
     return _Damage(f"{where}: {why}" if where else why)
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"the non-JSON constant {name} is not allowed")
 
 
@@ -240,11 +240,12 @@ def _check_layout(nodes: Iterable[NodeEntry], leaves: Iterable[LeafEntry]) -> No
             for step in entry.path:
                 if slot[0] == "leaf":
                     raise _fail(f"{role} {format_path(entry.path)!r}", "it lies under a leaf")
-                if slot[1] is None:
-                    slot[1] = {}
-                child = slot[1].get(step)
+                children = slot[1]
+                if children is None:
+                    children = slot[1] = {}
+                child = children.get(step)
                 if child is None:
-                    child = slot[1][step] = [None, None]
+                    child = children[step] = [None, None]
                 slot = child
             if slot[0] is not None:
                 why = f"the path is stored twice (also as a {slot[0]})"

@@ -107,15 +107,15 @@ def snapshot(state: Any, custom_metadata: Any, *, copy: bool) -> Snapshot:
     metadata = _check_custom_metadata(custom_metadata)
     leaves, nodes = tree.flatten(state, copy_arrays=copy)
     for leaf in leaves:
-        if leaf.array is not None or leaf.shards is not None:
-            try:
-                arrays.check_array_supported(
-                    leaf.array if leaf.array is not None else leaf.shards.probe()
-                )
-            except UnsupportedLeafError as error:
-                raise UnsupportedLeafError(
-                    f"Leaf {tree.format_path(leaf.path)} cannot be saved: {error}"
-                ) from error
+        try:
+            if leaf.array is not None:
+                arrays.check_array_supported(leaf.array)
+            elif leaf.shards is not None:
+                arrays.check_array_supported(leaf.shards.probe())
+        except UnsupportedLeafError as error:
+            raise UnsupportedLeafError(
+                f"Leaf {tree.format_path(leaf.path)} cannot be saved: {error}"
+            ) from error
     return Snapshot(leaves, nodes, metadata)
 
 
@@ -184,9 +184,10 @@ async def write_save_data(
     written, checked = await asyncio.gather(
         _write_data(location, snap, save_id), raise_if_finalized(location), return_exceptions=True
     )
-    for outcome in (checked, written):
-        if isinstance(outcome, BaseException):
-            raise outcome
+    if isinstance(checked, BaseException):
+        raise checked
+    if isinstance(written, BaseException):
+        raise written
     return written
 
 
@@ -262,8 +263,8 @@ async def _commit(
         if committed is not None:
             return committed
         if location.uses_rename and await read_published(location) is not None:
-            refused = _finalized_in_flight(location)
-            raise await _with_cleanup(refused, _drop_renamed_loser(location, save_id)) from error
+            refusal = _finalized_in_flight(location)
+            raise await _with_cleanup(refusal, _drop_renamed_loser(location, save_id)) from error
         if isinstance(error, SessionDiscardedError):  # its data may be half deleted
             raise await _with_cleanup(error, _drop_own_data(location, save_id)) from None
         raise
@@ -277,8 +278,8 @@ async def _commit(
                 f"without it could not be checked: {error}. Look with partialstore.metadata."
             ) from error
         if stray:
-            refused = _finalized_in_flight(location)
-            raise await _with_cleanup(refused, _drop_renamed_loser(location, save_id))
+            refusal = _finalized_in_flight(location)
+            raise await _with_cleanup(refusal, _drop_renamed_loser(location, save_id))
     return number
 
 
@@ -375,17 +376,17 @@ async def _write_data(
     location: Location, snap: Snapshot, save_id: str, *, primary: bool = True
 ) -> Descriptors:
     """Write the arrays this process owns; return descriptors by ``id(leaf)`` (primary only)."""
-    with_arrays = [leaf for leaf in snap.leaves if leaf.data is not None]
+    with_arrays = [(leaf, leaf.data) for leaf in snap.leaves if leaf.data is not None]
     descriptors = await arrays.write_arrays(
         location.backend,
         location.staging_prefix,
         location.data_dir(save_id),
-        [leaf.data for leaf in with_arrays],
+        [data for _, data in with_arrays],
         primary=primary,
     )
     if not primary:
         return {}
-    return {id(leaf): d for leaf, d in zip(with_arrays, descriptors, strict=True)}
+    return {id(leaf): d for (leaf, _), d in zip(with_arrays, descriptors, strict=True)}
 
 
 async def _write_and_append(

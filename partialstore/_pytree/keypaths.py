@@ -349,7 +349,7 @@ def _component_matches(component: Any, entry: PathEntry) -> bool:
         return component == entry
     key = entry[1]
     if type(component) is type(key):
-        return component == key
+        return bool(component == key)
     # A str selector "0" must find index 0 and an int selector must find the
     # dict key "0": users rarely know which container type a level is.
     return str(component) == str(key)

@@ -38,7 +38,8 @@ import functools
 import math
 import re
 import struct
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -114,13 +115,21 @@ def check_dtype(dtype: Any) -> str | None:
     return _dtype_problem(np.dtype(dtype))
 
 
+class _Device(Protocol):
+    """What is read of a ``jax.Device`` (jaxlib ships it without type stubs)."""
+
+    @property
+    def platform(self) -> str: ...
+
+
 def _is_host_backed(array: jax.Array) -> bool:
     # np.asarray of an array in host memory is a zero-copy view of the jax
     # buffer; only those need an extra copy to be a true snapshot. Device
     # arrays come back as a fresh host buffer that jax never mutates.
     if array.sharding.memory_kind in ("pinned_host", "unpinned_host"):
         return True
-    return any(device.platform == "cpu" for device in array.sharding.device_set)
+    devices: Iterable[_Device] = array.sharding.device_set
+    return any(device.platform == "cpu" for device in devices)
 
 
 def _check_jax_array(obj: jax.Array, path: KeyPath) -> None:
@@ -128,7 +137,7 @@ def _check_jax_array(obj: jax.Array, path: KeyPath) -> None:
         raise _unsupported(
             path, obj, "it is a traced value; call save outside of jit/vmap/grad transforms."
         )
-    if jax.dtypes.issubdtype(obj.dtype, jax.dtypes.extended):
+    if jax.numpy.issubdtype(obj.dtype, jax.dtypes.extended):
         raise _unsupported(
             path,
             obj,
@@ -260,7 +269,9 @@ def _snapshot_jax(obj: jax.Array, copy_arrays: bool) -> np.ndarray:
     return host
 
 
-def snapshot(kind: str, obj: Any, copy_arrays: bool) -> tuple[np.ndarray | None, Any]:
+def snapshot(
+    kind: str, obj: Any, copy_arrays: bool
+) -> tuple[np.ndarray | None, int | float | bool | str | None]:
     """Return ``(array, value)`` for a leaf already classified as ``kind``.
 
     Array kinds give a host array and ``None``; inline kinds ``None`` and the
@@ -310,13 +321,13 @@ def encode_inline(kind: str, value: Any) -> Any:
         number = int(value)
         return number if _INT64_MIN <= number <= _INT64_MAX else {"int": hex(number)}
     if kind == "float":
-        number = float(value)
-        if math.isfinite(number):
-            return number
-        if math.isnan(number):
-            bits = struct.unpack("<Q", struct.pack("<d", number))[0]
+        real = float(value)
+        if math.isfinite(real):
+            return real
+        if math.isnan(real):
+            bits = struct.unpack("<Q", struct.pack("<d", real))[0]
             return {"float": "nan", "bits": f"{bits:016x}"}
-        return {"float": "inf" if number > 0 else "-inf"}
+        return {"float": "inf" if real > 0 else "-inf"}
     raise InvalidInputError(f"Leaf kind {kind!r} is not stored inline; it has no JSON value.")
 
 
@@ -366,7 +377,7 @@ def decode_value(kind: str, obj: Any) -> int | float | bool | str | None:
         if isinstance(obj, dict) and obj.get("float") == "nan" and set(obj) <= {"float", "bits"}:
             bits = obj.get("bits", "7ff8000000000000")
             if isinstance(bits, str) and _HEX_BITS.fullmatch(bits):
-                number = struct.unpack("<d", struct.pack("<Q", int(bits, 16)))[0]
+                number: float = struct.unpack("<d", struct.pack("<Q", int(bits, 16)))[0]
                 if math.isnan(number):
                     return number
         raise _bad_value(kind, obj)

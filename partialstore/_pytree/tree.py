@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax.tree_util as jtu
 import numpy as np
@@ -65,6 +65,9 @@ from partialstore._pytree.leaves import (
 )
 from partialstore._pytree.shards import ShardedArray, snapshot_shards
 from partialstore.errors import CorruptCheckpointError, InvalidInputError
+
+if TYPE_CHECKING:
+    from jax.sharding import Sharding
 
 __all__ = [
     "ARRAY_KINDS",
@@ -111,7 +114,7 @@ class Leaf:
     kind: str
     array: np.ndarray | None
     value: int | float | bool | str | None
-    sharding: Any = None
+    sharding: Sharding | None = None
     shards: ShardedArray | None = None
 
     @property
@@ -146,6 +149,16 @@ class Node:
     type_name: str | None
 
 
+class _TreeSize(Protocol):
+    """What is read of a ``jax.tree_util.PyTreeDef`` (jaxlib ships it without type stubs)."""
+
+    @property
+    def num_nodes(self) -> int: ...
+
+    @property
+    def num_leaves(self) -> int: ...
+
+
 def _children(obj: Any, path: KeyPath) -> list[tuple[PathEntry, Any]] | None:
     """Flatten ``obj`` by one level with jax's key paths; ``None`` if it is no node.
 
@@ -173,6 +186,7 @@ def _children(obj: Any, path: KeyPath) -> list[tuple[PathEntry, Any]] | None:
         stopped, below_root = below_root, True
         return stopped
 
+    treedef: _TreeSize
     try:
         keyed, treedef = jtu.tree_flatten_with_path(obj, is_leaf=stop_below_root)
     except Exception as exc:  # jax raises plain TypeError/ValueError from user flatten code
@@ -232,12 +246,10 @@ def _walk(state: Any) -> tuple[list[tuple[KeyPath, str, Any]], list[Node]]:
                 "nested containers) before saving."
             )
         kind = classify_leaf(obj, path)
-        children = None
-        if kind is None:
-            children = _children(obj, path)
-            if children is None:
-                kind = fallback_leaf_kind(obj, path)
+        children = None if kind is not None else _children(obj, path)
         if children is None:
+            if kind is None:
+                kind = fallback_leaf_kind(obj, path)
             leaves.append((path, kind, obj))
             continue
         if id(obj) in active:

@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from partialstore import errors
 
@@ -67,6 +67,8 @@ DEFAULT_TIMEOUT_S = 1800.0
 #: within about this time plus one beat, instead of waiting for JAX's own
 #: heartbeat timeout to abort the job.
 DEFAULT_LIVENESS_S = 15.0
+
+T = TypeVar("T")
 
 
 def _global_state() -> Any:
@@ -301,11 +303,12 @@ async def gather_to_primary(key: str, value: str) -> list[str] | None:
     return [value, *others.values()]
 
 
-async def run_on_primary(op: str | None, action: Callable[[], Awaitable[Any]], where: str) -> Any:
+async def run_on_primary(op: str | None, action: Callable[[], Awaitable[T]], where: str) -> T:
     """Run ``action`` on the primary only; every process returns or raises as it did.
 
     ``op`` is :func:`next_op`'s prefix, or ``None`` outside a multi-process
-    job (``action`` then just runs). Results travel as JSON.
+    job (``action`` then just runs). Results travel as JSON, so ``T`` is a
+    type that comes back from ``json.loads`` as it went in (``None``, ``list[str]``).
 
     Example::
 
@@ -314,7 +317,8 @@ async def run_on_primary(op: str | None, action: Callable[[], Awaitable[Any]], w
     if op is None:
         return await action()
     if not is_primary():
-        return json.loads(decode_outcome(await broadcast(f"{op}/{OUTCOME}", None), where))
+        sent: T = json.loads(decode_outcome(await broadcast(f"{op}/{OUTCOME}", None), where))
+        return sent
     try:
         result = await action()
     except Exception as error:
@@ -391,15 +395,21 @@ def _rebuild(origin: dict[str, Any], where: str) -> Exception:
         f"{origin['type']}: {origin['message']}"
     )
     name = str(origin.get("sendable", ""))
-    cls = _ERROR_TYPES.get(name) or getattr(builtins, name, errors.PartialStoreError)
-    if not ((isinstance(cls, type) and _is_builtin(cls)) or cls in _ERROR_TYPES.values()):
-        cls = errors.PartialStoreError
+    found = _ERROR_TYPES.get(name) or getattr(builtins, name, None)
+    cls: type[Exception] = errors.PartialStoreError
+    if (
+        isinstance(found, type)
+        and issubclass(found, Exception)
+        and (_is_builtin(found) or found in _ERROR_TYPES.values())
+    ):
+        cls = found
     error: Exception = errors.PartialStoreError(message)
     for base in cls.__mro__:  # UnicodeDecodeError wants five arguments: UnicodeError then
         with contextlib.suppress(Exception):
             error = base(message)
             break
     if isinstance(error, OSError):
-        error.errno = origin.get("errno")
+        code: Any = origin.get("errno")  # as the other process sent it: an int or None
+        error.errno = code
     setattr(error, ORIGIN_ATTRIBUTE, origin)
     return error

@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine, Hashable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any, TypeVar, overload
 
 from partialstore._runtime import aio
 from partialstore.errors import PartialStoreError
@@ -45,6 +45,9 @@ __all__ = [
 #: Two already hide a commit behind the next save's writes; four also keep
 #: the store busy when saves are small (measured on moto: workload d).
 PIPELINE_DEPTH = 4
+
+T = TypeVar("T")
+P = TypeVar("P")
 
 
 class UnobservedSaveError(PartialStoreError):
@@ -132,7 +135,7 @@ class _Outcome:
         self.settled = False
         self.failure: BaseException | None = None
 
-    async def watch(self, operation: Coroutine[Any, Any, Any]) -> Any:
+    async def watch(self, operation: Coroutine[Any, Any, T]) -> T:
         try:
             result = await operation
         except Exception as error:
@@ -151,10 +154,10 @@ _responses_lock = threading.Lock()
 
 async def _ordered(
     key: Hashable,
-    make: Callable[..., Coroutine[Any, Any, Any]],
-    prepare: Callable[[], Coroutine[Any, Any, Any]] | None,
+    make: Callable[..., Coroutine[Any, Any, None]],
+    prepare: Callable[[], Coroutine[Any, Any, object]] | None,
     outcome: _Outcome,
-) -> Any:
+) -> None:
     lock = _locks.setdefault(key, asyncio.Lock())
     if prepare is None:
         async with lock:
@@ -172,17 +175,37 @@ async def _ordered(
             prepared.cancel()
 
 
-async def _prepare(key: Hashable, prepare: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+async def _prepare(key: Hashable, prepare: Callable[[], Coroutine[Any, Any, P]]) -> P:
     slots = _prepare_slots.setdefault(key, asyncio.Semaphore(PIPELINE_DEPTH))
     async with slots:
         return await prepare()
 
 
+@overload
 def schedule(
     key: Hashable,
-    make: Callable[..., Coroutine[Any, Any, Any]],
+    make: Callable[[], Coroutine[Any, Any, None]],
     *,
-    prepare: Callable[[], Coroutine[Any, Any, Any]] | None = None,
+    prepare: None = None,
+    track: bool = True,
+) -> AsyncResponse: ...
+
+
+@overload
+def schedule(
+    key: Hashable,
+    make: Callable[[Awaitable[P]], Coroutine[Any, Any, None]],
+    *,
+    prepare: Callable[[], Coroutine[Any, Any, P]],
+    track: bool = True,
+) -> AsyncResponse: ...
+
+
+def schedule(
+    key: Hashable,
+    make: Callable[..., Coroutine[Any, Any, None]],
+    *,
+    prepare: Callable[[], Coroutine[Any, Any, object]] | None = None,
     track: bool = True,
 ) -> AsyncResponse:
     """Run ``make()`` on the background loop after all earlier work on ``key``.
