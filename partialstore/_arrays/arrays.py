@@ -79,6 +79,7 @@ from partialstore._arrays.descriptors import (
 )
 from partialstore._arrays.dtypes import check_array_supported, dtype_from_name, dtype_name
 from partialstore._pytree.shards import ShardedArray
+from partialstore._runtime.aio import settle_all
 from partialstore.backend import Backend, join_key
 from partialstore.errors import CorruptCheckpointError, NotFoundError
 
@@ -236,7 +237,7 @@ async def write_arrays(
         for i in range(len(arrays))
         if i not in packed_ids and (primary or isinstance(arrays[i], ShardedArray))
     )
-    await zarr3.gather(jobs)
+    await settle_all(jobs)
     return [d for d in descriptors if d is not None]
 
 
@@ -319,7 +320,7 @@ async def read_arrays(
         for read in packing.coalesce(packed)
     ]
     jobs.extend(read_group(path, members) for path, members in groups.items())
-    await zarr3.gather(jobs)
+    await settle_all(jobs)
     return [r for r in results if r is not None]
 
 

@@ -27,7 +27,7 @@ import itertools
 import json
 import math
 import weakref
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -37,6 +37,7 @@ from partialstore._arrays.descriptors import FORMAT_ZARR3, Index, Zarr3Leaf
 from partialstore._arrays.dtypes import dtype_name, storage_dtype_name
 from partialstore._arrays.sharded import shard_chunks
 from partialstore._pytree.shards import ShardedArray
+from partialstore._runtime.aio import settle_all
 from partialstore.backend import Backend, join_key
 from partialstore.errors import (
     AlreadyExistsError,
@@ -46,7 +47,7 @@ from partialstore.errors import (
     TransientBackendError,
 )
 
-__all__ = ["choose_chunks", "gather", "read_array_group", "write_array"]
+__all__ = ["choose_chunks", "read_array_group", "write_array"]
 
 T = TypeVar("T")
 
@@ -85,32 +86,6 @@ def backend_kvstore(backend: Backend, key: str) -> dict[str, Any] | None:
     if spec.get("path") and not str(spec["path"]).endswith("/"):
         spec["path"] = f"{spec['path']}/"
     return spec
-
-
-async def gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:
-    """Like ``asyncio.gather``, but a failure is raised only once every write has settled.
-
-    A write handed to a thread (local files) or to TensorStore goes on after
-    the task awaiting it is cancelled, so a failed save that cleaned up at
-    once could see its own late writes land after the cleanup (on local disk,
-    inside a checkpoint a concurrent finalize just renamed into place). So
-    the others are waited for, not cancelled; only a cancellation of this
-    call cancels them.
-    """
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    except asyncio.CancelledError:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    results: list[T] = []
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        results.append(outcome)
-    return results
 
 
 def choose_chunks(shape: Sequence[int], itemsize: int, target: int) -> list[int]:
@@ -241,7 +216,7 @@ async def write_array(
             jobs = [_write_parts(store, parts)]
             if primary:
                 jobs.append(_write_zarr_json(store, kvstore, context))
-            await gather(jobs)
+            await settle_all(jobs)
     except ValueError as error:
         raise ts_error(error, action, reading=False) from None
     if via_backend:
@@ -268,7 +243,7 @@ async def _write_parts(store: ts.TensorStore, parts: list[_Part]) -> None:
         # arrays unchanged until it returns, and the store (with the default
         # zero-byte cache pool) is dropped when write_array returns.
         writes.append(target.write(data, can_reference_source_data_indefinitely=True))
-    await gather(writes)
+    await settle_all(writes)
 
 
 async def _write_zarr_json(
@@ -311,7 +286,7 @@ async def _move_to_backend(
             # Drop each chunk once moved, so memory holds about one copy at a time.
             await memory.delete_range(ts.KvStore.KeyRange(key, key + "\x00"))
 
-    await gather([move(key) for key in keys])
+    await settle_all([move(key) for key in keys])
 
 
 def iter_chunk_keys(leaf: Zarr3Leaf, index: Index) -> Iterator[str]:
@@ -438,7 +413,7 @@ async def _fetch_chunks(
         for key in keys:
             await _fetch_key(backend, root, path, key, memory, semaphore, size)
 
-    await gather([worker() for _ in range(_FETCH_WORKERS)])
+    await settle_all([worker() for _ in range(_FETCH_WORKERS)])
 
 
 def _check_store(store: ts.TensorStore, leaf: Zarr3Leaf, where: str) -> None:
@@ -494,7 +469,7 @@ async def read_array_group(
         if via_backend:
             await _fetch_chunks(backend, root, path, members, fetched, semaphore)
         else:
-            await gather([_check_last_chunk(backend, root, path, m[1], m[2]) for m in members])
+            await settle_all([_check_last_chunk(backend, root, path, m[1], m[2]) for m in members])
 
         async def read_one(
             request_id: int, leaf: Zarr3Leaf, index: Index
@@ -507,7 +482,7 @@ async def read_array_group(
                 array = array.view(leaf.dtype)
             return request_id, index.apply_inner(array)
 
-        return await gather([read_one(*member) for member in members])
+        return await settle_all([read_one(*member) for member in members])
     finally:
         if via_backend:
             scratch = await ts.KvStore.open({"driver": "memory"}, context=context)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -53,3 +53,33 @@ def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         coro.close()
         raise RuntimeError("partialstore._runtime.aio.run called from the partialstore I/O loop.")
     return submit(coro).result(timeout)
+
+
+async def settle_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Like ``asyncio.gather``, but a failure is raised only once every write has settled.
+
+    A write handed to a thread (local files) or to TensorStore goes on after
+    the task awaiting it is cancelled, so a failed save that cleaned up at
+    once could see its own late writes land after the cleanup (on local disk,
+    inside a checkpoint a concurrent finalize just renamed into place). So
+    the others are waited for, not cancelled; only a cancellation of this
+    call cancels them.
+
+    Example::
+
+        descriptors = await settle_all([write(a) for a in arrays])
+    """
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    results: list[T] = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
+    return results
