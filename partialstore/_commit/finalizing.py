@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
+from typing import Any
 
 from partialstore._commit import records, txlog
 from partialstore._commit.exclusive import Created, create_once
@@ -142,13 +143,16 @@ async def finalize(location: Location) -> None:
 
 
 async def _finalize(location: Location, finalize_id: str) -> None:
-    published = await read_published(location)
-    if published is not None:
-        if is_ours(location, published):
-            return
-        raise already_finalized(location, published)
+    if location.uses_rename:
+        # Publishing renames the session away, so only the manifest can tell.
+        # Without rename the log stays, and a sealed log says it all (below).
+        published = await read_published(location)
+        if published is not None:
+            if is_ours(location, published):
+                return
+            raise already_finalized(location, published)
     try:
-        sealed_by_us = await _seal_merge_publish(location, finalize_id)
+        seal = await _seal_merge_publish(location, finalize_id)
     except (NotFoundError, AlreadyExistsError, BackendError, CorruptCheckpointError) as error:
         # With rename, a concurrent finalizer may move the session away at any
         # step (reads, seal, manifest write, rename), and the loser then sees
@@ -164,24 +168,36 @@ async def _finalize(location: Location, finalize_id: str) -> None:
             return
         raise already_finalized(location, published) from error
     crash_point("finalize.after_publish")
-    if not sealed_by_us:
-        published = await read_published(location)
-        if published is None or not is_ours(location, published):
-            raise already_finalized(location, published, completed=True)
+    if seal is not None:  # published, but as the live sealer's checkpoint
+        sealed_by = {"finalized_by": seal.get("writer"), "finalized": seal.get("created")}
+        raise already_finalized(location, sealed_by, completed=True)
 
 
-async def _seal_merge_publish(location: Location, finalize_id: str) -> bool:
-    """Seal (or find the seal), merge and publish; return whether the checkpoint is this call's.
+async def _seal_merge_publish(location: Location, finalize_id: str) -> dict[str, Any] | None:
+    """Seal (or find the seal), merge and publish.
 
-    It is when this call sealed the log, or completed the seal of a finalize
-    that is known to have stopped (see :func:`~partialstore._commit.published.sealer_gone`).
+    Returns ``None`` when the checkpoint is this call's: it sealed the log,
+    or completed the seal of one of this writer's finalizes, or of a
+    finalize known to have stopped (see
+    :func:`~partialstore._commit.published.sealer_gone`). Otherwise returns
+    that live sealer's seal record, whose publication this call completed.
+
+    Raises:
+      CheckpointFinalizedError: the session was sealed and published before.
     """
     backend = location.backend
     saves, seal = await _seal(location, finalize_id)
-    ours = is_ours(location, seal.record)  # this call's seal, or one of ours that raised
-    if not ours and sealer_gone(seal.record):
-        # Gone before publishing (looked at after it was seen gone): adopt its seal.
-        ours = await read_published(location) is None
+    ours = seal.record.get("finalize_id") == finalize_id
+    if not ours:  # sealed before this call: maybe published already
+        # Whether the sealer is gone is looked at first: a sealer seen gone,
+        # then found unpublished, can no longer publish.
+        gone = sealer_gone(seal.record)
+        published = await read_published(location)
+        if published is not None:
+            if is_ours(location, published):
+                return None
+            raise already_finalized(location, published)
+        ours = is_ours(location, seal.record) or gone
     body = build_manifest(saves, seal, location.log_prefix)
     if location.uses_rename:
         await backend.write(location.staging_manifest_key, body)
@@ -191,4 +207,4 @@ async def _seal_merge_publish(location: Location, finalize_id: str) -> bool:
         outcome, _ = await create_once(backend, location.manifest_key, body)
         if outcome is not Created.MINE:  # another manifest, or deleted under us
             raise AlreadyExistsError(f"{location.manifest_key} exists with other contents.")
-    return ours
+    return None if ours else seal.record
