@@ -189,8 +189,6 @@ class FsspecBackend(Backend):
             atomic_create=self._strategy is not None,
             atomic_rename=False,
             compare_and_swap=False,
-            # Unknown filesystems promise nothing; the allow-listed ones sync or are stores.
-            durable=self._strategy is not None,
         )
 
     @property
@@ -300,6 +298,8 @@ class FsspecBackend(Backend):
     async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         path = self._path(key)
         _check_range(start, end)
+        if end is not None and end < (start or 0):
+            end = start or 0  # an empty slice: fsspec would read a negative length
         data = await self._guard("read", key, self._fs("cat_file", path, start=start, end=end))
         return bytes(data)
 

@@ -147,7 +147,6 @@ class LocalBackend(Backend):
             atomic_create=True,
             atomic_rename=atomic_rename,
             compare_and_swap=flock_ok,
-            durable=True,
         )
 
     @property

@@ -4,8 +4,7 @@ One process-wide store is shared by every :class:`MemoryBackend`, like
 fsspec's memory filesystem: two backends opened on ``memory://x`` see the
 same keys. A single lock guards the store, which makes ``create`` and
 ``rename`` truly atomic here, and versioned writes a plain counter check.
-Nothing survives the process (``durable=False``), and other processes never
-see the store.
+Nothing survives the process, and other processes never see the store.
 
 Example::
 
@@ -40,9 +39,7 @@ _store: dict[str, tuple[bytes, int]] = {}
 _lock = threading.Lock()
 _versions = itertools.count(1)
 
-_CAPABILITIES = Capabilities(
-    atomic_create=True, atomic_rename=True, compare_and_swap=True, durable=False
-)
+_CAPABILITIES = Capabilities(atomic_create=True, atomic_rename=True, compare_and_swap=True)
 
 
 class MemoryBackend(Backend):

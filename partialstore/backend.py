@@ -22,6 +22,15 @@ Rules every implementation keeps (the conformance suite in
   sorted.
 - ``rename`` exists only where the store renames atomically and without
   replacing; elsewhere it raises :class:`UnsupportedOperationError`.
+- Compare-and-swap (``write(..., if_version=...)`` and ``read_versioned``)
+  is optional: the core's save, finalize and load never call it. It is kept
+  for callers that need one writer to win an update of a shared object (a
+  run index over many checkpoints); a backend offers it only where
+  ``capabilities.compare_and_swap`` is True, and otherwise raises
+  :class:`UnsupportedOperationError` and writes nothing.
+- ``single_writer`` is the user's promise, given as a storage option, that
+  exactly one process ever writes under this root. The core then accepts a
+  backend without atomic create (whose ``create`` checks, then writes).
 - Methods are coroutines that may be awaited from any event loop in any
   thread: an implementation never binds itself to the loop of its first
   caller (fsspec's async filesystems run on their own loop thread, so a
@@ -56,14 +65,20 @@ class Capabilities:
     Attributes:
       atomic_create: ``create`` is an atomic exclusive create (one winner).
       atomic_rename: ``rename`` moves a whole prefix atomically, never replacing.
-      compare_and_swap: ``write(..., if_version=...)`` and ``read_versioned`` work.
-      durable: a returned write survives a power loss (fsync on local disk).
+      compare_and_swap: ``write(..., if_version=...)`` and ``read_versioned`` work
+        (optional: nothing in the core needs it; see the module docstring).
+
+    What the user promises rather than the store guarantees is not here:
+    that is :attr:`Backend.single_writer`.
+
+    Example::
+
+        Capabilities(atomic_create=True, atomic_rename=False)
     """
 
     atomic_create: bool
     atomic_rename: bool = False
     compare_and_swap: bool = False
-    durable: bool = True
 
 
 def validate_key(key: str, *, allow_empty: bool = False) -> str:
@@ -105,11 +120,18 @@ class Backend(abc.ABC):
     Subclasses implement the abstract coroutines and declare
     :attr:`capabilities` honestly. Optional operations (``rename``,
     versioned writes) have defaults that raise
-    :class:`UnsupportedOperationError`.
+    :class:`UnsupportedOperationError`; a backend overrides them exactly when
+    it sets the matching capability.
     """
 
     #: Root URL of this backend (what ``registry.open_backend`` was given).
     url: str
+
+    #: The user's promise (storage option ``single_writer=True``) that exactly one
+    #: process ever writes under :attr:`url`. Backends set it from their options;
+    #: the core accepts a store without ``capabilities.atomic_create`` only when
+    #: it is True. It never changes what a backend guarantees.
+    single_writer: bool = False
 
     @property
     @abc.abstractmethod
@@ -188,7 +210,14 @@ class Backend(abc.ABC):
         )
 
     async def read_versioned(self, key: str) -> tuple[bytes, str]:
-        """Return ``(data, version)`` for use with ``write(..., if_version=version)``."""
+        """Return ``(data, version)`` for use with ``write(..., if_version=version)``.
+
+        Optional: only where ``capabilities.compare_and_swap``.
+
+        Raises:
+          NotFoundError: ``key`` does not exist.
+          UnsupportedOperationError: the store has no compare-and-swap.
+        """
         raise UnsupportedOperationError(
             f"{type(self).__name__} at {self.url} has no compare-and-swap writes."
         )
@@ -202,7 +231,11 @@ class Backend(abc.ABC):
         return None
 
     def tensorstore_context(self) -> dict[str, Any] | None:
-        """Extra TensorStore context resources to open ``kvstore_spec`` with, or ``None``."""
+        """Extra TensorStore context resources to open ``kvstore_spec`` with, or ``None``.
+
+        The array layer builds its TensorStore context from this (retry and
+        credential settings of S3 and GCS).
+        """
         return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing

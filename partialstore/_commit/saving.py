@@ -127,7 +127,7 @@ def check_writable(location: Location) -> None:
         not promise a single writer.
     """
     backend = location.backend
-    if backend.capabilities.atomic_create or getattr(backend, "single_writer", False):
+    if backend.capabilities.atomic_create or backend.single_writer:
         return
     raise UnsupportedOperationError(
         f"{backend!r} cannot create objects atomically, so concurrent writers to "

@@ -16,6 +16,16 @@ fixture (zarr-python's ``StoreTests`` pattern)::
         def backend_url(self) -> tuple[str, dict]:
             return f"memory://{uuid.uuid4().hex}", {}
 
+        # Out-of-band hooks: reach the store itself, not through the backend.
+        def raw_write(self, where, key, data): ...
+        def raw_read(self, where, key): ...
+        def raw_exists(self, where, key): ...
+
+Every concrete (``Test*``) subclass must implement the out-of-band hooks
+``raw_write``, ``raw_read`` and ``raw_exists`` (see
+:mod:`partialstore.testing.conformance_outofband`); a subclass that misses
+one fails at import, so no backend loses those tests silently.
+
 Optional class attributes and hooks:
 
 - ``xfail_reasons``: ``{test_name: reason}`` for tests an emulator cannot
@@ -38,7 +48,9 @@ documented alternative instead (racing creators all refused; zarr3 arrays
 moved through ``read``/``write`` when ``kvstore_spec`` is ``None``). The
 race tests live in :mod:`partialstore.testing.conformance_races` and the
 rename, compare-and-swap and TensorStore tests in
-:mod:`partialstore.testing.conformance_capabilities`, both mixed in here.
+:mod:`partialstore.testing.conformance_capabilities`, the out-of-band and
+option tests in :mod:`partialstore.testing.conformance_outofband`, all mixed
+in here.
 """
 
 from __future__ import annotations
@@ -61,6 +73,7 @@ from partialstore.errors import (
     UnsupportedOperationError,
 )
 from partialstore.testing.conformance_capabilities import CapabilityConformance
+from partialstore.testing.conformance_outofband import HOOKS, OutOfBandConformance
 from partialstore.testing.conformance_races import RaceConformance
 
 __all__ = ["BackendConformance"]
@@ -75,10 +88,10 @@ def _random(size: int) -> bytes:
 
 
 def _can_create(backend: Backend) -> bool:
-    return backend.capabilities.atomic_create or bool(getattr(backend, "single_writer", False))
+    return backend.capabilities.atomic_create or backend.single_writer
 
 
-class BackendConformance(CapabilityConformance, RaceConformance):
+class BackendConformance(CapabilityConformance, RaceConformance, OutOfBandConformance):
     """Subclass in a test module and provide the ``backend_url`` fixture.
 
     ``backend_url`` returns ``(root URL unique per test, storage_options)``;
@@ -89,6 +102,18 @@ class BackendConformance(CapabilityConformance, RaceConformance):
     #: test name -> why the emulator is weaker than the real service (strict xfail).
     xfail_reasons: dict[str, str] = {}
     # Also ``shared_across_processes: bool = True``, from RaceConformance.
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("Test"):
+            return  # an intermediate base may leave the hooks to its subclasses
+        missing = [h for h in HOOKS if getattr(cls, h) is getattr(OutOfBandConformance, h)]
+        if missing:
+            raise TypeError(
+                f"{cls.__qualname__} subclasses BackendConformance but does not implement "
+                f"the out-of-band hooks {missing}; implement them on the store itself "
+                "(see partialstore.testing.conformance_outofband)."
+            )
 
     # ----------------------------------------------------------------- fixtures
 
@@ -130,7 +155,7 @@ class BackendConformance(CapabilityConformance, RaceConformance):
             return
         url, options = backend_url
         sibling = self.open_backend(url, {**options, "single_writer": True})
-        assert getattr(sibling, "single_writer", False) is True
+        assert sibling.single_writer is True
         yield sibling
         run(sibling.close())
 
@@ -147,7 +172,7 @@ class BackendConformance(CapabilityConformance, RaceConformance):
     def test_capabilities_and_url(self, backend: Backend, backend_url: tuple[str, dict]) -> None:
         assert isinstance(backend.capabilities, Capabilities)
         assert isinstance(backend.url, str) and backend.url
-        assert isinstance(getattr(backend, "single_writer", False), bool)
+        assert isinstance(backend.single_writer, bool)
 
     def test_create_then_read(self, backend: Backend, creator: Backend) -> None:
         self._expect_create_refused(backend)

@@ -10,7 +10,7 @@ arrays through ``read``/``write``.
 
 Example (run only these tests of one backend)::
 
-    pytest tests/test_backend_local.py -k "rename or compare_and_swap or zarr3"
+    pytest tests/backends/test_local.py -k "rename or compare_and_swap or zarr3"
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ process indeed sees none of this process's keys.
 
 Example (run only the races of one backend)::
 
-    pytest tests/test_backend_local.py -k race
+    pytest tests/backends/test_local.py -k race
 """
 
 from __future__ import annotations

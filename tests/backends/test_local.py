@@ -20,14 +20,32 @@ from partialstore.errors import (
 from partialstore.testing.conformance import BackendConformance
 
 
-class TestLocalBackendPath(BackendConformance):
+class LocalFiles(BackendConformance):
+    """Out-of-band hooks: the files under the root, with plain file I/O."""
+
+    def _file(self, where: tuple[str, dict], key: str) -> pathlib.Path:
+        return pathlib.Path(local.root_from_url(where[0]), *key.split("/"))
+
+    def raw_write(self, where: tuple[str, dict], key: str, data: bytes) -> None:
+        path = self._file(where, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def raw_read(self, where: tuple[str, dict], key: str) -> bytes:
+        return self._file(where, key).read_bytes()
+
+    def raw_exists(self, where: tuple[str, dict], key: str) -> bool:
+        return self._file(where, key).is_file()
+
+
+class TestLocalBackendPath(LocalFiles):
     @pytest.fixture
     def backend_url(self, tmp_path: pathlib.Path) -> tuple[str, dict]:
         # A root that does not exist yet: the backend creates it on demand.
         return str(tmp_path / "root with space"), {}
 
 
-class TestLocalBackendFileURL(BackendConformance):
+class TestLocalBackendFileURL(LocalFiles):
     @pytest.fixture
     def backend_url(self, tmp_path: pathlib.Path) -> tuple[str, dict]:
         return f"file://{tmp_path}/root", {}
@@ -51,7 +69,7 @@ def test_registry_routes_paths_and_file_urls(tmp_path: pathlib.Path) -> None:
 
 def test_capabilities_on_this_filesystem(backend: local.LocalBackend) -> None:
     caps = backend.capabilities
-    assert caps.atomic_create and caps.durable
+    assert caps.atomic_create
     # ext4/xfs/btrfs/tmpfs on Linux support RENAME_NOREPLACE and directory flock.
     assert caps.atomic_rename and caps.compare_and_swap
 
@@ -135,11 +153,6 @@ def test_kvstore_spec_is_the_file_driver(
         backend.kvstore_spec("../escape")
 
 
-def test_options_and_ranges_are_validated(tmp_path: pathlib.Path) -> None:
+def test_unknown_options_are_refused(tmp_path: pathlib.Path) -> None:
     with pytest.raises(InvalidInputError, match="storage options"):
         registry.open_backend(tmp_path, {"auto_mkdir": True})
-    instance = registry.open_backend(tmp_path, {"single_writer": True})
-    assert instance.single_writer is True
-    run(instance.write("k", b"abc"))
-    with pytest.raises(InvalidInputError):
-        run(instance.read("k", start=-1))
