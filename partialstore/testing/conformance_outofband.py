@@ -41,6 +41,7 @@ from partialstore.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    UnsupportedOperationError,
 )
 
 __all__ = ["HOOKS", "BackendUrl", "OutOfBandConformance"]
@@ -119,9 +120,14 @@ class OutOfBandConformance:
         self, backend: Backend, backend_url: BackendUrl
     ) -> None:
         # The optional capability is there for a writer that is not this one.
-        if not backend.capabilities.compare_and_swap:
-            return  # test_compare_and_swap checks the refusal
         run(backend.write("oob/cas", b"v1"))
+        if not backend.capabilities.compare_and_swap:
+            # Refused, and refused without touching what another writer stored.
+            self.raw_write(backend_url, "oob/cas", b"another writer")
+            with pytest.raises(UnsupportedOperationError):
+                run(backend.write("oob/cas", b"stale", if_version="any"))
+            assert self.raw_read(backend_url, "oob/cas") == b"another writer"
+            return
         data, version = run(backend.read_versioned("oob/cas"))
         assert data == b"v1"
         self.raw_write(backend_url, "oob/cas", b"another writer")
