@@ -214,6 +214,7 @@ class FaultyBackend(RuleHost, Backend):
         super().__init__()
         self.inner = inner
         self.url = url or inner.url
+        self.single_writer = inner.single_writer  # the inner backend's promise
         self._prefix = ""
 
     def _view(self, inner: Backend, url: str, prefix: str) -> FaultyBackend:
@@ -289,11 +290,6 @@ class FaultyBackend(RuleHost, Backend):
     @property
     def capabilities(self) -> Capabilities:
         return self.inner.capabilities
-
-    @property
-    def single_writer(self) -> bool:
-        """The inner backend's ``single_writer`` promise (False if it has none)."""
-        return bool(getattr(self.inner, "single_writer", False))
 
     async def create(self, key: str, data: bytes) -> None:
         await self._call("create", key, lambda: self.inner.create(key, data), size=len(data))
