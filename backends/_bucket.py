@@ -23,14 +23,13 @@ A subclass supplies the service's requests and error mapping: the
 ``_`` hooks below, plus ``create``, conditional writes, ``delete_prefix``,
 ``kvstore_spec`` and ``close``.
 
-Example::
-
-    class MyBackend(BucketBackend):
-        _schemes = ("my",)
-        _url_scheme = "my"
-        _url_form = "a my://bucket[/prefix]"
-        _service = "My"
-        ...
+Example:
+    >>> class MyBackend(BucketBackend):
+    ...     _schemes = ("my",)
+    ...     _url_scheme = "my"
+    ...     _url_form = "a my://bucket[/prefix]"
+    ...     _service = "My"
+    ...     ...
 """
 
 from __future__ import annotations
@@ -60,9 +59,10 @@ T = TypeVar("T")
 def split_bucket_url(url: str, owner: type[BucketBackend]) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``, for a URL in one of ``owner``'s schemes.
 
-    Example::
-
-        split_bucket_url("gs://b/run1/", GCSBackend)  # ("b", "run1")
+    Example:
+        >>> from partialstore.backends.gcs import GCSBackend
+        >>> split_bucket_url("gs://b/run1/", GCSBackend)
+        ('b', 'run1')
     """
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in owner._schemes:
@@ -127,10 +127,13 @@ class BucketBackend(Backend):
       url: ``<scheme>://bucket[/prefix]``, the scheme one of ``_schemes``.
       storage_options: the filesystem's options plus ``single_writer``.
 
-    Example::
-
-        backend = S3Backend("s3://bucket/run1", {"endpoint_url": "http://127.0.0.1:9000"})
-        await backend.read("log/00000001.json", start=0, end=2)
+    Example:
+        >>> from partialstore.backends.s3 import S3Backend
+        >>> backend = S3Backend("s3://bucket/run1", {"endpoint_url": "http://127.0.0.1:9000"})
+        >>> backend.bucket, backend.root  # nothing is sent before the first call
+        ('bucket', 'run1')
+        >>> from partialstore._runtime.aio import run
+        >>> run(backend.close())
     """
 
     _schemes: ClassVar[tuple[str, ...]]  # accepted URL schemes, the canonical one first
