@@ -144,9 +144,13 @@ class FsspecBackend(Backend):
       InvalidInputError: bad options, or an async filesystem bound to a
         caller's loop (``asynchronous=True``).
 
-    Example::
-
-        backend = FsspecBackend("local:///tmp/ckpts", {})
+    Example:
+        >>> from partialstore._runtime.aio import run
+        >>> backend = FsspecBackend(f"local://{tmp_dir}/ckpts", {})
+        >>> run(backend.create("log/00000001.json", b"{}"))
+        >>> run(backend.list("log"))
+        ['log/00000001.json']
+        >>> run(backend.close())
     """
 
     def __init__(
