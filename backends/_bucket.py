@@ -8,8 +8,9 @@ object names, and the operations whose logic is the same on both services
 (ranged reads, ``exists``, listings, ``delete``, unconditional writes).
 Backends opened with equal options share one filesystem (see
 :class:`_FilesystemPool`): a checkpoint path usually differs from the last
-one only in its prefix, and a new aiobotocore or aiohttp client costs
-0.3-1.8 s on this VM before its first request. Filesystems are built with
+one only in its prefix, and a new aiobotocore or aiohttp client takes a
+noticeable time before its first request (benchmarks/README.md, "Figures
+behind code decisions"). Filesystems are built with
 ``skip_instance_cache=True``, so endpoints and credentials never leak
 between backends opened with different options.
 Every call reaches the filesystem's loop thread through

@@ -1,11 +1,12 @@
 """A bucket backend's small requests, sent by TensorStore's C++ HTTP client.
 
 Every save commits with a few small requests in series (is it finalized,
-list the log, read its last record, create the next one) and a finalize with a few more. Sent
-through aiobotocore they cost about 7 ms of Python CPU each on this VM, and
-14 ms end to end against moto; through TensorStore's kvstore (the client
-that already writes the array chunks), 1 ms and 7 ms. Both talk to the same
-service with the same credentials, so the backend picks per request.
+list the log, read its last record, create the next one) and a finalize with a few more.
+Through TensorStore's kvstore (the client that already writes the array
+chunks) they cost a fraction of the Python CPU and about half the time they
+take through aiobotocore (figures: benchmarks/README.md, "Figures behind code
+decisions"). Both talk to the same service with the same credentials, so the
+backend picks per request.
 
 Only plain keys take this path (letters, digits, ``. _ - /``): TensorStore
 does not XML-unescape the keys of a listing, and the backends keep their own

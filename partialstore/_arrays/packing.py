@@ -62,9 +62,10 @@ __all__ = [
 ALIGN = 64
 
 #: Neighbouring leaves of one pack closer than this are fetched in one
-#: ranged read. An object-store request costs ~10-50 ms of latency, which
-#: buys more than 1 MiB of transfer on a fast link, so skipping up to 1 MiB
-#: of unwanted bytes is cheaper than a second request.
+#: ranged read. An object-store request's latency buys more than 1 MiB of
+#: transfer on a fast link, so skipping up to 1 MiB of unwanted bytes is
+#: cheaper than a second request (the estimate is in benchmarks/README.md,
+#: "Figures behind code decisions").
 COALESCE_GAP = 1 << 20
 
 

@@ -237,10 +237,11 @@ async def _write_parts(store: ts.TensorStore, parts: list[_Part]) -> None:
     for box, data in parts:
         target = store if box is None else store[tuple(slice(lo, hi) for lo, hi in box)]
         # Let TensorStore encode straight from the caller's buffer instead of
-        # first copying it into its chunk cache: 0.25 vs 0.17 GiB/s for a
-        # 256 MiB array on this VM. Safe because write_arrays' caller keeps the
-        # arrays unchanged until it returns, and the store (with the default
-        # zero-byte cache pool) is dropped when write_array returns.
+        # first copying it into its chunk cache: a copy less, and faster
+        # (figures: benchmarks/README.md, "Figures behind code decisions").
+        # Safe because write_arrays' caller keeps the arrays unchanged until
+        # it returns, and the store (with the default zero-byte cache pool)
+        # is dropped when write_array returns.
         writes.append(target.write(data, can_reference_source_data_indefinitely=True))
     await settle_all(writes)
 

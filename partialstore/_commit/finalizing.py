@@ -18,9 +18,14 @@ that sealer has stopped (a finalize re-run after a kill), and otherwise
 reports the checkpoint as the live sealer's, so one of concurrent
 finalizers succeeds.
 
-Example::
-
-    await finalize(location)
+Example:
+    >>> import partialstore
+    >>> from partialstore._commit.location import resolve
+    >>> from partialstore._runtime.aio import run
+    >>> partialstore.save(f"{tmp_dir}/ckpt", {"step": 1})
+    >>> run(finalize(resolve(f"{tmp_dir}/ckpt")))
+    >>> partialstore.load(f"{tmp_dir}/ckpt")
+    {'step': 1}
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ __all__ = [
 
 #: How many prepares (a save's array writes) of one path may run at once.
 #: Two already hide a commit behind the next save's writes; four also keep
-#: the store busy when saves are small (measured on moto: workload d).
+#: the store busy when saves are small (see benchmarks/README.md, "Figures
+#: behind code decisions").
 PIPELINE_DEPTH = 4
 
 T = TypeVar("T")

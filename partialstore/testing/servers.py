@@ -211,10 +211,9 @@ class MotoS3Server(_Server):
         benchmarks).
       serialize_writes: run moto's mutating requests one at a time. Moto
         checks ``If-None-Match``/``If-Match`` and then stores the object
-        without a lock, so racing conditional writes can all "win" (measured:
-        several winners in 13 of 30 rounds of 8 racers with 8 MiB bodies, and
-        2 winners in 3 of 180 compare-and-swap rounds under CPU load), and a
-        concurrent overwrite can crash its etag computation (HTTP 500). S3
+        without a lock, so racing conditional writes can all "win" (observed
+        often under load; figures in benchmarks/README.md, "Figures behind
+        code decisions"), and a concurrent overwrite can crash its etag computation (HTTP 500). S3
         decides conditions atomically; serializing writes gives moto the same
         semantics, so races test the client. Request bodies are read before
         the lock, so uploads still overlap on the wire. ``False`` is stock moto.
