@@ -43,12 +43,20 @@ decisions"). A checkpoint that silently loads flipped bits is worse than a
 slower load, so checksums are on by default (``checksum=False`` turns them
 off for a save; loads read either).
 
-Example::
-
-    from partialstore._runtime.aio import run
-    descriptors = run(write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y]))
-    x2, y_top = run(read_arrays(backend, "ckpt.partial_save",
-                                [(descriptors[0], None), (descriptors[1], (slice(0, 8),))]))
+Example:
+    >>> from partialstore import registry
+    >>> from partialstore._runtime.aio import run
+    >>> backend = registry.open_backend(f"{tmp_dir}/root")
+    >>> x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    >>> y = np.arange(1 << 16, dtype=np.float32).reshape(-1, 64)
+    >>> descriptors = run(write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y],
+    ...                                pack_threshold=1024))
+    >>> [d["format"] for d in descriptors]  # x is packed, y is a zarr3 array
+    ['packed', 'zarr3']
+    >>> x2, y_top = run(read_arrays(backend, "ckpt.partial_save",
+    ...                             [(descriptors[0], None), (descriptors[1], (slice(0, 2),))]))
+    >>> np.array_equal(x2, x), np.array_equal(y_top, y[:2])
+    (True, True)
 """
 
 from __future__ import annotations
@@ -147,9 +155,7 @@ async def write_arrays(
     concurrently; smaller ones are packed into ``packed-NNNN.bin`` objects.
     The caller must not modify the arrays until this returns.
 
-    Example::
-
-        descriptors = await write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y])
+    See the module docstring for an example.
 
     Args:
       backend: the store.
@@ -271,9 +277,7 @@ async def read_arrays(
     semantics (negative bounds and steps allowed). Results are fresh,
     writable, native-byte-order arrays.
 
-    Example::
-
-        whole, rows = await read_arrays(backend, "ckpt", [(d0, None), (d1, (slice(0, 8),))])
+    See the module docstring for an example.
 
     Raises:
       CorruptCheckpointError: a descriptor is malformed (unknown format, path

@@ -16,10 +16,15 @@ A save that fails is reported through its :class:`AsyncResponse`. If nobody
 looked at that response before the next finalize of the path, finalize
 raises the failure instead of publishing a checkpoint that silently lacks it.
 
-Example::
-
-    response = schedule(key, coroutine)   # runs after earlier work on `key`
-    response.result()
+Example:
+    >>> order = []
+    >>> async def step(number: int) -> None:
+    ...     order.append(number)
+    >>> first = schedule("doctest", lambda: step(1), track=False)
+    >>> second = schedule("doctest", lambda: step(2), track=False)  # runs after the first
+    >>> second.result()
+    >>> order
+    [1, 2]
 """
 
 from __future__ import annotations
@@ -58,11 +63,13 @@ class UnobservedSaveError(PartialStoreError):
 class AsyncResponse:
     """Handle of a background save, as returned by :func:`partialstore.save_async`.
 
-    Example::
-
-        response = partialstore.save_async(path, {"step": 1})
-        ...                       # training goes on
-        response.result()         # raises what the save raised, if anything
+    Example:
+        >>> import partialstore
+        >>> response = partialstore.save_async(f"{tmp_dir}/ckpt", {"step": 1})
+        >>> # ... training goes on ...
+        >>> response.result()  # raises what the save raised, if anything
+        >>> response.done()
+        True
     """
 
     def __init__(
@@ -79,14 +86,15 @@ class AsyncResponse:
         included (e.g. a multi-process job's coordination timing out); only
         when ``done()`` is still ``False`` did the wait itself time out.
 
-        Example::
-
-            try:
-                response.result(timeout=60)
-            except TimeoutError:
-                if not response.done():
-                    ...  # still saving: wait again later
-                raise     # the save itself failed with a TimeoutError
+        Example:
+            >>> import asyncio
+            >>> response = schedule("doctest", lambda: asyncio.sleep(0.5), track=False)
+            >>> try:
+            ...     response.result(timeout=0.01)
+            ... except TimeoutError:
+            ...     print("still saving" if not response.done() else "the save failed")
+            still saving
+            >>> response.result()
 
         Raises:
           TimeoutError: ``timeout`` seconds passed first (the save goes on),
@@ -216,9 +224,13 @@ def schedule(
     turn, with the task running it: ``make(prepared)`` awaits ``prepared``
     for its result or its exception.
 
-    Example::
-
-        schedule(key, lambda written: commit(written), prepare=lambda: write_bytes())
+    Example:
+        >>> async def write_bytes() -> int:
+        ...     return 3  # starts at once
+        >>> async def commit(written) -> None:
+        ...     print("committing", await written)  # after earlier work on the key
+        >>> schedule("doctest", commit, prepare=write_bytes, track=False).result()
+        committing 3
     """
     outcome = _Outcome()
     response = AsyncResponse(aio.submit(_ordered(key, make, prepare, outcome)), outcome)
