@@ -7,7 +7,9 @@ every platform has it and not every filesystem honours it (some answer
 directory lock needs. :func:`probe` tries both in a scratch directory, once
 per device, and the backend promises only what worked.
 
-Example (on Linux, on a local filesystem such as ext4 or tmpfs):
+The examples assume Linux and a local filesystem such as ext4 or tmpfs.
+
+Example:
     >>> cache = {}
     >>> probe(f"{tmp_dir}/ckpts", find_renameat2(), cache)  # (atomic_rename, dir_flock)
     (True, True)
@@ -45,7 +47,7 @@ _probe_lock = threading.Lock()
 def find_renameat2() -> RenameAt2 | None:
     """libc's ``renameat2``, or ``None`` off Linux or when libc lacks it.
 
-    Example (on Linux; ``None`` on macOS):
+    Example:
         >>> find_renameat2() is not None
         True
     """
@@ -70,7 +72,7 @@ def find_renameat2() -> RenameAt2 | None:
 def rename_noreplace(renameat2: RenameAt2, src: str, dst: str) -> None:
     """``renameat2(src, dst, RENAME_NOREPLACE)``; raises ``OSError`` with the errno.
 
-    Example (on Linux):
+    Example:
         >>> import os
         >>> os.mkdir(f"{tmp_dir}/a"); os.mkdir(f"{tmp_dir}/b")
         >>> rename_noreplace(find_renameat2(), f"{tmp_dir}/a", f"{tmp_dir}/b")

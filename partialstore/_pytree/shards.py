@@ -5,7 +5,9 @@ In a multi-process JAX job each process snapshots only the shards it owns
 every shard edge of the global sharding, so all processes derive the same
 chunk grid (:func:`partialstore._arrays.sharded.shard_chunks`).
 
-Example (one device: the single shard is the whole array):
+On one device the single shard is the whole array.
+
+Example:
     >>> sharded = snapshot_shards(jax.numpy.arange(8.0), copy_arrays=True)
     >>> sharded.shape, [box for box, _ in sharded.shards], sharded.boundaries
     ((8,), [((0, 8),)], ((0, 8),))

@@ -12,11 +12,13 @@ the parent sends ``go`` to all workers only when all are ready, so their
 operations start together. At the end the worker prints ``result <base64
 pickle>``, or ``error <base64 traceback>`` at any point.
 
-Example (what the suite does)::
+What the suite does, on a local root:
 
-    records = run_workers("create", url, options, count=4,
-                          keys=["k/0", "k/1"], size=1 << 20)
-    # records[w] == ["won", "lost"] etc.
+Example:
+    >>> records = run_workers("create", f"{tmp_dir}/root", {}, count=2,
+    ...                       keys=["k/0", "k/1"], size=1024)
+    >>> [sorted(record[i] for record in records) for i in range(2)]  # one winner per key
+    [['lost', 'won'], ['lost', 'won']]
 """
 
 from __future__ import annotations
