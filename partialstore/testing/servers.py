@@ -33,7 +33,8 @@ Environment variables, and why they are needed:
   to an emulator), ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` (skips TensorStore's
   credential lookup) and ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` (stops a
   gcsfs that is imported by name from probing the emulator over gRPC, which
-  costs ~60 s per call).
+  stalls every call until it times out; see benchmarks/README.md, "Figures
+  behind code decisions").
 
 A test starts one as ``with MotoS3Server() as server:``, creates a bucket with
 ``server.create_bucket("ckpts")`` and opens
@@ -210,10 +211,11 @@ class MotoS3Server(_Server):
         checks ``If-None-Match``/``If-Match`` and then stores the object
         without a lock, so racing conditional writes can all "win" (observed
         often under load; figures in benchmarks/README.md, "Figures behind
-        code decisions"), and a concurrent overwrite can crash its etag computation (HTTP 500). S3
-        decides conditions atomically; serializing writes gives moto the same
-        semantics, so races test the client. Request bodies are read before
-        the lock, so uploads still overlap on the wire. ``False`` is stock moto.
+        code decisions"), and a concurrent overwrite can crash its etag
+        computation (HTTP 500). S3 decides conditions atomically; serializing
+        writes gives moto the same semantics, so races test the client.
+        Request bodies are read before the lock, so uploads still overlap on
+        the wire. ``False`` is stock moto.
 
     Started with ``start()`` (or ``with``) and stopped with ``stop()``; the
     module docstring shows the usual sequence.
