@@ -137,8 +137,8 @@ def entry_from_jax_key(key: Any, parent: KeyPath) -> PathEntry:
         ('key', 'w')
 
     Raises:
-        InvalidInputError: the key is of a kind partialstore cannot store
-            (a dict key that is neither str nor int, or a custom key class).
+      InvalidInputError: the key is of a kind partialstore cannot store
+        (a dict key that is neither str nor int, or a custom key class).
     """
     if isinstance(key, jtu.DictKey):
         return ("key", _dict_key(key.key, parent))
@@ -187,9 +187,9 @@ def decode_path(obj: Any) -> KeyPath:
         (('key', 'params'), ('idx', 0))
 
     Raises:
-        CorruptCheckpointError: ``obj`` is not a list of at most
-            :data:`MAX_DEPTH` ``[kind, key]`` pairs with a known kind and a key
-            of the right type.
+      CorruptCheckpointError: ``obj`` is not a list of at most
+        :data:`MAX_DEPTH` ``[kind, key]`` pairs with a known kind and a key
+        of the right type.
     """
     if not isinstance(obj, list | tuple):
         raise CorruptCheckpointError(f"Stored key path {short_repr(obj)} is not a list.")
@@ -327,8 +327,8 @@ def parse_selector(select: str | Sequence[Any]) -> Selector:
         ('params', 'layers', 0)
 
     Raises:
-        InvalidInputError: an empty component (``"a//b"``) or a key of an
-            unsupported type.
+      InvalidInputError: an empty component (``"a//b"``) or a key of an
+        unsupported type.
     """
     if isinstance(select, str):
         stripped = select.strip("/")

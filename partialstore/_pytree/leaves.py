@@ -167,7 +167,7 @@ def classify_leaf(obj: Any, path: KeyPath) -> str | None:
         True
 
     Raises:
-        UnsupportedLeafError: an array, numpy scalar or str that cannot be saved.
+      UnsupportedLeafError: an array, numpy scalar or str that cannot be saved.
     """
     if obj is None:
         return "none"
@@ -216,7 +216,7 @@ def fallback_leaf_kind(obj: Any, path: KeyPath) -> str:
         'int'
 
     Raises:
-        UnsupportedLeafError: anything that is not a scalar subclass.
+      UnsupportedLeafError: anything that is not a scalar subclass.
     """
     if isinstance(obj, bool):
         return "bool"
@@ -352,7 +352,7 @@ def decode_value(kind: str, obj: Any) -> int | float | bool | str | None:
         3
 
     Raises:
-        CorruptCheckpointError: unknown kind, or ``obj`` does not fit ``kind``.
+      CorruptCheckpointError: unknown kind, or ``obj`` does not fit ``kind``.
     """
     if kind == "none":
         if obj is not None:

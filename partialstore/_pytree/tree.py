@@ -287,11 +287,11 @@ def flatten(state: Any, *, copy_arrays: bool = True) -> tuple[list[Leaf], list[N
         [('<root>', 'dict'), ('opt', 'tuple')]
 
     Raises:
-        UnsupportedLeafError: a leaf type or dtype cannot be saved; the message
-            names its key path.
-        InvalidInputError: a dict key that is not str/int, mixed str and int
-            keys in one dict, a custom node with unsupported keys, a cycle, or a
-            tree deeper than :data:`MAX_DEPTH` levels.
+      UnsupportedLeafError: a leaf type or dtype cannot be saved; the message
+        names its key path.
+      InvalidInputError: a dict key that is not str/int, mixed str and int
+        keys in one dict, a custom node with unsupported keys, a cycle, or a
+        tree deeper than :data:`MAX_DEPTH` levels.
     """
     pending, nodes = _walk(state)
     # Start every device-to-host copy before blocking on the first one.
@@ -321,7 +321,7 @@ def encode_value(leaf: Leaf) -> Any:
         {'float': 'inf'}
 
     Raises:
-        InvalidInputError: the leaf is of an array kind.
+      InvalidInputError: the leaf is of an array kind.
     """
     return encode_inline(leaf.kind, leaf.value)
 
@@ -393,8 +393,8 @@ def build_tree(nodes: Mapping[KeyPath, Node], values: Mapping[KeyPath, Any]) -> 
         {'a': [1, {}], 'b': None}
 
     Raises:
-        CorruptCheckpointError: a path is both a leaf and a container, or two
-            children of one container collide.
+      CorruptCheckpointError: a path is both a leaf and a container, or two
+        children of one container collide.
     """
     for path in nodes:
         if path in values:
@@ -446,8 +446,8 @@ def target_leaf_paths(target: Any) -> tuple[list[KeyPath], list[Any], Any]:
         {'step': 1, 'w': array([0., 0.], dtype=float32)}
 
     Raises:
-        InvalidInputError: the target has unsupported or mixed dict keys, or a
-            custom node jax cannot flatten.
+      InvalidInputError: the target has unsupported or mixed dict keys, or a
+        custom node jax cannot flatten.
     """
     try:
         keyed, treedef = jtu.tree_flatten_with_path(target, is_leaf=lambda x: x is None)
