@@ -10,14 +10,17 @@ Temp files are named ``.<name>.tmp-<32 hex>``; :func:`is_temp_name` tells
 them apart so listings can skip them.
 
 Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> import os
-    >>> makedirs_durable(f"{tmp_dir}/c/log")
-    >>> create_file(f"{tmp_dir}/c/log/00000001.json", b"{}")
-    >>> create_file(f"{tmp_dir}/c/log/00000001.json", b"[]")  # exactly one creator wins
+    >>> makedirs_durable(f"{tmp.name}/c/log")
+    >>> create_file(f"{tmp.name}/c/log/00000001.json", b"{}")
+    >>> create_file(f"{tmp.name}/c/log/00000001.json", b"[]")  # exactly one creator wins
     Traceback (most recent call last):
     FileExistsError: [Errno 17] File exists: ...
-    >>> os.listdir(f"{tmp_dir}/c/log")  # no temp file is left behind
+    >>> os.listdir(f"{tmp.name}/c/log")  # no temp file is left behind
     ['00000001.json']
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -63,8 +66,11 @@ def dir_lock(directory: str) -> Iterator[None]:
     """Exclusive ``flock`` on ``directory``; per open file description, so threads conflict too.
 
     Example:
-        >>> with dir_lock(tmp_dir):
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with dir_lock(tmp.name):
         ...     pass  # no other holder of this directory's lock runs here
+        >>> tmp.cleanup()
     """
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -78,7 +84,10 @@ def fsync_dir(directory: str) -> None:
     """fsync ``directory`` so the entries just added to or removed from it survive a crash.
 
     Example:
-        >>> fsync_dir(tmp_dir)
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> fsync_dir(tmp.name)
+        >>> tmp.cleanup()
     """
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -102,10 +111,13 @@ def makedirs_durable(directory: str) -> None:
     Raises ``NotADirectoryError`` when a file is in the way.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import os
-        >>> makedirs_durable(f"{tmp_dir}/c/log")
-        >>> os.path.isdir(f"{tmp_dir}/c/log")
+        >>> makedirs_durable(f"{tmp.name}/c/log")
+        >>> os.path.isdir(f"{tmp.name}/c/log")
         True
+        >>> tmp.cleanup()
     """
     missing: list[str] = []
     path = directory
@@ -135,9 +147,12 @@ def create_file(path: str, data: bytes) -> None:
       FileExistsError: ``path`` exists (another creator won).
 
     Example:
-        >>> create_file(f"{tmp_dir}/00000001.json", b"{}")
-        >>> open(f"{tmp_dir}/00000001.json", "rb").read()
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> create_file(f"{tmp.name}/00000001.json", b"{}")
+        >>> open(f"{tmp.name}/00000001.json", "rb").read()
         b'{}'
+        >>> tmp.cleanup()
     """
     temp = _temp_path(path)
     _write_file(temp, data)
@@ -163,10 +178,13 @@ def replace_file(
     replace run inside it. The directory must exist.
 
     Example:
-        >>> replace_file(f"{tmp_dir}/partialstore.json", b"{}")
-        >>> replace_file(f"{tmp_dir}/partialstore.json", b"[]")
-        >>> open(f"{tmp_dir}/partialstore.json", "rb").read()
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> replace_file(f"{tmp.name}/partialstore.json", b"{}")
+        >>> replace_file(f"{tmp.name}/partialstore.json", b"[]")
+        >>> open(f"{tmp.name}/partialstore.json", "rb").read()
         b'[]'
+        >>> tmp.cleanup()
     """
     temp = _temp_path(path)
     try:

@@ -10,11 +10,14 @@ per device, and the backend promises only what worked.
 The examples assume Linux and a local filesystem such as ext4 or tmpfs.
 
 Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> cache = {}
-    >>> probe(f"{tmp_dir}/ckpts", find_renameat2(), cache)  # (atomic_rename, dir_flock)
+    >>> probe(f"{tmp.name}/ckpts", find_renameat2(), cache)  # (atomic_rename, dir_flock)
     (True, True)
     >>> len(cache)  # answers are kept per device
     1
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -73,11 +76,14 @@ def rename_noreplace(renameat2: RenameAt2, src: str, dst: str) -> None:
     """``renameat2(src, dst, RENAME_NOREPLACE)``; raises ``OSError`` with the errno.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import os
-        >>> os.mkdir(f"{tmp_dir}/a"); os.mkdir(f"{tmp_dir}/b")
-        >>> rename_noreplace(find_renameat2(), f"{tmp_dir}/a", f"{tmp_dir}/b")
+        >>> os.mkdir(f"{tmp.name}/a"); os.mkdir(f"{tmp.name}/b")
+        >>> rename_noreplace(find_renameat2(), f"{tmp.name}/a", f"{tmp.name}/b")
         Traceback (most recent call last):
         FileExistsError: [Errno 17] File exists: ...
+        >>> tmp.cleanup()
     """
     if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
         code = ctypes.get_errno()

@@ -145,12 +145,15 @@ class FsspecBackend(Backend):
         caller's loop (``asynchronous=True``).
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> from partialstore._runtime.aio import run
-        >>> backend = FsspecBackend(f"local://{tmp_dir}/ckpts", {})
+        >>> backend = FsspecBackend(f"local://{tmp.name}/ckpts", {})
         >>> run(backend.create("log/00000001.json", b"{}"))
         >>> run(backend.list("log"))
         ['log/00000001.json']
         >>> run(backend.close())
+        >>> tmp.cleanup()
     """
 
     def __init__(

@@ -25,12 +25,15 @@ The durable file writes live in ``_local_files`` and the probing of
 the contract onto them.
 
 Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> from partialstore import registry
     >>> from partialstore._runtime.aio import run
-    >>> backend = registry.open_backend(f"{tmp_dir}/ckpts")
+    >>> backend = registry.open_backend(f"{tmp.name}/ckpts")
     >>> run(backend.create("run1/log/00000001.json", b"{}"))
     >>> run(backend.read("run1/log/00000001.json"))
     b'{}'
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -130,9 +133,12 @@ class LocalBackend(Backend):
         backend creates atomically regardless).
 
     Example:
-        >>> backend = LocalBackend(f"{tmp_dir}/ckpts", {})
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> backend = LocalBackend(f"{tmp.name}/ckpts", {})
         >>> backend.single_writer
         False
+        >>> tmp.cleanup()
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:

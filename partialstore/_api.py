@@ -83,11 +83,15 @@ def save_async(
     saves per path at a time, while earlier saves commit.
 
     Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
         >>> opt = {"mu": np.zeros(3, np.float32)}
-        >>> response = partialstore.save_async(f"{tmp_dir}/step_10", {"opt_state": opt})
+        >>> response = partialstore.save_async(f"{tmp.name}/step_10", {"opt_state": opt})
         >>> # ... keep training ...
         >>> response.result()  # None, or raises what the save raised
+        >>> tmp.cleanup()
 
     Args:
       path: checkpoint path: a local path, ``os.PathLike`` or URL (``file://``,
@@ -177,13 +181,16 @@ def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None
     the primary finalizes and the others wait and return or raise as it did.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> path = f"{tmp_dir}/step_10"
+        >>> path = f"{tmp.name}/step_10"
         >>> partialstore.save(path, {"step": 1})
         >>> partialstore.finalize(path)
         >>> partialstore.finalize(path)
         Traceback (most recent call last):
         partialstore.errors.CheckpointFinalizedError: ...
+        >>> tmp.cleanup()
 
     Raises:
       FileExistsError: a finalized checkpoint exists at ``path`` (also for all but
@@ -214,8 +221,12 @@ def load(
     """Load a finalized checkpoint: the whole tree, selected subtrees, or a target layout.
 
     Example:
+        >>> import numpy as np
+        >>> import jax
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> path = f"{tmp_dir}/step_10"
+        >>> path = f"{tmp.name}/step_10"
         >>> partialstore.save(path, {"params": {"w": np.ones(3, np.float32)}, "step": 10})
         >>> partialstore.finalize(path)
         >>> partialstore.load(path)  # numpy arrays
@@ -226,6 +237,7 @@ def load(
         >>> abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=device)}
         >>> partialstore.load(path, target={"params": abstract})  # jax.Arrays, placed
         {'params': {'w': Array([1., 1., 1.], dtype=float32)}}
+        >>> tmp.cleanup()
 
     Args:
       path: the checkpoint path.
@@ -266,8 +278,11 @@ def metadata(
     """Describe a finalized checkpoint without reading array bytes.
 
     Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> path = f"{tmp_dir}/step_10"
+        >>> path = f"{tmp.name}/step_10"
         >>> w = np.zeros((1024, 1024), np.float32)
         >>> partialstore.save(path, {"params": {"w": w}}, custom_metadata={"step": 10})
         >>> partialstore.finalize(path)
@@ -276,6 +291,7 @@ def metadata(
         LeafMetadata(kind='array', shape=(1024, 1024), dtype='float32')
         >>> info.custom_metadata, len(info.saves)
         ({'step': 10}, 1)
+        >>> tmp.cleanup()
 
     Raises:
       FileNotFoundError: no finalized checkpoint at ``path``.
@@ -289,13 +305,17 @@ def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None)
     """Abandon the unfinalized session at ``path`` and delete its data.
 
     Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> path = f"{tmp_dir}/step_10"
+        >>> path = f"{tmp.name}/step_10"
         >>> partialstore.save(path, {"broken": np.ones(3)})
         >>> partialstore.discard(path)  # as if nothing had been saved
         >>> partialstore.finalize(path)
         Traceback (most recent call last):
         partialstore.errors.NotFoundError: No partial save session at ...
+        >>> tmp.cleanup()
 
     In a multi-process JAX job every process calls it: the primary discards,
     the others wait and return or raise as it did.
@@ -320,8 +340,11 @@ def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> l
     data behind. Returns the deleted directories, relative to ``path``.
 
     Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> path = f"{tmp_dir}/step_10"
+        >>> path = f"{tmp.name}/step_10"
         >>> partialstore.save(path, {"w": np.zeros(3)})
         >>> partialstore.save(path, {"w": np.ones(3)})  # wholly replaces the first save
         >>> partialstore.finalize(path)
@@ -329,6 +352,7 @@ def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> l
         ['data/...']
         >>> partialstore.gc(path)
         []
+        >>> tmp.cleanup()
 
     In a multi-process JAX job every process calls it: the primary deletes,
     the others wait and return the same list (or raise as it did).

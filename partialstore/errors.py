@@ -20,8 +20,10 @@ that callers already catch, so ``except FileExistsError`` and
         └── OutcomeUnknownError                          ... a write may or may not have landed
 
 Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> import partialstore
-    >>> path = f"{tmp_dir}/step_10"
+    >>> path = f"{tmp.name}/step_10"
     >>> partialstore.save(path, {"step": 1})
     >>> partialstore.finalize(path)
     >>> try:
@@ -29,6 +31,7 @@ Example:
     ... except partialstore.errors.CheckpointFinalizedError as err:
     ...     print("already published; pick a new path")  # also a FileExistsError
     already published; pick a new path
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

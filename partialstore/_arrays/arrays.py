@@ -44,9 +44,11 @@ slower load, so checksums are on by default (``checksum=False`` turns them
 off for a save; loads read either).
 
 Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> from partialstore import registry
     >>> from partialstore._runtime.aio import run
-    >>> backend = registry.open_backend(f"{tmp_dir}/root")
+    >>> backend = registry.open_backend(f"{tmp.name}/root")
     >>> x = np.arange(12, dtype=np.float32).reshape(3, 4)
     >>> y = np.arange(1 << 16, dtype=np.float32).reshape(-1, 64)
     >>> descriptors = run(write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y],
@@ -57,6 +59,7 @@ Example:
     ...                             [(descriptors[0], None), (descriptors[1], (slice(0, 2),))]))
     >>> np.array_equal(x2, x), np.array_equal(y_top, y[:2])
     (True, True)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ def shard_chunks(array: ShardedArray, target: int) -> list[int]:
     so every shard is a union of whole chunks and no chunk has two writers.
 
     Example:
+        >>> import numpy as np
         >>> f32 = np.dtype("float32")
         >>> shard_chunks(ShardedArray((16, 3), f32, ((0, 4, 8, 12, 16), (0, 3)), []), 1 << 20)
         [4, 3]

@@ -9,13 +9,16 @@ from "another writer's" (Icechunk and Delta Lake resolve lost commits the
 same way).
 
 Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> from partialstore import registry
     >>> from partialstore._runtime.aio import run
-    >>> backend = registry.open_backend(f"{tmp_dir}/root")
+    >>> backend = registry.open_backend(f"{tmp.name}/root")
     >>> run(create_once(backend, "ck/log/00000003.json", b'{"id": "a"}'))
     (<Created.MINE: 'mine'>, True)
     >>> run(create_once(backend, "ck/log/00000003.json", b'{"id": "b"}'))  # another writer's
     (<Created.OTHER: 'other'>, False)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ The encoders (:mod:`partialstore._commit.txlog`,
 import the modules that build on it.
 
 Example:
+    >>> import json
     >>> with paused_gc():
     ...     body = json.loads(b'{"format": "partialstore.log", "version": 1}')
     >>> body["format"] == LOG_FORMAT and body["version"] == LOG_VERSION

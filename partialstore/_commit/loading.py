@@ -69,15 +69,18 @@ async def read_manifest(location: Location) -> Manifest:
     once, so ``load``, ``metadata`` and ``gc`` refuse the same damage.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
         >>> from partialstore._commit.location import resolve
         >>> from partialstore._runtime.aio import run
-        >>> partialstore.save(f"{tmp_dir}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
-        >>> partialstore.finalize(f"{tmp_dir}/ckpt")
-        >>> location = resolve(f"{tmp_dir}/ckpt")
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
         >>> manifest = run(read_manifest(location))
         >>> len(manifest.save_dirs())  # what gc keeps
         1
+        >>> tmp.cleanup()
 
     Raises:
       NotFoundError: no finalized checkpoint (says when a session is still open).
@@ -110,15 +113,18 @@ def read_metadata(location: Location, manifest: Manifest) -> CheckpointMetadata:
     """Build :class:`CheckpointMetadata` from a checked manifest (no array bytes read).
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
         >>> from partialstore._commit.location import resolve
         >>> from partialstore._runtime.aio import run
-        >>> partialstore.save(f"{tmp_dir}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
-        >>> partialstore.finalize(f"{tmp_dir}/ckpt")
-        >>> location = resolve(f"{tmp_dir}/ckpt")
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
         >>> info = read_metadata(location, run(read_manifest(location)))
         >>> info.tree["params"]["w"].shape
         (3,)
+        >>> tmp.cleanup()
     """
     values = {leaf.path: _leaf_metadata(leaf) for leaf in manifest.leaves}
     return CheckpointMetadata(
@@ -176,14 +182,17 @@ async def load_tree(
     """Load the whole tree (or the ``select``-ed subtrees) as numpy arrays and Python values.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
         >>> from partialstore._commit.location import resolve
         >>> from partialstore._runtime.aio import run
-        >>> partialstore.save(f"{tmp_dir}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
-        >>> partialstore.finalize(f"{tmp_dir}/ckpt")
-        >>> location = resolve(f"{tmp_dir}/ckpt")
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
         >>> run(load_tree(location, run(read_manifest(location)), select=["params"]))
         {'params': {'w': array([1., 1., 1.], dtype=float32)}}
+        >>> tmp.cleanup()
     """
     leaves = manifest.leaves
     nodes = _nodes(manifest)
@@ -207,16 +216,20 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
     A numpy-array leaf comes back as numpy; any other leaf as stored.
 
     Example:
+        >>> import jax
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
         >>> from partialstore._commit.location import resolve
         >>> from partialstore._runtime.aio import run
-        >>> partialstore.save(f"{tmp_dir}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
-        >>> partialstore.finalize(f"{tmp_dir}/ckpt")
-        >>> location = resolve(f"{tmp_dir}/ckpt")
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
         >>> sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         >>> target = {"params": {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=sharding)}}
         >>> run(load_into_target(location, run(read_manifest(location)), target))
         {'params': {'w': Array([1., 1., 1.], dtype=float32)}}
+        >>> tmp.cleanup()
     """
     import jax  # deferred: loading without a target should not pay for jax
 

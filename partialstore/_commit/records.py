@@ -26,15 +26,19 @@ The checks cost time linear in the object's size. The typed entries here
 use; the merge still works on the checked record dicts.
 
 Example:
+    >>> import numpy as np
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> import partialstore
-    >>> partialstore.save(f"{tmp_dir}/ckpt", {"w": np.ones(3), "step": 1})
-    >>> data = open(f"{tmp_dir}/ckpt.partial_save/log/00000001.json", "rb").read()
+    >>> partialstore.save(f"{tmp.name}/ckpt", {"w": np.ones(3), "step": 1})
+    >>> data = open(f"{tmp.name}/ckpt.partial_save/log/00000001.json", "rb").read()
     >>> record = decode_record("ckpt.partial_save/log/00000001.json", data)
-    >>> partialstore.finalize(f"{tmp_dir}/ckpt")
-    >>> data = open(f"{tmp_dir}/ckpt/partialstore.json", "rb").read()
+    >>> partialstore.finalize(f"{tmp.name}/ckpt")
+    >>> data = open(f"{tmp.name}/ckpt/partialstore.json", "rb").read()
     >>> manifest = decode_manifest("ckpt/partialstore.json", data)
     >>> manifest.leaves[0].path, manifest.save_dirs() == {record["save_id"]}
     ((('key', 'step'),), True)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -304,11 +308,14 @@ def decode_record(key: str, data: bytes) -> dict[str, Any]:
     """Parse and check the log record ``data`` read from ``key``.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> partialstore.save(f"{tmp_dir}/ckpt", {"step": 1})
-        >>> data = open(f"{tmp_dir}/ckpt.partial_save/log/00000001.json", "rb").read()
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"step": 1})
+        >>> data = open(f"{tmp.name}/ckpt.partial_save/log/00000001.json", "rb").read()
         >>> decode_record("ckpt.partial_save/log/00000001.json", data)["kind"]
         'save'
+        >>> tmp.cleanup()
 
     Raises:
       CorruptCheckpointError: not a version-1 log record, or malformed (the
@@ -363,13 +370,17 @@ def decode_manifest(key: str, data: bytes) -> Manifest:
     """Parse and check the manifest ``data`` read from ``key``.
 
     Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> partialstore.save(f"{tmp_dir}/ckpt", {"w": np.ones(3), "step": 1})
-        >>> partialstore.finalize(f"{tmp_dir}/ckpt")
-        >>> data = open(f"{tmp_dir}/ckpt/partialstore.json", "rb").read()
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"w": np.ones(3), "step": 1})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> data = open(f"{tmp.name}/ckpt/partialstore.json", "rb").read()
         >>> manifest = decode_manifest("ckpt/partialstore.json", data)
         >>> [format_path(leaf.path) for leaf in manifest.leaves]
         ['step', 'w']
+        >>> tmp.cleanup()
 
     Raises:
       CorruptCheckpointError: not a version-1 manifest, or malformed (the

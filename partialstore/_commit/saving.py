@@ -171,10 +171,13 @@ async def write_save_data(
     write lands after the cleanup of a refused save.
 
     Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import asyncio
         >>> from partialstore._commit.location import resolve
         >>> from partialstore._runtime.aio import run
-        >>> location = resolve(f"{tmp_dir}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
         >>> snap = snapshot({"params": {"w": np.ones(3)}}, {"step": 10}, copy=True)
         >>> async def save() -> int:
         ...     save_id = new_save_id()
@@ -183,6 +186,7 @@ async def write_save_data(
         ...     return await commit_save(location, snap, save_id=save_id, written=written)
         >>> run(save())  # the number of its log record
         1
+        >>> tmp.cleanup()
     """
     if not check:
         return await _write_data(location, snap, save_id)

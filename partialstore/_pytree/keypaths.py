@@ -21,6 +21,7 @@ Selectors (:func:`parse_selector`) pick a subtree for a partial load:
 ``"params/layers/0"`` or ``("params", "layers", 0)``.
 
 Example:
+    >>> import json
     >>> path = (("key", "params"), ("idx", 0), ("attr", "mu"))
     >>> format_path(path)
     'params[0].mu'
@@ -133,6 +134,7 @@ def entry_from_jax_key(key: Any, parent: KeyPath) -> PathEntry:
     error messages.
 
     Example:
+        >>> import jax
         >>> entry_from_jax_key(jax.tree_util.DictKey("w"), ())
         ('key', 'w')
 

@@ -8,6 +8,7 @@ chunk grid (:func:`partialstore._arrays.sharded.shard_chunks`).
 On one device the single shard is the whole array.
 
 Example:
+    >>> import jax
     >>> sharded = snapshot_shards(jax.numpy.arange(8.0), copy_arrays=True)
     >>> sharded.shape, [box for box, _ in sharded.shards], sharded.boundaries
     ((8,), [((0, 8),)], ((0, 8),))

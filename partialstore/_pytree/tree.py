@@ -438,6 +438,7 @@ def target_leaf_paths(target: Any) -> tuple[list[KeyPath], list[Any], Any]:
     they are (``jax.ShapeDtypeStruct``, arrays, scalars, ``None``, ...).
 
     Example:
+        >>> import jax
         >>> paths, leaves, treedef = target_leaf_paths(
         ...     {"w": jax.ShapeDtypeStruct((2,), np.float32), "step": None})
         >>> paths

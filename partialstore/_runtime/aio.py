@@ -6,11 +6,14 @@ loop, which lives in a daemon thread, so calls from any thread (including
 threads that already run their own loop, like Jupyter's) never nest loops.
 
 Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> from partialstore import registry
-    >>> backend = registry.open_backend(f"{tmp_dir}/root")
+    >>> backend = registry.open_backend(f"{tmp.name}/root")
     >>> run(backend.create("log/00000001.json", b"{}"))
     >>> run(backend.read("log/00000001.json"))
     b'{}'
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -64,12 +64,15 @@ class AsyncResponse:
     """Handle of a background save, as returned by :func:`partialstore.save_async`.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> response = partialstore.save_async(f"{tmp_dir}/ckpt", {"step": 1})
+        >>> response = partialstore.save_async(f"{tmp.name}/ckpt", {"step": 1})
         >>> # ... training goes on ...
         >>> response.result()  # raises what the save raised, if anything
         >>> response.done()
         True
+        >>> tmp.cleanup()
     """
 
     def __init__(

@@ -171,10 +171,12 @@ class Rule:
     work as a :class:`~partialstore.testing.faulty_backend.FaultyBackend`'s do.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> from partialstore import registry
         >>> from partialstore._runtime.aio import submit
         >>> from partialstore.testing.faulty_backend import BackendFault, FaultyBackend, hang
-        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp_dir}/root"))
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
         >>> rule = faulty.add(BackendFault(hang(), method="read"))
         >>> future = submit(faulty.read("k"))
         >>> rule.wait(1, timeout=10)  # a call is now hanging
@@ -183,6 +185,7 @@ class Rule:
         >>> future.result(timeout=10)
         Traceback (most recent call last):
         partialstore.errors.NotFoundError: ...
+        >>> tmp.cleanup()
     """
 
     def __init__(self, fault: Any, owner: Any) -> None:
@@ -235,11 +238,14 @@ class RuleHost:
     :class:`~partialstore.testing.faulty_backend.FaultyBackend` are rule hosts.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> from partialstore import registry
         >>> from partialstore.testing.faulty_backend import BackendFault, FaultyBackend, before
-        >>> host = FaultyBackend(registry.open_backend(f"{tmp_dir}/root"))
+        >>> host = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
         >>> rule = host.add(BackendFault(before(), method="write"))
         >>> host.remove(rule)
+        >>> tmp.cleanup()
     """
 
     def __init__(self) -> None:

@@ -31,15 +31,18 @@ Faults on array bytes of a real store belong to
 public API (``partialstore.save(url + "/ck", ...)``) goes through it.
 
 Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> import partialstore
-    >>> url, faulty = install_faulty(f"{tmp_dir}/root")
+    >>> url, faulty = install_faulty(f"{tmp.name}/root")
     >>> rule = faulty.add(BackendFault(after(), method="create", key=r"/log/"))
     >>> partialstore.save(url + "/ck", {"a": 1})  # record landed, answer lost: read back, fine
     >>> rule.fired, [record.outcome for record in faulty.calls("create", key=r"/log/")]
     (1, ['error'])
     >>> partialstore.finalize(url + "/ck")
-    >>> partialstore.load(f"{tmp_dir}/root/ck")  # the inner store holds the checkpoint
+    >>> partialstore.load(f"{tmp.name}/root/ck")  # the inner store holds the checkpoint
     {'a': 1}
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -106,15 +109,18 @@ def after_as_retry() -> CallAction:
     """Apply the call, then return or raise what the same call made again does.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> from partialstore import registry
         >>> from partialstore._runtime.aio import run
-        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp_dir}/root"))
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
         >>> rule = faulty.add(BackendFault(after_as_retry(), method="create"))
         >>> run(faulty.create("k", b"x"))  # applied, then answered as its retry would be
         Traceback (most recent call last):
         partialstore.errors.AlreadyExistsError: ...
         >>> run(faulty.read("k"))
         b'x'
+        >>> tmp.cleanup()
     """
     return CallAction("after_as_retry")
 
@@ -128,16 +134,19 @@ def hang() -> CallAction:
     """Hold the call until the rule is released (then it goes on) or the task is cancelled.
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> from partialstore._runtime.aio import submit
         >>> from partialstore import registry
         >>> from partialstore._runtime.aio import run
-        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp_dir}/root"))
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
         >>> rule = faulty.add(BackendFault(hang(), method="create"))
         >>> future = submit(faulty.create("k", b"x"))
         >>> rule.wait(1, timeout=10), future.done()  # the create is hanging
         (True, False)
         >>> rule.release()
         >>> future.result(timeout=10)  # then it goes on
+        >>> tmp.cleanup()
     """
     return CallAction("hang")
 
@@ -151,9 +160,11 @@ def call(fn: Callable[[CallRecord], Any], *, when: str = "before") -> CallAction
     would (through the wrapper's URL, finalize queues behind the paused save).
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> from partialstore import registry
         >>> from partialstore._runtime.aio import run
-        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp_dir}/root"))
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
         >>> seen = []
         >>> rule = faulty.add(
         ...     BackendFault(call(lambda record: seen.append(record.key), when="after"),
@@ -161,6 +172,7 @@ def call(fn: Callable[[CallRecord], Any], *, when: str = "before") -> CallAction
         >>> run(faulty.create("log/00000001.json", b"{}"))
         >>> seen
         ['log/00000001.json']
+        >>> tmp.cleanup()
 
         A test can finalize through the inner URL from such a hook, as another
         process would, right after a save's record landed.
@@ -229,9 +241,11 @@ class FaultyBackend(RuleHost, Backend):
       url: the URL this wrapper answers for (default: ``inner.url``).
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> from partialstore import registry
         >>> from partialstore._runtime.aio import run
-        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp_dir}/root"))
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
         >>> from partialstore.errors import TransientBackendError
         >>> rule = faulty.add(BackendFault(before(), method="write", times=2))
         >>> for _ in range(3):
@@ -243,6 +257,7 @@ class FaultyBackend(RuleHost, Backend):
         refused
         refused
         written
+        >>> tmp.cleanup()
     """
 
     def __init__(self, inner: Backend, *, url: str | None = None) -> None:
@@ -268,12 +283,15 @@ class FaultyBackend(RuleHost, Backend):
         """The logged calls in order, optionally only ``method`` / key regex ``key``.
 
         Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
             >>> from partialstore import registry
             >>> from partialstore._runtime.aio import run
-            >>> faulty = FaultyBackend(registry.open_backend(f"{tmp_dir}/root"))
+            >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
             >>> run(faulty.create("ck/log/00000001.json", b"{}"))
             >>> [(c.method, c.key, c.outcome) for c in faulty.calls("create", key=r"/log/")]
             [('create', 'ck/log/00000001.json', 'ok')]
+            >>> tmp.cleanup()
         """
         return self._records(BackendFault(CallAction("log"), method=method, key=key))
 
@@ -405,12 +423,16 @@ def install_faulty(
     (``faulty<hex>``), so installs never collide; they last for the process.
 
     Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import partialstore
-        >>> url, faulty = install_faulty(f"{tmp_dir}/root")
+        >>> url, faulty = install_faulty(f"{tmp.name}/root")
         >>> rule = faulty.add(BackendFault(before(), method="create", key=r"/log/", times=None))
         >>> partialstore.save(url + "/ck", {"a": np.ones(3)})
         Traceback (most recent call last):
         partialstore.errors.TransientBackendError: Injected fault: create of ...
+        >>> tmp.cleanup()
     """
     options = dict(storage_options or {})
     scheme = f"faulty{uuid.uuid4().hex[:12]}"

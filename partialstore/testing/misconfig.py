@@ -16,9 +16,12 @@ here reaches beyond 127.0.0.1.
   with :func:`applied_env` (a child process) or ``monkeypatch`` (a test).
 
 Example:
-    >>> env = applied_env(no_aws_credentials_env(tmp_dir))  # os.environ with the changes
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> env = applied_env(no_aws_credentials_env(tmp.name))  # os.environ with the changes
     >>> "AWS_ACCESS_KEY_ID" in env, env["AWS_EC2_METADATA_DISABLED"]
     (False, 'true')
+    >>> tmp.cleanup()
 
 A test then runs a child process with ``env=env``, or sets the same changes
 with ``monkeypatch`` (see :func:`no_aws_credentials_env`).
@@ -80,12 +83,15 @@ def no_aws_credentials_env(folder: str | os.PathLike[str]) -> dict[str, str | No
     must exist: a missing shared file makes some clients look elsewhere).
 
     Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
         >>> import os
-        >>> changes = no_aws_credentials_env(tmp_dir)
+        >>> changes = no_aws_credentials_env(tmp.name)
         >>> changes["AWS_ACCESS_KEY_ID"] is None  # None: unset the variable
         True
         >>> os.path.getsize(changes["AWS_SHARED_CREDENTIALS_FILE"])
         0
+        >>> tmp.cleanup()
 
         In a test, apply each change with ``monkeypatch.setenv`` /
         ``monkeypatch.delenv``.
@@ -111,9 +117,12 @@ def no_google_credentials_env(folder: str | os.PathLike[str]) -> dict[str, str |
     options: without a token gcsfs quietly falls back to anonymous access.
 
     Example:
-        >>> changes = no_google_credentials_env(f"{tmp_dir}/gcloud")
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> changes = no_google_credentials_env(f"{tmp.name}/gcloud")
         >>> changes["NO_GCE_CHECK"], changes["GOOGLE_APPLICATION_CREDENTIALS"]
         ('true', None)
+        >>> tmp.cleanup()
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,13 @@ pickle>``, or ``error <base64 traceback>`` at any point.
 What the suite does, on a local root:
 
 Example:
-    >>> records = run_workers("create", f"{tmp_dir}/root", {}, count=2,
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> records = run_workers("create", f"{tmp.name}/root", {}, count=2,
     ...                       keys=["k/0", "k/1"], size=1024)
     >>> [sorted(record[i] for record in records) for i in range(2)]  # one winner per key
     [['lost', 'won'], ['lost', 'won']]
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
