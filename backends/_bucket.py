@@ -8,8 +8,9 @@ object names, and the operations whose logic is the same on both services
 (ranged reads, ``exists``, listings, ``delete``, unconditional writes).
 Backends opened with equal options share one filesystem (see
 :class:`_FilesystemPool`): a checkpoint path usually differs from the last
-one only in its prefix, and a new aiobotocore or aiohttp client costs
-0.3-1.8 s on this VM before its first request. Filesystems are built with
+one only in its prefix, and a new aiobotocore or aiohttp client takes a
+noticeable time before its first request (benchmarks/README.md, "Figures
+behind code decisions"). Filesystems are built with
 ``skip_instance_cache=True``, so endpoints and credentials never leak
 between backends opened with different options.
 Every call reaches the filesystem's loop thread through
@@ -23,14 +24,13 @@ A subclass supplies the service's requests and error mapping: the
 ``_`` hooks below, plus ``create``, conditional writes, ``delete_prefix``,
 ``kvstore_spec`` and ``close``.
 
-Example::
-
-    class MyBackend(BucketBackend):
-        _schemes = ("my",)
-        _url_scheme = "my"
-        _url_form = "a my://bucket[/prefix]"
-        _service = "My"
-        ...
+Example:
+    >>> class MyBackend(BucketBackend):
+    ...     _schemes = ("my",)
+    ...     _url_scheme = "my"
+    ...     _url_form = "a my://bucket[/prefix]"
+    ...     _service = "My"
+    ...     ...
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ T = TypeVar("T")
 def split_bucket_url(url: str, owner: type[BucketBackend]) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``, for a URL in one of ``owner``'s schemes.
 
-    Example::
-
-        split_bucket_url("gs://b/run1/", GCSBackend)  # ("b", "run1")
+    Example:
+        >>> from partialstore.backends.gcs import GCSBackend
+        >>> split_bucket_url("gs://b/run1/", GCSBackend)
+        ('b', 'run1')
     """
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in owner._schemes:
@@ -127,10 +128,13 @@ class BucketBackend(Backend):
       url: ``<scheme>://bucket[/prefix]``, the scheme one of ``_schemes``.
       storage_options: the filesystem's options plus ``single_writer``.
 
-    Example::
-
-        backend = S3Backend("s3://bucket/run1", {"endpoint_url": "http://127.0.0.1:9000"})
-        await backend.read("log/00000001.json", start=0, end=2)
+    Example:
+        >>> from partialstore.backends.s3 import S3Backend
+        >>> backend = S3Backend("s3://bucket/run1", {"endpoint_url": "http://127.0.0.1:9000"})
+        >>> backend.bucket, backend.root  # nothing is sent before the first call
+        ('bucket', 'run1')
+        >>> from partialstore._runtime.aio import run
+        >>> run(backend.close())
     """
 
     _schemes: ClassVar[tuple[str, ...]]  # accepted URL schemes, the canonical one first

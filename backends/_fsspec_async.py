@@ -9,10 +9,8 @@ the result from whatever loop the caller runs on, so a backend built on it
 never binds itself to its first caller's loop (a rule of the Backend
 contract). Cancelling the awaiting task cancels the work on ``fs.loop`` too.
 
-Example::
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    data = await call(fs, fs._cat_file, "bucket/key")
+A backend reads ``data = await call(fs, fs._cat_file, "bucket/key")``;
+:func:`on_loop` shows the mechanism offline.
 """
 
 from __future__ import annotations
@@ -32,9 +30,15 @@ async def on_loop(loop: asyncio.AbstractEventLoop, coro_fn: Callable[[], Awaitab
     ``coro_fn`` is a zero-argument callable so the coroutine object is created
     where it runs (some libraries look up the running loop at creation).
 
-    Example::
-
-        size = await on_loop(fs.loop, lambda: fs._size("bucket/key"))
+    Example:
+        >>> import asyncio
+        >>> import fsspec.asyn
+        >>> from partialstore._runtime.aio import run
+        >>> loop = fsspec.asyn.get_loop()  # fsspec's IO thread, what ``fs.loop`` is
+        >>> async def runs_on_fs_loop() -> bool:
+        ...     return asyncio.get_running_loop() is loop
+        >>> run(on_loop(loop, runs_on_fs_loop))
+        True
     """
     try:
         running = asyncio.get_running_loop()
@@ -53,8 +57,7 @@ async def on_loop(loop: asyncio.AbstractEventLoop, coro_fn: Callable[[], Awaitab
 async def call(fs: Any, method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
     """Await ``method(*args, **kwargs)`` (a coroutine method of ``fs``) on ``fs.loop``.
 
-    Example::
-
-        await call(fs, fs._pipe_file, "bucket/key", b"data", mode="create")
+    A backend writes as ``await call(fs, fs._pipe_file, "bucket/key", b"data", mode="create")``;
+    :func:`on_loop` has a runnable example.
     """
     return await on_loop(fs.loop, lambda: method(*args, **kwargs))

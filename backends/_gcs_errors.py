@@ -7,12 +7,11 @@ google-auth errors pass through. :func:`map_gcs_error` turns them into
 partialstore's errors, and :func:`retry_kind` tells the retry loop what an
 answer means.
 
-Example::
-
-    try:
-        ...
-    except Exception as err:
-        raise map_gcs_error(err, "read", "gs://bucket/key") from err
+Example:
+    >>> from gcsfs.retry import HttpError
+    >>> err = HttpError({"code": 404, "message": "No such object"})
+    >>> map_gcs_error(err, "read", "gs://bucket/key")  # a caller raises it ``from err``
+    NotFoundError('Cannot read gs://bucket/key: no such object or bucket.')
 """
 
 from __future__ import annotations
@@ -51,9 +50,10 @@ logging.getLogger("gcsfs").addFilter(_DropRangeNotSatisfiable())
 def status_of(err: BaseException) -> int | None:
     """The HTTP status gcsfs or aiohttp attached to ``err``, or None.
 
-    Example::
-
-        status_of(HttpError({"code": 429, "message": "rate"}))  # 429
+    Example:
+        >>> from gcsfs.retry import HttpError
+        >>> status_of(HttpError({"code": 429, "message": "rate"}))
+        429
     """
     code = getattr(err, "code", None)
     if isinstance(code, int):
@@ -71,9 +71,7 @@ def map_gcs_error(
 
     ``endpoint`` names the service in messages that need it.
 
-    Example::
-
-        raise map_gcs_error(err, "read", "gs://bucket/key") from err
+    See the module docstring for an example.
     """
     import aiohttp
     import google.auth.exceptions
@@ -127,9 +125,10 @@ def map_gcs_error(
 def retry_kind(err: BaseException) -> Kind | None:
     """What GCS's answer behind ``err`` means for a retry, or None when GCS did not answer.
 
-    Example::
-
-        retry_kind(HttpError({"code": 503}))  # Kind.REJECTED
+    Example:
+        >>> from gcsfs.retry import HttpError
+        >>> retry_kind(HttpError({"code": 503}))
+        <Kind.REJECTED: 'rejected'>
     """
     import aiohttp
     import requests

@@ -9,12 +9,18 @@ directory is fsync'd afterwards so the new entry survives a crash.
 Temp files are named ``.<name>.tmp-<32 hex>``; :func:`is_temp_name` tells
 them apart so listings can skip them.
 
-Example::
-
-    from partialstore.backends._local_files import create_file, makedirs_durable
-
-    makedirs_durable("/tmp/c/log")
-    create_file("/tmp/c/log/00000001.json", b"{}")
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import os
+    >>> makedirs_durable(f"{tmp.name}/c/log")
+    >>> create_file(f"{tmp.name}/c/log/00000001.json", b"{}")
+    >>> create_file(f"{tmp.name}/c/log/00000001.json", b"[]")  # exactly one creator wins
+    Traceback (most recent call last):
+    FileExistsError: [Errno 17] File exists: ...
+    >>> os.listdir(f"{tmp.name}/c/log")  # no temp file is left behind
+    ['00000001.json']
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ _TEMP_RE = re.compile(r"^\..*\.tmp-[0-9a-f]{32}$", re.DOTALL)
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is one of the in-flight temp files written here.
 
-    Example::
-
-        is_temp_name(".x.json.tmp-" + "0" * 32)  # True
+    Example:
+        >>> is_temp_name(".x.json.tmp-" + "0" * 32)
+        True
     """
     return bool(_TEMP_RE.match(name))
 
@@ -59,10 +65,12 @@ def _temp_path(final_path: str) -> str:
 def dir_lock(directory: str) -> Iterator[None]:
     """Exclusive ``flock`` on ``directory``; per open file description, so threads conflict too.
 
-    Example::
-
-        with dir_lock("/tmp/c/log"):
-            ...  # no other holder of this directory's lock runs here
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with dir_lock(tmp.name):
+        ...     pass  # no other holder of this directory's lock runs here
+        >>> tmp.cleanup()
     """
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -75,9 +83,11 @@ def dir_lock(directory: str) -> Iterator[None]:
 def fsync_dir(directory: str) -> None:
     """fsync ``directory`` so the entries just added to or removed from it survive a crash.
 
-    Example::
-
-        fsync_dir("/tmp/c/log")
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> fsync_dir(tmp.name)
+        >>> tmp.cleanup()
     """
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -100,9 +110,14 @@ def makedirs_durable(directory: str) -> None:
 
     Raises ``NotADirectoryError`` when a file is in the way.
 
-    Example::
-
-        makedirs_durable("/tmp/c/log")
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import os
+        >>> makedirs_durable(f"{tmp.name}/c/log")
+        >>> os.path.isdir(f"{tmp.name}/c/log")
+        True
+        >>> tmp.cleanup()
     """
     missing: list[str] = []
     path = directory
@@ -131,9 +146,13 @@ def create_file(path: str, data: bytes) -> None:
     Raises:
       FileExistsError: ``path`` exists (another creator won).
 
-    Example::
-
-        create_file("/tmp/c/log/00000001.json", b"{}")
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> create_file(f"{tmp.name}/00000001.json", b"{}")
+        >>> open(f"{tmp.name}/00000001.json", "rb").read()
+        b'{}'
+        >>> tmp.cleanup()
     """
     temp = _temp_path(path)
     _write_file(temp, data)
@@ -158,9 +177,14 @@ def replace_file(
     ``lock``; only ``check`` (which may raise to abandon the write) and the
     replace run inside it. The directory must exist.
 
-    Example::
-
-        replace_file("/tmp/c/partialstore.json", b"{}")
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> replace_file(f"{tmp.name}/partialstore.json", b"{}")
+        >>> replace_file(f"{tmp.name}/partialstore.json", b"[]")
+        >>> open(f"{tmp.name}/partialstore.json", "rb").read()
+        b'[]'
+        >>> tmp.cleanup()
     """
     temp = _temp_path(path)
     try:

@@ -7,12 +7,17 @@ every platform has it and not every filesystem honours it (some answer
 directory lock needs. :func:`probe` tries both in a scratch directory, once
 per device, and the backend promises only what worked.
 
-Example::
+The examples assume Linux and a local filesystem such as ext4 or tmpfs.
 
-    from partialstore.backends._local_probe import find_renameat2, probe
-
-    renameat2 = find_renameat2()
-    atomic_rename, dir_flock = probe("/tmp/ckpts", renameat2, {})
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> cache = {}
+    >>> probe(f"{tmp.name}/ckpts", find_renameat2(), cache)  # (atomic_rename, dir_flock)
+    (True, True)
+    >>> len(cache)  # answers are kept per device
+    1
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ _probe_lock = threading.Lock()
 def find_renameat2() -> RenameAt2 | None:
     """libc's ``renameat2``, or ``None`` off Linux or when libc lacks it.
 
-    Example::
-
-        renameat2 = find_renameat2()  # None on macOS
+    Example:
+        >>> find_renameat2() is not None
+        True
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -70,9 +75,15 @@ def find_renameat2() -> RenameAt2 | None:
 def rename_noreplace(renameat2: RenameAt2, src: str, dst: str) -> None:
     """``renameat2(src, dst, RENAME_NOREPLACE)``; raises ``OSError`` with the errno.
 
-    Example::
-
-        rename_noreplace(find_renameat2(), "/tmp/c/a", "/tmp/c/b")  # EEXIST if b exists
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import os
+        >>> os.mkdir(f"{tmp.name}/a"); os.mkdir(f"{tmp.name}/b")
+        >>> rename_noreplace(find_renameat2(), f"{tmp.name}/a", f"{tmp.name}/b")
+        Traceback (most recent call last):
+        FileExistsError: [Errno 17] File exists: ...
+        >>> tmp.cleanup()
     """
     if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
         code = ctypes.get_errno()
@@ -98,9 +109,7 @@ def probe(root: str, renameat2: RenameAt2 | None, cache: ProbeCache) -> tuple[bo
     (NFS's emulation refuses read-only fds). An answer that could not be
     found promises nothing and is not cached.
 
-    Example::
-
-        atomic_rename, dir_flock = probe("/tmp/ckpts", find_renameat2(), {})
+    See the module docstring for an example.
     """
     anchor = _nearest_existing_dir(root)
     try:

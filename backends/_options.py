@@ -20,11 +20,13 @@ The S3 and GCS backends also know every option s3fs / gcsfs take (their
 constructors' parameters, read from the installed versions), and the keys
 of s3fs's ``client_kwargs`` and ``config_kwargs``.
 
-Example::
-
-    options = dict(storage_options)
-    single_writer = pop_single_writer(options)
-    reject_options(options, "MemoryBackend", url)
+Example:
+    >>> options = {"single_writer": True, "endpoint_url": "http://127.0.0.1:9000"}
+    >>> pop_single_writer(options)
+    True
+    >>> reject_options(options, "MemoryBackend", "memory://x")
+    Traceback (most recent call last):
+    partialstore.errors.InvalidInputError: ...endpoint_url...
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ FSSPEC_BASE = {
 def suggest(name: str, known: Iterable[str]) -> str:
     """`` Did you mean 'x'?`` for the known name closest to ``name``, or ``""``.
 
-    Example::
-
-        suggest("endpont_url", ["endpoint_url", "key"])  # " Did you mean 'endpoint_url'?"
+    Example:
+        >>> suggest("endpont_url", ["endpoint_url", "key"])
+        " Did you mean 'endpoint_url'?"
     """
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
@@ -74,10 +76,10 @@ def pop_single_writer(options: dict[str, Any]) -> bool:
     Raises:
       InvalidInputError: the value is not a bool (``"false"`` would be truthy).
 
-    Example::
-
-        options = dict(storage_options or {})
-        backend.single_writer = pop_single_writer(options)
+    Example:
+        >>> options = {"single_writer": True}
+        >>> pop_single_writer(options), options
+        (True, {})
     """
     single_writer = options.pop("single_writer", False)
     if not isinstance(single_writer, bool):
@@ -94,9 +96,9 @@ def pop_retry_policy(options: dict[str, Any], url: str) -> RetryPolicy:
       InvalidInputError: ``deadline`` is not a positive number of seconds, or
         ``retries`` not an int >= 0.
 
-    Example::
-
-        pop_retry_policy({"deadline": 5, "retries": 2}, "s3://b")  # RetryPolicy(5.0, 2, ...)
+    Example:
+        >>> pop_retry_policy({"deadline": 5, "retries": 2}, "s3://b")
+        RetryPolicy(deadline=5.0, retries=2, base_delay=0.25, max_delay=16.0)
     """
     deadline = options.pop("deadline", DEFAULT_DEADLINE)
     retries = options.pop("retries", DEFAULT_RETRIES)
@@ -116,9 +118,8 @@ def pop_retry_policy(options: dict[str, Any], url: str) -> RetryPolicy:
 def reject_options(options: Mapping[str, Any], owner: str, url: str) -> None:
     """Raise if ``options`` (what is left after ``single_writer``) is not empty.
 
-    Example::
-
-        reject_options({}, "LocalBackend", "/tmp/ckpts")  # no error
+    Example:
+        >>> reject_options({}, "LocalBackend", "/tmp/ckpts")  # nothing left over: no error
     """
     for name in sorted(options):
         raise InvalidInputError(
@@ -130,9 +131,10 @@ def reject_options(options: Mapping[str, Any], owner: str, url: str) -> None:
 def init_parameters(cls: type, *, stop: type = object) -> set[str]:
     """Named parameters of ``__init__`` along ``cls``'s MRO (up to ``stop``).
 
-    Example::
-
-        init_parameters(fsspec.implementations.local.LocalFileSystem)  # {"auto_mkdir", ...}
+    Example:
+        >>> from fsspec.implementations.local import LocalFileSystem
+        >>> "auto_mkdir" in init_parameters(LocalFileSystem)
+        True
     """
     names: set[str] = set()
     for klass in cls.__mro__:
@@ -147,9 +149,9 @@ def init_parameters(cls: type, *, stop: type = object) -> set[str]:
 def parameters(function: Any) -> set[str]:
     """Names of ``function``'s named parameters (not ``*args`` / ``**kwargs``).
 
-    Example::
-
-        parameters(lambda a, *b, c=1, **d: None)  # {"a", "c"}
+    Example:
+        >>> sorted(parameters(lambda a, *b, c=1, **d: None))
+        ['a', 'c']
     """
     found = inspect.signature(function).parameters.values()
     return {p.name for p in found if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -175,10 +177,11 @@ def check_options(
     ``open_ended`` (a filesystem that forwards unknown keys elsewhere) only
     keys very close to a known one are refused, as likely typos.
 
-    Example::
-
-        check_options({"endpont_url": "x"}, {"endpoint_url": str}, owner="S3Backend", url=u)
-        # InvalidInputError: ... Did you mean 'endpoint_url'?
+    Example:
+        >>> check_options({"endpont_url": "x"}, {"endpoint_url": str}, owner="S3Backend",
+        ...               url="s3://b")
+        Traceback (most recent call last):
+        partialstore.errors.InvalidInputError: ... Did you mean 'endpoint_url'?...
     """
     for name, value in options.items():
         if not isinstance(name, str):

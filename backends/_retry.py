@@ -29,10 +29,17 @@ conditional write that meets "already exists" / "version changed" after
 such an attempt raises :class:`OutcomeUnknownError`, since the object may
 be its own earlier attempt.
 
-Example::
-
-    policy = RetryPolicy(deadline=30.0, retries=5)
-    data = await run_bounded(policy, call, attempt, classify=kind_of)
+Example:
+    >>> from partialstore._runtime.aio import run
+    >>> call = Call("read", "s3://b/k", False, "http://127.0.0.1:9000",
+    ...             reached=lambda: True, mark_reached=lambda: None, hint="")
+    >>> async def attempt(state: Attempt) -> bytes:
+    ...     if state.number == 0:
+    ...         raise ConnectionResetError("reset")  # transient: retried
+    ...     return b"data"
+    >>> policy = RetryPolicy(deadline=5.0, retries=2, base_delay=0.01)
+    >>> run(run_bounded(policy, call, attempt, classify=lambda err: Kind.REJECTED))
+    b'data'
 """
 
 from __future__ import annotations
@@ -97,9 +104,9 @@ class RetryPolicy:
       retries: retries after the first attempt.
       base_delay, max_delay: the backoff's first ceiling and its cap, seconds.
 
-    Example::
-
-        RetryPolicy(deadline=10.0, retries=3).worst_case_backoff()  # 1.75
+    Example:
+        >>> RetryPolicy(deadline=10.0, retries=3).worst_case_backoff()
+        1.75
     """
 
     deadline: float = DEFAULT_DEADLINE
@@ -126,9 +133,12 @@ class RetryPolicy:
         initial)))`` before retry ``n``; the retry count is lowered (to its
         minimum of 1) until the sum of the longest sleeps fits in ``deadline``.
 
-        Example::
-
-            ts.Context({"s3_request_retries": RetryPolicy().tensorstore_retries()})
+        Example:
+            >>> import tensorstore as ts
+            >>> retries = RetryPolicy(deadline=10.0, retries=3).tensorstore_retries()
+            >>> retries["max_retries"]
+            3
+            >>> context = ts.Context({"s3_request_retries": retries})
         """
         initial = min(self.base_delay, self.deadline / 4)
         jitter = min(1.0, initial)
@@ -149,9 +159,17 @@ class RetryPolicy:
 def causes(err: BaseException) -> Iterator[BaseException]:
     """``err``, then what caused it: ``__cause__``/``__context__`` and botocore's ``error``.
 
-    Example::
-
-        any(isinstance(c, socket.gaierror) for c in causes(err))
+    Example:
+        >>> import socket
+        >>> try:
+        ...     try:
+        ...         raise socket.gaierror("no such host")
+        ...     except OSError as inner:
+        ...         raise ConnectionError("connect failed") from inner
+        ... except ConnectionError as err:
+        ...     found = any(isinstance(c, socket.gaierror) for c in causes(err))
+        >>> found
+        True
     """
     seen: set[int] = set()
     todo: list[BaseException] = [err]
@@ -178,9 +196,9 @@ def transport_kind(err: BaseException) -> Kind | None:
     Covers aiohttp, botocore, requests, sockets and TensorStore's curl
     errors; HTTP answers are left to the service (they carry codes).
 
-    Example::
-
-        transport_kind(ConnectionRefusedError())  # Kind.UNREACHABLE
+    Example:
+        >>> transport_kind(ConnectionRefusedError())
+        <Kind.UNREACHABLE: 'unreachable'>
     """
     import aiohttp
     import botocore.exceptions as boto
@@ -221,9 +239,9 @@ def transport_kind(err: BaseException) -> Kind | None:
 def http_kind(status: int | None) -> Kind | None:
     """What an HTTP status says about a request, or None if it is not a retry matter.
 
-    Example::
-
-        http_kind(503), http_kind(500), http_kind(404)  # REJECTED, AMBIGUOUS, None
+    Example:
+        >>> http_kind(503), http_kind(500), http_kind(404)
+        (<Kind.REJECTED: 'rejected'>, <Kind.AMBIGUOUS: 'ambiguous'>, None)
     """
     if status in (429, 503):
         return Kind.REJECTED  # the server declined the request without applying it
@@ -345,9 +363,11 @@ def _exhausted(
 def note_failure(state: Attempt, kind: Kind, mutating: bool) -> None:
     """Record in ``state`` that a request of a mutating call failed as ``kind``.
 
-    Example::
-
-        note_failure(state, Kind.AMBIGUOUS, mutating=True)  # state.maybe_applied is True
+    Example:
+        >>> state = Attempt()
+        >>> note_failure(state, Kind.AMBIGUOUS, mutating=True)
+        >>> state.maybe_applied
+        True
     """
     if mutating and kind is Kind.AMBIGUOUS:
         state.maybe_applied = True
@@ -383,9 +403,7 @@ async def run_bounded(
     ``classify`` says what a failure means (:class:`Kind`); ``attempt``
     raises partialstore's own errors for answers such as "not found".
 
-    Example::
-
-        data = await run_bounded(policy, call, lambda state: fetch(key), classify=kind_of)
+    See the module docstring for an example.
     """
     state = Attempt()
     started = time.monotonic()

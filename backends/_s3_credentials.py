@@ -30,11 +30,13 @@ cleanup can be missed. Where ``memfd_create`` does not exist, TensorStore is
 not given the keys at all (:func:`static_credentials` returns ``None``): the
 backend then moves array bytes through s3fs instead.
 
-Example::
-
-    creds = static_credentials(options, os.environ)
-    if creds is RESOLVE:
-        creds = await resolve_credentials(fs, options)
+Example:
+    >>> secrets = []
+    >>> static_credentials({"key": "k", "secret": "s"}, {}, secrets)["type"]  # via a SecretFile
+    'profile'
+    >>> secrets[0].close()
+    >>> static_credentials({}, {}, []) is RESOLVE  # then ask botocore (resolve_credentials)
+    True
 """
 
 from __future__ import annotations
@@ -60,11 +62,11 @@ RESOLVE: Final = "resolve"
 class SecretFile:
     """Text in an anonymous in-memory file (``memfd``), readable by path in this process.
 
-    Example::
-
-        secret = SecretFile("[p]\\naws_access_key_id = k\\n")
-        open(secret.path).read()
-        secret.close()
+    Example:
+        >>> secret = SecretFile("[p]\\naws_access_key_id = k\\n")
+        >>> open(secret.path).read()
+        '[p]\\naws_access_key_id = k\\n'
+        >>> secret.close()
     """
 
     def __init__(self, text: str) -> None:
@@ -89,9 +91,9 @@ class SecretFile:
 def endpoint_of(options: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
     """The endpoint s3fs talks to (options, then ``AWS_ENDPOINT_URL_S3`` / ``..._URL``).
 
-    Example::
-
-        endpoint_of({"endpoint_url": "http://127.0.0.1:9000"}, {})  # "http://127.0.0.1:9000"
+    Example:
+        >>> endpoint_of({"endpoint_url": "http://127.0.0.1:9000"}, {})
+        'http://127.0.0.1:9000'
     """
     client_kwargs = options.get("client_kwargs") or {}
     return (
@@ -105,9 +107,9 @@ def endpoint_of(options: Mapping[str, Any], env: Mapping[str, str]) -> str | Non
 def region_of(options: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
     """The region s3fs signs for (options, then ``AWS_REGION`` / ``AWS_DEFAULT_REGION``).
 
-    Example::
-
-        region_of({"client_kwargs": {"region_name": "eu-west-1"}}, {})  # "eu-west-1"
+    Example:
+        >>> region_of({"client_kwargs": {"region_name": "eu-west-1"}}, {})
+        'eu-west-1'
     """
     client_kwargs = options.get("client_kwargs") or {}
     config_kwargs = options.get("config_kwargs") or {}
@@ -142,9 +144,9 @@ def static_credentials(
     :class:`SecretFile` made for explicit keys is appended to ``secrets`` (the
     backend closes it).
 
-    Example::
-
-        static_credentials({"anon": True}, {}, [])  # {"type": "anonymous"}
+    Example:
+        >>> static_credentials({"anon": True}, {}, [])
+        {'type': 'anonymous'}
     """
     if options.get("anon"):
         return {"type": "anonymous"}
@@ -180,9 +182,9 @@ def _shared_file(env: Mapping[str, str], variable: str, name: str) -> str:
 def from_method(method: str, profile: str, env: Mapping[str, str]) -> dict[str, Any]:
     """TensorStore credentials for botocore's credential ``method`` (see the table above).
 
-    Example::
-
-        from_method("env", "default", os.environ)  # {"type": "environment"}
+    Example:
+        >>> from_method("env", "default", os.environ)
+        {'type': 'environment'}
     """
     if method == "env":
         return {"type": "environment"}
@@ -206,9 +208,9 @@ async def resolve_credentials(fs: Any, options: Mapping[str, Any]) -> dict[str, 
     Raises:
       botocore.exceptions.NoCredentialsError: botocore found none.
 
-    Example::
-
-        creds = await on_loop(fs.loop, lambda: resolve_credentials(fs, options))
+    It asks botocore's credential chain through ``fs``, so it has no offline
+    example; the backend calls it as
+    ``await on_loop(fs.loop, lambda: resolve_credentials(fs, options))``.
     """
     from botocore.exceptions import NoCredentialsError
 

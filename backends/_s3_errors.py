@@ -5,12 +5,12 @@ the original as ``__cause__``; the S3 error code ("NoSuchKey",
 "PreconditionFailed", "SlowDown", ...) is read from there, so the mapping
 does not depend on s3fs's own translation table.
 
-Example::
-
-    try:
-        ...
-    except Exception as err:
-        raise map_s3_error(err, "read", "s3://bucket/key") from err
+Example:
+    >>> from botocore.exceptions import ClientError
+    >>> err = ClientError({"Error": {"Code": "NoSuchKey", "Message": "no such key"},
+    ...                    "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject")
+    >>> map_s3_error(err, "read", "s3://bucket/key")  # a caller raises it ``from err``
+    NotFoundError('Cannot read s3://bucket/key: no such object.')
 """
 
 from __future__ import annotations
@@ -93,9 +93,13 @@ def client_error_code(err: BaseException) -> str | None:
 def http_status(err: BaseException) -> int | None:
     """The HTTP status of the S3 response behind ``err``, or None.
 
-    Example::
-
-        http_status(slow_down_error)  # 503
+    Example:
+        >>> from botocore.exceptions import ClientError
+        >>> slow_down_error = ClientError(
+        ...     {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+        ...      "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
+        >>> http_status(slow_down_error)
+        503
     """
     client_error = _client_error(err)
     if client_error is None:
@@ -108,9 +112,13 @@ def http_status(err: BaseException) -> int | None:
 def retry_kind(err: BaseException) -> Kind | None:
     """What S3's answer behind ``err`` means for a retry, or None when S3 did not answer.
 
-    Example::
-
-        retry_kind(slow_down_error)  # Kind.REJECTED
+    Example:
+        >>> from botocore.exceptions import ClientError
+        >>> slow_down_error = ClientError(
+        ...     {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+        ...      "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
+        >>> retry_kind(slow_down_error)
+        <Kind.REJECTED: 'rejected'>
     """
     code = client_error_code(err)
     if code in _REJECTED_CODES:
@@ -128,9 +136,7 @@ def map_s3_error(
     ``endpoint`` names the service in messages that need it (missing
     bucket, missing credentials).
 
-    Example::
-
-        raise map_s3_error(err, "read", "s3://bucket/key") from err
+    See the module docstring for an example.
     """
     import aiohttp
     from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError

@@ -8,10 +8,13 @@ the wrong place. The names come from the constructors' signatures, so a new
 s3fs / gcsfs parameter is accepted without a change here; the types are
 partialstore's, for the options that matter most.
 
-Example::
-
-    check_options(options, s3_options(), owner="S3Backend", url=url)
-    check_s3_nested(options, url)
+Example:
+    >>> from partialstore.backends._options import check_options
+    >>> options = {"endpoint_url": "http://127.0.0.1:9000", "config_kwargs": {"retries": 3}}
+    >>> check_options(options, s3_options(), owner="S3Backend", url="s3://b")
+    >>> check_s3_nested(options, "s3://b")
+    Traceback (most recent call last):
+    partialstore.errors.InvalidInputError: storage option config_kwargs['retries'] for s3://b ...
 """
 
 from __future__ import annotations
@@ -83,9 +86,9 @@ def _schema(names: set[str], types: Schema) -> Schema:
 def s3_options() -> Schema:
     """Every storage option the S3 backend accepts, with its type where checked.
 
-    Example::
-
-        "endpoint_url" in s3_options()  # True
+    Example:
+        >>> "endpoint_url" in s3_options()
+        True
     """
     import aiobotocore.session
     import s3fs
@@ -101,9 +104,9 @@ def s3_options() -> Schema:
 def gcs_options() -> Schema:
     """Every storage option the GCS backend accepts, with its type where checked.
 
-    Example::
-
-        "token" in gcs_options()  # True
+    Example:
+        >>> "token" in gcs_options()
+        True
     """
     from gcsfs.core import GCSFileSystem
 
@@ -140,9 +143,8 @@ def check_s3_nested(options: Mapping[str, Any], url: str) -> None:
     (storage options ``retries`` / ``deadline``), and botocore's retries
     would multiply with its own.
 
-    Example::
-
-        check_s3_nested({"client_kwargs": {"region_name": "eu-west-1"}}, "s3://b")
+    Example:
+        >>> check_s3_nested({"client_kwargs": {"region_name": "eu-west-1"}}, "s3://b")
     """
     for outer, schema in (("client_kwargs", _client_kwargs()), ("config_kwargs", _config_kwargs())):
         inner = options.get(outer) or {}
@@ -158,9 +160,10 @@ def check_s3_nested(options: Mapping[str, Any], url: str) -> None:
 def fsspec_options(cls: type, *, strict: bool) -> Schema:
     """Storage options of fsspec filesystem class ``cls``, plus ``single_writer``.
 
-    Example::
-
-        fsspec_options(LocalFileSystem, strict=True)  # {"auto_mkdir": None, ...}
+    Example:
+        >>> from fsspec.implementations.local import LocalFileSystem
+        >>> fsspec_options(LocalFileSystem, strict=True)
+        {'auto_mkdir': None, ...}
     """
     from fsspec.spec import AbstractFileSystem
 

@@ -1,11 +1,12 @@
 """A bucket backend's small requests, sent by TensorStore's C++ HTTP client.
 
 Every save commits with a few small requests in series (is it finalized,
-list the log, read its last record, create the next one) and a finalize with a few more. Sent
-through aiobotocore they cost about 7 ms of Python CPU each on this VM, and
-14 ms end to end against moto; through TensorStore's kvstore (the client
-that already writes the array chunks), 1 ms and 7 ms. Both talk to the same
-service with the same credentials, so the backend picks per request.
+list the log, read its last record, create the next one) and a finalize with a few more.
+Through TensorStore's kvstore (the client that already writes the array
+chunks) they cost a fraction of the Python CPU and about half the time they
+take through aiobotocore (figures: benchmarks/README.md, "Figures behind code
+decisions"). Both talk to the same service with the same credentials, so the
+backend picks per request.
 
 Only plain keys take this path (letters, digits, ``. _ - /``): TensorStore
 does not XML-unescape the keys of a listing, and the backends keep their own
@@ -17,13 +18,9 @@ bucket, denied access, ...). TensorStore retries a failed request once
 (``FAST_RETRIES``): the backend's retry loop, not TensorStore's, decides
 whether to go on (see :mod:`partialstore.backends._retry`).
 
-Example::
-
-    requests = TensorStoreRequests(
-        backend_spec, {"s3_request_retries": FAST_RETRIES}, "/tensorstore/kvstore/s3/retries"
-    )
-    created = await requests.create_if_absent("log/00000001.json", b"{}")
-    # CREATED, REFUSED (it exists, or S3 said 404), REFUSED_AFTER_RESEND, None: not sent
+The S3 backend builds one as ``TensorStoreRequests(spec, {"s3_request_retries":
+FAST_RETRIES}, "/tensorstore/kvstore/s3/retries")``; its requests need a bucket,
+so there is no doctest here (the backend tests on S3 and GCS exercise them).
 """
 
 from __future__ import annotations
@@ -131,10 +128,6 @@ class TensorStoreRequests:
         for a missing bucket), or ``REFUSED_AFTER_RESEND`` when TensorStore
         resent some request meanwhile: the refusal may then answer this
         create's own first attempt, whose answer was lost.
-
-        Example::
-
-            await requests.create_if_absent("log/00000001.json", b"{}")  # CREATED
         """
         before = self._retries()
         stamp = await self._ask(key, lambda store: store.write(key, data, if_equal=_ABSENT))
@@ -163,10 +156,6 @@ class TensorStoreRequests:
 
         Raises:
           FastRequestError: the listing failed (its text names the reason).
-
-        Example::
-
-            await requests.bucket_listed()  # True
         """
         probe = "partialstore.bucket-probe"
         found = await self._ask(

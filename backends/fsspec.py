@@ -144,9 +144,16 @@ class FsspecBackend(Backend):
       InvalidInputError: bad options, or an async filesystem bound to a
         caller's loop (``asynchronous=True``).
 
-    Example::
-
-        backend = FsspecBackend("local:///tmp/ckpts", {})
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> from partialstore._runtime.aio import run
+        >>> backend = FsspecBackend(f"local://{tmp.name}/ckpts", {})
+        >>> run(backend.create("log/00000001.json", b"{}"))
+        >>> run(backend.list("log"))
+        ['log/00000001.json']
+        >>> run(backend.close())
+        >>> tmp.cleanup()
     """
 
     def __init__(

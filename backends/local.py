@@ -24,13 +24,16 @@ The durable file writes live in ``_local_files`` and the probing of
 ``renameat2`` and ``flock`` support in ``_local_probe``; this module maps
 the contract onto them.
 
-Example::
-
-    from partialstore import registry
-    from partialstore._runtime.aio import run
-
-    backend = registry.open_backend("/tmp/ckpts")
-    run(backend.create("run1/log/00000001.json", b"{}"))
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from partialstore import registry
+    >>> from partialstore._runtime.aio import run
+    >>> backend = registry.open_backend(f"{tmp.name}/ckpts")
+    >>> run(backend.create("run1/log/00000001.json", b"{}"))
+    >>> run(backend.read("run1/log/00000001.json"))
+    b'{}'
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -107,9 +110,9 @@ def _check_range(start: int | None, end: int | None) -> None:
 def root_from_url(url: str) -> str:
     """The absolute directory a local URL names (``file://`` or a plain path).
 
-    Example::
-
-        root_from_url("file:///tmp/ckpts")  # "/tmp/ckpts"
+    Example:
+        >>> root_from_url("file:///tmp/ckpts")
+        '/tmp/ckpts'
     """
     path = url
     if path.lower().startswith("file://"):
@@ -129,9 +132,13 @@ class LocalBackend(Backend):
       storage_options: only ``single_writer`` (accepted for uniformity; this
         backend creates atomically regardless).
 
-    Example::
-
-        backend = LocalBackend("/tmp/ckpts", {})
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> backend = LocalBackend(f"{tmp.name}/ckpts", {})
+        >>> backend.single_writer
+        False
+        >>> tmp.cleanup()
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
@@ -356,9 +363,8 @@ class LocalBackend(Backend):
     def kvstore_spec(self, prefix: str) -> dict[str, Any] | None:
         """TensorStore ``file`` kvstore for the directory under ``prefix``.
 
-        Example::
-
-            LocalBackend("/tmp/c", {}).kvstore_spec("data/x")
-            # {"driver": "file", "path": "/tmp/c/data/x/"}
+        Example:
+            >>> LocalBackend("/tmp/c", {}).kvstore_spec("data/x")
+            {'driver': 'file', 'path': '/tmp/c/data/x/'}
         """
         return {"driver": "file", "path": self._prefix_path(prefix).rstrip(os.sep) + "/"}

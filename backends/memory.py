@@ -6,14 +6,14 @@ same keys. A single lock guards the store, which makes ``create`` and
 ``rename`` truly atomic here, and versioned writes a plain counter check.
 Nothing survives the process, and other processes never see the store.
 
-Example::
+Example:
+    >>> from partialstore import registry
+    >>> from partialstore._runtime.aio import run
 
-    from partialstore import registry
-    from partialstore._runtime.aio import run
-
-    backend = registry.open_backend("memory://scratch")
-    run(backend.create("log/00000001.json", b"{}"))
-    run(backend.list("log"))  # ["log/00000001.json"]
+    >>> backend = registry.open_backend("memory://scratch")
+    >>> run(backend.create("log/00000001.json", b"{}"))
+    >>> run(backend.list("log"))
+    ['log/00000001.json']
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ class MemoryBackend(Backend):
       storage_options: only ``single_writer`` (accepted for uniformity; this
         backend creates atomically regardless).
 
-    Example::
-
-        backend = MemoryBackend("memory://demo", {})
+    Example:
+        >>> backend = MemoryBackend("memory://demo", {})
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:

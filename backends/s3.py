@@ -51,12 +51,21 @@ request, TensorStore's log requests retry once, and its arrays get a
 ``s3_request_retries`` schedule that fits in the deadline
 (:meth:`S3Backend.tensorstore_context`).
 
-Example::
-
-    from partialstore import registry
-    backend = registry.open_backend(
-        "s3://bucket/ckpts", {"endpoint_url": "http://127.0.0.1:5000", "key": "k", "secret": "s"}
-    )
+Example:
+    >>> from partialstore import registry
+    >>> from partialstore._runtime.aio import run
+    >>> backend = registry.open_backend(
+    ...     "s3://bucket/ckpts",
+    ...     {"endpoint_url": "http://127.0.0.1:5000", "key": "k", "secret": "s"},
+    ... )
+    >>> type(backend).__name__, backend.bucket, backend.root  # nothing sent yet
+    ('S3Backend', 'bucket', 'ckpts')
+    >>> spec = backend.kvstore_spec("data/abc")
+    >>> spec["driver"], spec["bucket"], spec["path"], spec["endpoint"]
+    ('s3', 'bucket', 'ckpts/data/abc/', 'http://127.0.0.1:5000')
+    >>> backend.tensorstore_context()["s3_request_retries"]["max_retries"]  # storage option
+    10
+    >>> run(backend.close())
 """
 
 from __future__ import annotations
@@ -112,10 +121,8 @@ class S3Backend(BucketBackend):
       storage_options: s3fs options (``endpoint_url``, ``key``, ``secret``,
         ``client_kwargs``, ...) plus ``single_writer``.
 
-    Example::
-
-        backend = S3Backend("s3://bucket/run1", {"endpoint_url": "http://127.0.0.1:9000"})
-        await backend.create("log/00000001.json", b"{}")
+    The module docstring has an example; every call then talks to the
+    bucket, e.g. ``await backend.create("log/00000001.json", b"{}")``.
     """
 
     _schemes = ("s3", "s3a")
@@ -456,9 +463,7 @@ class S3Backend(BucketBackend):
         keys without ``memfd``) or botocore finds none: array bytes then go
         through s3fs, which reports the failure.
 
-        Example::
-
-            ts.KvStore.open(backend.kvstore_spec("data/abc")).result()
+        See the module docstring for an example.
         """
         from fsspec.asyn import sync
 
@@ -474,9 +479,7 @@ class S3Backend(BucketBackend):
     def tensorstore_context(self) -> dict[str, Any] | None:
         """TensorStore's own retries for this backend's arrays, fitted to ``deadline``.
 
-        Example::
-
-            ts.Context(backend.tensorstore_context())
+        See the module docstring for an example.
         """
         return {"s3_request_retries": self._policy.tensorstore_retries()}
 

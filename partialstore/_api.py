@@ -82,11 +82,16 @@ def save_async(
     written at once, up to :data:`~partialstore._runtime.ordering.PIPELINE_DEPTH`
     saves per path at a time, while earlier saves commit.
 
-    Example::
-
-        response = partialstore.save_async("gs://bucket/run/step_10", {"opt_state": opt})
-        ...  # keep training
-        response.result()
+    Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> opt = {"mu": np.zeros(3, np.float32)}
+        >>> response = partialstore.save_async(f"{tmp.name}/step_10", {"opt_state": opt})
+        >>> # ... keep training ...
+        >>> response.result()  # None, or raises what the save raised
+        >>> tmp.cleanup()
 
     Args:
       path: checkpoint path: a local path, ``os.PathLike`` or URL (``file://``,
@@ -175,10 +180,17 @@ def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None
     the same checkpoint. In a multi-process JAX job every process calls it;
     the primary finalizes and the others wait and return or raise as it did.
 
-    Example::
-
-        partialstore.save(path, {"step": 1})
-        partialstore.finalize(path)
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> path = f"{tmp.name}/step_10"
+        >>> partialstore.save(path, {"step": 1})
+        >>> partialstore.finalize(path)
+        >>> partialstore.finalize(path)
+        Traceback (most recent call last):
+        partialstore.errors.CheckpointFinalizedError: ...
+        >>> tmp.cleanup()
 
     Raises:
       FileExistsError: a finalized checkpoint exists at ``path`` (also for all but
@@ -208,11 +220,24 @@ def load(
 ) -> Any:
     """Load a finalized checkpoint: the whole tree, selected subtrees, or a target layout.
 
-    Example::
-
-        state = partialstore.load(path)                          # numpy arrays
-        params = partialstore.load(path, select=["params"])      # only these bytes
-        sharded = partialstore.load(path, target=abstract_state) # jax.Arrays, placed
+    Example:
+        >>> import numpy as np
+        >>> import jax
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> path = f"{tmp.name}/step_10"
+        >>> partialstore.save(path, {"params": {"w": np.ones(3, np.float32)}, "step": 10})
+        >>> partialstore.finalize(path)
+        >>> partialstore.load(path)  # numpy arrays
+        {'params': {'w': array([1., 1., 1.], dtype=float32)}, 'step': 10}
+        >>> partialstore.load(path, select=["params"])  # only these bytes are read
+        {'params': {'w': array([1., 1., 1.], dtype=float32)}}
+        >>> device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        >>> abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=device)}
+        >>> partialstore.load(path, target={"params": abstract})  # jax.Arrays, placed
+        {'params': {'w': Array([1., 1., 1.], dtype=float32)}}
+        >>> tmp.cleanup()
 
     Args:
       path: the checkpoint path.
@@ -252,11 +277,21 @@ def metadata(
 ) -> loading.CheckpointMetadata:
     """Describe a finalized checkpoint without reading array bytes.
 
-    Example::
-
-        info = partialstore.metadata(path)
-        info.tree["params"]["w"]   # LeafMetadata(kind='array', shape=(1024, 1024), dtype='float32')
-        info.custom_metadata, info.saves
+    Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> path = f"{tmp.name}/step_10"
+        >>> w = np.zeros((1024, 1024), np.float32)
+        >>> partialstore.save(path, {"params": {"w": w}}, custom_metadata={"step": 10})
+        >>> partialstore.finalize(path)
+        >>> info = partialstore.metadata(path)
+        >>> info.tree["params"]["w"]
+        LeafMetadata(kind='array', shape=(1024, 1024), dtype='float32')
+        >>> info.custom_metadata, len(info.saves)
+        ({'step': 10}, 1)
+        >>> tmp.cleanup()
 
     Raises:
       FileNotFoundError: no finalized checkpoint at ``path``.
@@ -269,10 +304,18 @@ def metadata(
 def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> None:
     """Abandon the unfinalized session at ``path`` and delete its data.
 
-    Example::
-
-        partialstore.save(path, {"broken": x})
-        partialstore.discard(path)   # as if nothing had been saved
+    Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> path = f"{tmp.name}/step_10"
+        >>> partialstore.save(path, {"broken": np.ones(3)})
+        >>> partialstore.discard(path)  # as if nothing had been saved
+        >>> partialstore.finalize(path)
+        Traceback (most recent call last):
+        partialstore.errors.NotFoundError: No partial save session at ...
+        >>> tmp.cleanup()
 
     In a multi-process JAX job every process calls it: the primary discards,
     the others wait and return or raise as it did.
@@ -296,9 +339,20 @@ def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> l
     Saves that were killed, lost to the seal, or wholly replaced leave such
     data behind. Returns the deleted directories, relative to ``path``.
 
-    Example::
-
-        partialstore.gc(path)   # ["data/3f2a..."]
+    Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> path = f"{tmp.name}/step_10"
+        >>> partialstore.save(path, {"w": np.zeros(3)})
+        >>> partialstore.save(path, {"w": np.ones(3)})  # wholly replaces the first save
+        >>> partialstore.finalize(path)
+        >>> partialstore.gc(path)  # the first save's data
+        ['data/...']
+        >>> partialstore.gc(path)
+        []
+        >>> tmp.cleanup()
 
     In a multi-process JAX job every process calls it: the primary deletes,
     the others wait and return the same list (or raise as it did).

@@ -19,12 +19,19 @@ that callers already catch, so ``except FileExistsError`` and
         ├── TransientBackendError                        ... and retrying may help
         └── OutcomeUnknownError                          ... a write may or may not have landed
 
-Example::
-
-    try:
-        partialstore.save(path, tree)
-    except partialstore.errors.CheckpointFinalizedError:
-        ...  # the checkpoint is already published; pick a new path
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import partialstore
+    >>> path = f"{tmp.name}/step_10"
+    >>> partialstore.save(path, {"step": 1})
+    >>> partialstore.finalize(path)
+    >>> try:
+    ...     partialstore.save(path, {"step": 2})
+    ... except partialstore.errors.CheckpointFinalizedError as err:
+    ...     print("already published; pick a new path")  # also a FileExistsError
+    already published; pick a new path
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ entry-point group (value ``"module:Class"``).
 A backend factory is called as ``factory(url, storage_options)`` and returns
 a :class:`~partialstore.backend.Backend` rooted at ``url``.
 
-Example::
-
-    from partialstore import registry
-    backend = registry.open_backend("s3://bucket/ckpts", {"endpoint_url": "http://127.0.0.1:5000"})
+Example:
+    >>> from partialstore import registry
+    >>> backend = registry.open_backend("memory://ckpts")
+    >>> type(backend).__name__
+    'MemoryBackend'
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ _builtin_cache: dict[str, str | None] = {}
 def scheme_of(url: str | os.PathLike[str]) -> str:
     """Return the URL scheme of ``url`` (``""`` for a plain local path).
 
-    Example::
-
-        scheme_of("s3://bucket/x")  # "s3"
-        scheme_of("/tmp/x")         # ""
+    Example:
+        >>> scheme_of("s3://bucket/x")
+        's3'
+        >>> scheme_of("/tmp/x")
+        ''
     """
     text = os.fspath(url)
     if "://" not in text:
@@ -67,9 +69,13 @@ def scheme_of(url: str | os.PathLike[str]) -> str:
 def register_backend(scheme: str, factory: BackendFactory) -> None:
     """Use ``factory`` for URLs with ``scheme``, ahead of the built-in backends.
 
-    Example::
-
-        register_backend("mystore", MyBackend)
+    Example:
+        >>> from partialstore.backends.memory import MemoryBackend
+        >>> def my_backend(url: str, options: dict) -> MemoryBackend:
+        ...     return MemoryBackend(url.replace("mystore://", "memory://"), options)
+        >>> register_backend("mystore", my_backend)
+        >>> type(open_backend("mystore://scratch")).__name__
+        'MemoryBackend'
     """
     if not scheme or "://" in scheme:
         raise InvalidInputError(f"Backend scheme must be a bare name like 's3', got {scheme!r}.")
@@ -100,9 +106,9 @@ def builtin_target(scheme: str) -> str | None:
     Spellings whose schemes share a built-in target (``s3``/``s3a``,
     ``gs``/``gcs``, ``""``/``file``) reach the same store.
 
-    Example::
-
-        builtin_target("s3a") == builtin_target("s3")  # True unless either is overridden
+    Example:
+        >>> builtin_target("s3a") == builtin_target("s3")  # unless either is overridden
+        True
     """
     with _lock:
         if scheme in _builtin_cache:
@@ -120,9 +126,9 @@ def builtin_target(scheme: str) -> str | None:
 def aliases(target: str) -> list[str]:
     """Every scheme whose built-in backend is ``target``, in registry order.
 
-    Example::
-
-        aliases("partialstore.backends.s3:S3Backend")  # ["s3", "s3a"]
+    Example:
+        >>> aliases("partialstore.backends.s3:S3Backend")
+        ['s3', 's3a']
     """
     return [scheme for scheme, builtin in _BUILTIN.items() if builtin == target]
 

@@ -37,23 +37,29 @@ its root is renamed or copied::
     {"format": "packed", "path": "data/<sid>/packed-0000.bin", "offset": 128,
      "nbytes": 48, "dtype": "float32", "shape": [3, 4], "crc32c": 2868146129}
 
-Checksums, measured on this 2-core VM (local disk, page cache warm, zarr3
-file driver, 256 MiB float32, 4 and 16 MiB chunks, best of 5; the machine
-was shared so figures move by ~10%): with the ``crc32c`` codec writes ran at
-0.31-0.40 GiB/s against 0.35-0.44 GiB/s without (about -5%, within noise:
-writes are bound by fsync); reads ran at 0.77-0.80 GiB/s against
-0.98-1.08 GiB/s (about -25%, the cost of one extra pass over page-cached
-bytes; on a real disk or network the relative cost shrinks). A checkpoint
-that silently loads flipped bits is worse than a slower load, so checksums
-are on by default (``checksum=False`` turns them off for a save; loads read
-either).
+Checksums cost writes little (they are bound by fsync) and reads one extra
+pass over the bytes (figures: benchmarks/README.md, "Figures behind code
+decisions"). A checkpoint that silently loads flipped bits is worse than a
+slower load, so checksums are on by default (``checksum=False`` turns them
+off for a save; loads read either).
 
-Example::
-
-    from partialstore._runtime.aio import run
-    descriptors = run(write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y]))
-    x2, y_top = run(read_arrays(backend, "ckpt.partial_save",
-                                [(descriptors[0], None), (descriptors[1], (slice(0, 8),))]))
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from partialstore import registry
+    >>> from partialstore._runtime.aio import run
+    >>> backend = registry.open_backend(f"{tmp.name}/root")
+    >>> x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    >>> y = np.arange(1 << 16, dtype=np.float32).reshape(-1, 64)
+    >>> descriptors = run(write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y],
+    ...                                pack_threshold=1024))
+    >>> [d["format"] for d in descriptors]  # x is packed, y is a zarr3 array
+    ['packed', 'zarr3']
+    >>> x2, y_top = run(read_arrays(backend, "ckpt.partial_save",
+    ...                             [(descriptors[0], None), (descriptors[1], (slice(0, 2),))]))
+    >>> np.array_equal(x2, x), np.array_equal(y_top, y[:2])
+    (True, True)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -97,32 +103,26 @@ __all__ = [
     "write_arrays",
 ]
 
-#: Target bytes per zarr3 chunk. Measured on this VM (1 GiB float32, local
-#: file driver, fsync on): 1 MiB chunks wrote at 0.18 GiB/s, 4 MiB at 0.29,
-#: 16 MiB at 0.33 and 64 MiB at 0.33-0.41; reads peaked at 4-16 MiB
-#: (0.8-1.1 GiB/s) and fell to 0.7 at 64 MiB (too few chunks to overlap).
-#: 16 MiB is at the top for both, keeps object-store requests large, and
-#: leaves enough chunks for a sharded load to read only its part.
+#: Target bytes per zarr3 chunk. Writes get faster up to 16 MiB chunks and
+#: reads peak at 4-16 MiB, falling when too few chunks overlap (figures:
+#: benchmarks/README.md, "Figures behind code decisions"). 16 MiB is at the
+#: top for both, keeps object-store requests large, and leaves enough chunks
+#: for a sharded load to read only its part.
 CHUNK_BYTES = 16 << 20
 
 #: A save whose large arrays are few and small still gets this many chunks
 #: (of at least MIN_SPLIT_CHUNK_BYTES), so TensorStore encodes and writes
-#: them on every core: 16 saves of one 16 MiB leaf took 1.35 s as single
-#: 16 MiB chunks and 1.01 s as 4 x 4 MiB chunks on this 2-core VM, while
-#: 4 saves of 4 x 16 MiB (enough chunks already) keep 16 MiB chunks.
+#: them on every core (4 x 4 MiB chunks beat one 16 MiB chunk; figures:
+#: benchmarks/README.md, "Figures behind code decisions"), while saves with
+#: enough chunks already keep 16 MiB chunks.
 SPLIT_CHUNKS = 4
 MIN_SPLIT_CHUNK_BYTES = 4 << 20
 
-#: Leaves smaller than this are packed. Measured on this (shared, loaded)
-#: 2-core VM, per leaf, zarr3 vs packed, local disk with fsync:
-#: 4 KiB: write 3.4-4.9 ms vs 0.1, read 1.1-1.6 ms vs 0.1;
-#: 256 KiB: write 10.4 ms vs 1.8-2.5, read 2.1-2.8 ms vs 0.8;
-#: 1 MiB: write 14-19 ms vs 6-12, read 7 ms vs 3;
-#: 2 MiB: write 19 ms vs 16, read 13 ms vs 8.
-#: A zarr3 leaf costs ~3-5 ms of fixed work (two files, fsyncs, a TensorStore
-#: open) before its bytes, which on object stores becomes one or two
-#: requests of 10-50 ms latency each; that buys about 1 MiB of transfer.
-#: Packing stops paying around 1-2 MiB, and packed leaves give up only
+#: Leaves smaller than this are packed. A zarr3 leaf has fixed work (two
+#: files, fsyncs, a TensorStore open) before its bytes, which on object
+#: stores becomes one or two requests whose latency buys about 1 MiB of
+#: transfer; per-leaf figures are in benchmarks/README.md, "Figures behind
+#: code decisions". Packing stops paying around 1-2 MiB, and packed leaves give up only
 #: partial reads (a shard of a < 1 MiB leaf is read whole, which is cheap)
 #: and readability by plain zarr tools. So: below 1 MiB, pack.
 PACK_THRESHOLD = 1 << 20
@@ -158,9 +158,7 @@ async def write_arrays(
     concurrently; smaller ones are packed into ``packed-NNNN.bin`` objects.
     The caller must not modify the arrays until this returns.
 
-    Example::
-
-        descriptors = await write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y])
+    See the module docstring for an example.
 
     Args:
       backend: the store.
@@ -282,9 +280,7 @@ async def read_arrays(
     semantics (negative bounds and steps allowed). Results are fresh,
     writable, native-byte-order arrays.
 
-    Example::
-
-        whole, rows = await read_arrays(backend, "ckpt", [(d0, None), (d1, (slice(0, 8),))])
+    See the module docstring for an example.
 
     Raises:
       CorruptCheckpointError: a descriptor is malformed (unknown format, path

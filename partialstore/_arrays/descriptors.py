@@ -20,10 +20,14 @@ Two formats (see :mod:`partialstore._arrays.arrays` for when each is used)::
     {"format": "packed", "path": "data/<sid>/packed-0000.bin", "offset": 128,
      "nbytes": 48, "dtype": "float32", "shape": [3, 4], "crc32c": 2868146129}
 
-Example::
-
-    leaf = parse(descriptor)       # Zarr3Leaf or PackedLeaf, or raises
-    descriptor_nbytes(descriptor)  # 48
+Example:
+    >>> descriptor = {"format": "packed", "path": "data/s1/packed-0000.bin", "offset": 128,
+    ...               "nbytes": 48, "dtype": "float32", "shape": [3, 4], "crc32c": 2868146129}
+    >>> leaf = parse(descriptor)  # Zarr3Leaf or PackedLeaf, or raises
+    >>> type(leaf).__name__, leaf.offset, leaf.shape
+    ('PackedLeaf', 128, (3, 4))
+    >>> descriptor_nbytes(descriptor)
+    48
 """
 
 from __future__ import annotations
@@ -86,9 +90,10 @@ class Zarr3Leaf:
     def nbytes(self) -> int:
         """Bytes of the whole array in memory.
 
-        Example::
-
-            Zarr3Leaf("data/s/a", f4, f4, (3, 4), (3, 4)).nbytes   # 48
+        Example:
+            >>> f4 = np.dtype("float32")
+            >>> Zarr3Leaf("data/s/a", f4, f4, (3, 4), (3, 4)).nbytes
+            48
         """
         return math.prod(self.shape) * self.dtype.itemsize
 
@@ -159,9 +164,10 @@ def parse(descriptor: Any) -> Leaf:
 
     An already parsed :class:`Zarr3Leaf` or :class:`PackedLeaf` is returned as it is.
 
-    Example::
-
-        parse({"format": "packed", "path": "../x", ...})  # raises CorruptCheckpointError
+    Example:
+        >>> parse({"format": "packed", "path": "../x"})
+        Traceback (most recent call last):
+        partialstore.errors.CorruptCheckpointError: Bad array descriptor ...
 
     Raises:
       CorruptCheckpointError: anything malformed, including escaping paths,
@@ -208,9 +214,10 @@ def _packed(descriptor: Any, path: str, dtype: np.dtype[Any], shape: tuple[int, 
 def descriptor_nbytes(descriptor: dict[str, Any]) -> int:
     """Bytes of the whole array a descriptor stands for (its in-memory size).
 
-    Example::
-
-        descriptor_nbytes({"format": "zarr3", "dtype": "float32", "shape": [3, 4], ...})  # 48
+    Example:
+        >>> descriptor_nbytes({"format": "zarr3", "path": "data/s1/a00000", "dtype": "float32",
+        ...                    "shape": [3, 4], "chunks": [3, 4]})
+        48
 
     Raises:
       CorruptCheckpointError: the descriptor is malformed.
@@ -265,9 +272,9 @@ def normalize_index(index: Any, shape: tuple[int, ...]) -> Index:
     absolute coordinates (-1 is not "the last"), so slices are resolved
     against ``shape`` here and steps are applied by numpy after the read.
 
-    Example::
-
-        normalize_index((slice(-2, None),), (10, 3)).box  # ((8, 10), (0, 3))
+    Example:
+        >>> normalize_index((slice(-2, None),), (10, 3)).box
+        ((8, 10), (0, 3))
 
     Raises:
       InvalidInputError: ``index`` is not a tuple/list of at most ``len(shape)`` slices.

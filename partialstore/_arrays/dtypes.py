@@ -20,12 +20,14 @@ string, bytes, structured/void, datetime64/timedelta64, and ``longdouble``
 (its bytes are x87 80-bit on x86 but IEEE quad elsewhere, so they would not
 mean the same number on another machine; convert to float64).
 
-Example::
-
-    import ml_dtypes, numpy as np
-    dtype_name(np.dtype(">f4"))                    # "float32"
-    dtype_from_name("bfloat16") == ml_dtypes.bfloat16
-    storage_dtype_name("uint4")                    # "uint8"
+Example:
+    >>> import ml_dtypes
+    >>> dtype_name(np.dtype(">f4"))
+    'float32'
+    >>> dtype_from_name("bfloat16") == ml_dtypes.bfloat16
+    True
+    >>> storage_dtype_name("uint4")
+    'uint8'
 """
 
 from __future__ import annotations
@@ -138,11 +140,13 @@ _WHY_NOT = {
 def dtype_name(dtype: Any) -> str:
     """Return the stable storage name of ``dtype`` (byte order is not part of it).
 
-    Example::
-
-        dtype_name(np.float32)               # "float32"
-        dtype_name(np.dtype(">i2"))          # "int16"
-        dtype_name(ml_dtypes.float8_e4m3fn)  # "float8_e4m3fn"
+    Example:
+        >>> dtype_name(np.float32)
+        'float32'
+        >>> dtype_name(np.dtype(">i2"))
+        'int16'
+        >>> dtype_name(ml_dtypes.float8_e4m3fn)
+        'float8_e4m3fn'
 
     Raises:
       UnsupportedLeafError: object, string, void/structured, datetime or
@@ -170,9 +174,9 @@ def dtype_name(dtype: Any) -> str:
 def dtype_from_name(name: str) -> np.dtype[Any]:
     """Return the native-order numpy dtype stored under ``name``.
 
-    Example::
-
-        dtype_from_name("int4")  # dtype(int4) from ml_dtypes
+    Example:
+        >>> dtype_from_name("int4")
+        dtype(int4)
 
     Raises:
       CorruptCheckpointError: ``name`` is not a dtype name partialstore writes
@@ -193,10 +197,11 @@ def storage_dtype_name(name: str) -> str:
     It is ``name`` itself where TensorStore's zarr3 driver supports it, else
     the unsigned integer of the same width holding the raw bit patterns.
 
-    Example::
-
-        storage_dtype_name("bfloat16")   # "bfloat16"
-        storage_dtype_name("complex32")  # "uint32"
+    Example:
+        >>> storage_dtype_name("bfloat16")
+        'bfloat16'
+        >>> storage_dtype_name("complex32")
+        'uint32'
     """
     if name in _ZARR3_NATIVE:
         return name
@@ -208,10 +213,11 @@ def check_array_supported(array: Any) -> None:
 
     Called before anything is written, so a bad leaf fails a save cleanly.
 
-    Example::
-
-        check_array_supported(np.zeros(3))              # ok
-        check_array_supported(np.array(["a", "b"]))     # raises: strings
+    Example:
+        >>> check_array_supported(np.zeros(3))  # ok
+        >>> check_array_supported(np.array(["a", "b"]))
+        Traceback (most recent call last):
+        partialstore.errors.UnsupportedLeafError: dtype <U1 cannot be saved: strings are not ...
     """
     if not isinstance(array, np.ndarray):
         raise UnsupportedLeafError(

@@ -17,10 +17,18 @@ Reads group the wanted leaves by pack and merge neighbours (gap at most
 :data:`COALESCE_GAP`) into one ranged read, so a load of a thousand tiny
 leaves is about one request per pack.
 
-Example::
-
-    plan = plan_packs([(0, 12), (1, 4096)], pack_bytes=64 << 20)
-    data, crcs = build_pack([np.zeros(3, np.float32), np.ones(1024, np.int32)], plan[0])
+Example:
+    >>> arrays = [np.arange(3, dtype=np.float32), np.ones(1024, np.int32)]
+    >>> plan = plan_packs([(0, 12), (1, 4096)], pack_bytes=64 << 20)
+    >>> [(m.index, m.offset) for m in plan[0]]
+    [(0, 0), (1, 64)]
+    >>> data, crcs = build_pack(arrays, plan[0])
+    >>> leaves = [PackedLeaf("p.bin", m.offset, m.nbytes, a.dtype, a.shape, crc)
+    ...           for m, a, crc in zip(plan[0], arrays, crcs)]
+    >>> [(r.start, r.end) for r in coalesce(list(enumerate(leaves)))]  # one ranged read
+    [(0, 4160)]
+    >>> decode_range(data, coalesce(list(enumerate(leaves)))[0])[0]
+    (0, array([0., 1., 2.], dtype=float32))
 """
 
 from __future__ import annotations
@@ -54,9 +62,10 @@ __all__ = [
 ALIGN = 64
 
 #: Neighbouring leaves of one pack closer than this are fetched in one
-#: ranged read. An object-store request costs ~10-50 ms of latency, which
-#: buys more than 1 MiB of transfer on a fast link, so skipping up to 1 MiB
-#: of unwanted bytes is cheaper than a second request.
+#: ranged read. An object-store request's latency buys more than 1 MiB of
+#: transfer on a fast link, so skipping up to 1 MiB of unwanted bytes is
+#: cheaper than a second request (the estimate is in benchmarks/README.md,
+#: "Figures behind code decisions").
 COALESCE_GAP = 1 << 20
 
 
@@ -95,9 +104,9 @@ def plan_packs(sizes: Sequence[tuple[int, int]], pack_bytes: int) -> list[list[P
     Leaves keep their order; a pack is closed when the next leaf would push
     it past ``pack_bytes`` (a leaf larger than that gets a pack of its own).
 
-    Example::
-
-        plan_packs([(0, 10), (1, 10)], pack_bytes=64)  # [[(0, 0, 10)], [(1, 0, 10)]]
+    Example:
+        >>> plan_packs([(0, 10), (1, 10)], pack_bytes=64)
+        [[PackMember(index=0, offset=0, nbytes=10)], [PackMember(index=1, offset=0, nbytes=10)]]
     """
     packs: list[list[PackMember]] = []
     current: list[PackMember] = []
@@ -161,9 +170,7 @@ def coalesce(leaves: Sequence[tuple[int, PackedLeaf]], gap: int = COALESCE_GAP) 
 
     Zero-byte leaves need no read and are left out; the caller builds them directly.
 
-    Example::
-
-        ranges = coalesce([(0, leaf_a), (1, leaf_b)])  # one range if a and b are neighbours
+    See the module docstring for an example.
     """
     ranges: list[ReadRange] = []
     ordered = sorted(
@@ -191,9 +198,7 @@ def decode_range(
     does not keep ``data`` alive. ``where`` names the pack in messages (its
     full key; ``read.path`` by default).
 
-    Example::
-
-        arrays = decode_range(await backend.read(key, start=r.start, end=r.end), r, key)
+    See the module docstring for an example.
 
     Raises:
       CorruptCheckpointError: ``data`` is short (object truncated) or a

@@ -1,8 +1,6 @@
 """Chunk layout of a sharded array: a grid whose lines include every shard edge.
 
-Example::
-
-    shard_chunks(sharded, 16 << 20)  # e.g. [4, 1024]: every shard is whole chunks
+Every shard is then whole chunks (see :func:`shard_chunks`).
 """
 
 from __future__ import annotations
@@ -30,10 +28,11 @@ def shard_chunks(array: ShardedArray, target: int) -> list[int]:
     Along each axis the chunk divides the gcd of all interior shard edges,
     so every shard is a union of whole chunks and no chunk has two writers.
 
-    Example::
-
-        shard_chunks(ShardedArray((16, 3), f32, ((0, 4, 8, 12, 16), (0, 3)), []), 1 << 20)
-        # [4, 3]
+    Example:
+        >>> import numpy as np
+        >>> f32 = np.dtype("float32")
+        >>> shard_chunks(ShardedArray((16, 3), f32, ((0, 4, 8, 12, 16), (0, 3)), []), 1 << 20)
+        [4, 3]
     """
     chunks: list[int] = []
     for n, edges in zip(array.shape, array.boundaries, strict=True):

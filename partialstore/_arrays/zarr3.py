@@ -15,9 +15,8 @@ Chunks are regular, ``default`` key encoding (``c/0/1``), codecs
 even when all zeros, and loads open with ``fill_missing_data_reads=False``,
 so a lost chunk is reported as damage instead of read as zeros.
 
-Example::
-
-    descriptor = await write_array(backend, "ckpt", "data/s1/a00000", x, ...)
+:mod:`partialstore._arrays.arrays` has a runnable example of writing and
+reading arrays.
 """
 
 from __future__ import annotations
@@ -95,9 +94,9 @@ def choose_chunks(shape: Sequence[int], itemsize: int, target: int) -> list[int]
     contiguous run of the C-order array; chunk counts are balanced
     (1000 rows at 600 per chunk become 2 x 500, not 600 + 400).
 
-    Example::
-
-        choose_chunks([65536, 4096], 4, 16 << 20)  # [1024, 4096]
+    Example:
+        >>> choose_chunks([65536, 4096], 4, 16 << 20)
+        [1024, 4096]
     """
     chunks = [max(1, int(n)) for n in shape]
     for axis in range(len(chunks)):
@@ -238,10 +237,11 @@ async def _write_parts(store: ts.TensorStore, parts: list[_Part]) -> None:
     for box, data in parts:
         target = store if box is None else store[tuple(slice(lo, hi) for lo, hi in box)]
         # Let TensorStore encode straight from the caller's buffer instead of
-        # first copying it into its chunk cache: 0.25 vs 0.17 GiB/s for a
-        # 256 MiB array on this VM. Safe because write_arrays' caller keeps the
-        # arrays unchanged until it returns, and the store (with the default
-        # zero-byte cache pool) is dropped when write_array returns.
+        # first copying it into its chunk cache: a copy less, and faster
+        # (figures: benchmarks/README.md, "Figures behind code decisions").
+        # Safe because write_arrays' caller keeps the arrays unchanged until
+        # it returns, and the store (with the default zero-byte cache pool)
+        # is dropped when write_array returns.
         writes.append(target.write(data, can_reference_source_data_indefinitely=True))
     await settle_all(writes)
 
@@ -295,10 +295,12 @@ def iter_chunk_keys(leaf: Zarr3Leaf, index: Index) -> Iterator[str]:
     Lazy because a damaged array may claim more chunks than memory holds:
     the caller stops at the first one that is missing.
 
-    Example::
-
-        list(iter_chunk_keys(leaf_with_chunks_10x4, Index(((0, 15), (0, 4)), None)))
-        # ["c/0/0", "c/1/0"]
+    Example:
+        >>> from partialstore._arrays.descriptors import parse
+        >>> leaf = parse({"format": "zarr3", "path": "data/s1/a00000", "dtype": "float32",
+        ...               "shape": [10, 4], "chunks": [5, 4]})
+        >>> list(iter_chunk_keys(leaf, Index(((0, 8), (0, 4)), None)))
+        ['c/0/0', 'c/1/0']
     """
     if not leaf.shape:
         yield "c"
@@ -315,9 +317,12 @@ def iter_chunk_keys(leaf: Zarr3Leaf, index: Index) -> Iterator[str]:
 def chunk_keys(leaf: Zarr3Leaf, index: Index) -> list[str]:
     """Keys of the chunks (``default`` encoding, ``/`` separator) that ``index`` touches.
 
-    Example::
-
-        chunk_keys(leaf_with_chunks_10x4, Index(((0, 15), (0, 4)), None))  # ["c/0/0", "c/1/0"]
+    Example:
+        >>> from partialstore._arrays.descriptors import parse
+        >>> leaf = parse({"format": "zarr3", "path": "data/s1/a00000", "dtype": "float32",
+        ...               "shape": [10, 4], "chunks": [5, 4]})
+        >>> chunk_keys(leaf, Index(((0, 8), (0, 4)), None))
+        ['c/0/0', 'c/1/0']
     """
     return list(iter_chunk_keys(leaf, index))
 

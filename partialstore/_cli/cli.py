@@ -1,10 +1,8 @@
 """The ``partialstore`` command: ``demo`` and ``bench``.
 
-Example::
-
-    partialstore demo
-    partialstore demo --emulator gcs
-    partialstore bench finalize_latency --quick
+From a shell: ``partialstore demo``, ``partialstore demo --emulator gcs`` or
+``partialstore bench finalize_latency --quick`` (``tests/test_demo.py`` runs
+the demo).
 """
 
 from __future__ import annotations

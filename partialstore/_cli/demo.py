@@ -4,11 +4,10 @@ It saves a model state in several partial saves (some async, mixed leaf
 kinds, one replacement), finalizes, loads everything back, checks every
 byte against what it saved, and prints how long each phase took.
 
-Example::
-
-    partialstore demo                       # a temporary local folder
-    partialstore demo s3://bucket/demo      # any URL; storage options via --storage-options
-    partialstore demo --emulator s3         # against a moto S3 server it starts on 127.0.0.1
+From a shell: ``partialstore demo`` uses a temporary local folder,
+``partialstore demo s3://bucket/demo`` any URL (storage options via
+``--storage-options``), and ``partialstore demo --emulator s3`` a moto S3
+server it starts on 127.0.0.1.
 """
 
 from __future__ import annotations

@@ -14,10 +14,21 @@ old view of the log cannot revive the discarded session.
 ``gc`` deletes, in a finalized checkpoint, the data directories of saves
 its manifest does not use, and only directories named like a save id.
 
-Example::
-
-    await discard(location)
-    removed = await gc(location)   # ["data/3f2a..."]
+Example:
+    >>> import numpy as np
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import partialstore
+    >>> from partialstore._commit.location import resolve
+    >>> from partialstore._runtime.aio import run
+    >>> partialstore.save(f"{tmp.name}/broken", {"w": np.ones(3)})
+    >>> run(discard(resolve(f"{tmp.name}/broken")))
+    >>> partialstore.save(f"{tmp.name}/ckpt", {"w": np.zeros(3)})
+    >>> partialstore.save(f"{tmp.name}/ckpt", {"w": np.ones(3)})  # replaces the first save
+    >>> partialstore.finalize(f"{tmp.name}/ckpt")
+    >>> run(gc(resolve(f"{tmp.name}/ckpt")))
+    ['data/...']
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

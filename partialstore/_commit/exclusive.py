@@ -8,11 +8,17 @@ bytes are unique: reading the key back and comparing bytes tells "mine"
 from "another writer's" (Icechunk and Delta Lake resolve lost commits the
 same way).
 
-Example::
-
-    outcome = await create_once(backend, "ck/log/00000003.json", record_bytes)
-    if outcome is Created.OTHER:
-        ...  # another writer holds the key
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from partialstore import registry
+    >>> from partialstore._runtime.aio import run
+    >>> backend = registry.open_backend(f"{tmp.name}/root")
+    >>> run(create_once(backend, "ck/log/00000003.json", b'{"id": "a"}'))
+    (<Created.MINE: 'mine'>, True)
+    >>> run(create_once(backend, "ck/log/00000003.json", b'{"id": "b"}'))  # another writer's
+    (<Created.OTHER: 'other'>, False)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -68,9 +74,7 @@ async def create_once(backend: Backend, key: str, data: bytes) -> tuple[Created,
     or failed response was resolved by reading the key back): the caller may
     then have to check what else changed meanwhile.
 
-    Example::
-
-        outcome, clean = await create_once(backend, key, body)
+    See the module docstring for an example.
 
     Raises:
       OutcomeUnknownError: the store kept failing, so whether ``data`` landed

@@ -18,9 +18,17 @@ that sealer has stopped (a finalize re-run after a kill), and otherwise
 reports the checkpoint as the live sealer's, so one of concurrent
 finalizers succeeds.
 
-Example::
-
-    await finalize(location)
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import partialstore
+    >>> from partialstore._commit.location import resolve
+    >>> from partialstore._runtime.aio import run
+    >>> partialstore.save(f"{tmp.name}/ckpt", {"step": 1})
+    >>> run(finalize(resolve(f"{tmp.name}/ckpt")))
+    >>> partialstore.load(f"{tmp.name}/ckpt")
+    {'step': 1}
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

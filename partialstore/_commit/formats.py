@@ -5,11 +5,12 @@ The encoders (:mod:`partialstore._commit.txlog`,
 (:mod:`partialstore._commit.records`) share these, so the decoder need not
 import the modules that build on it.
 
-Example::
-
-    with paused_gc():
-        body = json.loads(data)
-    body["format"] == LOG_FORMAT and body["version"] == LOG_VERSION
+Example:
+    >>> import json
+    >>> with paused_gc():
+    ...     body = json.loads(b'{"format": "partialstore.log", "version": 1}')
+    >>> body["format"] == LOG_FORMAT and body["version"] == LOG_VERSION
+    True
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ def paused_gc() -> Iterator[None]:
 
     Merging 10^4 leaf entries allocates enough containers to trigger full
     collections, each of which walks every object of the process (JAX's
-    included): measured, that tripled the cost of a 6,000-leaf merge. The
-    objects built here hold no cycles, so nothing is lost by waiting.
+    included), which makes large merges several times slower (the figure is
+    in benchmarks/README.md, "Figures behind code decisions"). The objects
+    built here hold no cycles, so nothing is lost by waiting.
 
-    Example::
-
-        with paused_gc():
-            body = json.loads(data)
+    Example:
+        >>> import gc
+        >>> with paused_gc():
+        ...     gc.isenabled()
+        False
+        >>> gc.isenabled()
+        True
     """
     was_enabled = gc.isenabled()
     gc.disable()

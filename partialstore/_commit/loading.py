@@ -6,10 +6,7 @@ manifest is checked once, as it is decoded (:mod:`partialstore._commit.records`)
 everything here works on checked, typed entries, in time linear in the
 manifest's size.
 
-Example::
-
-    manifest = await read_manifest(location)
-    tree = await load_tree(location, manifest, select=["params/dense"])
+:func:`load_tree` has an example.
 """
 
 from __future__ import annotations
@@ -71,10 +68,19 @@ async def read_manifest(location: Location) -> Manifest:
     Every check (:func:`partialstore._commit.records.decode_manifest`) runs here,
     once, so ``load``, ``metadata`` and ``gc`` refuse the same damage.
 
-    Example::
-
-        manifest = await read_manifest(location)
-        manifest.save_dirs()          # what gc keeps
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> from partialstore._commit.location import resolve
+        >>> from partialstore._runtime.aio import run
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
+        >>> manifest = run(read_manifest(location))
+        >>> len(manifest.save_dirs())  # what gc keeps
+        1
+        >>> tmp.cleanup()
 
     Raises:
       NotFoundError: no finalized checkpoint (says when a session is still open).
@@ -106,10 +112,19 @@ def _leaf_metadata(leaf: LeafEntry) -> LeafMetadata:
 def read_metadata(location: Location, manifest: Manifest) -> CheckpointMetadata:
     """Build :class:`CheckpointMetadata` from a checked manifest (no array bytes read).
 
-    Example::
-
-        info = read_metadata(location, await read_manifest(location))
-        info.tree["params"]["w"].shape
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> from partialstore._commit.location import resolve
+        >>> from partialstore._runtime.aio import run
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
+        >>> info = read_metadata(location, run(read_manifest(location)))
+        >>> info.tree["params"]["w"].shape
+        (3,)
+        >>> tmp.cleanup()
     """
     values = {leaf.path: _leaf_metadata(leaf) for leaf in manifest.leaves}
     return CheckpointMetadata(
@@ -166,9 +181,18 @@ async def load_tree(
 ) -> Any:
     """Load the whole tree (or the ``select``-ed subtrees) as numpy arrays and Python values.
 
-    Example::
-
-        tree = await load_tree(location, await read_manifest(location), select=["params"])
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> from partialstore._commit.location import resolve
+        >>> from partialstore._runtime.aio import run
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
+        >>> run(load_tree(location, run(read_manifest(location)), select=["params"]))
+        {'params': {'w': array([1., 1., 1.], dtype=float32)}}
+        >>> tmp.cleanup()
     """
     leaves = manifest.leaves
     nodes = _nodes(manifest)
@@ -191,10 +215,21 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
     device's shard is read by itself, so a process reads only what it holds.
     A numpy-array leaf comes back as numpy; any other leaf as stored.
 
-    Example::
-
-        target = {"w": jax.ShapeDtypeStruct((8, 4), np.float32, sharding=sharding)}
-        state = await load_into_target(location, await read_manifest(location), target)
+    Example:
+        >>> import jax
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> from partialstore._commit.location import resolve
+        >>> from partialstore._runtime.aio import run
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"params": {"w": np.ones(3, np.float32)}})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> location = resolve(f"{tmp.name}/ckpt")
+        >>> sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        >>> target = {"params": {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=sharding)}}
+        >>> run(load_into_target(location, run(read_manifest(location)), target))
+        {'params': {'w': Array([1., 1., 1.], dtype=float32)}}
+        >>> tmp.cleanup()
     """
     import jax  # deferred: loading without a target should not pay for jax
 

@@ -6,11 +6,12 @@ the backend renames atomically (finalize then renames it to ``<name>``), and
 ``<name>`` itself where it cannot (finalize then publishes by creating
 ``<name>/partialstore.json``). See docs/protocol.md.
 
-Example::
-
-    loc = resolve("s3://bucket/run1/step_100", {"endpoint_url": "http://127.0.0.1:5000"})
-    loc.final_prefix    # "step_100"
-    loc.staging_prefix  # "step_100" (S3 has no atomic rename)
+Example:
+    >>> loc = resolve("s3://bucket/run1/step_100", {"endpoint_url": "http://127.0.0.1:5000"})
+    >>> loc.final_prefix
+    'step_100'
+    >>> loc.staging_prefix  # S3 has no atomic rename
+    'step_100'
 """
 
 from __future__ import annotations
@@ -122,10 +123,11 @@ def canonical_root(parent: str) -> str:
     around a bucket prefix or a memory root are stripped. Other schemes, and
     built-in ones that a registered backend overrides, keep their spelling.
 
-    Example::
-
-        canonical_root("s3a://bucket/run/")  # "s3://bucket/run"
-        canonical_root("file:///tmp/ckpts")  # "/tmp/ckpts"
+    Example:
+        >>> canonical_root("s3a://bucket/run/")
+        's3://bucket/run'
+        >>> canonical_root("file:///tmp/ckpts")
+        '/tmp/ckpts'
     """
     scheme = registry.scheme_of(parent)
     target = registry.builtin_target(scheme)
@@ -162,9 +164,9 @@ def job_wide_name(path: str | os.PathLike[str]) -> str:
     paths), so processes that name a checkpoint through different symlinks
     get different names.
 
-    Example::
-
-        job_wide_name("s3a://bucket//run/ckpt/")  # "s3://bucket/run/ckpt"
+    Example:
+        >>> job_wide_name("s3a://bucket//run/ckpt/")
+        's3://bucket/run/ckpt'
     """
     parent, name = _split(path)
     return f"{canonical_root(parent).rstrip('/')}/{name}"
@@ -193,9 +195,9 @@ def freeze_options(value: Any) -> Hashable:
     must still be refused); other objects compare as they define it, or by
     identity if unhashable.
 
-    Example::
-
-        freeze_options({"a": 1, "b": [2]}) == freeze_options({"b": [2], "a": 1})  # True
+    Example:
+        >>> freeze_options({"a": 1, "b": [2]}) == freeze_options({"b": [2], "a": 1})
+        True
     """
     if isinstance(value, Mapping):
         items = [(freeze_options(k), freeze_options(v)) for k, v in value.items()]
@@ -231,9 +233,9 @@ def resolve(
 ) -> Location:
     """Resolve a checkpoint path (local path or URL) to its :class:`Location`.
 
-    Example::
-
-        resolve("/tmp/ckpt").staging_prefix  # "ckpt.partial_save" on local disk
+    Example:
+        >>> resolve("/tmp/ckpt").staging_prefix  # on local disk
+        'ckpt.partial_save'
 
     Raises:
       InvalidInputError: the path is empty or names no checkpoint.

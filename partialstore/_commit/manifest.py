@@ -12,10 +12,8 @@ Merging replays save records in log order over a tree of key paths:
 win). The manifest is a pure function of the log, serialized
 deterministically, so concurrent or repeated finalizers write the same bytes.
 
-Example::
-
-    body = build_manifest(entries_before_seal, seal_entry)
-    manifest = records.decode_manifest("ckpt/partialstore.json", body)
+:func:`build_manifest` takes the log entries before the seal and the seal
+entry; :func:`merge_metadata` shows the merge rule on plain dicts.
 """
 
 from __future__ import annotations
@@ -39,9 +37,9 @@ PathKey = tuple[tuple[str, Any], ...]
 def merge_metadata(base: Any, update: Any) -> Any:
     """Deep-merge ``update`` into ``base`` (dicts recursively; anything else replaced).
 
-    Example::
-
-        merge_metadata({"a": {"x": 1}}, {"a": {"y": 2}})  # {"a": {"x": 1, "y": 2}}
+    Example:
+        >>> merge_metadata({"a": {"x": 1}}, {"a": {"y": 2}})
+        {'a': {'x': 1, 'y': 2}}
     """
     if isinstance(base, dict) and isinstance(update, dict):
         merged = dict(base)

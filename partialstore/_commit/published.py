@@ -13,11 +13,24 @@ raises as Orbax's does), or, when ``PARTIALSTORE_WRITER_ID`` is set, every
 process with the same value: a job that sets it to its own job id recognises
 a finalize it ran before it was killed and restarted.
 
-Example::
-
-    manifest = await read_published(location)
-    if manifest is not None and not is_ours(location, manifest):
-        raise already_finalized(location, manifest)
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import partialstore
+    >>> from partialstore._commit.location import resolve
+    >>> from partialstore._runtime.aio import run
+    >>> location = resolve(f"{tmp.name}/ckpt")
+    >>> run(read_published(location)) is None
+    True
+    >>> partialstore.save(f"{tmp.name}/ckpt", {"step": 1})
+    >>> partialstore.finalize(f"{tmp.name}/ckpt")
+    >>> manifest = run(read_published(location))
+    >>> is_ours(location, manifest)  # finalize returned, so a save must not reuse it
+    False
+    >>> raise already_finalized(location, manifest)
+    Traceback (most recent call last):
+    partialstore.errors.CheckpointFinalizedError: A finalized checkpoint already exists at ...
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

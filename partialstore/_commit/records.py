@@ -25,11 +25,20 @@ The checks cost time linear in the object's size. The typed entries here
 (:class:`NodeEntry`, :class:`LeafEntry`, :class:`Manifest`) are what loaders
 use; the merge still works on the checked record dicts.
 
-Example::
-
-    record = decode_record("ckpt.partial_save/log/00000001.json", data)
-    manifest = decode_manifest("ckpt/partialstore.json", data)
-    manifest.leaves[0].path, manifest.save_dirs()
+Example:
+    >>> import numpy as np
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import partialstore
+    >>> partialstore.save(f"{tmp.name}/ckpt", {"w": np.ones(3), "step": 1})
+    >>> data = open(f"{tmp.name}/ckpt.partial_save/log/00000001.json", "rb").read()
+    >>> record = decode_record("ckpt.partial_save/log/00000001.json", data)
+    >>> partialstore.finalize(f"{tmp.name}/ckpt")
+    >>> data = open(f"{tmp.name}/ckpt/partialstore.json", "rb").read()
+    >>> manifest = decode_manifest("ckpt/partialstore.json", data)
+    >>> manifest.leaves[0].path, manifest.save_dirs() == {record["save_id"]}
+    ((('key', 'step'),), True)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -103,9 +112,7 @@ class Manifest:
     def save_dirs(self) -> set[str]:
         """Names of the save directories (``data/<name>``) that the leaves use.
 
-        Example::
-
-            manifest.save_dirs()   # {'6ae4db75b9cd438a94551d04597144ed'}
+        See the module docstring for an example.
         """
         return {leaf.data.path.split("/")[1] for leaf in self.leaves if leaf.data is not None}
 
@@ -125,9 +132,13 @@ def _no_constant(name: str) -> NoReturn:
 def parse_versioned(what: str, data: bytes, *, fmt: str, version: int) -> dict[str, Any]:
     """Parse a JSON object of format ``fmt`` and version ``version``; ``what`` names it.
 
-    Example::
-
-        parse_versioned("Manifest ckpt/partialstore.json", data, fmt="partialstore", version=1)
+    Example:
+        >>> parse_versioned("Manifest x", b'{"format": "partialstore", "version": 1}',
+        ...                 fmt="partialstore", version=1)
+        {'format': 'partialstore', 'version': 1}
+        >>> parse_versioned("Manifest x", b'{"format": "other"}', fmt="partialstore", version=1)
+        Traceback (most recent call last):
+        partialstore.errors.CorruptCheckpointError: Manifest x is not a partialstore object. ...
 
     Raises:
       CorruptCheckpointError: not UTF-8 JSON (or nested too deep, or holding
@@ -275,9 +286,9 @@ def _check_body(body: dict[str, Any]) -> None:
 def check_record(key: str, body: dict[str, Any]) -> dict[str, Any]:
     """Check an already parsed log record ``body`` read from ``key``; return it.
 
-    Example::
-
-        check_record("ckpt/log/00000002.json", {"kind": "finalize", "created": None})
+    Example:
+        >>> check_record("ckpt/log/00000002.json", {"kind": "finalize", "created": None})
+        {'kind': 'finalize', 'created': None}
 
     Raises:
       CorruptCheckpointError: a field the merge uses is malformed.
@@ -296,10 +307,15 @@ def check_record(key: str, body: dict[str, Any]) -> dict[str, Any]:
 def decode_record(key: str, data: bytes) -> dict[str, Any]:
     """Parse and check the log record ``data`` read from ``key``.
 
-    Example::
-
-        record = decode_record("ckpt.partial_save/log/00000001.json", data)
-        record["kind"]   # 'save'
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"step": 1})
+        >>> data = open(f"{tmp.name}/ckpt.partial_save/log/00000001.json", "rb").read()
+        >>> decode_record("ckpt.partial_save/log/00000001.json", data)["kind"]
+        'save'
+        >>> tmp.cleanup()
 
     Raises:
       CorruptCheckpointError: not a version-1 log record, or malformed (the
@@ -353,10 +369,18 @@ def _manifest(key: str, body: dict[str, Any]) -> Manifest:
 def decode_manifest(key: str, data: bytes) -> Manifest:
     """Parse and check the manifest ``data`` read from ``key``.
 
-    Example::
-
-        manifest = decode_manifest("ckpt/partialstore.json", data)
-        [format_path(leaf.path) for leaf in manifest.leaves]
+    Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> partialstore.save(f"{tmp.name}/ckpt", {"w": np.ones(3), "step": 1})
+        >>> partialstore.finalize(f"{tmp.name}/ckpt")
+        >>> data = open(f"{tmp.name}/ckpt/partialstore.json", "rb").read()
+        >>> manifest = decode_manifest("ckpt/partialstore.json", data)
+        >>> [format_path(leaf.path) for leaf in manifest.leaves]
+        ['step', 'w']
+        >>> tmp.cleanup()
 
     Raises:
       CorruptCheckpointError: not a version-1 manifest, or malformed (the

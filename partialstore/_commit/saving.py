@@ -5,9 +5,7 @@ The order is what makes a save crash safe: all array bytes go to a fresh
 (the commit point). A save killed before that leaves unreferenced bytes and
 no trace in the log; one killed after it is complete.
 
-Example::
-
-    save(location, {"params": params}, custom_metadata={"step": 10}, copy=False)
+:func:`write_save_data` shows the two steps of a save.
 """
 
 from __future__ import annotations
@@ -172,12 +170,23 @@ async def write_save_data(
     (one request less in series); the writes are let finish first, so no
     write lands after the cleanup of a refused save.
 
-    Example::
-
-        save_id = new_save_id()
-        written = asyncio.ensure_future(write_save_data(location, snap, save_id))
-        ...  # earlier saves commit meanwhile
-        await commit_save(location, snap, save_id=save_id, written=written)
+    Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import asyncio
+        >>> from partialstore._commit.location import resolve
+        >>> from partialstore._runtime.aio import run
+        >>> location = resolve(f"{tmp.name}/ckpt")
+        >>> snap = snapshot({"params": {"w": np.ones(3)}}, {"step": 10}, copy=True)
+        >>> async def save() -> int:
+        ...     save_id = new_save_id()
+        ...     written = asyncio.ensure_future(write_save_data(location, snap, save_id))
+        ...     # ... earlier saves commit meanwhile ...
+        ...     return await commit_save(location, snap, save_id=save_id, written=written)
+        >>> run(save())  # the number of its log record
+        1
+        >>> tmp.cleanup()
     """
     if not check:
         return await _write_data(location, snap, save_id)

@@ -17,10 +17,18 @@ start a new session); a seal may not directly follow one (nothing to
 finalize). Every record carries a fresh id, so a create whose answer was
 lost is recognised by reading it back (:mod:`partialstore._commit.exclusive`).
 
-Example::
-
-    number = await append(backend, "ckpt/log", save_record_bytes)
-    records = await read_log(backend, "ckpt/log")
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import partialstore
+    >>> from partialstore._commit.location import resolve
+    >>> from partialstore._runtime.aio import run
+    >>> partialstore.save(f"{tmp.name}/ckpt", {"step": 1})  # appends record 1
+    >>> location = resolve(f"{tmp.name}/ckpt")
+    >>> entries = run(read_log(location.backend, f"{location.staging_prefix}/log"))
+    >>> [(entry.number, entry.record["kind"]) for entry in entries]
+    [(1, 'save')]
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -20,12 +20,15 @@ in messages it reads ``params/layers[0].mu`` (:func:`format_path`).
 Selectors (:func:`parse_selector`) pick a subtree for a partial load:
 ``"params/layers/0"`` or ``("params", "layers", 0)``.
 
-Example::
-
-    path = (("key", "params"), ("idx", 0), ("attr", "mu"))
-    format_path(path)                       # 'params[0].mu'
-    decode_path(json.loads(json.dumps(encode_path(path)))) == path   # True
-    selector_matches(parse_selector("params/0"), path)                # True
+Example:
+    >>> import json
+    >>> path = (("key", "params"), ("idx", 0), ("attr", "mu"))
+    >>> format_path(path)
+    'params[0].mu'
+    >>> decode_path(json.loads(json.dumps(encode_path(path)))) == path
+    True
+    >>> selector_matches(parse_selector("params/0"), path)
+    True
 """
 
 from __future__ import annotations
@@ -89,10 +92,11 @@ def check_str(text: str) -> str | None:
     Lone surrogates survive ``json.dumps`` with the default ASCII escaping but
     break any UTF-8 writer, so they are refused up front.
 
-    Example::
-
-        check_str("ok") is None        # True
-        check_str("\\ud800")           # 'contains a lone surrogate ...'
+    Example:
+        >>> check_str("ok") is None
+        True
+        >>> check_str("\\ud800")
+        'contains a lone surrogate ...'
     """
     try:
         text.encode("utf-8")
@@ -129,13 +133,14 @@ def entry_from_jax_key(key: Any, parent: KeyPath) -> PathEntry:
     ``parent`` is the path of the node the key belongs to; it only serves
     error messages.
 
-    Example::
-
-        entry_from_jax_key(jax.tree_util.DictKey("w"), ())   # ('key', 'w')
+    Example:
+        >>> import jax
+        >>> entry_from_jax_key(jax.tree_util.DictKey("w"), ())
+        ('key', 'w')
 
     Raises:
-        InvalidInputError: the key is of a kind partialstore cannot store
-            (a dict key that is neither str nor int, or a custom key class).
+      InvalidInputError: the key is of a kind partialstore cannot store
+        (a dict key that is neither str nor int, or a custom key class).
     """
     if isinstance(key, jtu.DictKey):
         return ("key", _dict_key(key.key, parent))
@@ -159,9 +164,9 @@ def entry_from_jax_key(key: Any, parent: KeyPath) -> PathEntry:
 def encode_path(path: KeyPath) -> list[list[str | int]]:
     """Return the JSON form of a key path.
 
-    Example::
-
-        encode_path((("key", "params"), ("idx", 0)))   # [['key', 'params'], ['idx', 0]]
+    Example:
+        >>> encode_path((("key", "params"), ("idx", 0)))
+        [['key', 'params'], ['idx', 0]]
     """
     return [[kind, key] for kind, key in path]
 
@@ -179,14 +184,14 @@ def _valid_entry(kind: Any, key: Any) -> bool:
 def decode_path(obj: Any) -> KeyPath:
     """Inverse of :func:`encode_path`; validates what it reads.
 
-    Example::
-
-        decode_path([["key", "params"], ["idx", 0]])   # (('key', 'params'), ('idx', 0))
+    Example:
+        >>> decode_path([["key", "params"], ["idx", 0]])
+        (('key', 'params'), ('idx', 0))
 
     Raises:
-        CorruptCheckpointError: ``obj`` is not a list of at most
-            :data:`MAX_DEPTH` ``[kind, key]`` pairs with a known kind and a key
-            of the right type.
+      CorruptCheckpointError: ``obj`` is not a list of at most
+        :data:`MAX_DEPTH` ``[kind, key]`` pairs with a known kind and a key
+        of the right type.
     """
     if not isinstance(obj, list | tuple):
         raise CorruptCheckpointError(f"Stored key path {short_repr(obj)} is not a list.")
@@ -215,9 +220,9 @@ def short_repr(obj: Any, limit: int = 200) -> str:
     Stored data may be huge or deeply nested; a message must stay readable
     and building it must not fail.
 
-    Example::
-
-        short_repr(list(range(1000)), limit=20)   # '[0, 1, 2, 3, 4, 5, 6...(4890 chars)'
+    Example:
+        >>> short_repr(list(range(1000)), limit=20)
+        '[0, 1, 2, 3, 4, 5, 6...(4890 chars)'
     """
     try:
         text = repr(obj)
@@ -241,10 +246,9 @@ def format_path(path: KeyPath) -> str:
     ``'0'``. Sequence indices read ``[0]``, fields ``.mu``, flattened indices of
     custom nodes ``[#0]``; the root reads ``<root>``.
 
-    Example::
-
-        format_path((("key", "opt"), ("idx", 0), ("attr", "mu"), ("key", "w")))
-        # 'opt[0].mu/w'
+    Example:
+        >>> format_path((("key", "opt"), ("idx", 0), ("attr", "mu"), ("key", "w")))
+        'opt[0].mu/w'
     """
     if not path:
         return "<root>"
@@ -275,9 +279,9 @@ def path_keys(path: KeyPath) -> tuple[str | int, ...]:
 
     Useful to compare paths loosely, e.g. a NamedTuple field with a dict key.
 
-    Example::
-
-        path_keys((("key", "opt"), ("attr", "mu")))   # ('opt', 'mu')
+    Example:
+        >>> path_keys((("key", "opt"), ("attr", "mu")))
+        ('opt', 'mu')
     """
     return tuple(key for _, key in path)
 
@@ -285,10 +289,11 @@ def path_keys(path: KeyPath) -> tuple[str | int, ...]:
 def is_ancestor(a: KeyPath, b: KeyPath) -> bool:
     """Return True if ``a`` is a proper prefix of ``b`` (``a`` is above ``b``).
 
-    Example::
-
-        is_ancestor((("key", "p"),), (("key", "p"), ("idx", 0)))   # True
-        is_ancestor((("key", "p"),), (("key", "p"),))              # False
+    Example:
+        >>> is_ancestor((("key", "p"),), (("key", "p"), ("idx", 0)))
+        True
+        >>> is_ancestor((("key", "p"),), (("key", "p"),))
+        False
     """
     return len(a) < len(b) and b[: len(a)] == a
 
@@ -317,14 +322,15 @@ def parse_selector(select: str | Sequence[Any]) -> Selector:
     :data:`KeyPath` is itself a valid selector. Use the sequence form for keys
     that contain ``/``.
 
-    Example::
-
-        parse_selector("params/layers/0")          # ('params', 'layers', '0')
-        parse_selector(("params", "layers", 0))     # ('params', 'layers', 0)
+    Example:
+        >>> parse_selector("params/layers/0")
+        ('params', 'layers', '0')
+        >>> parse_selector(("params", "layers", 0))
+        ('params', 'layers', 0)
 
     Raises:
-        InvalidInputError: an empty component (``"a//b"``) or a key of an
-            unsupported type.
+      InvalidInputError: an empty component (``"a//b"``) or a key of an
+        unsupported type.
     """
     if isinstance(select, str):
         stripped = select.strip("/")
@@ -363,12 +369,14 @@ def selector_matches(selector: Selector, path: KeyPath, *, include_ancestors: bo
     ``include_ancestors=True`` the nodes above the selected subtree match too,
     which is what a loader needs to rebuild the containers around it.
 
-    Example::
-
-        sel = parse_selector("params/0")
-        selector_matches(sel, (("key", "params"), ("idx", 0), ("key", "w")))    # True
-        selector_matches(sel, (("key", "params"),))                              # False
-        selector_matches(sel, (("key", "params"),), include_ancestors=True)      # True
+    Example:
+        >>> sel = parse_selector("params/0")
+        >>> selector_matches(sel, (("key", "params"), ("idx", 0), ("key", "w")))
+        True
+        >>> selector_matches(sel, (("key", "params"),))
+        False
+        >>> selector_matches(sel, (("key", "params"),), include_ancestors=True)
+        True
     """
     if len(path) < len(selector) and not include_ancestors:
         return False

@@ -26,10 +26,11 @@ arrays (save ``jax.random.key_data(key)`` instead) and traced values.
 The inline kinds have a JSON form (:func:`encode_inline` /
 :func:`decode_value`) that round-trips every value exactly.
 
-Example::
-
-    check_dtype(np.float32) is None                      # True
-    decode_value("float", encode_inline("float", float("nan")))   # nan
+Example:
+    >>> check_dtype(np.float32) is None
+    True
+    >>> decode_value("float", encode_inline("float", float("nan")))
+    nan
 """
 
 from __future__ import annotations
@@ -107,10 +108,11 @@ def _dtype_problem(dtype: np.dtype) -> str | None:
 def check_dtype(dtype: Any) -> str | None:
     """Return why arrays of ``dtype`` cannot be saved, or ``None`` if they can.
 
-    Example::
-
-        check_dtype(np.float32) is None            # True
-        check_dtype(np.dtype(object))              # 'object arrays hold ...'
+    Example:
+        >>> check_dtype(np.float32) is None
+        True
+        >>> check_dtype(np.dtype(object))
+        'object arrays hold ...'
     """
     return _dtype_problem(np.dtype(dtype))
 
@@ -158,13 +160,14 @@ def classify_leaf(obj: Any, path: KeyPath) -> str | None:
     this module does not know; the caller asks ``jax.tree_util`` whether it is
     a node and otherwise calls :func:`fallback_leaf_kind`.
 
-    Example::
-
-        classify_leaf(np.float32(1), ())     # 'np_scalar'
-        classify_leaf({}, ()) is None        # True
+    Example:
+        >>> classify_leaf(np.float32(1), ())
+        'np_scalar'
+        >>> classify_leaf({}, ()) is None
+        True
 
     Raises:
-        UnsupportedLeafError: an array, numpy scalar or str that cannot be saved.
+      UnsupportedLeafError: an array, numpy scalar or str that cannot be saved.
     """
     if obj is None:
         return "none"
@@ -207,12 +210,13 @@ def _check_str_leaf(obj: str, path: KeyPath) -> str:
 def fallback_leaf_kind(obj: Any, path: KeyPath) -> str:
     """Kind of an object jax does not treat as a node: a scalar subclass, or refuse it.
 
-    Example::
-
-        fallback_leaf_kind(enum.IntEnum("E", "A").A, ())   # 'int'
+    Example:
+        >>> import enum
+        >>> fallback_leaf_kind(enum.IntEnum("E", "A").A, ())
+        'int'
 
     Raises:
-        UnsupportedLeafError: anything that is not a scalar subclass.
+      UnsupportedLeafError: anything that is not a scalar subclass.
     """
     if isinstance(obj, bool):
         return "bool"
@@ -253,9 +257,9 @@ def is_sharded_across_processes(obj: jax.Array) -> bool:
 def start_host_copy(obj: jax.Array) -> None:
     """Start the device-to-host copy of ``obj`` without waiting for it.
 
-    Example::
-
-        start_host_copy(x)   # later snapshot(...) then finds the bytes on host
+    Example:
+        >>> x = jax.numpy.ones(3)
+        >>> start_host_copy(x)  # a later snapshot(...) finds the bytes on host
     """
     if obj.is_fully_addressable and not _is_host_backed(obj):
         obj.copy_to_host_async()
@@ -277,10 +281,11 @@ def snapshot(
     Array kinds give a host array and ``None``; inline kinds ``None`` and the
     plain Python value (``IntEnum`` members become ``int`` and so on).
 
-    Example::
-
-        snapshot("np_scalar", np.int8(3), True)   # (array(3, dtype=int8), None)
-        snapshot("str", "hi", True)                # (None, 'hi')
+    Example:
+        >>> snapshot("np_scalar", np.int8(3), True)
+        (array(3, dtype=int8), None)
+        >>> snapshot("str", "hi", True)
+        (None, 'hi')
     """
     if kind == "jax_array":
         return _snapshot_jax(obj, copy_arrays), None
@@ -307,9 +312,9 @@ def encode_inline(kind: str, value: Any) -> Any:
     ``{"float": "nan", "bits": "<16 hex digits>"}`` so sign and payload
     survive. Ints outside the signed 64-bit range become ``{"int": "0x..."}``.
 
-    Example::
-
-        encode_inline("int", 2**70)        # {'int': '0x400000000000000000'}
+    Example:
+        >>> encode_inline("int", 2**70)
+        {'int': '0x400000000000000000'}
     """
     if kind == "none":
         return None
@@ -340,13 +345,14 @@ def _bad_value(kind: str, obj: Any) -> CorruptCheckpointError:
 def decode_value(kind: str, obj: Any) -> int | float | bool | str | None:
     """Inverse of :func:`encode_inline`: the Python value of an inline leaf.
 
-    Example::
-
-        decode_value("float", {"float": "-inf"})   # -inf
-        decode_value("int", 3)                     # 3
+    Example:
+        >>> decode_value("float", {"float": "-inf"})
+        -inf
+        >>> decode_value("int", 3)
+        3
 
     Raises:
-        CorruptCheckpointError: unknown kind, or ``obj`` does not fit ``kind``.
+      CorruptCheckpointError: unknown kind, or ``obj`` does not fit ``kind``.
     """
     if kind == "none":
         if obj is not None:
@@ -387,10 +393,11 @@ def decode_value(kind: str, obj: Any) -> int | float | bool | str | None:
 def value_from_array(kind: str, array: np.ndarray) -> Any:
     """Return the value a loaded array leaf stands for: numpy scalars come back as such.
 
-    Example::
-
-        value_from_array("np_scalar", np.array(1.5, np.float32))   # np.float32(1.5)
-        value_from_array("array", np.zeros(2))                      # array([0., 0.])
+    Example:
+        >>> value_from_array("np_scalar", np.array(1.5, np.float32))
+        np.float32(1.5)
+        >>> value_from_array("array", np.zeros(2))
+        array([0., 0.])
     """
     if kind == "np_scalar":
         return array[()]

@@ -5,10 +5,13 @@ In a multi-process JAX job each process snapshots only the shards it owns
 every shard edge of the global sharding, so all processes derive the same
 chunk grid (:func:`partialstore._arrays.sharded.shard_chunks`).
 
-Example::
+On one device the single shard is the whole array.
 
-    sharded = snapshot_shards(global_array, copy_arrays=True)
-    sharded.shape, [box for box, _ in sharded.shards]
+Example:
+    >>> import jax
+    >>> sharded = snapshot_shards(jax.numpy.arange(8.0), copy_arrays=True)
+    >>> sharded.shape, [box for box, _ in sharded.shards], sharded.boundaries
+    ((8,), [((0, 8),)], ((0, 8),))
 """
 
 from __future__ import annotations

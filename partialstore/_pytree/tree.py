@@ -16,13 +16,13 @@ decided in :mod:`partialstore._pytree.leaves`; this module re-exports what the l
 above need from it and from :mod:`partialstore._pytree.keypaths`, so they import one
 module.
 
-Example::
-
-    leaves, nodes = flatten({"params": {"w": np.ones(3)}, "step": 1})
-    [format_path(leaf.path) for leaf in leaves]    # ['params/w', 'step']
-    tree = build_tree({n.path: n for n in nodes},
-                      {leaf.path: leaf.array if leaf.array is not None else leaf.value
-                       for leaf in leaves})
+Example:
+    >>> leaves, nodes = flatten({"params": {"w": np.ones(3)}, "step": 1})
+    >>> [format_path(leaf.path) for leaf in leaves]
+    ['params/w', 'step']
+    >>> tree = build_tree({n.path: n for n in nodes},
+    ...                   {leaf.path: leaf.array if leaf.array is not None else leaf.value
+    ...                    for leaf in leaves})
 """
 
 from __future__ import annotations
@@ -279,18 +279,19 @@ def flatten(state: Any, *, copy_arrays: bool = True) -> tuple[list[Leaf], list[N
     sharded across processes keeps only the shards this process writes
     (``Leaf.shards``).
 
-    Example::
-
-        leaves, nodes = flatten({"w": np.zeros(2), "opt": (), "step": 3})
-        [(format_path(l.path), l.kind) for l in leaves]   # [('step', 'int'), ('w', 'array')]
-        [(format_path(n.path), n.kind) for n in nodes]    # [('<root>', 'dict'), ('opt', 'tuple')]
+    Example:
+        >>> leaves, nodes = flatten({"w": np.zeros(2), "opt": (), "step": 3})
+        >>> [(format_path(l.path), l.kind) for l in leaves]
+        [('step', 'int'), ('w', 'array')]
+        >>> [(format_path(n.path), n.kind) for n in nodes]
+        [('<root>', 'dict'), ('opt', 'tuple')]
 
     Raises:
-        UnsupportedLeafError: a leaf type or dtype cannot be saved; the message
-            names its key path.
-        InvalidInputError: a dict key that is not str/int, mixed str and int
-            keys in one dict, a custom node with unsupported keys, a cycle, or a
-            tree deeper than :data:`MAX_DEPTH` levels.
+      UnsupportedLeafError: a leaf type or dtype cannot be saved; the message
+        names its key path.
+      InvalidInputError: a dict key that is not str/int, mixed str and int
+        keys in one dict, a custom node with unsupported keys, a cycle, or a
+        tree deeper than :data:`MAX_DEPTH` levels.
     """
     pending, nodes = _walk(state)
     # Start every device-to-host copy before blocking on the first one.
@@ -314,13 +315,13 @@ def encode_value(leaf: Leaf) -> Any:
 
     See :func:`partialstore._pytree.leaves.encode_inline` for the encoding.
 
-    Example::
-
-        leaf = flatten(float("inf"))[0][0]
-        encode_value(leaf)                 # {'float': 'inf'}
+    Example:
+        >>> leaf = flatten(float("inf"))[0][0]
+        >>> encode_value(leaf)
+        {'float': 'inf'}
 
     Raises:
-        InvalidInputError: the leaf is of an array kind.
+      InvalidInputError: the leaf is of an array kind.
     """
     return encode_inline(leaf.kind, leaf.value)
 
@@ -386,15 +387,14 @@ def build_tree(nodes: Mapping[KeyPath, Node], values: Mapping[KeyPath, Any]) -> 
       index.
     - Nothing at all gives ``{}``.
 
-    Example::
-
-        leaves, nodes = flatten({"a": [1, {}], "b": None})
-        build_tree({n.path: n for n in nodes}, {l.path: l.value for l in leaves})
-        # {'a': [1, {}], 'b': None}
+    Example:
+        >>> leaves, nodes = flatten({"a": [1, {}], "b": None})
+        >>> build_tree({n.path: n for n in nodes}, {l.path: l.value for l in leaves})
+        {'a': [1, {}], 'b': None}
 
     Raises:
-        CorruptCheckpointError: a path is both a leaf and a container, or two
-            children of one container collide.
+      CorruptCheckpointError: a path is both a leaf and a container, or two
+        children of one container collide.
     """
     for path in nodes:
         if path in values:
@@ -437,16 +437,18 @@ def target_leaf_paths(target: Any) -> tuple[list[KeyPath], list[Any], Any]:
     ``jax.tree_util.tree_unflatten(treedef, values)``. Leaves are returned as
     they are (``jax.ShapeDtypeStruct``, arrays, scalars, ``None``, ...).
 
-    Example::
-
-        paths, leaves, treedef = target_leaf_paths(
-            {"w": jax.ShapeDtypeStruct((2,), np.float32), "step": None})
-        paths                                  # [(('key', 'step'),), (('key', 'w'),)]
-        jax.tree_util.tree_unflatten(treedef, [1, np.zeros(2, np.float32)])
+    Example:
+        >>> import jax
+        >>> paths, leaves, treedef = target_leaf_paths(
+        ...     {"w": jax.ShapeDtypeStruct((2,), np.float32), "step": None})
+        >>> paths
+        [(('key', 'step'),), (('key', 'w'),)]
+        >>> jax.tree_util.tree_unflatten(treedef, [1, np.zeros(2, np.float32)])
+        {'step': 1, 'w': array([0., 0.], dtype=float32)}
 
     Raises:
-        InvalidInputError: the target has unsupported or mixed dict keys, or a
-            custom node jax cannot flatten.
+      InvalidInputError: the target has unsupported or mixed dict keys, or a
+        custom node jax cannot flatten.
     """
     try:
         keyed, treedef = jtu.tree_flatten_with_path(target, is_leaf=lambda x: x is None)

@@ -5,10 +5,15 @@ the contract is async. Every coroutine partialstore runs goes through this
 loop, which lives in a daemon thread, so calls from any thread (including
 threads that already run their own loop, like Jupyter's) never nest loops.
 
-Example::
-
-    from partialstore._runtime.aio import run
-    data = run(backend.read("log/00000001.json"))
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from partialstore import registry
+    >>> backend = registry.open_backend(f"{tmp.name}/root")
+    >>> run(backend.create("log/00000001.json", b"{}"))
+    >>> run(backend.read("log/00000001.json"))
+    b'{}'
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -65,9 +70,11 @@ async def settle_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
     the others are waited for, not cancelled; only a cancellation of this
     call cancels them.
 
-    Example::
-
-        descriptors = await settle_all([write(a) for a in arrays])
+    Example:
+        >>> async def double(value: int) -> int:
+        ...     return 2 * value
+        >>> run(settle_all([double(1), double(2)]))
+        [2, 4]
     """
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:

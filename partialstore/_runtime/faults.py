@@ -6,9 +6,12 @@ an out-of-memory kill or a preempted VM would. ``<point>:<n>`` kills at the
 n-th time the point is reached (1-based). Unset, a crash point costs one
 dictionary lookup.
 
-Example::
+A test runs a child as ``PARTIALSTORE_CRASH_AT=save.before_log_append python train.py``.
 
-    PARTIALSTORE_CRASH_AT=save.before_log_append python train.py
+Example:
+    >>> "save.before_log_append" in CRASH_POINTS
+    True
+    >>> crash_point("save.before_log_append")  # unset here: nothing happens
 """
 
 from __future__ import annotations

@@ -22,10 +22,18 @@ heartbeat stopping (:class:`ProcessLostError`). Each operation's keys are
 deleted once every process is done with them. With one process (or
 without ``jax.distributed``) nothing here talks to anyone.
 
-Example::
+In a multi-process job a collective step reads
+``await broadcast(f"{next_op(name)}/save_id", new_id() if is_primary() else None)``;
+it needs ``jax.distributed``, so only the single-process path runs here.
 
-    if is_multiprocess():
-        save_id = await broadcast(f"{next_op(name)}/save_id", new_id() if is_primary() else None)
+Example:
+    >>> from partialstore._runtime.aio import run
+    >>> is_multiprocess()
+    False
+    >>> async def collect() -> list[str]:
+    ...     return ["data/3f2a"]
+    >>> run(run_on_primary(None, collect, "gc"))  # op None: the action just runs
+    ['data/3f2a']
 """
 
 from __future__ import annotations
@@ -242,9 +250,11 @@ def next_op(name: str) -> str:
     save/finalize/discard/gc on a checkpoint in the same order, so the
     per-checkpoint counter gives the same prefix everywhere.
 
-    Example::
-
-        op = next_op("gs://bucket/run/step_10")  # "partialstore/<digest>/0", then .../1
+    Example:
+        >>> first = next_op("gs://bucket/doctest/step_10")
+        >>> second = next_op("gs://bucket/doctest/step_10")
+        >>> first.startswith("partialstore/"), int(second[-1]) - int(first[-1])
+        (True, 1)
     """
     _ensure_heartbeat()
     digest = hashlib.sha256(name.encode()).hexdigest()[:24]
@@ -270,9 +280,7 @@ async def broadcast(key: str, value: str | None) -> str:
     A key ending in ``/outcome`` is the operation's last message: then the
     last process done with the operation deletes its keys.
 
-    Example::
-
-        save_id = await broadcast(f"{op}/save_id", new_id() if is_primary() else None)
+    It needs ``jax.distributed``; the module docstring shows the call.
     """
     if is_primary():
         if value is None:
@@ -291,9 +299,8 @@ async def broadcast(key: str, value: str | None) -> str:
 async def gather_to_primary(key: str, value: str) -> list[str] | None:
     """Send ``value`` to the primary; it gets every process's value in order, others None.
 
-    Example::
-
-        statuses = await gather_to_primary(f"{op}/wrote", encode_outcome(None))
+    It needs ``jax.distributed``: a step calls
+    ``await gather_to_primary(f"{op}/wrote", encode_outcome(None))``.
     """
     if not is_primary():
         _ensure_heartbeat()
@@ -310,9 +317,7 @@ async def run_on_primary(op: str | None, action: Callable[[], Awaitable[T]], whe
     job (``action`` then just runs). Results travel as JSON, so ``T`` is a
     type that comes back from ``json.loads`` as it went in (``None``, ``list[str]``).
 
-    Example::
-
-        deleted = await run_on_primary(op, lambda: discarding.gc(location), "gc")
+    See the module docstring for an example.
     """
     if op is None:
         return await action()
@@ -353,9 +358,9 @@ def encode_outcome(error: BaseException | None, result: str = "") -> str:
 
     A relayed error keeps its origin: it still names the process it happened on.
 
-    Example::
-
-        decode_outcome(encode_outcome(None, "7"), "The save")  # "7"
+    Example:
+        >>> decode_outcome(encode_outcome(None, "7"), "The save")
+        '7'
     """
     if error is None:
         return json.dumps({"ok": result})
@@ -378,10 +383,10 @@ def decode_outcome(text: str, where: str) -> str:
     class (a ``TimeoutError`` stays a ``TimeoutError``, an ``OSError`` an
     ``OSError``), with a message naming the process it happened on.
 
-    Example::
-
-        decode_outcome(encode_outcome(TimeoutError("deadline")), "The save")
-        # raises TimeoutError("The save failed on process 0 of the JAX job: ...")
+    Example:
+        >>> decode_outcome(encode_outcome(TimeoutError("deadline")), "The save")
+        Traceback (most recent call last):
+        TimeoutError: The save failed on process 0 of the JAX job: TimeoutError: deadline
     """
     outcome = json.loads(text)
     if "ok" in outcome:

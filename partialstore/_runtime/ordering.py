@@ -16,10 +16,15 @@ A save that fails is reported through its :class:`AsyncResponse`. If nobody
 looked at that response before the next finalize of the path, finalize
 raises the failure instead of publishing a checkpoint that silently lacks it.
 
-Example::
-
-    response = schedule(key, coroutine)   # runs after earlier work on `key`
-    response.result()
+Example:
+    >>> order = []
+    >>> async def step(number: int) -> None:
+    ...     order.append(number)
+    >>> first = schedule("doctest", lambda: step(1), track=False)
+    >>> second = schedule("doctest", lambda: step(2), track=False)  # runs after the first
+    >>> second.result()
+    >>> order
+    [1, 2]
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ __all__ = [
 
 #: How many prepares (a save's array writes) of one path may run at once.
 #: Two already hide a commit behind the next save's writes; four also keep
-#: the store busy when saves are small (measured on moto: workload d).
+#: the store busy when saves are small (see benchmarks/README.md, "Figures
+#: behind code decisions").
 PIPELINE_DEPTH = 4
 
 T = TypeVar("T")
@@ -57,11 +63,16 @@ class UnobservedSaveError(PartialStoreError):
 class AsyncResponse:
     """Handle of a background save, as returned by :func:`partialstore.save_async`.
 
-    Example::
-
-        response = partialstore.save_async(path, {"step": 1})
-        ...                       # training goes on
-        response.result()         # raises what the save raised, if anything
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> response = partialstore.save_async(f"{tmp.name}/ckpt", {"step": 1})
+        >>> # ... training goes on ...
+        >>> response.result()  # raises what the save raised, if anything
+        >>> response.done()
+        True
+        >>> tmp.cleanup()
     """
 
     def __init__(
@@ -78,14 +89,15 @@ class AsyncResponse:
         included (e.g. a multi-process job's coordination timing out); only
         when ``done()`` is still ``False`` did the wait itself time out.
 
-        Example::
-
-            try:
-                response.result(timeout=60)
-            except TimeoutError:
-                if not response.done():
-                    ...  # still saving: wait again later
-                raise     # the save itself failed with a TimeoutError
+        Example:
+            >>> import asyncio
+            >>> response = schedule("doctest", lambda: asyncio.sleep(0.5), track=False)
+            >>> try:
+            ...     response.result(timeout=0.01)
+            ... except TimeoutError:
+            ...     print("still saving" if not response.done() else "the save failed")
+            still saving
+            >>> response.result()
 
         Raises:
           TimeoutError: ``timeout`` seconds passed first (the save goes on),
@@ -215,9 +227,13 @@ def schedule(
     turn, with the task running it: ``make(prepared)`` awaits ``prepared``
     for its result or its exception.
 
-    Example::
-
-        schedule(key, lambda written: commit(written), prepare=lambda: write_bytes())
+    Example:
+        >>> async def write_bytes() -> int:
+        ...     return 3  # starts at once
+        >>> async def commit(written) -> None:
+        ...     print("committing", await written)  # after earlier work on the key
+        >>> schedule("doctest", commit, prepare=write_bytes, track=False).result()
+        committing 3
     """
     outcome = _Outcome()
     response = AsyncResponse(aio.submit(_ordered(key, make, prepare, outcome)), outcome)

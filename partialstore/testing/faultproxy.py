@@ -21,14 +21,12 @@ backend gives TensorStore a spec only when that variable equals its
 endpoint. So within ``with proxy.patched_env(server):`` GCS array bytes go
 through TensorStore and the proxy; outside it, through gcsfs and the proxy.
 
-Example::
-
-    with FaultProxy(moto_server.endpoint_url) as proxy:
-        backend = registry.open_backend("s3://b/root", proxy.storage_options(moto_server))
-        rule = proxy.add(Fault(drop_response(), method="PUT", key=r"log/00000001\\.json$"))
-        with contextlib.suppress(FileExistsError):  # the retry finds its own object
-            run(backend.create("log/00000001.json", b"{}"))
-        assert rule.fired == 1 and run(backend.exists("log/00000001.json"))
+A proxy needs a running S3 or GCS emulator behind it, so there are no
+doctests here; ``tests/test_fault_kit.py`` shows each feature. A typical test
+opens ``with FaultProxy(moto_server.endpoint_url) as proxy:``, opens a backend
+with ``proxy.storage_options(moto_server)``, adds
+``proxy.add(Fault(drop_response(), method="PUT", key=r"log/00000001\\.json$"))``
+and checks what the store holds afterwards.
 """
 
 from __future__ import annotations
@@ -107,11 +105,7 @@ class FaultProxy(RuleHost):
         style paths and S3 otherwise.
       log: keep a :class:`RequestRecord` of every request (off for long benchmarks).
 
-    Example::
-
-        with FaultProxy(gcs_server.endpoint_url) as proxy:
-            proxy.add(Fault(error(503), method="POST", times=2))
-            backend = registry.open_backend("gs://b/root", proxy.storage_options(gcs_server))
+    See the module docstring for how a test uses it.
     """
 
     def __init__(
@@ -194,9 +188,7 @@ class FaultProxy(RuleHost):
     ) -> list[RequestRecord]:
         """The logged requests in arrival order, optionally only ``method``(s) / key regex ``key``.
 
-        Example::
-
-            uploads = proxy.requests(("PUT", "POST"), key=r"/log/")
+        E.g. the log uploads: ``proxy.requests(("PUT", "POST"), key=r"/log/")``.
         """
         return self._records(Fault(Action("log"), method=method, key=key), _NO_HEADERS)
 
@@ -205,9 +197,7 @@ class FaultProxy(RuleHost):
 
         A client may see its answer a moment before the proxy's thread logs the end.
 
-        Example::
-
-            assert proxy.wait_idle() and all(r.duration < 5 for r in proxy.requests())
+        Call it before reading ``duration`` of every request.
         """
         deadline = time.monotonic() + timeout
         while any(r.duration is None for r in self.requests()):
@@ -226,9 +216,7 @@ class FaultProxy(RuleHost):
     def storage_options(self, server: Any) -> dict[str, Any]:
         """``server.storage_options()`` with the proxy as ``endpoint_url``.
 
-        Example::
-
-            partialstore.save(url, tree, storage_options=proxy.storage_options(moto_server))
+        Pass them on: ``partialstore.save(url, tree, storage_options=...)``.
         """
         self._check_server(server)
         return {**server.storage_options(), "endpoint_url": self.endpoint_url}
@@ -248,10 +236,7 @@ class FaultProxy(RuleHost):
         Needed for TensorStore's GCS driver, which reads ``TENSORSTORE_GCS_HTTP_URL``
         whenever a driver is opened (see the module docstring).
 
-        Example::
-
-            with proxy.patched_env(gcs_server):
-                partialstore.save(url, tree, storage_options=proxy.storage_options(gcs_server))
+        A GCS test saves inside ``with proxy.patched_env(gcs_server):``.
         """
         values = self.env(server)
         previous = {name: os.environ.get(name) for name in values}

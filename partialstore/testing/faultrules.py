@@ -13,11 +13,14 @@ request of a repeat.
 
 Import these from :mod:`partialstore.testing.faultproxy`, which re-exports them.
 
-Example::
+A test adds faults to a running proxy, e.g.
+``rule = proxy.add(Fault(error(503), method="PUT", times=2))`` (SlowDown
+twice, then through), and checks ``rule.fired`` afterwards.
 
-    rule = proxy.add(Fault(error(503), method="PUT", times=2))  # SlowDown twice
-    ...
-    assert rule.fired == 2
+Example:
+    >>> fault = Fault(error(503), method="PUT", times=2)
+    >>> fault.name(), fault.action.status, fault.action.terminal
+    ('error', 503, True)
 """
 
 from __future__ import annotations
@@ -65,9 +68,11 @@ class Action:
 def latency(seconds: float) -> Action:
     """Wait ``seconds`` before forwarding; later rules still act on the request.
 
-    Example::
-
-        proxy.add(Fault(latency(0.2), method="GET", times=None))
+    Example:
+        >>> latency(0.2)  # e.g. proxy.add(Fault(latency(0.2), method="GET", times=None))
+        Action(kind='latency', seconds=0.2, status=0, code=None, retry_after=None)
+        >>> latency(0.2).terminal
+        False
     """
     return Action("latency", seconds=seconds)
 
@@ -75,9 +80,8 @@ def latency(seconds: float) -> Action:
 def drop_response() -> Action:
     """Forward, let the server apply the request, then close the connection unanswered.
 
-    Example::
-
-        proxy.add(Fault(drop_response(), method="PUT", headers=has_header("If-None-Match")))
+    A test adds it as
+    ``proxy.add(Fault(drop_response(), method="PUT", headers=has_header("If-None-Match")))``.
     """
     return Action("drop_response")
 
@@ -85,9 +89,7 @@ def drop_response() -> Action:
 def error_after(status: int = 503) -> Action:
     """Forward and let the server apply the request, then answer ``status`` instead.
 
-    Example::
-
-        proxy.add(Fault(error_after(500), method="POST"))
+    A test adds it as ``proxy.add(Fault(error_after(500), method="POST"))``.
     """
     return Action("error_after", status=status)
 
@@ -97,9 +99,9 @@ def error(status: int = 503, *, code: str | None = None, retry_after: float | No
 
     ``Retry-After`` is sent on 429 and 503 (``retry_after=None``: never).
 
-    Example::
-
-        Fault(error(503), method="PUT", times=2)  # SlowDown twice, then through
+    Example:
+        >>> error(503)
+        Action(kind='error', seconds=0.0, status=503, code=None, retry_after=1)
     """
     return Action("error", status=status, code=code, retry_after=retry_after)
 
@@ -107,9 +109,7 @@ def error(status: int = 503, *, code: str | None = None, retry_after: float | No
 def reset() -> Action:
     """Reset the TCP connection (``SO_LINGER`` 0) before forwarding anything.
 
-    Example::
-
-        proxy.add(Fault(reset(), method="GET", key=r"zarr\\.json$"))
+    A test adds it as ``proxy.add(Fault(reset(), method="GET", key=r"zarr\\.json$"))``.
     """
     return Action("reset")
 
@@ -117,11 +117,7 @@ def reset() -> Action:
 def blackhole() -> Action:
     """Read the request and never answer; once released, close the connection unanswered.
 
-    Example::
-
-        rule = proxy.add(Fault(blackhole(), method="GET"))
-        ...
-        rule.release()
+    :class:`Rule` shows waiting for a held request and releasing it.
     """
     return Action("blackhole")
 
@@ -129,9 +125,10 @@ def blackhole() -> Action:
 def has_header(name: str) -> Callable[[email.message.Message], bool]:
     """A ``headers`` predicate: the request carries header ``name``.
 
-    Example::
-
-        Fault(drop_response(), method="PUT", headers=has_header("If-None-Match"))
+    Example:
+        >>> conditional = has_header("If-None-Match")
+        >>> conditional({"If-None-Match": "*"}), conditional({})
+        (True, False)
     """
     return lambda headers: headers.get(name) is not None
 
@@ -170,11 +167,25 @@ class Fault:
 class Rule:
     """A fault added to a proxy or backend: its counters, and handles to wait or release.
 
-    Example::
+    A proxy's rules (e.g. ``proxy.add(Fault(blackhole(), method="GET"))``)
+    work as a :class:`~partialstore.testing.faulty_backend.FaultyBackend`'s do.
 
-        rule = proxy.add(Fault(blackhole(), method="GET"))
-        assert rule.wait(1, timeout=10)   # a request is now hanging
-        rule.release()
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> from partialstore import registry
+        >>> from partialstore._runtime.aio import submit
+        >>> from partialstore.testing.faulty_backend import BackendFault, FaultyBackend, hang
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
+        >>> rule = faulty.add(BackendFault(hang(), method="read"))
+        >>> future = submit(faulty.read("k"))
+        >>> rule.wait(1, timeout=10)  # a call is now hanging
+        True
+        >>> rule.release()
+        >>> future.result(timeout=10)
+        Traceback (most recent call last):
+        partialstore.errors.NotFoundError: ...
+        >>> tmp.cleanup()
     """
 
     def __init__(self, fault: Any, owner: Any) -> None:
@@ -223,11 +234,18 @@ class RuleHost:
     a record needs a ``faults`` attribute and a fault needs ``matches``,
     ``name()``, ``skip``, ``times`` and ``action.terminal``.
 
-    Example::
+    :class:`~partialstore.testing.faultproxy.FaultProxy` and
+    :class:`~partialstore.testing.faulty_backend.FaultyBackend` are rule hosts.
 
-        host = FaultProxy(moto_server.endpoint_url)  # a RuleHost
-        rule = host.add(Fault(error(503), method="PUT"))
-        host.remove(rule)
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> from partialstore import registry
+        >>> from partialstore.testing.faulty_backend import BackendFault, FaultyBackend, before
+        >>> host = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
+        >>> rule = host.add(BackendFault(before(), method="write"))
+        >>> host.remove(rule)
+        >>> tmp.cleanup()
     """
 
     def __init__(self) -> None:
@@ -335,13 +353,10 @@ def fault_like(
     earlier matches as ``records`` had. Concurrent requests (array chunks) may
     trade places between runs.
 
-    Example::
-
-        proxy.reset_log(); partialstore.save(f"{url}/ck0", tree, storage_options=opts)
-        seen = proxy.requests()
-        for i in range(len(seen)):
-            proxy.add(fault_like(seen, i, drop_response(), substitute={"/ck0/": f"/ck{i + 1}/"}))
-            ...  # save to f"{url}/ck{i + 1}", check the promise, proxy.clear()
+    It needs the requests a proxy logged, so it has no doctest: a test saves
+    to ``ck0``, then for each logged request ``i`` adds
+    ``fault_like(seen, i, drop_response(), substitute={"/ck0/": f"/ck{i + 1}/"})``
+    and repeats the save to ``ck{i + 1}`` (``tests/test_fault_matrix.py``).
     """
     target, flags = records[index], _conditions(records[index].headers)
 

@@ -30,13 +30,19 @@ Faults on array bytes of a real store belong to
 :func:`install_faulty` makes a wrapped backend reachable by URL, so the
 public API (``partialstore.save(url + "/ck", ...)``) goes through it.
 
-Example::
-
-    url, faulty = install_faulty(str(tmp_path / "root"))
-    rule = faulty.add(BackendFault(after(), method="create", key=r"/log/"))
-    with pytest.raises(TransientBackendError):
-        partialstore.save(url + "/ck", {"a": 1})  # its record landed; the answer was lost
-    assert rule.fired == 1 and faulty.calls("create")[0].outcome == "error"
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import partialstore
+    >>> url, faulty = install_faulty(f"{tmp.name}/root")
+    >>> rule = faulty.add(BackendFault(after(), method="create", key=r"/log/"))
+    >>> partialstore.save(url + "/ck", {"a": 1})  # record landed, answer lost: read back, fine
+    >>> rule.fired, [record.outcome for record in faulty.calls("create", key=r"/log/")]
+    (1, ['error'])
+    >>> partialstore.finalize(url + "/ck")
+    >>> partialstore.load(f"{tmp.name}/root/ck")  # the inner store holds the checkpoint
+    {'a': 1}
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -90,37 +96,57 @@ class CallAction:
 
 
 def before(error: type[BaseException] = TransientBackendError) -> CallAction:
-    """Raise ``error`` without applying the call. Example:: ``before()``"""
+    """Raise ``error`` without applying the call; see :class:`FaultyBackend` for an example."""
     return CallAction("before", error=error)
 
 
 def after(error: type[BaseException] = TransientBackendError) -> CallAction:
-    """Apply the call, then raise ``error`` (a lost response). Example:: ``after()``"""
+    """Apply the call, then raise ``error`` (a lost response); see the module example."""
     return CallAction("after", error=error)
 
 
 def after_as_retry() -> CallAction:
     """Apply the call, then return or raise what the same call made again does.
 
-    Example::
-
-        faulty.add(BackendFault(after_as_retry(), method="create"))  # create -> exists
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> from partialstore import registry
+        >>> from partialstore._runtime.aio import run
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
+        >>> rule = faulty.add(BackendFault(after_as_retry(), method="create"))
+        >>> run(faulty.create("k", b"x"))  # applied, then answered as its retry would be
+        Traceback (most recent call last):
+        partialstore.errors.AlreadyExistsError: ...
+        >>> run(faulty.read("k"))
+        b'x'
+        >>> tmp.cleanup()
     """
     return CallAction("after_as_retry")
 
 
 def latency(seconds: float) -> CallAction:
-    """Sleep ``seconds`` before the call. Example:: ``latency(0.05)``"""
+    """Sleep ``seconds`` before the call, e.g. ``BackendFault(latency(0.05), method="read")``."""
     return CallAction("latency", seconds=seconds)
 
 
 def hang() -> CallAction:
     """Hold the call until the rule is released (then it goes on) or the task is cancelled.
 
-    Example::
-
-        rule = faulty.add(BackendFault(hang(), method="create"))
-        ...; rule.release()
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> from partialstore._runtime.aio import submit
+        >>> from partialstore import registry
+        >>> from partialstore._runtime.aio import run
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
+        >>> rule = faulty.add(BackendFault(hang(), method="create"))
+        >>> future = submit(faulty.create("k", b"x"))
+        >>> rule.wait(1, timeout=10), future.done()  # the create is hanging
+        (True, False)
+        >>> rule.release()
+        >>> future.result(timeout=10)  # then it goes on
+        >>> tmp.cleanup()
     """
     return CallAction("hang")
 
@@ -133,13 +159,23 @@ def call(fn: Callable[[CallRecord], Any], *, when: str = "before") -> CallAction
     e.g. finalize the checkpoint through the *inner* URL, as another process
     would (through the wrapper's URL, finalize queues behind the paused save).
 
-    Example::
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> from partialstore import registry
+        >>> from partialstore._runtime.aio import run
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
+        >>> seen = []
+        >>> rule = faulty.add(
+        ...     BackendFault(call(lambda record: seen.append(record.key), when="after"),
+        ...                  method="create"))
+        >>> run(faulty.create("log/00000001.json", b"{}"))
+        >>> seen
+        ['log/00000001.json']
+        >>> tmp.cleanup()
 
-        def finalize_now(record: CallRecord) -> None:
-            partialstore.finalize(inner_url + "/ck")  # the save's record just landed
-
-        faulty.add(BackendFault(call(finalize_now, when="after"), method="create",
-                                key=r"^ck[^/]*/log/"))
+        A test can finalize through the inner URL from such a hook, as another
+        process would, right after a save's record landed.
     """
     if when not in ("before", "after"):
         raise InvalidInputError(f"call(..., when=) must be 'before' or 'after', got {when!r}.")
@@ -204,10 +240,24 @@ class FaultyBackend(RuleHost, Backend):
       inner: the backend that does the work.
       url: the URL this wrapper answers for (default: ``inner.url``).
 
-    Example::
-
-        faulty = FaultyBackend(registry.open_backend("memory://x"))
-        faulty.add(BackendFault(before(), method="write", times=2))
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> from partialstore import registry
+        >>> from partialstore._runtime.aio import run
+        >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
+        >>> from partialstore.errors import TransientBackendError
+        >>> rule = faulty.add(BackendFault(before(), method="write", times=2))
+        >>> for _ in range(3):
+        ...     try:
+        ...         run(faulty.write("k", b"x"))
+        ...         print("written")
+        ...     except TransientBackendError:
+        ...         print("refused")
+        refused
+        refused
+        written
+        >>> tmp.cleanup()
     """
 
     def __init__(self, inner: Backend, *, url: str | None = None) -> None:
@@ -233,9 +283,16 @@ class FaultyBackend(RuleHost, Backend):
     def calls(self, method: str | None = None, key: str | None = None) -> list[CallRecord]:
         """The logged calls in order, optionally only ``method`` / key regex ``key``.
 
-        Example::
-
-            creates = faulty.calls("create", key=r"/log/")
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> from partialstore import registry
+            >>> from partialstore._runtime.aio import run
+            >>> faulty = FaultyBackend(registry.open_backend(f"{tmp.name}/root"))
+            >>> run(faulty.create("ck/log/00000001.json", b"{}"))
+            >>> [(c.method, c.key, c.outcome) for c in faulty.calls("create", key=r"/log/")]
+            [('create', 'ck/log/00000001.json', 'ok')]
+            >>> tmp.cleanup()
         """
         return self._records(BackendFault(CallAction("log"), method=method, key=key))
 
@@ -361,11 +418,17 @@ def install_faulty(
     passed to the public API are ignored. Each call registers a new scheme
     (``faulty<hex>``), so installs never collide; they last for the process.
 
-    Example::
-
-        url, faulty = install_faulty("memory://" + uuid.uuid4().hex)
-        faulty.add(BackendFault(before(), method="create", key=r"/log/"))
-        partialstore.save(url + "/ck", {"a": np.ones(3)})  # raises TransientBackendError
+    Example:
+        >>> import numpy as np
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import partialstore
+        >>> url, faulty = install_faulty(f"{tmp.name}/root")
+        >>> rule = faulty.add(BackendFault(before(), method="create", key=r"/log/", times=None))
+        >>> partialstore.save(url + "/ck", {"a": np.ones(3)})
+        Traceback (most recent call last):
+        partialstore.errors.TransientBackendError: Injected fault: create of ...
+        >>> tmp.cleanup()
     """
     options = dict(storage_options or {})
     scheme = f"faulty{uuid.uuid4().hex[:12]}"

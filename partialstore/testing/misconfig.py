@@ -15,11 +15,16 @@ here reaches beyond 127.0.0.1.
   Each maps a variable to its new value, ``None`` meaning "unset"; apply them
   with :func:`applied_env` (a child process) or ``monkeypatch`` (a test).
 
-Example::
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> env = applied_env(no_aws_credentials_env(tmp.name))  # os.environ with the changes
+    >>> "AWS_ACCESS_KEY_ID" in env, env["AWS_EC2_METADATA_DISABLED"]
+    (False, 'true')
+    >>> tmp.cleanup()
 
-    changes = no_aws_credentials_env(tmp_dir)
-    env = applied_env(changes)          # os.environ with the changes
-    subprocess.run([sys.executable, "-c", "..."], env=env)
+A test then runs a child process with ``env=env``, or sets the same changes
+with ``monkeypatch`` (see :func:`no_aws_credentials_env`).
 """
 
 from __future__ import annotations
@@ -60,9 +65,9 @@ _GOOGLE_CREDENTIAL_VARIABLES = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_AUTH_T
 def refused_endpoint() -> str:
     """An ``http://127.0.0.1:PORT`` URL where nothing listens: connections are refused.
 
-    Example::
-
-        endpoint = refused_endpoint()   # e.g. "http://127.0.0.1:40123"
+    Example:
+        >>> refused_endpoint().startswith("http://127.0.0.1:")  # e.g. http://127.0.0.1:40123
+        True
     """
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
@@ -77,13 +82,19 @@ def no_aws_credentials_env(folder: str | os.PathLike[str]) -> dict[str, str | No
     Writes empty ``credentials`` and ``config`` files into ``folder`` (they
     must exist: a missing shared file makes some clients look elsewhere).
 
-    Example::
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> import os
+        >>> changes = no_aws_credentials_env(tmp.name)
+        >>> changes["AWS_ACCESS_KEY_ID"] is None  # None: unset the variable
+        True
+        >>> os.path.getsize(changes["AWS_SHARED_CREDENTIALS_FILE"])
+        0
+        >>> tmp.cleanup()
 
-        for name, value in no_aws_credentials_env(tmp_path).items():
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
+        In a test, apply each change with ``monkeypatch.setenv`` /
+        ``monkeypatch.delenv``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,9 +116,13 @@ def no_google_credentials_env(folder: str | os.PathLike[str]) -> dict[str, str |
     find, a metadata server. Pass ``token="google_default"`` in the storage
     options: without a token gcsfs quietly falls back to anonymous access.
 
-    Example::
-
-        env = applied_env(no_google_credentials_env(tmp_path / "gcloud"))
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> changes = no_google_credentials_env(f"{tmp.name}/gcloud")
+        >>> changes["NO_GCE_CHECK"], changes["GOOGLE_APPLICATION_CREDENTIALS"]
+        ('true', None)
+        >>> tmp.cleanup()
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,9 +140,9 @@ def applied_env(
 ) -> dict[str, str]:
     """``base`` (default ``os.environ``) with ``changes`` applied; ``None`` removes a variable.
 
-    Example::
-
-        applied_env({"A": "1", "B": None}, {"B": "x", "C": "y"})  # {'C': 'y', 'A': '1'}
+    Example:
+        >>> applied_env({"A": "1", "B": None}, {"B": "x", "C": "y"})
+        {'C': 'y', 'A': '1'}
     """
     env = dict(os.environ if base is None else base)
     for name, value in changes.items():

