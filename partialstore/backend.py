@@ -36,14 +36,15 @@ Rules every implementation keeps (the conformance suite in
   caller (fsspec's async filesystems run on their own loop thread, so a
   backend forwards to that loop instead).
 
-Example (a backend from the registry, driven synchronously)::
+A backend from the registry, driven synchronously.
 
-    from partialstore import registry
-    from partialstore._runtime.aio import run
-
-    backend = registry.open_backend("memory://demo")
-    run(backend.create("log/00000001.json", b"{}"))
-    assert run(backend.list("log")) == ["log/00000001.json"]
+Example:
+    >>> from partialstore import registry
+    >>> from partialstore._runtime.aio import run
+    >>> backend = registry.open_backend("memory://backend-doc")
+    >>> run(backend.create("log/00000001.json", b"{}"))
+    >>> run(backend.list("log"))
+    ['log/00000001.json']
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ class Capabilities:
     What the user promises rather than the store guarantees is not here:
     that is :attr:`Backend.single_writer`.
 
-    Example::
-
-        Capabilities(atomic_create=True, atomic_rename=False)
+    Example:
+        >>> Capabilities(atomic_create=True).compare_and_swap
+        False
     """
 
     atomic_create: bool
@@ -84,10 +85,12 @@ class Capabilities:
 def validate_key(key: str, *, allow_empty: bool = False) -> str:
     """Return ``key`` if it is a well-formed relative key, else raise.
 
-    Example::
-
-        validate_key("data/abc/packed.bin")  # ok
-        validate_key("../x")                 # raises InvalidInputError
+    Example:
+        >>> validate_key("data/abc/packed.bin")
+        'data/abc/packed.bin'
+        >>> validate_key("../x")
+        Traceback (most recent call last):
+        partialstore.errors.InvalidInputError: Storage key '../x' is not a clean relative key: ...
     """
     if not isinstance(key, str):
         raise InvalidInputError(f"Storage key must be a str, got {type(key).__name__}: {key!r}.")
@@ -107,9 +110,9 @@ def validate_key(key: str, *, allow_empty: bool = False) -> str:
 def join_key(*parts: str) -> str:
     """Join key segments with ``/``, skipping empty ones.
 
-    Example::
-
-        join_key("ckpt.partial_save", "log", "00000001.json")
+    Example:
+        >>> join_key("ckpt.partial_save", "log", "00000001.json")
+        'ckpt.partial_save/log/00000001.json'
     """
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 

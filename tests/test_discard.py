@@ -141,3 +141,14 @@ def test_discard_of_a_finalized_checkpoint_deletes_nothing(ckpt):
     assert _stored(path, opts, location.final_prefix) == before
     manifest = json.loads(run(location.backend.read(location.manifest_key)))
     assert manifest["finalize_id"]
+
+
+def test_after_discard_load_does_not_claim_an_open_session(ckpt):
+    path, opts = ckpt
+    partialstore.save(path, {"a": 1}, storage_options=opts)
+    with pytest.raises(FileNotFoundError, match="session exists there"):
+        partialstore.load(path, storage_options=opts)
+    partialstore.discard(path, storage_options=opts)
+    with pytest.raises(FileNotFoundError) as missing:
+        partialstore.load(path, storage_options=opts)
+    assert "session exists" not in str(missing.value)

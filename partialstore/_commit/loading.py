@@ -20,11 +20,11 @@ import numpy as np
 from partialstore._arrays import arrays
 from partialstore._arrays.descriptors import Leaf
 from partialstore._arrays.dtypes import dtype_name
-from partialstore._commit import records
+from partialstore._commit import records, txlog
 from partialstore._commit.location import Location
 from partialstore._commit.records import LeafEntry, Manifest
 from partialstore._pytree import tree
-from partialstore.errors import InvalidInputError, NotFoundError
+from partialstore.errors import CorruptCheckpointError, InvalidInputError, NotFoundError
 
 __all__ = ["CheckpointMetadata", "LeafMetadata", "load_tree", "read_manifest", "read_metadata"]
 
@@ -62,6 +62,15 @@ class CheckpointMetadata:
     finalized: str | None
 
 
+async def _has_open_session(location: Location) -> bool:
+    """Whether the log holds saves after its last discard marker (for an error's hint)."""
+    try:
+        entries = await txlog.read_log(location.backend, location.log_prefix)
+    except CorruptCheckpointError:
+        return True  # something is there; finalize will say what is wrong with it
+    return bool(txlog.session_of(entries))
+
+
 async def read_manifest(location: Location) -> Manifest:
     """Read and check the manifest of the finalized checkpoint at ``location``.
 
@@ -91,7 +100,7 @@ async def read_manifest(location: Location) -> Manifest:
         body = await backend.read(location.manifest_key)
     except NotFoundError as error:
         hint = ""
-        if await backend.list_children(location.log_prefix):
+        if await _has_open_session(location):
             hint = " A partial save session exists there: call partialstore.finalize first."
         raise NotFoundError(f"No finalized checkpoint at {location.path}.{hint}") from error
     return records.decode_manifest(location.manifest_key, body)

@@ -8,9 +8,8 @@ without ``compare_and_swap`` must raise ``UnsupportedOperationError`` and
 change nothing, and a backend with no ``kvstore_spec`` must carry zarr3
 arrays through ``read``/``write``.
 
-Example (run only these tests of one backend)::
-
-    pytest tests/backends/test_local.py -k "rename or compare_and_swap or zarr3"
+Run only these tests of one backend with
+``pytest tests/backends/test_local.py -k "rename or compare_and_swap or zarr3"``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ dict, the S3 or GCS HTTP API), never through the backend under test.
 ``where`` is the ``(url, storage_options)`` of the ``backend_url`` fixture
 and ``key`` is relative to that root, as the backend's own keys are.
 
-Example (the hooks of a backend over local files)::
+The hooks of a backend over local files look like this::
 
     class TestLocal(BackendConformance):
         def raw_write(self, where, key, data):

@@ -14,9 +14,8 @@ refused and nothing is written. For a process-local store
 (``shared_across_processes = False``) the process races check that another
 process indeed sees none of this process's keys.
 
-Example (run only the races of one backend)::
-
-    pytest tests/backends/test_local.py -k race
+Run only the races of one backend with
+``pytest tests/backends/test_local.py -k race``.
 """
 
 from __future__ import annotations
