@@ -42,15 +42,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from partialstore.backend import Backend, Capabilities, join_key, validate_key
-from partialstore.backends._fsspec_async import on_loop
-from partialstore.backends._options import check_options, pop_retry_policy, pop_single_writer
-from partialstore.backends._retry import Attempt, Call, Kind, run_bounded, transport_kind
 from partialstore.errors import (
     InvalidInputError,
     NotFoundError,
     PartialStoreError,
     TransientBackendError,
 )
+
+from ._fsspec_async import on_loop
+from ._options import check_options, pop_retry_policy, pop_single_writer
+from ._retry import Attempt, Call, Kind, run_bounded, transport_kind
 
 __all__ = ["BucketBackend", "split_bucket_url"]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 
-from partialstore.backends._retry import Kind, causes, http_kind
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -26,6 +25,8 @@ from partialstore.errors import (
     NotFoundError,
     TransientBackendError,
 )
+
+from ._retry import Kind, causes, http_kind
 
 __all__ = ["map_gcs_error", "retry_kind", "status_of"]
 

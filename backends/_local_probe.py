@@ -31,7 +31,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 
-from partialstore.backends._local_files import dir_lock
+from ._local_files import dir_lock
 
 __all__ = ["ProbeCache", "RenameAt2", "find_renameat2", "probe", "rename_noreplace"]
 

@@ -37,8 +37,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from partialstore.backends._retry import DEFAULT_DEADLINE, DEFAULT_RETRIES, RetryPolicy
 from partialstore.errors import InvalidInputError
+
+from ._retry import DEFAULT_DEADLINE, DEFAULT_RETRIES, RetryPolicy
 
 __all__ = [
     "check_options",

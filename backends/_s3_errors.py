@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from partialstore.backends._retry import Kind, http_kind
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -25,6 +24,8 @@ from partialstore.errors import (
     NotFoundError,
     TransientBackendError,
 )
+
+from ._retry import Kind, http_kind
 
 __all__ = ["client_error_code", "http_status", "map_s3_error", "retry_kind"]
 

@@ -23,13 +23,14 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from partialstore.backends._options import (
+from partialstore.errors import InvalidInputError
+
+from ._options import (
     FSSPEC_BASE,
     check_options,
     init_parameters,
     parameters,
 )
-from partialstore.errors import InvalidInputError
 
 __all__ = ["check_s3_nested", "fsspec_options", "gcs_options", "s3_options"]
 

@@ -5,7 +5,7 @@ The registry sends unknown URL schemes here (``local://`` reaches fsspec's
 object can also be passed directly::
 
     import fsspec
-    from partialstore.backends.fsspec import FsspecBackend
+    from .fsspec import FsspecBackend
 
     backend = FsspecBackend("memory://scratch", {}, fs=fsspec.filesystem("memory"))
 
@@ -60,9 +60,6 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from partialstore.backend import Backend, Capabilities, validate_key
-from partialstore.backends import _local_files as local_files
-from partialstore.backends._options import check_options, pop_single_writer
-from partialstore.backends._service_options import fsspec_options
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -72,6 +69,10 @@ from partialstore.errors import (
     TransientBackendError,
     UnsupportedOperationError,
 )
+
+from . import _local_files as local_files
+from ._options import check_options, pop_single_writer
+from ._service_options import fsspec_options
 
 __all__ = ["CREATE_STRATEGIES", "FsspecBackend"]
 

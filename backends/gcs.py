@@ -82,15 +82,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from partialstore.backends._bucket import BucketBackend
-from partialstore.backends._gcs_errors import map_gcs_error, retry_kind, status_of
-from partialstore.backends._retry import Attempt, Kind
-from partialstore.backends._service_options import gcs_options
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
     ConflictError,
 )
+
+from ._bucket import BucketBackend
+from ._gcs_errors import map_gcs_error, retry_kind, status_of
+from ._retry import Attempt, Kind
+from ._service_options import gcs_options
 
 __all__ = ["GCSBackend", "map_gcs_error"]
 

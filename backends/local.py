@@ -49,21 +49,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from partialstore.backend import Backend, Capabilities, validate_key
-from partialstore.backends._local_files import (
-    create_file,
-    dir_lock,
-    fsync_dir,
-    is_temp_name,
-    makedirs_durable,
-    replace_file,
-)
-from partialstore.backends._local_probe import (
-    ProbeCache,
-    find_renameat2,
-    probe,
-    rename_noreplace,
-)
-from partialstore.backends._options import pop_single_writer, reject_options
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -74,6 +59,22 @@ from partialstore.errors import (
     TransientBackendError,
     UnsupportedOperationError,
 )
+
+from ._local_files import (
+    create_file,
+    dir_lock,
+    fsync_dir,
+    is_temp_name,
+    makedirs_durable,
+    replace_file,
+)
+from ._local_probe import (
+    ProbeCache,
+    find_renameat2,
+    probe,
+    rename_noreplace,
+)
+from ._options import pop_single_writer, reject_options
 
 # The file helpers are re-exported: callers (and the fsspec backend's users)
 # have always found them here.

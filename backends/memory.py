@@ -24,13 +24,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from partialstore.backend import Backend, Capabilities, join_key, validate_key
-from partialstore.backends._options import pop_single_writer, reject_options
 from partialstore.errors import (
     AlreadyExistsError,
     ConflictError,
     InvalidInputError,
     NotFoundError,
 )
+
+from ._options import pop_single_writer, reject_options
 
 __all__ = ["MemoryBackend"]
 

@@ -76,9 +76,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from partialstore.backend import validate_key
-from partialstore.backends._bucket import BucketBackend
-from partialstore.backends._retry import Attempt, Kind, note_failure, transport_kind
-from partialstore.backends._s3_credentials import (
+from partialstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    ConflictError,
+    OutcomeUnknownError,
+)
+
+from ._bucket import BucketBackend
+from ._retry import Attempt, Kind, note_failure, transport_kind
+from ._s3_credentials import (
     RESOLVE,
     SecretFile,
     endpoint_of,
@@ -86,20 +93,14 @@ from partialstore.backends._s3_credentials import (
     resolve_credentials,
     static_credentials,
 )
-from partialstore.backends._s3_errors import client_error_code, map_s3_error, retry_kind
-from partialstore.backends._service_options import check_s3_nested, s3_options
-from partialstore.backends._tensorstore_requests import (
+from ._s3_errors import client_error_code, map_s3_error, retry_kind
+from ._service_options import check_s3_nested, s3_options
+from ._tensorstore_requests import (
     CREATED,
     FAST_RETRIES,
     REFUSED_AFTER_RESEND,
     FastRequestError,
     TensorStoreRequests,
-)
-from partialstore.errors import (
-    AlreadyExistsError,
-    BackendError,
-    ConflictError,
-    OutcomeUnknownError,
 )
 
 __all__ = ["S3Backend", "map_s3_error"]
