@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import builtins
 import json
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -420,12 +421,14 @@ class BucketBackend(Backend):
         # A name ending in "/" is a console-made folder placeholder, not data.
         return sorted(self._relative(n) for n in names if not n.endswith("/"))
 
-    async def _bounded_list(self, base: str, delimiter: str | None) -> tuple[list[str], list[str]]:
+    async def _bounded_list(
+        self, base: str, delimiter: str | None
+    ) -> tuple[builtins.list[str], builtins.list[str]]:
         return await self._bounded(
             "list", self._where(base), lambda state: self._list_raw(base, delimiter), mutating=False
         )
 
-    async def list_children(self, prefix: str = "") -> list[str]:
+    async def list_children(self, prefix: str = "") -> builtins.list[str]:
         base = self._dir(prefix)
         names, dirs = await self._bounded_list(base, "/")
         children = {n[len(base) :] for n in names} | {d[len(base) :].rstrip("/") for d in dirs}

@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import hashlib
@@ -315,7 +316,7 @@ class LocalBackend(Backend):
         path = self._prefix_path(prefix)
         return await self._call("list", prefix, lambda: self._list(path))
 
-    def _list(self, base: str) -> list[str]:
+    def _list(self, base: str) -> builtins.list[str]:
         keys: list[str] = []
         root_len = len(self.root.rstrip(os.sep)) + 1
         for directory, _dirs, files in os.walk(base):

@@ -71,6 +71,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -357,7 +358,9 @@ class S3Backend(BucketBackend):
     async def _head(self, full: str) -> None:
         await self._s3("head_object", Key=full)
 
-    async def _list_raw(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[str]]:
+    async def _list_raw(
+        self, prefix: str, delimiter: str | None
+    ) -> tuple[builtins.list[str], builtins.list[str]]:
         fs = self._fs
 
         async def pages() -> tuple[list[str], list[str]]:

@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import inspect
 import re
@@ -380,7 +381,7 @@ class FaultyBackend(RuleHost, Backend):
     async def list(self, prefix: str = "") -> list[str]:
         return await self._call("list", prefix, lambda: self.inner.list(prefix))
 
-    async def list_children(self, prefix: str = "") -> list[str]:
+    async def list_children(self, prefix: str = "") -> builtins.list[str]:
         return await self._call("list_children", prefix, lambda: self.inner.list_children(prefix))
 
     async def rename(self, src_prefix: str, dst_prefix: str) -> None:
