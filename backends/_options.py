@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # fsspec's own options, accepted by every fsspec filesystem (DirCache, instance cache).
-FSSPEC_BASE = {
+FSSPEC_BASE: dict[str, type | tuple[type, ...]] = {
     "use_listings_cache": bool,
     "listings_expiry_time": (int, float),
     "max_paths": int,

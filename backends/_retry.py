@@ -144,7 +144,7 @@ class RetryPolicy:
         jitter = min(1.0, initial)
 
         def worst(count: int) -> float:
-            return sum(min(self.max_delay, initial * 2**n + jitter) for n in range(count))
+            return sum(min(self.max_delay, initial * 2.0**n + jitter) for n in range(count))
 
         count = max(1, self.retries)
         while count > 1 and worst(count) > self.deadline:

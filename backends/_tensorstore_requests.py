@@ -119,7 +119,8 @@ class TensorStoreRequests:
         if collect is None:  # pragma: no cover - older TensorStore
             return None
         metrics = collect(self._retries_metric)
-        return sum(v.get("value", 0) for m in metrics for v in m.get("values", ()))
+        total: int = sum(v.get("value", 0) for m in metrics for v in m.get("values", ()))
+        return total
 
     async def create_if_absent(self, key: str, data: bytes) -> str | None:
         """Write ``key`` only if absent; None if not sent.

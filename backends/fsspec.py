@@ -190,7 +190,7 @@ class FsspecBackend(Backend):
         self.url = url
         self.fs = fs
         self.single_writer = single_writer
-        self.root = root.rstrip("/")
+        self.root: str = root.rstrip("/")
         self._async = bool(getattr(fs, "async_impl", False))
         self._strategy = CREATE_STRATEGIES.get(_class_name(fs))
         self._capabilities = Capabilities(

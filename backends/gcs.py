@@ -79,7 +79,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from partialstore.errors import (
@@ -254,7 +254,7 @@ class GCSBackend(BucketBackend):
         ).encode()
         body = head + bytes(data) + f"\r\n--{boundary}--".encode()
         url = f"{fs._location}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
-        return await self._call(
+        uploaded: dict[str, Any] = await self._call(
             "POST",
             url,
             uploadType="multipart",
@@ -263,6 +263,7 @@ class GCSBackend(BucketBackend):
             json_out=True,
             **params,
         )
+        return uploaded
 
     # -- reads --------------------------------------------------------------------
 
@@ -319,13 +320,15 @@ class GCSBackend(BucketBackend):
         if fs.on_google:
             paths = [f"{self.bucket}/{n}" for n in names]
             batches = [paths[i : i + _DELETE_BATCH] for i in range(0, len(paths), _DELETE_BATCH)]
+
+            def remove(batch: list[str]) -> Callable[[Attempt], Awaitable[Any]]:
+                # One closure per batch (a lambda in the loop would see only the last).
+                return lambda state: self._on_fs(lambda: fs._rm_files(batch))
+
             results = await asyncio.gather(
                 *(
                     self._bounded(
-                        "delete objects under",
-                        self._where(base),
-                        lambda state, b=b: self._on_fs(lambda: fs._rm_files(b)),
-                        mutating=True,
+                        "delete objects under", self._where(base), remove(b), mutating=True
                     )
                     for b in batches
                 )

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -169,7 +169,9 @@ class BackendConformance(CapabilityConformance, RaceConformance, OutOfBandConfor
 
     # ------------------------------------------------------------------- basics
 
-    def test_capabilities_and_url(self, backend: Backend, backend_url: tuple[str, dict]) -> None:
+    def test_capabilities_and_url(
+        self, backend: Backend, backend_url: tuple[str, dict[str, Any]]
+    ) -> None:
         assert isinstance(backend.capabilities, Capabilities)
         assert isinstance(backend.url, str) and backend.url
         assert isinstance(backend.single_writer, bool)
@@ -346,10 +348,11 @@ class BackendConformance(CapabilityConformance, RaceConformance, OutOfBandConfor
             assert run(backend.read(key)) == key.encode()
 
     def test_missing_keys_raise_not_found(self, backend: Backend) -> None:
-        for call in (
+        calls: tuple[Callable[[], Coroutine[Any, Any, bytes]], ...] = (
             lambda: backend.read("missing/key"),
             lambda: backend.read("missing/key", start=1, end=2),
-        ):
+        )
+        for call in calls:
             with pytest.raises(NotFoundError) as info:
                 run(call())
             assert isinstance(info.value, FileNotFoundError)

@@ -29,7 +29,8 @@ The hooks of a backend over local files look like this::
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -68,6 +69,12 @@ class OutOfBandConformance:
     def raw_exists(self, where: BackendUrl, key: str) -> bool:
         """Whether an object is stored at exactly ``key``, asked without the backend."""
         raise NotImplementedError(f"{type(self).__name__} must implement raw_exists")
+
+    if TYPE_CHECKING:
+        # Provided by BackendConformance, the only class that mixes this one in.
+        def open_backend(self, url: str, storage_options: Mapping[str, Any]) -> Backend: ...
+
+        def _expect_create_refused(self, backend: Backend) -> None: ...
 
     # ------------------------------------------------------------------- tests
 
@@ -166,4 +173,4 @@ class OutOfBandConformance:
             run(backend.read("gone", end=0))
         for bad in ({"start": -1}, {"end": -2}, {"start": 1.5}):
             with pytest.raises(InvalidInputError):
-                run(backend.read("k", **bad))  # type: ignore[arg-type]
+                run(backend.read("k", **bad))

@@ -90,10 +90,10 @@ class RaceConformance:
         if not backend.capabilities.atomic_create:
             # No atomic create: concurrent creators must all be refused, never
             # fall back to a check-then-write that could let two of them win.
-            outcomes = self._race_refusals(
+            refusals = self._race_refusals(
                 lambda worker: backend.create("race/refused", b"%d" % worker)
             )
-            assert outcomes == ["refused"] * THREADS, outcomes
+            assert refusals == ["refused"] * THREADS, refusals
             assert not run(backend.exists("race/refused"))
             return
         barrier = threading.Barrier(THREADS)
@@ -164,10 +164,10 @@ class RaceConformance:
     def test_compare_and_swap_race_threads(self, backend: Backend) -> None:
         run(backend.write("cas/race", b"start"))
         if not backend.capabilities.compare_and_swap:
-            outcomes = self._race_refusals(
+            refusals = self._race_refusals(
                 lambda worker: backend.write("cas/race", b"%d" % worker, if_version="any")
             )
-            assert outcomes == ["refused"] * THREADS, outcomes
+            assert refusals == ["refused"] * THREADS, refusals
             assert run(backend.read("cas/race")) == b"start"
             return
         barrier = threading.Barrier(CAS_THREADS)

@@ -97,8 +97,13 @@ def run_workers(
         )
         for _ in range(count)
     ]
+
     # A hung worker would block readline forever; the watchdog kills them all.
-    watchdog = threading.Timer(BARRIER_TIMEOUT_S * 4, lambda: [p.kill() for p in procs])
+    def kill_all() -> None:
+        for proc in procs:
+            proc.kill()
+
+    watchdog = threading.Timer(BARRIER_TIMEOUT_S * 4, kill_all)
     watchdog.start()
     try:
         for worker, proc in enumerate(procs):

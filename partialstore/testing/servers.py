@@ -95,7 +95,8 @@ def _request(
     headers = {"Content-Type": "application/json"} if body is not None else {}
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return resp.read()
+        data_out: bytes = resp.read()
+    return data_out
 
 
 def _wait_until_answers(url: str, deadline: float, process: subprocess.Popen[bytes] | None) -> None:
