@@ -421,6 +421,7 @@ class BucketBackend(Backend):
         # A name ending in "/" is a console-made folder placeholder, not data.
         return sorted(self._relative(n) for n in names if not n.endswith("/"))
 
+    # ``builtins.list``: inside the class body ``list`` names the method above.
     async def _bounded_list(
         self, base: str, delimiter: str | None
     ) -> tuple[builtins.list[str], builtins.list[str]]:

@@ -316,6 +316,7 @@ class LocalBackend(Backend):
         path = self._prefix_path(prefix)
         return await self._call("list", prefix, lambda: self._list(path))
 
+    # ``builtins.list``: inside the class body ``list`` names the method above.
     def _list(self, base: str) -> builtins.list[str]:
         keys: list[str] = []
         root_len = len(self.root.rstrip(os.sep)) + 1

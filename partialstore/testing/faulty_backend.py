@@ -381,6 +381,7 @@ class FaultyBackend(RuleHost, Backend):
     async def list(self, prefix: str = "") -> list[str]:
         return await self._call("list", prefix, lambda: self.inner.list(prefix))
 
+    # ``builtins.list``: inside the class body ``list`` names the method above.
     async def list_children(self, prefix: str = "") -> builtins.list[str]:
         return await self._call("list_children", prefix, lambda: self.inner.list_children(prefix))
 
