@@ -134,8 +134,10 @@ class _Conn:
     def interrupt(self) -> None:
         """Wake the serving thread from any blocking read (from another thread)."""
         for sock in (self.sock, self.upstream.sock if self.upstream else None):
+            if sock is None:
+                continue  # no upstream connection (yet, or any more)
             with contextlib.suppress(OSError, AttributeError):
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self, rst: bool = False) -> None:
         """Close both sides; ``rst`` resets the client connection instead of a clean FIN."""
