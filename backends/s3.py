@@ -358,8 +358,7 @@ class S3Backend(BucketBackend):
     async def _head(self, full: str) -> None:
         await self._s3("head_object", Key=full)
 
-    # ``builtins.list``: inside the class body ``list`` names the method above.
-    async def _list_raw(
+    async def _list_raw(  # builtins.list: in this class ``list`` names a method
         self, prefix: str, delimiter: str | None
     ) -> tuple[builtins.list[str], builtins.list[str]]:
         fs = self._fs
