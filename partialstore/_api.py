@@ -1,69 +1,23 @@
 """The public functions: save, save_async, finalize, load, metadata, discard, gc.
 
-Each resolves the path to a backend location, then runs the async core on
-partialstore's background loop. ``partialstore/__init__.py`` re-exports them.
+Each handles its arguments and documents the operation; the control flow
+(resolve the path, snapshot, queue per checkpoint, run collectively in a
+multi-process job) is one entry point per operation in
+:mod:`partialstore._commit.operations`. ``partialstore/__init__.py``
+re-exports them.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Awaitable, Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from partialstore._commit import discarding, finalizing, loading, saving
-from partialstore._commit.location import Location, job_wide_name, resolve
-from partialstore._runtime import aio, multihost, ordering
+from partialstore._commit import loading, operations
+from partialstore._commit.operations import PathLike
 from partialstore._runtime.ordering import AsyncResponse
 from partialstore.errors import InvalidInputError
 
 __all__ = ["discard", "finalize", "gc", "load", "metadata", "save", "save_async"]
-
-PathLike = str | os.PathLike[str]
-
-
-def _queue_key(location: Location) -> Hashable:
-    # The checkpoint's identity, not its spelling: "file:///x/ck" and "/x/ck"
-    # must share one queue, or a finalize would not wait for a pending save.
-    return location.key
-
-
-def _start_save(
-    path: PathLike,
-    state: Any,
-    custom_metadata: Mapping[str, Any] | None,
-    storage_options: Mapping[str, Any] | None,
-    *,
-    copy: bool,
-    check_now: bool,
-) -> AsyncResponse:
-    location = resolve(path, storage_options)
-    saving.check_writable(location)
-    snap = saving.snapshot(state, custom_metadata, copy=copy)
-    multiprocess = multihost.is_multiprocess()
-    if check_now or multiprocess:  # every process of a JAX job checks before it takes part
-        aio.run(saving.raise_if_finalized(location))
-    # Taken in call order, so every process of a JAX job names the same operation.
-    op = multihost.next_op(job_wide_name(location.path)) if multiprocess else None
-
-    key = _queue_key(location)
-    if op is not None:  # every process takes part in each save, one save at a time
-
-        async def commit_collective() -> None:
-            await saving.commit_save(location, snap, op=op)
-
-        return ordering.schedule(key, commit_collective)
-    # Pipelined: the arrays are written as soon as the call is made, while
-    # earlier saves to this path still write or commit; the log record still
-    # goes in in call order.
-    save_id = saving.new_save_id()
-
-    async def write() -> saving.Descriptors:
-        return await saving.write_save_data(location, snap, save_id, check=not check_now)
-
-    async def commit(written: Awaitable[saving.Descriptors]) -> None:
-        await saving.commit_save(location, snap, save_id=save_id, written=written)
-
-    return ordering.schedule(key, commit, prepare=write)
 
 
 def save_async(
@@ -113,7 +67,9 @@ def save_async(
       NotImplementedError: the store has no atomic create and ``single_writer`` was not
         promised (:class:`~partialstore.errors.UnsupportedOperationError`).
     """
-    return _start_save(path, state, custom_metadata, storage_options, copy=True, check_now=True)
+    return operations.start_save(
+        path, state, custom_metadata, storage_options, copy=True, check_now=True
+    )
 
 
 def save(
@@ -165,7 +121,9 @@ def save(
     # The caller waits, so its arrays cannot change under us: skip the copy.
     # It learns of a finalized checkpoint when the save returns either way,
     # so the check goes along with the array writes instead of before them.
-    _start_save(path, state, custom_metadata, storage_options, copy=False, check_now=False).result()
+    operations.start_save(
+        path, state, custom_metadata, storage_options, copy=False, check_now=False
+    ).result()
 
 
 def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -199,16 +157,7 @@ def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None
       partialstore._runtime.ordering.UnobservedSaveError: an earlier ``save_async`` to ``path``
         failed and its result was never read; nothing was finalized.
     """
-    location = resolve(path, storage_options)
-    saving.check_writable(location)
-    key = _queue_key(location)
-    op = multihost.next_op(job_wide_name(location.path)) if multihost.is_multiprocess() else None
-
-    async def run() -> None:
-        ordering.raise_unobserved_failures(key)
-        await multihost.run_on_primary(op, lambda: finalizing.finalize(location), "Finalize")
-
-    ordering.schedule(key, run, track=False).result()
+    operations.finalize(path, storage_options)
 
 
 def load(
@@ -261,15 +210,7 @@ def load(
     """
     if select is not None and target is not None:
         raise InvalidInputError("Pass either select or target to load, not both.")
-    location = resolve(path, storage_options)
-
-    async def run() -> Any:
-        manifest = await loading.read_manifest(location)
-        if target is not None:
-            return await loading.load_into_target(location, manifest, target)
-        return await loading.load_tree(location, manifest, select=select)
-
-    return aio.run(run())
+    return operations.load(path, storage_options, select=select, target=target)
 
 
 def metadata(
@@ -296,9 +237,7 @@ def metadata(
     Raises:
       FileNotFoundError: no finalized checkpoint at ``path``.
     """
-    location = resolve(path, storage_options)
-    manifest = aio.run(loading.read_manifest(location))
-    return loading.read_metadata(location, manifest)
+    return operations.metadata(path, storage_options)
 
 
 def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -324,13 +263,7 @@ def discard(path: PathLike, *, storage_options: Mapping[str, Any] | None = None)
       FileExistsError: ``path`` is finalized (discard never deletes a checkpoint).
       FileNotFoundError: there is no session at ``path``.
     """
-    location = resolve(path, storage_options)
-    op = multihost.next_op(job_wide_name(location.path)) if multihost.is_multiprocess() else None
-
-    async def run() -> None:
-        await multihost.run_on_primary(op, lambda: discarding.discard(location), "Discard")
-
-    ordering.schedule(_queue_key(location), run, track=False).result()
+    operations.discard(path, storage_options)
 
 
 def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -360,13 +293,4 @@ def gc(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> l
     Raises:
       FileNotFoundError: no finalized checkpoint at ``path``.
     """
-    location = resolve(path, storage_options)
-    op = multihost.next_op(job_wide_name(location.path)) if multihost.is_multiprocess() else None
-    deleted: list[str] = []
-
-    async def run() -> None:
-        deleted.extend(await multihost.run_on_primary(op, lambda: discarding.gc(location), "gc"))
-
-    # Queued like saves to the path, so it runs after those called before it.
-    ordering.schedule(_queue_key(location), run, track=False).result()
-    return deleted
+    return operations.gc(path, storage_options)

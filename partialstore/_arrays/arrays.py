@@ -65,6 +65,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -153,33 +154,14 @@ async def write_arrays(
 ) -> list[dict[str, Any]]:
     """Write every array of one save under ``join_key(root, save_dir)``; return descriptors.
 
-    Arrays of at least ``pack_threshold`` bytes become zarr3 arrays
-    (``a00000``, ... numbered by position in ``arrays``), all written
-    concurrently; smaller ones are packed into ``packed-NNNN.bin`` objects.
-    The caller must not modify the arrays until this returns.
-
-    See the module docstring for an example.
-
-    Args:
-      backend: the store.
-      root: checkpoint root key (``"ckpt.partial_save"``).
-      save_dir: directory of this save relative to ``root``; starts with ``data/``.
-      arrays: the leaves, numpy arrays of supported dtypes.
-      pack_threshold: leaves with fewer bytes are packed (tests lower it to 0
-        to force zarr3, or raise it to force packing).
-      chunk_bytes: target zarr3 chunk size (default :data:`CHUNK_BYTES`, read per call).
-      pack_bytes: split packs at about this size.
-      checksum: add zarr3's ``crc32c`` codec to every chunk (packed leaves
-        always carry a CRC-32C).
-      primary: whether this is the primary process of a multi-process save
-        (see :mod:`partialstore._runtime.multihost`). :class:`ShardedArray` entries
-        (one process's shards of a global array) always become zarr3 arrays,
-        written by every process; numpy arrays and ``zarr.json`` files are
-        written only by the primary, so the others return only the
-        descriptors of their ``ShardedArray`` entries.
-
-    Returns:
-      One JSON-serializable descriptor per array, in order, with paths relative to ``root``.
+    Arrays of at least ``pack_threshold`` bytes become zarr3 arrays (``a00000``,
+    ... by position), written concurrently; smaller ones are packed into
+    ``packed-NNNN.bin`` objects. ``chunk_bytes`` defaults to :data:`CHUNK_BYTES`
+    (read per call); ``checksum`` adds zarr3's ``crc32c`` codec (packed leaves
+    always carry a CRC-32C). With ``primary=False`` (a secondary process of a
+    multi-process save) only the :class:`ShardedArray` entries are written,
+    always as zarr3 without ``zarr.json``, and only their descriptors return.
+    The caller must not modify the arrays until this returns (example: module docstring).
 
     Raises:
       InvalidInputError: ``save_dir`` is not a clean key under ``data/``.
@@ -190,45 +172,26 @@ async def write_arrays(
     for array in arrays:
         check_array_supported(array.probe() if isinstance(array, ShardedArray) else array)
     descriptors: list[dict[str, Any] | None] = [None] * len(arrays)
-    semaphore = asyncio.Semaphore(BACKEND_CONCURRENCY)
-    # A fresh context is a private in-memory kvstore, used only by backends
-    # without a TensorStore kvstore; creating it allocates nothing.
-    memory = ts.Context()
-
-    # Shards are never packed: every process writes its own into one zarr3 array.
-    small = [
-        (i, a.nbytes)
-        for i, a in enumerate(arrays)
-        if a.nbytes < pack_threshold and not isinstance(a, ShardedArray)
-    ]
+    small = _small_leaves(arrays, pack_threshold)
     jobs: list[Awaitable[None]] = []
-    for number, members in enumerate(packing.plan_packs(small, pack_bytes)):
-        if primary:
-            path = join_key(save_dir, f"packed-{number:04d}.bin")
-            jobs.append(_write_pack(backend, root, path, arrays, members, descriptors))
-
+    if primary:
+        packs = enumerate(packing.plan_packs(small, pack_bytes))
+        jobs += [_write_pack(backend, root, save_dir, n, arrays, m, descriptors) for n, m in packs]
     packed_ids = {i for i, _ in small}
-    target = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    # Shards keep the plain target: every process must choose the same chunks.
-    local_large = sum(
-        a.nbytes
-        for i, a in enumerate(arrays)
-        if i not in packed_ids and not isinstance(a, ShardedArray)
+    target, split_target = _chunk_targets(arrays, packed_ids, chunk_bytes)
+    # A private in-memory kvstore for backends without one; creating it allocates nothing.
+    write = functools.partial(
+        zarr3.write_array,
+        memory=ts.Context(),
+        checksum=checksum,
+        semaphore=asyncio.Semaphore(BACKEND_CONCURRENCY),
+        primary=primary,
     )
-    split_target = min(target, max(MIN_SPLIT_CHUNK_BYTES, local_large // SPLIT_CHUNKS))
 
     async def write_large(i: int) -> None:
-        descriptors[i] = await zarr3.write_array(
-            backend,
-            root,
-            join_key(save_dir, f"a{i:05d}"),
-            arrays[i],
-            memory=memory,
-            chunk_bytes=target if isinstance(arrays[i], ShardedArray) else split_target,
-            checksum=checksum,
-            semaphore=semaphore,
-            primary=primary,
-        )
+        path = join_key(save_dir, f"a{i:05d}")
+        chunks = target if isinstance(arrays[i], ShardedArray) else split_target
+        descriptors[i] = await write(backend, root, path, arrays[i], chunk_bytes=chunks)
 
     jobs.extend(
         write_large(i)
@@ -239,14 +202,48 @@ async def write_arrays(
     return [d for d in descriptors if d is not None]
 
 
+def _small_leaves(
+    arrays: Sequence[np.ndarray | ShardedArray], pack_threshold: int
+) -> list[tuple[int, int]]:
+    """``(position, nbytes)`` of the leaves to pack: numpy arrays under ``pack_threshold``.
+
+    Shards are never packed: every process writes its own into one zarr3 array.
+    """
+    return [
+        (i, a.nbytes)
+        for i, a in enumerate(arrays)
+        if a.nbytes < pack_threshold and not isinstance(a, ShardedArray)
+    ]
+
+
+def _chunk_targets(
+    arrays: Sequence[np.ndarray | ShardedArray], packed_ids: set[int], chunk_bytes: int | None
+) -> tuple[int, int]:
+    """Chunk sizes for shards (the plain target) and for this process's own large arrays.
+
+    Shards keep the plain target (every process must choose the same chunks);
+    the numpy arrays that are not packed get chunks small enough to split them.
+    """
+    target = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    local_large = sum(
+        a.nbytes
+        for i, a in enumerate(arrays)
+        if i not in packed_ids and not isinstance(a, ShardedArray)
+    )
+    return target, min(target, max(MIN_SPLIT_CHUNK_BYTES, local_large // SPLIT_CHUNKS))
+
+
 async def _write_pack(
     backend: Backend,
     root: str,
-    path: str,
+    save_dir: str,
+    number: int,
     arrays: Sequence[Any],
     members: list[packing.PackMember],
     descriptors: list[dict[str, Any] | None],
 ) -> None:
+    """Write pack ``number`` of a save (``members`` of ``arrays``) and fill in their descriptors."""
+    path = join_key(save_dir, f"packed-{number:04d}.bin")
     # Copying and checksumming up to PACK_BYTES would stall the event loop.
     data, crcs = await asyncio.to_thread(packing.build_pack, arrays, members)
     await backend.write(join_key(root, path), data)

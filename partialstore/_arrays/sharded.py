@@ -1,15 +1,39 @@
-"""Chunk layout of a sharded array: a grid whose lines include every shard edge.
+"""Chunk layouts of zarr3 arrays: regular (:func:`choose_chunks`) and sharded.
 
-Every shard is then whole chunks (see :func:`shard_chunks`).
+A sharded array's grid lines include every shard edge, so every shard is
+whole chunks (see :func:`shard_chunks`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from partialstore._pytree.shards import ShardedArray
 
-__all__ = ["shard_chunks"]
+__all__ = ["choose_chunks", "shard_chunks"]
+
+
+def choose_chunks(shape: Sequence[int], itemsize: int, target: int) -> list[int]:
+    """Chunk shape of about ``target`` bytes, splitting leading dimensions first.
+
+    Trailing dimensions stay whole while they fit, so a chunk is one
+    contiguous run of the C-order array; chunk counts are balanced
+    (1000 rows at 600 per chunk become 2 x 500, not 600 + 400).
+
+    Example:
+        >>> choose_chunks([65536, 4096], 4, 16 << 20)
+        [1024, 4096]
+    """
+    chunks = [max(1, int(n)) for n in shape]
+    for axis in range(len(chunks)):
+        row = itemsize * math.prod(chunks[axis + 1 :])
+        if row * chunks[axis] <= target:
+            break
+        per_chunk = max(1, target // row)
+        count = -(-chunks[axis] // per_chunk)
+        chunks[axis] = -(-chunks[axis] // count)
+    return chunks
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:

@@ -34,7 +34,7 @@ import tensorstore as ts
 
 from partialstore._arrays.descriptors import FORMAT_ZARR3, Index, Zarr3Leaf
 from partialstore._arrays.dtypes import dtype_name, storage_dtype_name
-from partialstore._arrays.sharded import shard_chunks
+from partialstore._arrays.sharded import choose_chunks, shard_chunks
 from partialstore._pytree.shards import ShardedArray
 from partialstore._runtime.aio import settle_all
 from partialstore.backend import Backend, join_key
@@ -85,28 +85,6 @@ def backend_kvstore(backend: Backend, key: str) -> dict[str, Any] | None:
     if spec.get("path") and not str(spec["path"]).endswith("/"):
         spec["path"] = f"{spec['path']}/"
     return spec
-
-
-def choose_chunks(shape: Sequence[int], itemsize: int, target: int) -> list[int]:
-    """Chunk shape of about ``target`` bytes, splitting leading dimensions first.
-
-    Trailing dimensions stay whole while they fit, so a chunk is one
-    contiguous run of the C-order array; chunk counts are balanced
-    (1000 rows at 600 per chunk become 2 x 500, not 600 + 400).
-
-    Example:
-        >>> choose_chunks([65536, 4096], 4, 16 << 20)
-        [1024, 4096]
-    """
-    chunks = [max(1, int(n)) for n in shape]
-    for axis in range(len(chunks)):
-        row = itemsize * math.prod(chunks[axis + 1 :])
-        if row * chunks[axis] <= target:
-            break
-        per_chunk = max(1, target // row)
-        count = -(-chunks[axis] // per_chunk)
-        chunks[axis] = -(-chunks[axis] // count)
-    return chunks
 
 
 def _metadata(
@@ -179,12 +157,7 @@ async def write_array(
     """
     logical = dtype_name(array.dtype)
     storage = storage_dtype_name(logical)
-    if isinstance(array, ShardedArray):
-        chunks = shard_chunks(array, chunk_bytes)
-        parts: list[_Part] = [(box, _store_view(data, storage)) for box, data in array.shards]
-    else:
-        chunks = choose_chunks(array.shape, array.dtype.itemsize, chunk_bytes)
-        parts = [(None, _store_view(array, storage))]
+    chunks, parts = _layout(array, storage, chunk_bytes)
     kvstore = backend_kvstore(backend, join_key(root, path))
     via_backend = kvstore is None
     if kvstore is None:
@@ -200,22 +173,7 @@ async def write_array(
     }
     action = f"Writing a {logical}{list(array.shape)} array to {join_key(root, path)!r}"
     try:
-        if via_backend:
-            # A private memory kvstore is empty, so every process may create there.
-            store = await ts.open(spec, create=True, context=context)
-            await _write_parts(store, parts)
-        else:
-            # No metadata round trips before the chunks: TensorStore's create
-            # reads zarr.json (expecting a miss) and writes it before any
-            # chunk, two requests in series per array on every save. The save
-            # directory is fresh, so nothing is there to check; zarr.json goes
-            # up alongside the chunks, and only the log record makes any of
-            # it part of a checkpoint.
-            store = await ts.open(spec, open=True, assume_metadata=True, context=context)
-            jobs = [_write_parts(store, parts)]
-            if primary:
-                jobs.append(_write_zarr_json(store, kvstore, context))
-            await settle_all(jobs)
+        await _write_store(spec, parts, context, via_backend=via_backend, primary=primary)
     except ValueError as error:
         raise ts_error(error, action, reading=False) from None
     if via_backend:
@@ -229,6 +187,43 @@ async def write_array(
         "chunks": chunks,
         "checksum": "crc32c" if checksum else None,
     }
+
+
+def _layout(
+    array: np.ndarray | ShardedArray, storage: str, chunk_bytes: int
+) -> tuple[list[int], list[_Part]]:
+    """The chunk shape of ``array`` and its parts to write (its own shards, or all of it)."""
+    if isinstance(array, ShardedArray):
+        chunks = shard_chunks(array, chunk_bytes)
+        return chunks, [(box, _store_view(data, storage)) for box, data in array.shards]
+    chunks = choose_chunks(array.shape, array.dtype.itemsize, chunk_bytes)
+    return chunks, [(None, _store_view(array, storage))]
+
+
+async def _write_store(
+    spec: dict[str, Any],
+    parts: list[_Part],
+    context: ts.Context,
+    *,
+    via_backend: bool,
+    primary: bool,
+) -> None:
+    """Open the zarr3 array ``spec`` and write ``parts`` (and, if ``primary``, zarr.json)."""
+    if via_backend:
+        # A private memory kvstore is empty, so every process may create there.
+        store = await ts.open(spec, create=True, context=context)
+        await _write_parts(store, parts)
+        return
+    # No metadata round trips before the chunks: TensorStore's create reads
+    # zarr.json (expecting a miss) and writes it before any chunk, two
+    # requests in series per array on every save. The save directory is
+    # fresh, so nothing is there to check; zarr.json goes up alongside the
+    # chunks, and only the log record makes any of it part of a checkpoint.
+    store = await ts.open(spec, open=True, assume_metadata=True, context=context)
+    jobs = [_write_parts(store, parts)]
+    if primary:
+        jobs.append(_write_zarr_json(store, spec["kvstore"], context))
+    await settle_all(jobs)
 
 
 async def _write_parts(store: ts.TensorStore, parts: list[_Part]) -> None:

@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -150,38 +151,10 @@ def run_demo(
             url = f"{stack.enter_context(tempfile.TemporaryDirectory())}/step_1000"
         options = dict(storage_options or {})
         pieces = demo_state(scale)
-        timings: dict[str, float] = {}
         echo(f"partialstore demo: checkpointing a model in {len(pieces)} partial saves to {url}")
 
-        started = time.perf_counter()
-        responses = []
-        for index, (piece, asynchronous) in enumerate(pieces):
-            t0 = time.perf_counter()
-            if asynchronous:
-                responses.append(partialstore.save_async(url, piece, storage_options=options))
-                mode = "save_async (returned)"
-            else:
-                partialstore.save(
-                    url, piece, custom_metadata={"piece": index}, storage_options=options
-                )
-                mode = "save"
-            timings[f"save {index}"] = time.perf_counter() - t0
-            echo(f"  {mode:22s} piece {index}: {timings[f'save {index}'] * 1e3:8.1f} ms")
-        for response in responses:
-            response.result()
-        timings["all saves committed"] = time.perf_counter() - started
-
-        t0 = time.perf_counter()
-        partialstore.finalize(url, storage_options=options)
-        timings["finalize"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        info = partialstore.metadata(url, storage_options=options)
-        timings["metadata"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        loaded = partialstore.load(url, storage_options=options)
-        timings["load"] = time.perf_counter() - t0
+        timings = _save_pieces(partialstore, url, pieces, options, echo)
+        info, loaded = _finish_and_read(partialstore, url, options, timings)
 
         checked = _check_equal(_expected(pieces), loaded)
         if info.custom_metadata != {"piece": 3} or len(info.saves) != len(pieces):
@@ -192,6 +165,49 @@ def run_demo(
             echo(f"  {phase:34s}: {timings[phase] * 1e3:8.1f} ms")
         echo(f"verified {checked / 2**20:.1f} MiB of array bytes and every scalar: all equal")
         return timings
+
+
+def _save_pieces(
+    partialstore: ModuleType,
+    url: str,
+    pieces: list[tuple[dict[str, Any], bool]],
+    options: dict[str, Any],
+    echo: Callable[[str], object],
+) -> dict[str, float]:
+    """Save every piece (blocking or async as marked); time each and the commit of all."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    responses = []
+    for index, (piece, asynchronous) in enumerate(pieces):
+        t0 = time.perf_counter()
+        if asynchronous:
+            responses.append(partialstore.save_async(url, piece, storage_options=options))
+            mode = "save_async (returned)"
+        else:
+            partialstore.save(url, piece, custom_metadata={"piece": index}, storage_options=options)
+            mode = "save"
+        timings[f"save {index}"] = time.perf_counter() - t0
+        echo(f"  {mode:22s} piece {index}: {timings[f'save {index}'] * 1e3:8.1f} ms")
+    for response in responses:
+        response.result()
+    timings["all saves committed"] = time.perf_counter() - started
+    return timings
+
+
+def _finish_and_read(
+    partialstore: ModuleType, url: str, options: dict[str, Any], timings: dict[str, float]
+) -> tuple[Any, Any]:
+    """Finalize, then read the metadata and the tree back, adding each phase to ``timings``."""
+    t0 = time.perf_counter()
+    partialstore.finalize(url, storage_options=options)
+    timings["finalize"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    info = partialstore.metadata(url, storage_options=options)
+    timings["metadata"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loaded = partialstore.load(url, storage_options=options)
+    timings["load"] = time.perf_counter() - t0
+    return info, loaded
 
 
 def main(args: argparse.Namespace) -> int:

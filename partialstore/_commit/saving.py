@@ -33,7 +33,6 @@ from partialstore.errors import (
     NotFoundError,
     OutcomeUnknownError,
     SessionDiscardedError,
-    UnsupportedLeafError,
     UnsupportedOperationError,
 )
 
@@ -99,21 +98,13 @@ def snapshot(state: Any, custom_metadata: Any, *, copy: bool) -> Snapshot:
     """Flatten and validate ``state``; copy its arrays when ``copy`` is set.
 
     Raises:
-      UnsupportedLeafError: a leaf (or an array dtype) cannot be saved; names its key path.
+      UnsupportedLeafError: a leaf (or an array's dtype or rank) cannot be saved; names its
+        key path.
       InvalidInputError: ``custom_metadata`` is not a JSON dict.
     """
     metadata = _check_custom_metadata(custom_metadata)
+    # flatten checks every leaf against the dtype and rank rules, once.
     leaves, nodes = tree.flatten(state, copy_arrays=copy)
-    for leaf in leaves:
-        try:
-            if leaf.array is not None:
-                arrays.check_array_supported(leaf.array)
-            elif leaf.shards is not None:
-                arrays.check_array_supported(leaf.shards.probe())
-        except UnsupportedLeafError as error:
-            raise UnsupportedLeafError(
-                f"Leaf {tree.format_path(leaf.path)} cannot be saved: {error}"
-            ) from error
     return Snapshot(leaves, nodes, metadata)
 
 

@@ -6,8 +6,8 @@ Used by :mod:`partialstore._pytree.tree`. A leaf is one of these kinds:
 kind               what is stored
 =================  ==========================================================
 ``"array"``        ``np.ndarray`` of a numeric dtype (bool, int, uint, float,
-                   complex, and the ml_dtypes types TensorStore knows, e.g.
-                   bfloat16, float8_*, int4)
+                   complex, and the ml_dtypes types, e.g. bfloat16, float8_*,
+                   int4; the rules: :mod:`partialstore._pytree.dtype_rules`)
 ``"jax_array"``    ``jax.Array``, copied to host
 ``"np_scalar"``    numpy scalar (``np.float32(1)``), stored as a 0-d array
 ``"int"``          Python ``int`` of any size (subclasses such as ``IntEnum``
@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import struct
@@ -44,8 +43,8 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
-import tensorstore as ts
 
+from partialstore._pytree.dtype_rules import check_dtype, check_rank
 from partialstore._pytree.keypaths import KeyPath, check_str, format_path, short_repr
 from partialstore.errors import CorruptCheckpointError, InvalidInputError, UnsupportedLeafError
 
@@ -90,31 +89,9 @@ def _unsupported(path: KeyPath, obj: Any, why: str) -> UnsupportedLeafError:
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _dtype_problem(dtype: np.dtype) -> str | None:
-    if dtype.kind in "biufc" or dtype.type.__module__.startswith("ml_dtypes"):
-        try:
-            ts.dtype(dtype)
-        except (TypeError, ValueError):
-            return f"dtype {dtype} has no TensorStore equivalent (e.g. long double); cast it."
-        return None
-    if dtype.kind == "O":
-        return "object arrays hold arbitrary Python objects; use a numeric dtype."
-    if dtype.kind in "US":
-        return f"string arrays (dtype {dtype}) are not supported; store a Python str instead."
-    return f"dtype {dtype} is not a numeric dtype; only bool/int/uint/float/complex are supported."
-
-
-def check_dtype(dtype: Any) -> str | None:
-    """Return why arrays of ``dtype`` cannot be saved, or ``None`` if they can.
-
-    Example:
-        >>> check_dtype(np.float32) is None
-        True
-        >>> check_dtype(np.dtype(object))
-        'object arrays hold ...'
-    """
-    return _dtype_problem(np.dtype(dtype))
+def _array_problem(obj: Any) -> str | None:
+    """Why the array ``obj`` (numpy or jax) cannot be saved, by the one rule table."""
+    return check_dtype(obj.dtype) or check_rank(tuple(obj.shape))
 
 
 class _Device(Protocol):
@@ -148,7 +125,7 @@ def _check_jax_array(obj: jax.Array, path: KeyPath) -> None:
         )
     if obj.is_deleted():
         raise _unsupported(path, obj, "the array has been deleted or donated.")
-    problem = check_dtype(obj.dtype)
+    problem = _array_problem(obj)
     if problem is not None:
         raise _unsupported(path, obj, problem)
 
@@ -179,7 +156,7 @@ def classify_leaf(obj: Any, path: KeyPath) -> str | None:
             raise _unsupported(
                 path, obj, "masked arrays would lose their mask; save data and mask apart."
             )
-        problem = check_dtype(obj.dtype)
+        problem = _array_problem(obj)
         if problem is not None:
             raise _unsupported(path, obj, problem)
         return "array"
