@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import numpy as np
@@ -107,12 +108,18 @@ def _array(round_no: int, saver: int) -> np.ndarray:
     return np.full(64, round_no * 100 + saver, np.float32)
 
 
-async def _run_round(path: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+async def _run_round(path: str, options: dict[str, Any], seed: int, span: float) -> dict[str, Any]:
+    """One round; actors start at random instants within ``span`` seconds.
+
+    ``span`` is a few times one save's duration on this store, so on a fast
+    store and a slow one alike finalizers and the discarder start before,
+    during and after the saves commit.
+    """
     rng = random.Random(seed)
     outcomes: dict[str, Any] = {}
 
     async def act(name: str, coro_factory: Any) -> None:
-        await asyncio.sleep(rng.uniform(0, 0.03))
+        await asyncio.sleep(rng.uniform(0, span))
         try:
             outcomes[name] = ("ok", await coro_factory())
         except (CheckpointFinalizedError, SessionDiscardedError, NotFoundError) as error:
@@ -130,6 +137,18 @@ async def _run_round(path: str, options: dict[str, Any], seed: int) -> dict[str,
     tasks.append(act("discard", lambda loc=loc: discarding.discard(loc)))
     await asyncio.gather(*tasks)
     return outcomes
+
+
+def _one_save_seconds(path: str, options: dict[str, Any]) -> float:
+    """How long one actor's save takes on this store (the median of three)."""
+    times = []
+    for i in range(3):
+        snap = saving.snapshot({"x": _array(0, i)}, None, copy=True)
+        location = _actor_location(path, options, random.Random(i))
+        started = time.perf_counter()
+        aio.run(saving.commit_save(location, snap))
+        times.append(time.perf_counter() - started)
+    return sorted(times)[1]
 
 
 def _log_entries(location: Location) -> list[txlog.LogEntry]:
@@ -190,9 +209,10 @@ def test_random_rounds_keep_every_promise(store: str, request: pytest.FixtureReq
     else:
         root, options = request.getfixturevalue(f"{store}_url")
     seen: set[tuple[str, str]] = set()
+    span = 3 * _one_save_seconds(f"{root}/calibrate", options)
     for round_no in range(ROUNDS):
         path = f"{root}/r{round_no}"
-        outcomes = aio.run(_run_round(path, options, round_no))
+        outcomes = aio.run(_run_round(path, options, round_no, span))
         _check_round(path, options, round_no, outcomes)
         seen |= {(name.rstrip("0123456789"), verdict) for name, (verdict, _) in outcomes.items()}
     # The rounds must have met every kind of race, or they proved little.
