@@ -27,7 +27,8 @@ def dtype(name: str) -> np.dtype[Any]:  # numpy's own names, or ml_dtypes' (bflo
 
 
 def from_le(raw: bytes, dt: np.dtype[Any], shape: Any) -> np.ndarray:  # raw bits, then a view
-    bits = np.frombuffer(raw, f"<u{dt.itemsize}").astype(f"=u{dt.itemsize}")
+    unit = dt.itemsize // 2 if "complex" in dt.name else dt.itemsize  # (real, imag) pairs
+    bits = np.frombuffer(raw, f"<u{unit}").astype(f"=u{unit}")
     return bits.view(dt).reshape(shape)
 
 
@@ -50,8 +51,7 @@ def read_zarr3(kv: ts.KvStore, spec: dict[str, Any], d: dict[str, Any]) -> np.nd
         kvstore = {**spec, "path": f"{spec['path']}{d['path']}/"}
         store = ts.open({"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False})
         return store.result().read().result().view(dt)
-    # bfloat16, float8_*, float4_e2m1fn, int2, int4 are no zarr v3 core types: decode each
-    # chunk (C order, little-endian, sub-byte kinds one per byte, then a CRC-32C) as raw bits.
+    # Not zarr v3 core types (bfloat16, float8_*, int4, ...): decode the chunks as raw bits.
     out = np.empty(shape, dt)
     for pos in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks, strict=True))):
         raw = kv[f"{d['path']}/c" + "".join(f"/{i}" for i in pos)]  # KeyError if missing
