@@ -23,6 +23,7 @@ import pytest
 
 import partialstore
 from partialstore._arrays import arrays
+from partialstore._arrays.dtypes import storage_dtype_name
 from partialstore._pytree.dtype_rules import SUPPORTED_DTYPE_NAMES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -145,3 +146,33 @@ def test_every_dtype_round_trips_bit_exact(tmp_path: Path) -> None:
     for name in SUPPORTED_DTYPE_NAMES:
         width = np.dtype(getattr(ml_dtypes, name, name)).itemsize * 8
         assert stored[name] == (f"uint{width}" if name in RAW_BITS else name), name
+
+
+#: The zarr v3 specification's core data types (raw ``rN`` aside).
+ZARR_CORE = {"bool", "float16", "float32", "float64", "complex64", "complex128"}
+ZARR_CORE |= {f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)}
+
+
+def _format_md_dtype_rows() -> list[list[str]]:
+    text = (README.parent / "docs" / "format.md").read_text()
+    section = text.split("## 10. Dtypes", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| `")]
+    assert rows, "docs/format.md lost its dtype table"
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+def test_format_md_dtype_table_matches_what_is_stored() -> None:
+    listed = []
+    for names_cell, bytes_cell, data_type_cell, core_cell in _format_md_dtype_rows():
+        names = re.findall(r"`([a-z0-9_]+)`", names_cell)
+        sizes = [int(n) for n in re.findall(r"\d+", bytes_cell.split("(")[0])]
+        sizes = sizes * len(names) if len(sizes) == 1 else sizes
+        for name, size in zip(names, sizes, strict=True):
+            stored = storage_dtype_name(name)
+            assert np.dtype(getattr(ml_dtypes, name, name)).itemsize == size, name
+            cell = data_type_cell.split()[0].strip("`")
+            assert cell == stored or (cell == "same" and stored == name), name
+            assert core_cell.startswith("yes" if stored in ZARR_CORE else "no"), name
+            listed.append(name)
+    assert len(listed) == len(set(listed))
+    assert set(listed) == SUPPORTED_DTYPE_NAMES

@@ -11,6 +11,7 @@ leaves, so ``data/`` holds arrays the manifest no longer uses.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,3 +245,14 @@ def test_zero_size_packed_leaves_are_never_read_on_s3(
     assert all(record.status == 206 for record in reads)
     assert _ranges(reads) == [(0, 2), (0, 2)]  # bytes [0, 3): never an empty range
     assert not proxy.requests("GET", key=data["alone"]["path"])
+
+
+def test_reader_crc32c_is_the_castagnoli_crc_of_the_spec() -> None:
+    spec = importlib.util.spec_from_file_location("reference_reader", DOCS / "reference_reader.py")
+    assert spec is not None and spec.loader is not None
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    assert reader.crc32c(b"123456789") == 0xE3069283  # the check value docs/format.md gives
+    assert reader.crc32c(b"") == 0
+    data = np.random.default_rng(1).bytes(1000)
+    assert reader.crc32c(data) == google_crc32c.value(data)
