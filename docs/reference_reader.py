@@ -5,7 +5,7 @@ import json
 import os
 import re
 import struct
-from functools import partial, reduce
+from functools import reduce
 from typing import Any
 
 import ml_dtypes
@@ -32,7 +32,7 @@ def from_le(raw: bytes, dt: np.dtype[Any], shape: Any) -> np.ndarray:  # raw bit
     return bits.view(dt).reshape(shape)
 
 
-def read_packed(kv: ts.KvStore, d: dict[str, Any]) -> np.ndarray:
+def read_packed(kv: ts.KvStore, spec: dict[str, Any], d: dict[str, Any]) -> np.ndarray:
     if d["nbytes"] == 0:  # no bytes: never issue an empty ranged read (S3 answers 416)
         return np.zeros(d["shape"], dtype(d["dtype"]))
     raw = kv.read(d["path"], byte_range=slice(at := d["offset"], at + d["nbytes"])).result().value
@@ -93,7 +93,7 @@ def read_checkpoint(url: str, endpoint: str | None = None) -> dict[str, Any]:
         elif not DATA_PATH.fullmatch(d["path"]) or d["path"].split("/")[1] not in save_ids:
             raise ValueError(f"array path {d['path']!r} is outside the checkpoint's saves")
         else:
-            read = {"packed": read_packed, "zarr3": partial(read_zarr3, spec=spec)}[d["format"]]
-            array = read(kv, d=d)  # an unknown format raised KeyError above
+            read = {"packed": read_packed, "zarr3": read_zarr3}[d["format"]]  # else KeyError
+            array = read(kv, spec, d)
             leaves[key] = array[()] if leaf["kind"] == "np_scalar" else array
     return leaves
