@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-from partialstore._arrays import arrays
+from partialstore._arrays import arrays, descriptors
 from partialstore._commit import txlog
 from partialstore._commit.location import Location
 from partialstore._commit.published import drop_stray_staging, read_published, writer
@@ -48,7 +48,7 @@ __all__ = [
 
 
 #: What a save's array writes return: each array leaf's descriptor, by ``id(leaf)``.
-Descriptors = dict[int, dict[str, Any]]
+Descriptors = dict[int, descriptors.Leaf]
 
 
 class Snapshot:
@@ -138,10 +138,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
 
-def _leaf_entry(leaf: tree.Leaf, descriptor: dict[str, Any] | None) -> dict[str, Any]:
+def _leaf_entry(leaf: tree.Leaf, descriptor: descriptors.Leaf | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": tree.encode_path(leaf.path), "kind": leaf.kind}
     if descriptor is not None:
-        entry["data"] = descriptor
+        entry["data"] = descriptor.encode()
     else:
         entry["value"] = tree.encode_value(leaf)
     return entry
@@ -377,7 +377,7 @@ async def _write_data(
 ) -> Descriptors:
     """Write the arrays this process owns; return descriptors by ``id(leaf)`` (primary only)."""
     with_arrays = [(leaf, leaf.data) for leaf in snap.leaves if leaf.data is not None]
-    descriptors = await arrays.write_arrays(
+    written = await arrays.write_arrays(
         location.backend,
         location.staging_prefix,
         location.data_dir(save_id),
@@ -386,7 +386,7 @@ async def _write_data(
     )
     if not primary:
         return {}
-    return {id(leaf): d for (leaf, _), d in zip(with_arrays, descriptors, strict=True)}
+    return {id(leaf): d for (leaf, _), d in zip(with_arrays, written, strict=True)}
 
 
 async def _write_and_append(
