@@ -4,7 +4,8 @@ Everything partialstore writes about a checkpoint (log records: saves, the
 finalize seal and discard markers; the node and leaf entries inside them;
 the manifest) is one frozen dataclass here, with an ``encode()`` that gives
 the exact bytes (or JSON) on disk and a decoder that checks everything
-before anything uses it. Array descriptors are typed likewise in
+before anything uses it. The entries are typed in
+:mod:`partialstore._commit.entries` (re-exported here), array descriptors in
 :mod:`partialstore._arrays.descriptors`.
 
 Log records and manifests are data read from a store, so they may be damaged
@@ -20,7 +21,8 @@ What is checked, before anything uses it:
   Infinity constants, ints within Python's digit limit) of the right format
   and version;
 - every field a reader uses has the right type; unknown extra fields (at the
-  top level and in entries) are ignored, so newer writers can add some;
+  top level and in entries) are ignored, so newer writers can add some (an
+  entry's pass into the manifest with it, see ``LeafEntry.stored``);
 - key paths are well-formed and at most :data:`~partialstore._pytree.keypaths.MAX_DEPTH`
   entries long; no two entries share a path; no leaf lies under a leaf;
 - kinds are from the known sets; inline values decode; array descriptors
@@ -58,6 +60,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from partialstore._arrays import descriptors
+from partialstore._commit.entries import NODE_KINDS, LeafEntry, NodeEntry, decode_entries
 from partialstore._commit.formats import (
     LOG_FORMAT,
     LOG_VERSION,
@@ -67,19 +70,15 @@ from partialstore._commit.formats import (
 )
 from partialstore._commit.record_checks import (
     Damage,
-    check_layout,
     fail,
     json_list,
     kind_of,
     optional_object,
     optional_str,
     parse_versioned,
-    path_of,
     save_id_of,
 )
-from partialstore._pytree.keypaths import KeyPath, encode_path, format_path, short_repr
-from partialstore._pytree.leaves import ARRAY_KINDS, INLINE_KINDS, decode_value, encode_inline
-from partialstore._pytree.tree import NODE_KINDS
+from partialstore._pytree.keypaths import format_path, short_repr
 from partialstore.errors import CorruptCheckpointError
 
 __all__ = [
@@ -102,98 +101,6 @@ __all__ = [
 #: Who wrote a record: ``{"host", "pid", "writer_id"}`` (see
 #: :func:`partialstore._commit.published.writer`); a JSON object.
 Writer = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class NodeEntry:
-    """A container entry: ``kind`` from :data:`NODE_KINDS`, ``type_name`` its Python type."""
-
-    path: KeyPath
-    kind: str
-    type_name: str | None
-
-    def encode(self) -> dict[str, Any]:
-        """The JSON form (keys sorted, as on disk).
-
-        Example:
-            >>> NodeEntry((("key", "a"),), "dict", None).encode()
-            {'kind': 'dict', 'path': [['key', 'a']], 'type': None}
-        """
-        return {"kind": self.kind, "path": encode_path(self.path), "type": self.type_name}
-
-    @classmethod
-    def decode(cls, entry: Any, number: int) -> NodeEntry:
-        """Check node entry ``number`` of a record or manifest; raises :class:`Damage`."""
-        path = path_of(entry, "node", number)
-        kind = kind_of(entry)
-        type_name = entry.get("type")
-        if kind is None or kind not in NODE_KINDS:
-            why = f"unknown container kind {short_repr(entry.get('kind'), 40)}"
-        elif type_name is not None and not isinstance(type_name, str):
-            why = f"'type' must be a string or null, got {short_repr(type_name, 60)}"
-        else:
-            return cls(path, kind, type_name)
-        raise fail(f"node {format_path(path)!r}", why)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeafEntry:
-    """A leaf entry: ``data`` for array kinds, the Python ``value`` for inline ones."""
-
-    path: KeyPath
-    kind: str
-    data: descriptors.Leaf | None = None
-    value: Any = None
-
-    def encode(self) -> dict[str, Any]:
-        """The JSON form (keys sorted, as on disk).
-
-        Example:
-            >>> LeafEntry((("key", "lr"),), "float", None, float("inf")).encode()
-            {'kind': 'float', 'path': [['key', 'lr']], 'value': {'float': 'inf'}}
-        """
-        if self.data is not None:
-            return {"data": self.data.encode(), "kind": self.kind, "path": encode_path(self.path)}
-        value = encode_inline(self.kind, self.value)
-        if isinstance(value, dict):  # {"bits", "float"} of a NaN: sorted, as on disk
-            value = dict(sorted(value.items()))
-        return {"kind": self.kind, "path": encode_path(self.path), "value": value}
-
-    @classmethod
-    def decode(cls, entry: Any, number: int, save_dir: str | None) -> LeafEntry:
-        """Check leaf entry ``number``; its array must lie in ``save_dir`` (if given)."""
-        path = path_of(entry, "leaf", number)
-        try:
-            return cls._decode_body(entry, path, save_dir)
-        except (CorruptCheckpointError, Damage) as error:
-            # The readable path is only built for a message: formatting every
-            # path of a large manifest would cost more than checking it.
-            raise fail(f"leaf {format_path(path)!r}", str(error)) from None
-
-    @classmethod
-    def _decode_body(cls, entry: dict[str, Any], path: KeyPath, save_dir: str | None) -> LeafEntry:
-        kind = kind_of(entry)
-        if kind in INLINE_KINDS:
-            if "data" in entry:  # readers (gc among them) take "data" to mean an array
-                raise Damage(f"a {kind!r} leaf has an array descriptor")
-            return cls(path, str(kind), None, decode_value(str(kind), entry.get("value")))
-        if kind is None or kind not in ARRAY_KINDS:
-            raise Damage(f"unknown leaf kind {short_repr(entry.get('kind'), 40)}")
-        data = descriptors.parse(entry.get("data"))
-        if kind == "np_scalar" and data.shape != ():
-            raise Damage(f"a numpy scalar must have shape (), not {data.shape}")
-        if save_dir is not None and not data.path.startswith(save_dir):
-            raise Damage(f"array path {data.path!r} is not in its save's {save_dir!r}")
-        return cls(path, kind, data, None)
-
-
-def _entries(body: dict[str, Any], save_dir: str | None) -> tuple[list[NodeEntry], list[LeafEntry]]:
-    nodes = [NodeEntry.decode(entry, i) for i, entry in enumerate(json_list(body, "nodes"))]
-    leaves = [
-        LeafEntry.decode(entry, i, save_dir) for i, entry in enumerate(json_list(body, "leaves"))
-    ]
-    check_layout((("node", (n.path for n in nodes)), ("leaf", (leaf.path for leaf in leaves))))
-    return nodes, leaves
 
 
 def _encode_log(body: dict[str, Any]) -> bytes:
@@ -297,7 +204,7 @@ def _decode_body(body: dict[str, Any]) -> LogRecord:
     if kind == DiscardRecord.kind:
         return DiscardRecord(optional_str(body, "discard_id", ""), created, writer)
     save_id = save_id_of(body.get("save_id"), "")
-    nodes, leaves = _entries(body, f"{descriptors.DATA_PREFIX}/{save_id}/")
+    nodes, leaves = decode_entries(body, f"{descriptors.DATA_PREFIX}/{save_id}/")
     return SaveRecord(save_id, created, writer, body.get("custom_metadata"), nodes, leaves)
 
 
@@ -441,7 +348,7 @@ def _saves(body: dict[str, Any]) -> list[SaveSummary]:
 
 def _manifest(key: str, body: dict[str, Any]) -> Manifest:
     saves = _saves(body)
-    nodes, leaves = _entries(body, None)
+    nodes, leaves = decode_entries(body, None)
     known = {save.save_id for save in saves}
     for leaf in leaves:
         if leaf.data is not None and leaf.data.path.split("/")[1] not in known:
