@@ -8,7 +8,7 @@ import json
 import pytest
 
 from partialstore._commit.manifest import build_manifest, merge_metadata
-from partialstore._commit.records import decode_manifest
+from partialstore._commit.records import check_record, decode_manifest
 from partialstore._commit.txlog import LogEntry
 from partialstore.errors import CorruptCheckpointError
 
@@ -30,10 +30,17 @@ def record(leaves: dict[tuple[str, ...], int], nodes: dict[tuple[str, ...], str]
     }
 
 
+def log_entries(*records) -> tuple[list[LogEntry], LogEntry]:
+    """The records as checked log entries, and a seal after them."""
+    entries = [LogEntry(i + 1, check_record("test", r)) for i, r in enumerate(records)]
+    seal = {"kind": "finalize", "created": "t"}
+    return entries, LogEntry(len(records) + 1, check_record("seal", seal))
+
+
 def merged(*records) -> dict:
-    entries = [LogEntry(i + 1, r) for i, r in enumerate(records)]
-    seal = LogEntry(len(records) + 1, {"kind": "finalize", "created": "t"})
-    return decode_manifest("test", build_manifest(entries, seal, "ckpt/log")).body
+    data = build_manifest(*log_entries(*records), "ckpt/log")
+    assert decode_manifest("test", data).encode() == data  # a valid manifest, typed losslessly
+    return json.loads(data)
 
 
 def leaf_values(manifest: dict) -> dict[tuple[str, ...], int]:
@@ -126,8 +133,7 @@ def test_merge_metadata_replaces_non_dicts():
 
 def test_manifest_bytes_are_deterministic():
     records = [record({("a",): 1, ("b",): 2}, {(): "dict"}), record({("c",): 3}, {(): "dict"})]
-    entries = [LogEntry(i + 1, r) for i, r in enumerate(records)]
-    seal = LogEntry(3, {"kind": "finalize", "created": "t"})
+    entries, seal = log_entries(*records)
     assert build_manifest(entries, seal, "l") == build_manifest(list(entries), seal, "l")
 
 

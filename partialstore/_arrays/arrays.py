@@ -27,8 +27,9 @@ array into an in-memory kvstore and its keys are moved with
 index) into a memory kvstore that TensorStore decodes. One codec path for
 every store.
 
-Descriptors (one JSON-serializable dict per leaf, what the manifest stores)
-hold paths relative to the checkpoint root, so a checkpoint stays valid when
+Descriptors (one typed :data:`~partialstore._arrays.descriptors.Leaf` per
+leaf, stored in the manifest as the JSON its ``encode()`` gives) hold paths
+relative to the checkpoint root, so a checkpoint stays valid when
 its root is renamed or copied::
 
     {"format": "zarr3", "path": "data/<sid>/a00003", "dtype": "bfloat16",
@@ -53,7 +54,7 @@ Example:
     >>> y = np.arange(1 << 16, dtype=np.float32).reshape(-1, 64)
     >>> descriptors = run(write_arrays(backend, "ckpt.partial_save", "data/s1", [x, y],
     ...                                pack_threshold=1024))
-    >>> [d["format"] for d in descriptors]  # x is packed, y is a zarr3 array
+    >>> [d.encode()["format"] for d in descriptors]  # x is packed, y is a zarr3 array
     ['packed', 'zarr3']
     >>> x2, y_top = run(read_arrays(backend, "ckpt.partial_save",
     ...                             [(descriptors[0], None), (descriptors[1], (slice(0, 2),))]))
@@ -74,7 +75,6 @@ import tensorstore as ts
 
 from partialstore._arrays import packing, zarr3
 from partialstore._arrays.descriptors import (
-    FORMAT_PACKED,
     Index,
     Leaf,
     PackedLeaf,
@@ -84,7 +84,7 @@ from partialstore._arrays.descriptors import (
     normalize_index,
     parse,
 )
-from partialstore._arrays.dtypes import check_array_supported, dtype_from_name, dtype_name
+from partialstore._arrays.dtypes import dtype_from_name, dtype_name
 from partialstore._pytree.shards import ShardedArray
 from partialstore._runtime.aio import settle_all
 from partialstore.backend import Backend, join_key
@@ -96,7 +96,6 @@ __all__ = [
     "PACK_BYTES",
     "PACK_THRESHOLD",
     "SPLIT_CHUNKS",
-    "check_array_supported",
     "descriptor_nbytes",
     "dtype_from_name",
     "dtype_name",
@@ -151,7 +150,7 @@ async def write_arrays(
     pack_bytes: int = PACK_BYTES,
     checksum: bool = True,
     primary: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[Leaf]:
     """Write every array of one save under ``join_key(root, save_dir)``; return descriptors.
 
     Arrays of at least ``pack_threshold`` bytes become zarr3 arrays (``a00000``,
@@ -165,13 +164,12 @@ async def write_arrays(
 
     Raises:
       InvalidInputError: ``save_dir`` is not a clean key under ``data/``.
-      UnsupportedLeafError: an array has an unsupported dtype or rank (before any write).
       BackendError: the store failed.
     """
+    # Dtypes and ranks were checked once, when the tree was snapshot
+    # (partialstore._pytree.dtype_rules); the arrays here come from that snapshot.
     save_dir = check_save_dir(save_dir)
-    for array in arrays:
-        check_array_supported(array.probe() if isinstance(array, ShardedArray) else array)
-    descriptors: list[dict[str, Any] | None] = [None] * len(arrays)
+    descriptors: list[Leaf | None] = [None] * len(arrays)
     small = _small_leaves(arrays, pack_threshold)
     jobs: list[Awaitable[None]] = []
     if primary:
@@ -240,7 +238,7 @@ async def _write_pack(
     number: int,
     arrays: Sequence[Any],
     members: list[packing.PackMember],
-    descriptors: list[dict[str, Any] | None],
+    descriptors: list[Leaf | None],
 ) -> None:
     """Write pack ``number`` of a save (``members`` of ``arrays``) and fill in their descriptors."""
     path = join_key(save_dir, f"packed-{number:04d}.bin")
@@ -249,15 +247,14 @@ async def _write_pack(
     await backend.write(join_key(root, path), data)
     for member, crc in zip(members, crcs, strict=True):
         array = arrays[member.index]
-        descriptors[member.index] = {
-            "format": FORMAT_PACKED,
-            "path": path,
-            "offset": member.offset,
-            "nbytes": member.nbytes,
-            "dtype": dtype_name(array.dtype),
-            "shape": list(array.shape),
-            "crc32c": crc,
-        }
+        descriptors[member.index] = PackedLeaf(
+            path,
+            member.offset,
+            member.nbytes,
+            dtype_from_name(dtype_name(array.dtype)),  # native order, as parse gives
+            tuple(array.shape),
+            crc,
+        )
 
 
 async def read_arrays(

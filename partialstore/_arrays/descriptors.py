@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from partialstore._arrays.dtypes import MAX_RANK, dtype_from_name
+from partialstore._arrays.dtypes import MAX_RANK, dtype_from_name, dtype_name
 from partialstore._arrays.packing import ALIGN, PackedLeaf
 from partialstore._pytree.keypaths import short_repr
 from partialstore.backend import validate_key
@@ -56,6 +56,7 @@ __all__ = [
     "Zarr3Leaf",
     "check_save_dir",
     "descriptor_nbytes",
+    "encode",
     "normalize_index",
     "parse",
 ]
@@ -85,6 +86,26 @@ class Zarr3Leaf:
     storage: np.dtype[Any]
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
+    #: The zarr3 checksum codec the array was written with (``"crc32c"``), or None.
+    checksum: str | None = None
+
+    def encode(self) -> dict[str, Any]:
+        """The JSON form stored in records and manifests (keys sorted as on disk).
+
+        Example:
+            >>> f4 = np.dtype("float32")
+            >>> Zarr3Leaf("data/s/a", f4, f4, (3, 4), (3, 4), "crc32c").encode()["chunks"]
+            [3, 4]
+        """
+        return {
+            "checksum": self.checksum,
+            "chunks": list(self.chunks),
+            "dtype": dtype_name(self.dtype),
+            "format": FORMAT_ZARR3,
+            "path": self.path,
+            "shape": list(self.shape),
+            "storage_dtype": dtype_name(self.storage),
+        }
 
     @property
     def nbytes(self) -> int:
@@ -162,6 +183,9 @@ def _dtype(descriptor: Any, field: str, default: Any = None) -> np.dtype[Any]:
 def parse(descriptor: Any) -> Leaf:
     """Validate ``descriptor`` and return it as a :class:`Zarr3Leaf` or :class:`PackedLeaf`.
 
+    The decoder of the descriptors' JSON form (:func:`encode` is the encoder):
+    every check of a descriptor is here.
+
     An already parsed :class:`Zarr3Leaf` or :class:`PackedLeaf` is returned as it is.
 
     Example:
@@ -193,7 +217,10 @@ def parse(descriptor: Any) -> Leaf:
     storage = _dtype(descriptor, "storage_dtype", descriptor["dtype"])
     if storage.itemsize != dtype.itemsize:
         raise _bad(descriptor, f"storage dtype {storage} is not as wide as {dtype}")
-    return Zarr3Leaf(path, dtype, storage, shape, chunks)
+    checksum = descriptor.get("checksum")
+    if checksum is not None and not isinstance(checksum, str):
+        raise _bad(descriptor, f"checksum must be a codec name or null, got {short_repr(checksum)}")
+    return Zarr3Leaf(path, dtype, storage, shape, chunks, checksum)
 
 
 def _packed(descriptor: Any, path: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Leaf:
@@ -211,7 +238,19 @@ def _packed(descriptor: Any, path: str, dtype: np.dtype[Any], shape: tuple[int, 
     return PackedLeaf(path, offset, nbytes, dtype, shape, crc)
 
 
-def descriptor_nbytes(descriptor: dict[str, Any]) -> int:
+def encode(leaf: Leaf) -> dict[str, Any]:
+    """The JSON form of a typed descriptor; :func:`parse` decodes it back.
+
+    Example:
+        >>> descriptor = {"format": "packed", "path": "data/s1/packed-0000.bin", "offset": 128,
+        ...               "nbytes": 48, "dtype": "float32", "shape": [3, 4], "crc32c": 7}
+        >>> encode(parse(descriptor)) == descriptor
+        True
+    """
+    return leaf.encode()
+
+
+def descriptor_nbytes(descriptor: dict[str, Any] | Leaf) -> int:
     """Bytes of the whole array a descriptor stands for (its in-memory size).
 
     Example:

@@ -41,6 +41,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from partialstore._pytree.dtype_rules import dtype_name
 from partialstore.errors import CorruptCheckpointError
 
 __all__ = [
@@ -153,6 +154,23 @@ class PackedLeaf:
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
     crc32c: int
+
+    def encode(self) -> dict[str, Any]:
+        """The JSON form stored in records and manifests (keys sorted as on disk).
+
+        Example:
+            >>> PackedLeaf("data/s/packed-0000.bin", 0, 4, np.dtype("<f4"), (), 7).encode()["dtype"]
+            'float32'
+        """
+        return {
+            "crc32c": self.crc32c,
+            "dtype": dtype_name(self.dtype),
+            "format": "packed",
+            "nbytes": self.nbytes,
+            "offset": self.offset,
+            "path": self.path,
+            "shape": list(self.shape),
+        }
 
 
 @dataclasses.dataclass

@@ -32,8 +32,8 @@ from typing import Any, TypeVar
 import numpy as np
 import tensorstore as ts
 
-from partialstore._arrays.descriptors import FORMAT_ZARR3, Index, Zarr3Leaf
-from partialstore._arrays.dtypes import dtype_name, storage_dtype_name
+from partialstore._arrays.descriptors import Index, Zarr3Leaf
+from partialstore._arrays.dtypes import dtype_from_name, dtype_name, storage_dtype_name
 from partialstore._arrays.sharded import choose_chunks, shard_chunks
 from partialstore._pytree.shards import ShardedArray
 from partialstore._runtime.aio import settle_all
@@ -144,7 +144,7 @@ async def write_array(
     checksum: bool,
     semaphore: asyncio.Semaphore,
     primary: bool = True,
-) -> dict[str, Any]:
+) -> Zarr3Leaf:
     """Write ``array`` as the zarr3 array ``<root>/<path>`` and return its descriptor.
 
     ``memory`` is the caller's private in-memory context, used when the
@@ -178,15 +178,14 @@ async def write_array(
         raise ts_error(error, action, reading=False) from None
     if via_backend:
         await _move_to_backend(backend, root, path, context, semaphore, metadata=primary)
-    return {
-        "format": FORMAT_ZARR3,
-        "path": path,
-        "dtype": logical,
-        "storage_dtype": storage,
-        "shape": list(array.shape),
-        "chunks": chunks,
-        "checksum": "crc32c" if checksum else None,
-    }
+    return Zarr3Leaf(
+        path,
+        dtype_from_name(logical),
+        dtype_from_name(storage),
+        tuple(array.shape),
+        tuple(chunks),
+        "crc32c" if checksum else None,
+    )
 
 
 def _layout(

@@ -45,6 +45,7 @@ from partialstore._commit.published import (
     read_published,
     writer,
 )
+from partialstore._commit.records import DiscardRecord, SaveRecord
 from partialstore.errors import CheckpointFinalizedError, CorruptCheckpointError, NotFoundError
 
 __all__ = ["SAVE_ID", "discard", "gc"]
@@ -71,24 +72,17 @@ async def _delete_records_and_data(
 ) -> None:
     backend = location.backend
     for entry in dead:
-        save_id = entry.record.get("save_id")
+        record = entry.record
         # Only a well-formed save id: never a path that a tampered record chose.
-        if entry.record.get("kind") == txlog.SAVE and SAVE_ID.match(str(save_id)):
-            await backend.delete_prefix(f"{root}/{location.data_dir(str(save_id))}")
+        if isinstance(record, SaveRecord) and SAVE_ID.match(record.save_id):
+            await backend.delete_prefix(f"{root}/{location.data_dir(record.save_id)}")
     for entry in dead:
         await backend.delete(f"{root}/{LOG_DIR}/{entry.number:08d}.json")
 
 
 def _marker() -> bytes:
     created = datetime.datetime.now(datetime.UTC).isoformat()
-    return txlog.encode_record(
-        {
-            "kind": txlog.DISCARD,
-            "discard_id": uuid.uuid4().hex,
-            "created": created,
-            "writer": writer(),
-        }
-    )
+    return DiscardRecord(discard_id=uuid.uuid4().hex, created=created, writer=writer()).encode()
 
 
 async def discard(location: Location) -> None:

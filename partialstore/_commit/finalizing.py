@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from typing import Any
 
 from partialstore._commit import records, txlog
 from partialstore._commit.exclusive import Created, create_once
@@ -51,6 +50,7 @@ from partialstore._commit.published import (
     sealer_gone,
     writer,
 )
+from partialstore._commit.records import SealRecord
 from partialstore._runtime.faults import crash_point
 from partialstore.errors import (
     AlreadyExistsError,
@@ -72,11 +72,16 @@ async def _no_session(location: Location) -> Exception:
     )
 
 
-def _seal_record(finalize_id: str) -> bytes:
+def _seal_record(finalize_id: str) -> SealRecord:
     created = datetime.datetime.now(datetime.UTC).isoformat()
-    return txlog.encode_record(
-        {"kind": txlog.SEAL, "finalize_id": finalize_id, "created": created, "writer": writer()}
-    )
+    return SealRecord(finalize_id=finalize_id, created=created, writer=writer())
+
+
+def _sealed_by(entry: txlog.LogEntry) -> SealRecord:
+    """The seal record of ``entry``, which :func:`txlog.is_seal` picked."""
+    if not isinstance(entry.record, SealRecord):
+        raise CorruptCheckpointError(f"Log record {entry.number} was taken for a seal but is not.")
+    return entry.record
 
 
 async def _refuse_occupied_target(location: Location) -> None:
@@ -111,7 +116,9 @@ async def _seal(
         crash_point("finalize.before_seal")
         seal = _seal_record(finalize_id)
         try:
-            number, numbers = await txlog.append(backend, log, seal, what=txlog.SEAL, known=entries)
+            number, numbers = await txlog.append(
+                backend, log, seal.encode(), what=txlog.SEAL, known=entries
+            )
         except CheckpointFinalizedError:
             # Another finalizer sealed first: complete the manifest its seal fixes.
             entries = await txlog.read_log(backend, log)
@@ -122,7 +129,9 @@ async def _seal(
                 entries += await txlog.read_entries(
                     backend, log, [n for n in numbers if n not in known]
                 )
-                entries.append(txlog.LogEntry(number, records.decode_record("seal", seal)))
+                # As other finalizers read it back, so every one merges the same bytes.
+                read_back = records.decode_record("seal", seal.encode())
+                entries.append(txlog.LogEntry(number, read_back))
             except NotFoundError:  # a discard before our seal is deleting its records
                 entries = await txlog.read_log(backend, log)
         session = txlog.session_of(entries)
@@ -177,11 +186,10 @@ async def _finalize(location: Location, finalize_id: str) -> None:
         raise already_finalized(location, published) from error
     crash_point("finalize.after_publish")
     if seal is not None:  # published, but as the live sealer's checkpoint
-        sealed_by = {"finalized_by": seal.get("writer"), "finalized": seal.get("created")}
-        raise already_finalized(location, sealed_by, completed=True)
+        raise already_finalized(location, seal, completed=True)
 
 
-async def _seal_merge_publish(location: Location, finalize_id: str) -> dict[str, Any] | None:
+async def _seal_merge_publish(location: Location, finalize_id: str) -> SealRecord | None:
     """Seal (or find the seal), merge and publish.
 
     Returns ``None`` when the checkpoint is this call's: it sealed the log,
@@ -195,17 +203,18 @@ async def _seal_merge_publish(location: Location, finalize_id: str) -> dict[str,
     """
     backend = location.backend
     saves, seal = await _seal(location, finalize_id)
-    ours = seal.record.get("finalize_id") == finalize_id
+    sealed = _sealed_by(seal)
+    ours = sealed.finalize_id == finalize_id
     if not ours:  # sealed before this call: maybe published already
         # Whether the sealer is gone is looked at first: a sealer seen gone,
         # then found unpublished, can no longer publish.
-        gone = sealer_gone(seal.record)
+        gone = sealer_gone(sealed)
         published = await read_published(location)
         if published is not None:
             if is_ours(location, published):
                 return None
             raise already_finalized(location, published)
-        ours = is_ours(location, seal.record) or gone
+        ours = is_ours(location, sealed) or gone
     body = build_manifest(saves, seal, location.log_prefix)
     if location.uses_rename:
         await backend.write(location.staging_manifest_key, body)
@@ -215,4 +224,4 @@ async def _seal_merge_publish(location: Location, finalize_id: str) -> dict[str,
         outcome, _ = await create_once(backend, location.manifest_key, body)
         if outcome is not Created.MINE:  # another manifest, or deleted under us
             raise AlreadyExistsError(f"{location.manifest_key} exists with other contents.")
-    return None if ours else seal.record
+    return None if ours else sealed

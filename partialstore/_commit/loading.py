@@ -139,7 +139,7 @@ def read_metadata(location: Location, manifest: Manifest) -> CheckpointMetadata:
     return CheckpointMetadata(
         tree=tree.build_tree(_nodes(manifest), values),
         custom_metadata=manifest.custom_metadata,
-        saves=list(manifest.saves),
+        saves=[save.encode() for save in manifest.saves],
         finalized=manifest.finalized,
     )
 
@@ -203,7 +203,7 @@ async def load_tree(
         {'params': {'w': array([1., 1., 1.], dtype=float32)}}
         >>> tmp.cleanup()
     """
-    leaves = manifest.leaves
+    leaves = list(manifest.leaves)
     nodes = _nodes(manifest)
     if select is not None:
         leaves, nodes = _select(leaves, nodes, select)

@@ -18,12 +18,20 @@ entry; :func:`merge_metadata` shows the merge rule on plain dicts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from partialstore._commit.formats import MANIFEST_FORMAT, MANIFEST_VERSION, paused_gc
+from partialstore._commit.records import (
+    LeafEntry,
+    Manifest,
+    NodeEntry,
+    SaveRecord,
+    SaveSummary,
+    SealRecord,
+)
 from partialstore._commit.txlog import LogEntry, record_key
+from partialstore._pytree.keypaths import KeyPath
 from partialstore.errors import CorruptCheckpointError
 
 __all__ = ["FORMAT", "VERSION", "build_manifest", "merge_metadata"]
@@ -31,7 +39,7 @@ __all__ = ["FORMAT", "VERSION", "build_manifest", "merge_metadata"]
 FORMAT = MANIFEST_FORMAT
 VERSION = MANIFEST_VERSION
 
-PathKey = tuple[tuple[str, Any], ...]
+_Record = TypeVar("_Record", SaveRecord, SealRecord)
 
 
 def merge_metadata(base: Any, update: Any) -> Any:
@@ -49,25 +57,14 @@ def merge_metadata(base: Any, update: Any) -> Any:
     return update
 
 
-def _path_key(encoded: Any, where: str) -> PathKey:
-    if not isinstance(encoded, list):
-        raise CorruptCheckpointError(f"{where}: a key path must be a list, got {encoded!r}.")
-    try:
-        # Entries stay (kind, key) pairs as stored; load checks them fully
-        # (tree.decode_path), merging only needs them hashable and comparable.
-        return tuple(map(tuple, encoded))
-    except TypeError as error:
-        raise CorruptCheckpointError(f"{where}: malformed key path {encoded!r}.") from error
-
-
 class _Tree:
     """Key paths -> entries, with a child index so subtree removal is linear overall."""
 
     def __init__(self) -> None:
-        self.entries: dict[PathKey, tuple[str, dict[str, Any]]] = {}
-        self.children: dict[PathKey, set[PathKey]] = {}
+        self.entries: dict[KeyPath, NodeEntry | LeafEntry] = {}
+        self.children: dict[KeyPath, set[KeyPath]] = {}
 
-    def remove_subtree(self, path: PathKey) -> None:
+    def remove_subtree(self, path: KeyPath) -> None:
         stack = [path]
         while stack:
             current = stack.pop()
@@ -75,75 +72,76 @@ class _Tree:
                 self.children.get(current[:-1], set()).discard(current)
             stack.extend(self.children.pop(current, ()))
 
-    def put(self, path: PathKey, role: str, entry: dict[str, Any]) -> None:
-        self.entries[path] = (role, entry)
-        if path:
-            self.children.setdefault(path[:-1], set()).add(path)
+    def put(self, entry: NodeEntry | LeafEntry) -> None:
+        self.entries[entry.path] = entry
+        if entry.path:
+            self.children.setdefault(entry.path[:-1], set()).add(entry.path)
 
-    def apply_node(self, path: PathKey, node: dict[str, Any]) -> None:
-        existing = self.entries.get(path)
-        if existing is not None and existing[0] == "node" and existing[1]["kind"] == node["kind"]:
-            self.entries[path] = ("node", node)  # same container kind: merge children
+    def apply_node(self, node: NodeEntry) -> None:
+        existing = self.entries.get(node.path)
+        if isinstance(existing, NodeEntry) and existing.kind == node.kind:
+            self.entries[node.path] = node  # same container kind: merge children
             return
-        self.remove_subtree(path)
-        self.put(path, "node", node)
+        self.remove_subtree(node.path)
+        self.put(node)
 
-    def apply_leaf(self, path: PathKey, leaf: dict[str, Any]) -> None:
-        self.remove_subtree(path)
-        self.put(path, "leaf", leaf)
+    def apply_leaf(self, leaf: LeafEntry) -> None:
+        self.remove_subtree(leaf.path)
+        self.put(leaf)
 
 
 def build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str) -> bytes:
     """Merge the save records before ``seal`` into manifest bytes.
 
     ``log_prefix`` is only used to name records in error messages.
+
+    Raises:
+      CorruptCheckpointError: ``entries`` holds a record that is not a save.
     """
     with paused_gc():
-        return _build_manifest(entries, seal, log_prefix)
+        return _merge(entries, seal, log_prefix).encode()
 
 
-def _build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str) -> bytes:
+def _expect(entry: LogEntry, kind: type[_Record], log_prefix: str) -> _Record:
+    """``entry``'s record, which must be a ``kind`` (the caller split the log by kind)."""
+    if not isinstance(entry.record, kind):
+        where = record_key(log_prefix, entry.number)
+        raise CorruptCheckpointError(
+            f"Log record {where} is a {entry.record.kind}, not a {kind.kind}."
+        )
+    return entry.record
+
+
+def _merge(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str) -> Manifest:
     tree = _Tree()
     custom_metadata: Any = None
-    saves = []
+    saves: list[SaveSummary] = []
     seen: set[str] = set()
     for entry in entries:
-        record = entry.record
+        record = _expect(entry, SaveRecord, log_prefix)
         # A create whose response was lost is retried by the HTTP client and
         # reports "exists" though it landed; the save then appends again.
         # Both records carry the same save id: count it once.
-        if record["save_id"] in seen:
+        if record.save_id in seen:
             continue
-        seen.add(record["save_id"])
-        where = record_key(log_prefix, entry.number)
+        seen.add(record.save_id)
         # Parents first, so a container record never lands under a stale leaf.
-        for node in sorted(record.get("nodes", []), key=lambda n: len(n["path"])):
-            tree.apply_node(_path_key(node["path"], where), node)
-        for leaf in record.get("leaves", []):
-            tree.apply_leaf(_path_key(leaf["path"], where), leaf)
-        if record.get("custom_metadata") is not None:
-            custom_metadata = merge_metadata(custom_metadata, record["custom_metadata"])
-        saves.append(
-            {
-                "log": f"log/{entry.number:08d}.json",
-                "save_id": record["save_id"],
-                "created": record.get("created"),
-                "num_leaves": len(record.get("leaves", [])),
-            }
-        )
-    body = {
-        "format": FORMAT,
-        "version": VERSION,
-        "finalized": seal.record.get("created"),
-        "finalize_id": seal.record.get("finalize_id"),
-        "finalized_by": seal.record.get("writer"),
-        "seal": f"log/{seal.number:08d}.json",
-        "custom_metadata": custom_metadata,
-        "saves": saves,
-        "nodes": [entry for role, entry in tree.entries.values() if role == "node"],
-        "leaves": [entry for role, entry in tree.entries.values() if role == "leaf"],
-    }
-    # No sort_keys: every input is already in a deterministic order (records are
-    # written with sorted keys), and sorting 10^4 leaf entries again is most of
-    # the cost of serializing them.
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        for node in sorted(record.nodes, key=lambda n: len(n.path)):
+            tree.apply_node(node)
+        for leaf in record.leaves:
+            tree.apply_leaf(leaf)
+        if record.custom_metadata is not None:
+            custom_metadata = merge_metadata(custom_metadata, record.custom_metadata)
+        log = f"log/{entry.number:08d}.json"
+        saves.append(SaveSummary(log, record.save_id, record.created, len(record.leaves)))
+    sealed = _expect(seal, SealRecord, log_prefix)
+    return Manifest(
+        finalized=sealed.created,
+        finalize_id=sealed.finalize_id,
+        finalized_by=sealed.writer,
+        seal=f"log/{seal.number:08d}.json",
+        custom_metadata=custom_metadata,
+        saves=saves,
+        nodes=[e for e in tree.entries.values() if isinstance(e, NodeEntry)],
+        leaves=[e for e in tree.entries.values() if isinstance(e, LeafEntry)],
+    )

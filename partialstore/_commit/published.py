@@ -39,10 +39,10 @@ import datetime
 import os
 import socket
 import threading
-from typing import Any
 
 from partialstore._commit import records
 from partialstore._commit.location import Location
+from partialstore._commit.records import Manifest, SealRecord, Writer
 from partialstore.errors import CheckpointFinalizedError, NotFoundError
 
 __all__ = [
@@ -65,7 +65,7 @@ _own_finalize_ids: dict[tuple[int, str], set[str]] = {}
 _own_lock = threading.Lock()
 
 
-def writer() -> dict[str, Any]:
+def writer() -> Writer:
     """Who is writing: host, process id and the optional ``PARTIALSTORE_WRITER_ID``."""
     return {
         "host": socket.gethostname(),
@@ -101,17 +101,22 @@ def forget_finalizes(location: Location) -> None:
         _own_finalize_ids.pop(_key(location), None)
 
 
-def is_ours(location: Location, sealed: dict[str, Any]) -> bool:
+def _sealer(sealed: Manifest | SealRecord) -> Writer | None:
+    """Who sealed: a manifest's ``finalized_by``, a seal record's ``writer``."""
+    return sealed.finalized_by if isinstance(sealed, Manifest) else sealed.writer
+
+
+def is_ours(location: Location, sealed: Manifest | SealRecord) -> bool:
     """Whether this writer sealed ``sealed``: a published manifest, or a seal record."""
     with _own_lock:
-        if sealed.get("finalize_id") in _own_finalize_ids.get(_key(location), ()):
+        if sealed.finalize_id in _own_finalize_ids.get(_key(location), ()):
             return True
     mine = os.environ.get(WRITER_ID_ENV)
-    by = sealed.get("finalized_by", sealed.get("writer"))
-    return bool(mine) and isinstance(by, dict) and by.get("writer_id") == mine
+    by = _sealer(sealed)
+    return bool(mine) and by is not None and by.get("writer_id") == mine
 
 
-def sealer_gone(seal: dict[str, Any]) -> bool:
+def sealer_gone(seal: SealRecord) -> bool:
     """Whether the finalize that wrote ``seal`` is known to have stopped.
 
     A finalizer that finds another's seal completes its publication; it
@@ -120,8 +125,8 @@ def sealer_gone(seal: dict[str, Any]) -> bool:
     no longer exists, or a seal older than :data:`SEAL_GRACE_S` (a live
     finalize publishes within seconds of sealing).
     """
-    by = seal.get("writer")
-    if isinstance(by, dict) and by.get("host") == socket.gethostname():
+    by = seal.writer
+    if by is not None and by.get("host") == socket.gethostname():
         pid = by.get("pid")
         if isinstance(pid, int) and pid != os.getpid():
             try:
@@ -132,31 +137,33 @@ def sealer_gone(seal: dict[str, Any]) -> bool:
                 return False  # alive, another user's
             return False
     try:
-        created = datetime.datetime.fromisoformat(str(seal.get("created")))
+        created = datetime.datetime.fromisoformat(str(seal.created))
     except ValueError:
         return True  # a seal that says nothing of its writer: nothing says it is alive
     age = datetime.datetime.now(datetime.UTC) - created
     return age.total_seconds() > SEAL_GRACE_S
 
 
-async def read_published(location: Location) -> dict[str, Any] | None:
+async def read_published(location: Location) -> Manifest | None:
     """The decoded manifest published at ``location``, or ``None`` if not finalized."""
     try:
         body = await location.backend.read(location.manifest_key)
     except NotFoundError:
         return None
-    return records.decode_manifest(location.manifest_key, body).body
+    return records.decode_manifest(location.manifest_key, body)
 
 
 def already_finalized(
-    location: Location, manifest: dict[str, Any] | None, *, completed: bool = False
+    location: Location, sealed: Manifest | SealRecord | None, *, completed: bool = False
 ) -> CheckpointFinalizedError:
-    """The error for a checkpoint published by another writer."""
-    by = (manifest or {}).get("finalized_by")
+    """The error for a checkpoint published by another writer (``sealed``: its manifest or seal)."""
+    by = None if sealed is None else _sealer(sealed)
     who = ""
-    if isinstance(by, dict):
+    if by is not None:
         who = f" by host {by.get('host')!r}, process {by.get('pid')}"
-    when = (manifest or {}).get("finalized")
+    when = None
+    if sealed is not None:
+        when = sealed.finalized if isinstance(sealed, Manifest) else sealed.created
     detail = f" (finalized{who}{f' at {when}' if when else ''})"
     if completed:
         detail += (

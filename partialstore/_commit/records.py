@@ -1,4 +1,12 @@
-"""Decoding of stored log records and manifests: every check, in one place.
+"""The stored records as typed classes: encoding, decoding and every check.
+
+Everything partialstore writes about a checkpoint (log records: saves, the
+finalize seal and discard markers; the node and leaf entries inside them;
+the manifest) is one frozen dataclass here, with an ``encode()`` that gives
+the exact bytes (or JSON) on disk and a decoder that checks everything
+before anything uses it. The entries are typed in
+:mod:`partialstore._commit.entries` (re-exported here), array descriptors in
+:mod:`partialstore._arrays.descriptors`.
 
 Log records and manifests are data read from a store, so they may be damaged
 or tampered with. Each is checked once, where its bytes are decoded, and
@@ -13,7 +21,8 @@ What is checked, before anything uses it:
   Infinity constants, ints within Python's digit limit) of the right format
   and version;
 - every field a reader uses has the right type; unknown extra fields (at the
-  top level and in entries) are ignored, so newer writers can add some;
+  top level and in entries) are ignored, so newer writers can add some (an
+  entry's pass into the manifest with it, see ``LeafEntry.stored``);
 - key paths are well-formed and at most :data:`~partialstore._pytree.keypaths.MAX_DEPTH`
   entries long; no two entries share a path; no leaf lies under a leaf;
 - kinds are from the known sets; inline values decode; array descriptors
@@ -21,9 +30,7 @@ What is checked, before anything uses it:
   dtypes from the table, bounded shapes, sizes and offsets), and lie in the
   data directory of their own save.
 
-The checks cost time linear in the object's size. The typed entries here
-(:class:`NodeEntry`, :class:`LeafEntry`, :class:`Manifest`) are what loaders
-use; the merge still works on the checked record dicts.
+The checks cost time linear in the object's size.
 
 Example:
     >>> import numpy as np
@@ -33,11 +40,15 @@ Example:
     >>> partialstore.save(f"{tmp.name}/ckpt", {"w": np.ones(3), "step": 1})
     >>> data = open(f"{tmp.name}/ckpt.partial_save/log/00000001.json", "rb").read()
     >>> record = decode_record("ckpt.partial_save/log/00000001.json", data)
+    >>> type(record).__name__, record.encode() == data
+    ('SaveRecord', True)
     >>> partialstore.finalize(f"{tmp.name}/ckpt")
     >>> data = open(f"{tmp.name}/ckpt/partialstore.json", "rb").read()
     >>> manifest = decode_manifest("ckpt/partialstore.json", data)
-    >>> manifest.leaves[0].path, manifest.save_dirs() == {record["save_id"]}
+    >>> manifest.leaves[0].path, manifest.save_dirs() == {record.save_id}
     ((('key', 'step'),), True)
+    >>> manifest.encode() == data
+    True
     >>> tmp.cleanup()
 """
 
@@ -45,10 +56,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
-from typing import Any, NamedTuple, NoReturn
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from partialstore._arrays import descriptors
+from partialstore._commit.entries import NODE_KINDS, LeafEntry, NodeEntry, decode_entries
 from partialstore._commit.formats import (
     LOG_FORMAT,
     LOG_VERSION,
@@ -56,255 +68,167 @@ from partialstore._commit.formats import (
     MANIFEST_VERSION,
     paused_gc,
 )
-from partialstore._pytree.keypaths import KeyPath, decode_path, format_path, short_repr
-from partialstore._pytree.leaves import ARRAY_KINDS, INLINE_KINDS, decode_value
-from partialstore._pytree.tree import NODE_KINDS
+from partialstore._commit.record_checks import (
+    Damage,
+    fail,
+    json_list,
+    kind_of,
+    optional_object,
+    optional_str,
+    parse_versioned,
+    save_id_of,
+)
+from partialstore._pytree.keypaths import format_path, short_repr
 from partialstore.errors import CorruptCheckpointError
 
 __all__ = [
     "NODE_KINDS",
     "RECORD_KINDS",
+    "DiscardRecord",
     "LeafEntry",
+    "LogRecord",
     "Manifest",
     "NodeEntry",
+    "SaveRecord",
+    "SaveSummary",
+    "SealRecord",
     "check_record",
     "decode_manifest",
     "decode_record",
     "parse_versioned",
 ]
 
-#: Kinds a log record may have: "save" records carry entries, "finalize" is
-#: the seal, "discard" the marker that ends a session. A new kind must be
-#: added here (with its checks in _check_body) before anything writes it,
-#: since readers refuse kinds they do not know.
-RECORD_KINDS = frozenset({"save", "finalize", "discard"})
+#: Who wrote a record: ``{"host", "pid", "writer_id"}`` (see
+#: :func:`partialstore._commit.published.writer`); a JSON object.
+Writer = dict[str, Any]
 
 
-class NodeEntry(NamedTuple):
-    """A checked container entry: ``kind`` from :data:`NODE_KINDS`."""
-
-    path: KeyPath
-    kind: str
-    type_name: str | None
-
-
-class LeafEntry(NamedTuple):
-    """A checked leaf entry: ``data`` for array kinds, the decoded ``value`` for inline ones."""
-
-    path: KeyPath
-    kind: str
-    data: descriptors.Leaf | None
-    value: Any
+def _encode_log(body: dict[str, Any]) -> bytes:
+    """A log record's bytes: deterministic (sorted keys, no whitespace)."""
+    full = {"format": LOG_FORMAT, "version": LOG_VERSION, **body}
+    return json.dumps(full, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 @dataclasses.dataclass(frozen=True)
-class Manifest:
-    """A checked manifest; ``body`` is the decoded JSON object itself."""
+class SaveRecord:
+    """A committed save: its entries, written under ``data/<save_id>/``."""
 
-    key: str
-    body: dict[str, Any]
-    nodes: list[NodeEntry]
-    leaves: list[LeafEntry]
-    saves: list[dict[str, Any]]
+    kind: ClassVar[str] = "save"
+    save_id: str
+    created: str | None
+    writer: Writer | None
     custom_metadata: Any
-    finalized: str | None
+    nodes: Sequence[NodeEntry]
+    leaves: Sequence[LeafEntry]
 
-    def save_dirs(self) -> set[str]:
-        """Names of the save directories (``data/<name>``) that the leaves use.
-
-        See the module docstring for an example.
-        """
-        return {leaf.data.path.split("/")[1] for leaf in self.leaves if leaf.data is not None}
-
-
-class _Damage(Exception):
-    """A problem found inside an object; re-raised with the object's key."""
-
-
-def _fail(where: str, why: str) -> _Damage:
-    return _Damage(f"{where}: {why}" if where else why)
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"the non-JSON constant {name} is not allowed")
-
-
-def parse_versioned(what: str, data: bytes, *, fmt: str, version: int) -> dict[str, Any]:
-    """Parse a JSON object of format ``fmt`` and version ``version``; ``what`` names it.
-
-    Example:
-        >>> parse_versioned("Manifest x", b'{"format": "partialstore", "version": 1}',
-        ...                 fmt="partialstore", version=1)
-        {'format': 'partialstore', 'version': 1}
-        >>> parse_versioned("Manifest x", b'{"format": "other"}', fmt="partialstore", version=1)
-        Traceback (most recent call last):
-        partialstore.errors.CorruptCheckpointError: Manifest x is not a partialstore object. ...
-
-    Raises:
-      CorruptCheckpointError: not UTF-8 JSON (or nested too deep, or holding
-        NaN/Infinity or an int past Python's digit limit), another format, or
-        another version.
-    """
-    try:
-        with paused_gc():
-            body = json.loads(data, parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        why = "it is nested too deeply" if isinstance(error, RecursionError) else str(error)
-        raise CorruptCheckpointError(
-            f"{what} is not valid JSON ({why}). The checkpoint is damaged."
-        ) from None
-    if not isinstance(body, dict) or body.get("format") != fmt:
-        raise CorruptCheckpointError(f"{what} is not a {fmt} object. The checkpoint is damaged.")
-    if body.get("version") != version:
-        raise CorruptCheckpointError(
-            f"{what} has format version {short_repr(body.get('version'), 40)}; this "
-            f"partialstore reads version {version}. Upgrade partialstore to read it."
+    def encode(self) -> bytes:
+        """The record's bytes (see the module docstring for an example)."""
+        return _encode_log(
+            {
+                "created": self.created,
+                "custom_metadata": self.custom_metadata,
+                "kind": self.kind,
+                "leaves": [leaf.encode() for leaf in self.leaves],
+                "nodes": [node.encode() for node in self.nodes],
+                "save_id": self.save_id,
+                "writer": self.writer,
+            }
         )
-    return body
 
 
-def _optional_str(body: dict[str, Any], field: str, where: str) -> str | None:
-    value = body.get(field)
-    if value is not None and not isinstance(value, str):
-        raise _fail(where, f"{field!r} must be a string or null, got {short_repr(value, 60)}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class SealRecord:
+    """The finalize seal: nothing can be appended after it."""
+
+    kind: ClassVar[str] = "finalize"
+    finalize_id: str | None
+    created: str | None
+    writer: Writer | None
+
+    def encode(self) -> bytes:
+        """The record's bytes.
+
+        Example:
+            >>> SealRecord("f1", None, None).encode()
+            b'{"created":null,"finalize_id":"f1","format":"partialstore.log","kind":"finalize",...'
+        """
+        return _encode_log(
+            {
+                "created": self.created,
+                "finalize_id": self.finalize_id,
+                "kind": self.kind,
+                "writer": self.writer,
+            }
+        )
 
 
-def _list(body: dict[str, Any], field: str, where: str = "") -> list[Any]:
-    value = body.get(field)
-    if not isinstance(value, list):
-        raise _fail(where, f"{field!r} must be a list, got {short_repr(value, 60)}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class DiscardRecord:
+    """A discard marker: the session before it is abandoned."""
+
+    kind: ClassVar[str] = "discard"
+    discard_id: str | None
+    created: str | None
+    writer: Writer | None
+
+    def encode(self) -> bytes:
+        """The record's bytes (``SealRecord.encode``'s, with a ``discard_id``)."""
+        return _encode_log(
+            {
+                "created": self.created,
+                "discard_id": self.discard_id,
+                "kind": self.kind,
+                "writer": self.writer,
+            }
+        )
 
 
-def _save_id(value: Any, where: str) -> str:
-    # It names the directory data/<save_id>: one clean key segment.
-    if not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\x00"):
-        raise _fail(where, f"save id {short_repr(value, 60)} is not a plain directory name")
-    return value
+#: Any log record.
+LogRecord = SaveRecord | SealRecord | DiscardRecord
+
+#: Kinds a log record may have: "save" records carry entries, "finalize" is
+#: the seal, "discard" the marker that ends a session. A new kind must be
+#: added here (with its class and decoder) before anything writes it,
+#: since readers refuse kinds they do not know.
+RECORD_KINDS = frozenset({SaveRecord.kind, SealRecord.kind, DiscardRecord.kind})
 
 
-def _kind(body: dict[str, Any]) -> Any:
-    """``body["kind"]``, or None when it is not a str (a list or dict is unhashable)."""
-    kind = body.get("kind")
-    return kind if isinstance(kind, str) else None
-
-
-def _path(entry: Any, role: str, number: int) -> KeyPath:
-    if not isinstance(entry, dict):
-        raise _fail(f"{role} {number}", f"it is not a JSON object but {short_repr(entry, 60)}")
-    try:
-        return decode_path(entry.get("path"))
-    except CorruptCheckpointError as error:
-        raise _fail(f"{role} {number}", str(error)) from None
-
-
-def _node(entry: Any, number: int) -> NodeEntry:
-    path = _path(entry, "node", number)
-    kind = _kind(entry)
-    type_name = entry.get("type")
-    if kind not in NODE_KINDS:
-        why = f"unknown container kind {short_repr(entry.get('kind'), 40)}"
-    elif type_name is not None and not isinstance(type_name, str):
-        why = f"'type' must be a string or null, got {short_repr(type_name, 60)}"
-    else:
-        return NodeEntry(path, kind, type_name)
-    raise _fail(f"node {format_path(path)!r}", why)
-
-
-def _leaf(entry: Any, number: int, save_dir: str | None) -> LeafEntry:
-    path = _path(entry, "leaf", number)
-    try:
-        return _leaf_body(entry, path, save_dir)
-    except (CorruptCheckpointError, _Damage) as error:
-        # The readable path is only built for a message: formatting every
-        # path of a large manifest would cost more than checking it.
-        raise _fail(f"leaf {format_path(path)!r}", str(error)) from None
-
-
-def _leaf_body(entry: dict[str, Any], path: KeyPath, save_dir: str | None) -> LeafEntry:
-    kind = _kind(entry)
-    if kind in INLINE_KINDS:
-        if "data" in entry:  # readers (gc among them) take "data" to mean an array
-            raise _Damage(f"a {kind!r} leaf has an array descriptor")
-        return LeafEntry(path, kind, None, decode_value(kind, entry.get("value")))
-    if kind not in ARRAY_KINDS:
-        raise _Damage(f"unknown leaf kind {short_repr(entry.get('kind'), 40)}")
-    data = descriptors.parse(entry.get("data"))
-    if kind == "np_scalar" and data.shape != ():
-        raise _Damage(f"a numpy scalar must have shape (), not {data.shape}")
-    if save_dir is not None and not data.path.startswith(save_dir):
-        raise _Damage(f"array path {data.path!r} is not in its save's {save_dir!r}")
-    return LeafEntry(path, kind, data, None)
-
-
-def _check_layout(nodes: Iterable[NodeEntry], leaves: Iterable[LeafEntry]) -> None:
-    """No path twice, and nothing under a leaf; linear in the total path length.
-
-    A trie of ``[role, children]`` slots is walked one entry per step, so a
-    deep path costs its length, not the square of it.
-    """
-    root: list[Any] = [None, None]
-    for role, entries in (("node", nodes), ("leaf", leaves)):
-        for entry in entries:
-            slot = root
-            for step in entry.path:
-                if slot[0] == "leaf":
-                    raise _fail(f"{role} {format_path(entry.path)!r}", "it lies under a leaf")
-                children = slot[1]
-                if children is None:
-                    children = slot[1] = {}
-                child = children.get(step)
-                if child is None:
-                    child = children[step] = [None, None]
-                slot = child
-            if slot[0] is not None:
-                why = f"the path is stored twice (also as a {slot[0]})"
-                raise _fail(f"{role} {format_path(entry.path)!r}", why)
-            if role == "leaf" and slot[1]:
-                raise _fail(f"{role} {format_path(entry.path)!r}", "entries lie under this leaf")
-            slot[0] = role
-
-
-def _entries(body: dict[str, Any], save_dir: str | None) -> tuple[list[NodeEntry], list[LeafEntry]]:
-    nodes = [_node(entry, i) for i, entry in enumerate(_list(body, "nodes"))]
-    leaves = [_leaf(entry, i, save_dir) for i, entry in enumerate(_list(body, "leaves"))]
-    _check_layout(nodes, leaves)
-    return nodes, leaves
-
-
-def _check_body(body: dict[str, Any]) -> None:
-    kind = _kind(body)
+def _decode_body(body: dict[str, Any]) -> LogRecord:
+    kind = kind_of(body)
     if kind not in RECORD_KINDS:
-        raise _fail("", f"unknown record kind {short_repr(body.get('kind'), 40)}")
-    _optional_str(body, "created", "")
-    if kind == "save":
-        save_id = _save_id(body.get("save_id"), "")
-        _entries(body, f"{descriptors.DATA_PREFIX}/{save_id}/")
+        raise fail("", f"unknown record kind {short_repr(body.get('kind'), 40)}")
+    created = optional_str(body, "created", "")
+    writer = optional_object(body, "writer", "")
+    if kind == SealRecord.kind:
+        return SealRecord(optional_str(body, "finalize_id", ""), created, writer)
+    if kind == DiscardRecord.kind:
+        return DiscardRecord(optional_str(body, "discard_id", ""), created, writer)
+    save_id = save_id_of(body.get("save_id"), "")
+    nodes, leaves = decode_entries(body, f"{descriptors.DATA_PREFIX}/{save_id}/")
+    return SaveRecord(save_id, created, writer, body.get("custom_metadata"), nodes, leaves)
 
 
-def check_record(key: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Check an already parsed log record ``body`` read from ``key``; return it.
+def check_record(key: str, body: dict[str, Any]) -> LogRecord:
+    """Check an already parsed log record ``body`` read from ``key``; return it typed.
 
     Example:
         >>> check_record("ckpt/log/00000002.json", {"kind": "finalize", "created": None})
-        {'kind': 'finalize', 'created': None}
+        SealRecord(finalize_id=None, created=None, writer=None)
 
     Raises:
       CorruptCheckpointError: a field the merge uses is malformed.
     """
     try:
         with paused_gc():
-            _check_body(body)
-    except _Damage as damage:
+            return _decode_body(body)
+    except Damage as damage:
         raise CorruptCheckpointError(
             f"Log record {key} is damaged: {damage}. Finalize cannot merge it; restore the "
             "record or discard the session (partialstore.discard) and save again."
         ) from None
-    return body
 
 
-def decode_record(key: str, data: bytes) -> dict[str, Any]:
+def decode_record(key: str, data: bytes) -> LogRecord:
     """Parse and check the log record ``data`` read from ``key``.
 
     Example:
@@ -313,7 +237,7 @@ def decode_record(key: str, data: bytes) -> dict[str, Any]:
         >>> import partialstore
         >>> partialstore.save(f"{tmp.name}/ckpt", {"step": 1})
         >>> data = open(f"{tmp.name}/ckpt.partial_save/log/00000001.json", "rb").read()
-        >>> decode_record("ckpt.partial_save/log/00000001.json", data)["kind"]
+        >>> decode_record("ckpt.partial_save/log/00000001.json", data).kind
         'save'
         >>> tmp.cleanup()
 
@@ -325,44 +249,123 @@ def decode_record(key: str, data: bytes) -> dict[str, Any]:
     return check_record(key, body)
 
 
-def _saves(body: dict[str, Any]) -> list[dict[str, Any]]:
-    saves = _list(body, "saves")
-    seen: set[str] = set()
-    for number, save in enumerate(saves):
+@dataclasses.dataclass(frozen=True, slots=True)
+class SaveSummary:
+    """One save a manifest was merged from: its record ``log/NNNNNNNN.json`` and leaf count."""
+
+    log: str
+    save_id: str
+    created: str | None
+    num_leaves: int
+
+    def encode(self) -> dict[str, Any]:
+        """The JSON form, in the manifest's key order.
+
+        Example:
+            >>> SaveSummary("log/00000001.json", "s1", None, 2).encode()
+            {'log': 'log/00000001.json', 'save_id': 's1', 'created': None, 'num_leaves': 2}
+        """
+        return {
+            "log": self.log,
+            "save_id": self.save_id,
+            "created": self.created,
+            "num_leaves": self.num_leaves,
+        }
+
+    @classmethod
+    def decode(cls, save: Any, number: int) -> SaveSummary:
+        """Check entry ``number`` of a manifest's ``saves``; raises :class:`Damage`."""
         where = f"save {number}"
         if not isinstance(save, dict):
-            raise _fail(where, f"it is not a JSON object but {short_repr(save, 60)}")
-        save_id = _save_id(save.get("save_id"), where)
-        if save_id in seen:  # the merge counts each save once
-            raise _fail(where, f"save id {save_id!r} is listed twice")
-        seen.add(save_id)
-        if not isinstance(save.get("log"), str):
-            raise _fail(where, f"'log' must be a string, got {short_repr(save.get('log'), 60)}")
-        _optional_str(save, "created", where)
+            raise fail(where, f"it is not a JSON object but {short_repr(save, 60)}")
+        save_id = save_id_of(save.get("save_id"), where)
+        log = save.get("log")
+        if not isinstance(log, str):
+            raise fail(where, f"'log' must be a string, got {short_repr(log, 60)}")
+        created = optional_str(save, "created", where)
         count = save.get("num_leaves")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise _fail(where, f"'num_leaves' must be an int >= 0, got {short_repr(count, 40)}")
+            raise fail(where, f"'num_leaves' must be an int >= 0, got {short_repr(count, 40)}")
+        return cls(log, save_id, created, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A finalized checkpoint: the merge of its saves, sealed by ``seal``.
+
+    ``key`` is where it was read from (for messages; not stored).
+    """
+
+    finalized: str | None
+    finalize_id: str | None
+    finalized_by: Writer | None
+    seal: str | None
+    custom_metadata: Any
+    saves: Sequence[SaveSummary]
+    nodes: Sequence[NodeEntry]
+    leaves: Sequence[LeafEntry]
+    key: str = dataclasses.field(default="", compare=False)
+
+    def encode(self) -> bytes:
+        """The manifest's bytes (see the module docstring for an example).
+
+        Not sorted: every part is in a deterministic order already (entries
+        in merge order, their keys sorted), so concurrent finalizers write
+        the same bytes, and sorting 10^4 leaf entries again would be most of
+        the cost of serializing them.
+        """
+        body = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "finalized": self.finalized,
+            "finalize_id": self.finalize_id,
+            "finalized_by": self.finalized_by,
+            "seal": self.seal,
+            "custom_metadata": self.custom_metadata,
+            "saves": [save.encode() for save in self.saves],
+            "nodes": [node.encode() for node in self.nodes],
+            "leaves": [leaf.encode() for leaf in self.leaves],
+        }
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+    def save_dirs(self) -> set[str]:
+        """Names of the save directories (``data/<name>``) that the leaves use.
+
+        See the module docstring for an example.
+        """
+        return {leaf.data.path.split("/")[1] for leaf in self.leaves if leaf.data is not None}
+
+
+def _saves(body: dict[str, Any]) -> list[SaveSummary]:
+    saves = [SaveSummary.decode(save, i) for i, save in enumerate(json_list(body, "saves"))]
+    seen: set[str] = set()
+    for number, save in enumerate(saves):
+        if save.save_id in seen:  # the merge counts each save once
+            raise fail(f"save {number}", f"save id {save.save_id!r} is listed twice")
+        seen.add(save.save_id)
     return saves
 
 
 def _manifest(key: str, body: dict[str, Any]) -> Manifest:
     saves = _saves(body)
-    nodes, leaves = _entries(body, None)
-    known = {save["save_id"] for save in saves}
+    nodes, leaves = decode_entries(body, None)
+    known = {save.save_id for save in saves}
     for leaf in leaves:
         if leaf.data is not None and leaf.data.path.split("/")[1] not in known:
-            raise _fail(
+            raise fail(
                 f"leaf {format_path(leaf.path)!r}",
                 f"array path {leaf.data.path!r} is not in the directory of any listed save",
             )
     return Manifest(
-        key=key,
-        body=body,
+        finalized=optional_str(body, "finalized", ""),
+        finalize_id=optional_str(body, "finalize_id", ""),
+        finalized_by=optional_object(body, "finalized_by", ""),
+        seal=optional_str(body, "seal", ""),
+        custom_metadata=body.get("custom_metadata"),
+        saves=saves,
         nodes=nodes,
         leaves=leaves,
-        saves=saves,
-        custom_metadata=body.get("custom_metadata"),
-        finalized=_optional_str(body, "finalized", ""),
+        key=key,
     )
 
 
@@ -390,7 +393,7 @@ def decode_manifest(key: str, data: bytes) -> Manifest:
     try:
         with paused_gc():
             return _manifest(key, body)
-    except _Damage as damage:
+    except Damage as damage:
         raise CorruptCheckpointError(
             f"Manifest {key} is damaged: {damage}. Restore the checkpoint from a copy or "
             "save it again."

@@ -17,10 +17,11 @@ import uuid
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-from partialstore._arrays import arrays
+from partialstore._arrays import arrays, descriptors
 from partialstore._commit import txlog
 from partialstore._commit.location import Location
 from partialstore._commit.published import drop_stray_staging, read_published, writer
+from partialstore._commit.records import LeafEntry, NodeEntry, SaveRecord
 from partialstore._pytree import tree
 from partialstore._pytree.keypaths import MAX_DEPTH
 from partialstore._runtime import multihost
@@ -48,7 +49,7 @@ __all__ = [
 
 
 #: What a save's array writes return: each array leaf's descriptor, by ``id(leaf)``.
-Descriptors = dict[int, dict[str, Any]]
+Descriptors = dict[int, descriptors.Leaf]
 
 
 class Snapshot:
@@ -138,13 +139,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
 
-def _leaf_entry(leaf: tree.Leaf, descriptor: dict[str, Any] | None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"path": tree.encode_path(leaf.path), "kind": leaf.kind}
+def _leaf_entry(leaf: tree.Leaf, descriptor: descriptors.Leaf | None) -> LeafEntry:
     if descriptor is not None:
-        entry["data"] = descriptor
-    else:
-        entry["value"] = tree.encode_value(leaf)
-    return entry
+        return LeafEntry(leaf.path, leaf.kind, descriptor)
+    return LeafEntry(leaf.path, leaf.kind, None, leaf.value)
 
 
 def new_save_id() -> str:
@@ -313,9 +311,9 @@ async def _published_with(location: Location, save_id: str) -> int | None:
     if not location.uses_rename:
         return None  # the log itself answers on stores without rename
     manifest = await read_published(location)
-    for save in (manifest or {}).get("saves", ()):
-        if save.get("save_id") == save_id:
-            return int(str(save["log"]).removeprefix("log/").removesuffix(".json"))
+    for save in manifest.saves if manifest is not None else ():
+        if save.save_id == save_id:
+            return int(save.log.removeprefix("log/").removesuffix(".json"))
     return None
 
 
@@ -358,7 +356,10 @@ async def _drop_data_unless_committed(location: Location, save_id: str) -> None:
         # started a fresh staging log that looks cut at its head).
         await _drop_renamed_loser(location, save_id)
         return
-    if all(entry.record.get("save_id") != save_id for entry in entries):
+    if not any(
+        isinstance(entry.record, SaveRecord) and entry.record.save_id == save_id
+        for entry in entries
+    ):
         await _drop_own_data(location, save_id)
         if location.uses_rename and await read_published(location) is not None:
             # The sealer renamed the session while we looked: our data moved too.
@@ -377,7 +378,7 @@ async def _write_data(
 ) -> Descriptors:
     """Write the arrays this process owns; return descriptors by ``id(leaf)`` (primary only)."""
     with_arrays = [(leaf, leaf.data) for leaf in snap.leaves if leaf.data is not None]
-    descriptors = await arrays.write_arrays(
+    written = await arrays.write_arrays(
         location.backend,
         location.staging_prefix,
         location.data_dir(save_id),
@@ -386,7 +387,7 @@ async def _write_data(
     )
     if not primary:
         return {}
-    return {id(leaf): d for (leaf, _), d in zip(with_arrays, descriptors, strict=True)}
+    return {id(leaf): d for (leaf, _), d in zip(with_arrays, written, strict=True)}
 
 
 async def _write_and_append(
@@ -406,18 +407,14 @@ async def _write_and_append(
         for status in statuses or []:
             multihost.decode_outcome(status, "Writing the save's shards")
     crash_point("save.after_data")
-    record = {
-        "kind": "save",
-        "save_id": save_id,
-        "created": _now(),
-        "writer": writer(),
-        "custom_metadata": snap.custom_metadata,
-        "nodes": [
-            {"path": tree.encode_path(n.path), "kind": n.kind, "type": n.type_name}
-            for n in snap.nodes
-        ],
-        "leaves": [_leaf_entry(leaf, by_leaf.get(id(leaf))) for leaf in snap.leaves],
-    }
+    record = SaveRecord(
+        save_id=save_id,
+        created=_now(),
+        writer=writer(),
+        custom_metadata=snap.custom_metadata,
+        nodes=[NodeEntry(n.path, n.kind, n.type_name) for n in snap.nodes],
+        leaves=[_leaf_entry(leaf, by_leaf.get(id(leaf))) for leaf in snap.leaves],
+    )
     crash_point("save.before_log_append")
-    number, _ = await txlog.append(backend, location.log_prefix, txlog.encode_record(record))
+    number, _ = await txlog.append(backend, location.log_prefix, record.encode())
     return number

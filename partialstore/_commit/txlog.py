@@ -26,7 +26,7 @@ Example:
     >>> partialstore.save(f"{tmp.name}/ckpt", {"step": 1})  # appends record 1
     >>> location = resolve(f"{tmp.name}/ckpt")
     >>> entries = run(read_log(location.backend, f"{location.staging_prefix}/log"))
-    >>> [(entry.number, entry.record["kind"]) for entry in entries]
+    >>> [(entry.number, entry.record.kind) for entry in entries]
     [(1, 'save')]
     >>> tmp.cleanup()
 """
@@ -34,14 +34,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Sequence
-from typing import Any
 
 from partialstore._commit import records
 from partialstore._commit.exclusive import Created, create_once
 from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
+from partialstore._commit.records import DiscardRecord, LogRecord, SaveRecord, SealRecord
 from partialstore.backend import Backend
 from partialstore.errors import (
     BackendError,
@@ -57,7 +56,6 @@ __all__ = [
     "VERSION",
     "LogEntry",
     "append",
-    "encode_record",
     "is_discard",
     "is_seal",
     "list_numbers",
@@ -73,7 +71,7 @@ _NAME = re.compile(r"^(\d{8})\.json$")
 _READ_CONCURRENCY = 64
 # How often a reader lists again when records vanish under it (a concurrent discard).
 _REREADS = 8
-SAVE, SEAL, DISCARD = "save", "finalize", "discard"
+SAVE, SEAL, DISCARD = SaveRecord.kind, SealRecord.kind, DiscardRecord.kind
 
 
 def record_key(log_prefix: str, number: int) -> str:
@@ -81,20 +79,14 @@ def record_key(log_prefix: str, number: int) -> str:
     return f"{log_prefix}/{number:08d}.json"
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
-    """Serialize a record deterministically (sorted keys, no whitespace)."""
-    body = {"format": FORMAT, "version": VERSION, **record}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def is_seal(record: dict[str, Any]) -> bool:
+def is_seal(record: LogRecord) -> bool:
     """Whether ``record`` is the finalize seal."""
-    return record.get("kind") == SEAL
+    return isinstance(record, SealRecord)
 
 
-def is_discard(record: dict[str, Any]) -> bool:
+def is_discard(record: LogRecord) -> bool:
     """Whether ``record`` is a discard marker (the session before it is abandoned)."""
-    return record.get("kind") == DISCARD
+    return isinstance(record, DiscardRecord)
 
 
 class LogEntry:
@@ -102,7 +94,7 @@ class LogEntry:
 
     __slots__ = ("number", "record")
 
-    def __init__(self, number: int, record: dict[str, Any]) -> None:
+    def __init__(self, number: int, record: LogRecord) -> None:
         self.number = number
         self.record = record
 
@@ -120,7 +112,7 @@ async def list_numbers(backend: Backend, log_prefix: str) -> list[int]:
     return numbers
 
 
-async def _read(backend: Backend, log_prefix: str, number: int) -> dict[str, Any]:
+async def _read(backend: Backend, log_prefix: str, number: int) -> LogRecord:
     key = record_key(log_prefix, number)
     return records.decode_record(key, await backend.read(key))
 
@@ -211,7 +203,7 @@ async def _read_present(
 async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None:
     """The kind of record ``number``; ``None`` if it no longer exists."""
     try:
-        return str((await _read(backend, log_prefix, number))["kind"])
+        return (await _read(backend, log_prefix, number)).kind
     except NotFoundError:
         return None
 
@@ -279,7 +271,7 @@ async def append(
         being appended (only after a lost answer).
       OutcomeUnknownError: the store kept failing, so whether it landed is unknown.
     """
-    kinds = {e.number: str(e.record.get("kind")) for e in known}  # records are immutable
+    kinds = {e.number: e.record.kind for e in known}  # records are immutable
     numbers = [e.number for e in known]
     if not (numbers and kinds.get(numbers[-1]) == SAVE):
         numbers = await list_numbers(backend, log_prefix)
