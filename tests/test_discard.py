@@ -19,6 +19,7 @@ import pytest
 import partialstore
 from partialstore._commit import discarding, finalizing, published, saving, txlog
 from partialstore._commit.location import resolve
+from partialstore._commit.records import SaveRecord
 from partialstore._runtime.aio import run
 
 
@@ -88,7 +89,7 @@ def test_finalize_after_a_discard_marker_finds_no_session(ckpt):
     # Discard again: nothing to discard, but it finishes the deletions.
     with pytest.raises(FileNotFoundError):
         partialstore.discard(path, storage_options=opts)
-    save_id = entries[0].record["save_id"]
+    save_id = entries[0].record.save_id
     assert _stored(path, opts, f"{location.staging_prefix}/data/{save_id}") == []
     # A new session starts after the marker and finalizes with only its own saves.
     partialstore.save(path, {"b": 2}, storage_options=opts)
@@ -124,8 +125,10 @@ def test_discard_never_follows_a_tampered_save_id(ckpt):
     victim = f"{location.staging_prefix}/data/keep/me.bin"
     run(location.backend.write(victim, b"mine"))
     partialstore.save(path, {"a": 1}, storage_options=opts)
-    record = {"kind": "save", "save_id": "keep", "nodes": [], "leaves": []}
-    run(txlog.append(location.backend, location.log_prefix, txlog.encode_record(record)))
+    record = SaveRecord(
+        "keep", created=None, writer=None, custom_metadata=None, nodes=[], leaves=[]
+    )
+    run(txlog.append(location.backend, location.log_prefix, record.encode()))
     partialstore.discard(path, storage_options=opts)
     assert run(location.backend.read(victim)) == b"mine"
 

@@ -31,6 +31,7 @@ import partialstore
 from partialstore import registry
 from partialstore._commit import discarding, finalizing, saving, txlog
 from partialstore._commit.location import DATA_DIR, Location, resolve
+from partialstore._commit.records import SaveRecord
 from partialstore._runtime import aio
 from partialstore.backend import Backend, Capabilities
 from partialstore.errors import CheckpointFinalizedError, NotFoundError, SessionDiscardedError
@@ -183,7 +184,9 @@ def _check_round(path: str, options: dict[str, Any], seed: int, outcomes: dict[s
         in_checkpoint = {s["save_id"] for s in manifest.saves}
     else:
         loaded = {}
-        in_checkpoint = {e.record["save_id"] for e in txlog.session_of(entries)}
+        in_checkpoint = {
+            e.record.save_id for e in txlog.session_of(entries) if isinstance(e.record, SaveRecord)
+        }
     for i in range(SAVERS):
         verdict, value = outcomes[f"save{i}"]
         key = f"s{i}"
@@ -194,7 +197,7 @@ def _check_round(path: str, options: dict[str, Any], seed: int, outcomes: dict[s
             assert key not in loaded, f"phantom save {key}; {where}"
     # Unpublished sessions keep data of their live saves only; published ones,
     # of the checkpoint's saves (no data of losers, discarded or refused saves).
-    log = [(e.number, e.record["kind"], e.record.get("save_id")) for e in entries]
+    log = [(e.number, e.record.kind, getattr(e.record, "save_id", None)) for e in entries]
     dirs = _data_dirs(location, published)
     assert dirs == in_checkpoint, f"data {dirs} != {in_checkpoint}; log {log}; {where}"
     if location.uses_rename and published:
