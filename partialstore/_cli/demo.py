@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -212,6 +211,8 @@ def _finish_and_read(
 
 def main(args: argparse.Namespace) -> int:
     """Entry for ``partialstore demo`` (see :mod:`partialstore._cli.cli`)."""
-    options = json.loads(args.storage_options) if args.storage_options else None
-    run_demo(args.url, storage_options=options, emulator=args.emulator, scale=args.scale)
+    # The command line has parsed --storage-options into a dict already.
+    run_demo(
+        args.url, storage_options=args.storage_options, emulator=args.emulator, scale=args.scale
+    )
     return 0
