@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import pty
 import re
 import subprocess
 import sys
@@ -219,7 +221,7 @@ def test_verify_names_each_damaged_leaf_on_local_disk(tmp_path: Path) -> None:
 def test_verify_finds_a_chunk_replaced_on_s3(s3_url: tuple[str, dict[str, Any]]) -> None:
     url, options = s3_url
     path = make_checkpoint(f"{url}/step_1", options)
-    bucket, _, prefix = path.removeprefix("s3://").partition("/")
+    bucket = path.removeprefix("s3://").split("/")[0]
     client = _boto3(options)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     (chunk,) = (k for k in keys if re.search(r"/a\d+/c/", k))
@@ -329,3 +331,31 @@ def test_unreachable_endpoint_exits_backend(moto_server: Any, tmp_path: Path) ->
     options["endpoint_url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     done = run_cli("verify", "s3://bucket/step_1", options=options)
     assert_one_line_error(done, exitcodes.BACKEND, "cannot be reached")
+
+
+def test_verify_draws_a_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    path = str(tmp_path / "step_1")
+    partialstore.save(path, {"w": np.ones((2048, 2048), np.float32)})  # 16 MiB
+    partialstore.finalize(path)
+    controller, terminal = pty.openpty()
+    with subprocess.Popen(
+        [str(SCRIPT), "verify", path], stdout=subprocess.PIPE, stderr=terminal
+    ) as child:
+        os.close(terminal)
+        drawn = b""
+        while chunk := _read_pty(controller):
+            drawn += chunk
+        stdout, _ = child.communicate(timeout=TIMEOUT)
+    os.close(controller)
+    assert child.returncode == 0 and stdout.startswith(b"OK: ")
+    assert b"verifying" in drawn and b"MiB" in drawn  # rich's bar, on stderr
+    piped = run_cli("verify", path)  # stderr is a pipe here: no bar
+    assert piped.returncode == 0 and piped.stderr == ""
+
+
+def _read_pty(fd: int) -> bytes:
+    """Read what the child wrote to its terminal; b"" once it has closed it."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the child closed its end
+        return b""

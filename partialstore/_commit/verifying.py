@@ -110,13 +110,17 @@ class VerifyReport:
         return not self.damaged
 
 
-def _slabs(leaf: Zarr3Leaf) -> list[tuple[slice, ...] | None]:
-    """Indexes covering ``leaf`` in slabs of whole chunk rows along its first axis."""
-    if not leaf.shape or leaf.nbytes <= SLAB_BYTES or leaf.shape[0] == 0:
-        return [None]
-    row_bytes = leaf.nbytes // leaf.shape[0] * leaf.chunks[0]
-    step = max(1, SLAB_BYTES // max(row_bytes, 1)) * leaf.chunks[0]
-    return [(slice(start, start + step),) for start in range(0, leaf.shape[0], step)]
+def _slabs(leaf: Leaf) -> list[tuple[tuple[slice, ...] | None, int]]:
+    """``(index, bytes)`` of reads covering ``leaf``: slabs of whole chunk rows of a zarr3 leaf."""
+    if not isinstance(leaf, Zarr3Leaf) or not leaf.shape or leaf.nbytes <= SLAB_BYTES:
+        return [(None, leaf.nbytes)]
+    rows = leaf.shape[0]
+    row_bytes = leaf.nbytes // rows
+    step = max(1, SLAB_BYTES // max(row_bytes * leaf.chunks[0], 1)) * leaf.chunks[0]
+    return [
+        ((slice(start, start + step),), (min(start + step, rows) - start) * row_bytes)
+        for start in range(0, rows, step)
+    ]
 
 
 class _Verifier:
@@ -130,7 +134,8 @@ class _Verifier:
         self.damage: dict[int, str] = {}
         self.semaphore = asyncio.Semaphore(CONCURRENT_LEAVES)
 
-    def _advance(self, nbytes: int) -> None:
+    def advance(self, nbytes: int) -> None:
+        """Count ``nbytes`` more as checked and tell the progress callback."""
         self.done += nbytes
         if self.progress is not None:
             self.progress(self.done, self.total)
@@ -141,14 +146,17 @@ class _Verifier:
 
     async def leaf(self, number: int, data: Leaf) -> None:
         """Read every byte of one leaf; record why it is damaged, if it is."""
+        left = data.nbytes
         async with self.semaphore:
-            for index in _slabs(data) if isinstance(data, Zarr3Leaf) else [None]:
+            for index, nbytes in _slabs(data):
                 try:
                     await self._read([(data, index)])
                 except CorruptCheckpointError as error:
                     self.damage[number] = str(error)
                     break
-            self._advance(data.nbytes)
+                left -= nbytes
+                self.advance(nbytes)
+        self.advance(left)  # the rest of a damaged leaf is not read: count it as done
 
     async def packed(self, members: list[tuple[int, PackedLeaf]]) -> None:
         """Check the packed leaves of one coalesced range: one read when all are sound."""
@@ -158,7 +166,7 @@ class _Verifier:
             except CorruptCheckpointError:
                 pass  # find out which: each leaf by itself, below
             else:
-                self._advance(sum(leaf.nbytes for _, leaf in members))
+                self.advance(sum(leaf.nbytes for _, leaf in members))
                 return
         for number, leaf in members:
             await self.leaf(number, leaf)
@@ -196,6 +204,7 @@ async def verify_checkpoint(location: Location, progress: Progress | None = None
     entries = [(n, leaf.data) for n, leaf in enumerate(leaves) if leaf.data is not None]
     total = sum(data.nbytes for _, data in entries)
     verifier = _Verifier(location, total, progress)
+    verifier.advance(0)  # tells the caller the total before the first read
     jobs = [verifier.packed(group) for group in _packed_groups(entries)]
     jobs += [verifier.leaf(n, data) for n, data in entries if isinstance(data, Zarr3Leaf)]
     await settle_all(jobs)
