@@ -9,6 +9,8 @@ generic fsspec backend over the same disk (chunks fetched with
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +119,53 @@ def test_damaged_manifest_and_missing_checkpoint_raise(tmp_path: Path) -> None:
     (path / "partialstore.json").write_text("{}")
     with pytest.raises(CorruptCheckpointError):
         partialstore.verify(str(path))
+
+
+def _rewrite_without_checksum(folder: Path) -> None:
+    """Replace the zarr3 leaf by the same array written with ``checksum=False``."""
+    import shutil
+
+    from partialstore import registry
+    from partialstore._arrays.arrays import write_arrays
+    from partialstore._runtime.aio import run
+
+    manifest_file = folder / "partialstore.json"
+    manifest = json.loads(manifest_file.read_text())
+    (entry,) = (e for e in manifest["leaves"] if e.get("data", {}).get("format") == "zarr3")
+    old = entry["data"]
+    shutil.rmtree(folder / old["path"])
+    save_dir = old["path"].rsplit("/", 1)[0]
+    array = np.arange(2048 * 2048, dtype=np.float32).reshape(2048, 2048)
+    backend = registry.open_backend(str(folder.parent))
+    (entry["data"],) = run(
+        write_arrays(backend, folder.name, save_dir, [array], pack_threshold=0, checksum=False)
+    )
+    assert entry["data"]["checksum"] is None
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def test_a_leaf_without_checksum_is_read_and_decoded_and_reported(tmp_path: Path) -> None:
+    folder = tmp_path / "step_1"
+    partialstore.save(str(folder), {"big": np.zeros((2048, 2048), np.float32), "step": 1})
+    partialstore.finalize(str(folder))
+    _rewrite_without_checksum(folder)
+    report = partialstore.verify(str(folder))
+    assert report.ok and report.unchecksummed == ["big"]
+    shown = subprocess.run(
+        [str(Path(sys.executable).with_name("partialstore")), "verify", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (
+        shown.returncode == 0
+        and "big" in shown.stdout
+        and "1 array leaves have no checksum" in shown.stdout
+    ), shown
+    chunks = sorted(p for p in folder.glob("data/*/a*/c/**/*") if p.is_file())
+    _flip(chunks[0], 10)  # undetectable without a checksum: still "ok", and said so
+    assert partialstore.verify(str(folder)).unchecksummed == ["big"]
+    chunks[1].write_bytes(chunks[1].read_bytes()[:-4])  # a short chunk does not decode
+    damaged = partialstore.verify(str(folder)).damaged
+    assert [d.path for d in damaged] == ["big"]

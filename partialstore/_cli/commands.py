@@ -56,7 +56,7 @@ def _render_verify(console: Console, report: partialstore.VerifyReport) -> None:
     checked = f"{report.arrays} arrays, {human_bytes(report.nbytes)} of {report.leaves} leaves"
     if report.unchecksummed:
         console.print(
-            f"{len(report.unchecksummed)} leaves have no checksum (saved without one): their "
+            f"{len(report.unchecksummed)} array leaves have no checksum (saved without one): their "
             "chunks were read and decoded, but a changed bit in them cannot be detected: "
             + ", ".join(report.unchecksummed)
         )
