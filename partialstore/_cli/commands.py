@@ -58,14 +58,18 @@ def _render_verify(console: Console, report: partialstore.VerifyReport) -> None:
         console.print(
             f"{len(report.unchecksummed)} array leaves have no checksum (saved without one): their "
             "chunks were read and decoded, but a changed bit in them cannot be detected: "
-            + ", ".join(report.unchecksummed)
+            + ", ".join(report.unchecksummed),
+            markup=False,
         )
     if report.ok:
-        console.print(f"OK: {report.path}: read {checked}; every checksum matches.")
+        console.print(f"OK: {report.path}: read {checked}; every checksum matches.", markup=False)
         return
-    console.print(f"DAMAGED: {report.path}: {len(report.damaged)} damaged leaves (read {checked}):")
+    console.print(
+        f"DAMAGED: {report.path}: {len(report.damaged)} damaged leaves (read {checked}):",
+        markup=False,
+    )
     for damaged in report.damaged:
-        console.print(f"  {damaged.path}: {damaged.reason}")
+        console.print(f"  {damaged.path}: {damaged.reason}", markup=False)
 
 
 @command("verify", "read every byte of a checkpoint and check every checksum", arguments=_path)
@@ -85,9 +89,9 @@ def gc(args: argparse.Namespace, out: Output) -> int:
     deleted = partialstore.gc(args.path, storage_options=args.storage_options)
 
     def render(console: Console) -> None:
-        console.print(f"{args.path}: deleted {len(deleted)} unused save directories")
+        console.print(f"{args.path}: deleted {len(deleted)} unused save directories", markup=False)
         for name in deleted:
-            console.print(f"  {name}")
+            console.print(f"  {name}", markup=False)
 
     out.result({"path": args.path, "deleted": deleted}, render)
     return exitcodes.OK
@@ -99,6 +103,6 @@ def discard(args: argparse.Namespace, out: Output) -> int:
     partialstore.discard(args.path, storage_options=args.storage_options)
     out.result(
         {"path": args.path, "discarded": True},
-        lambda console: console.print(f"{args.path}: session discarded"),
+        lambda console: console.print(f"{args.path}: session discarded", markup=False),
     )
     return exitcodes.OK

@@ -120,8 +120,8 @@ def _saves_table(saves: list[dict[str, Any]]) -> Table:
     for i, save in enumerate(saves):
         table.add_row(
             str(i),
-            str(save.get("save_id")),
-            str(save.get("created")),
+            escape(str(save.get("save_id"))),
+            escape(str(save.get("created"))),
             str(save.get("num_leaves")),
         )
     return table
