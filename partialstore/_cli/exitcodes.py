@@ -35,6 +35,7 @@ __all__ = [
     "USAGE",
     "epilog",
     "exit_code_for",
+    "is_known",
 ]
 
 OK = 0

@@ -7,19 +7,28 @@ line on stderr and the family's exit code). Every command gets the common
 options (``--json``, ``--storage-options``, ``-v``) unless registered with
 ``common=False``; ``args.storage_options`` is then already a dict (or None).
 
-Adding a command, e.g. in :mod:`partialstore._cli.commands`::
+Adding a command is one function and its decorator line, e.g. in
+:mod:`partialstore._cli.commands` (or a new module, see below)::
 
     def _root(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("root", help="the run's root path or URL")
 
-    @command("latest", "print the latest finalized step", arguments=_root)
+    @command("latest", "print the latest finalized step of a run", arguments=_root)
     def latest(args: argparse.Namespace, out: Output) -> int:
-        step = partialstore.CheckpointManager(args.root, storage_options=args.storage_options)...
-        out.result({"step": step}, lambda console: console.print(step))
+        manager = partialstore.CheckpointManager(args.root, storage_options=args.storage_options)
+        with manager:
+            step = manager.latest_step()
+        if step is None:
+            raise NotFoundError(f"No finalized step under {args.root}.")  # exit code 4
+        out.result({"root": args.root, "step": step}, lambda console: console.print(step))
         return exitcodes.OK
 
-A command in a new module also needs that module named in
-``partialstore._cli.cli.COMMAND_MODULES`` (importing it registers its commands).
+Long work draws a bar with ``with out.progress("deleting") as advance:``,
+calling ``advance(done, total)`` (from any thread). A command in a new
+module also needs that module named in
+``partialstore._cli.cli.COMMAND_MODULES`` (importing it registers its
+commands). A new error class needs no change here: it gets its family's
+exit code (:mod:`partialstore._cli.exitcodes`).
 
 Example:
     >>> @command("hello", "say hello", registry={})
