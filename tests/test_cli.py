@@ -277,6 +277,15 @@ def test_discard_abandons_the_session(store: tuple[str, dict[str, Any]]) -> None
         partialstore.finalize(path, storage_options=options)
 
 
+def test_demo_json_prints_only_its_timings(tmp_path: Path) -> None:
+    done = run_cli("demo", str(tmp_path / "step_1000"), "--json")
+    assert done.returncode == 0, done.stderr
+    seconds = json.loads(done.stdout)["seconds"]  # the whole of stdout is one document
+    assert {"finalize", "load", "metadata"} <= set(seconds)
+    assert all(value > 0 for value in seconds.values())
+    assert partialstore.metadata(str(tmp_path / "step_1000")).custom_metadata == {"piece": 3}
+
+
 # -- one test per error exit code --------------------------------------------------
 
 

@@ -12,7 +12,6 @@ server it starts on 127.0.0.1.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import tempfile
@@ -207,12 +206,3 @@ def _finish_and_read(
     loaded = partialstore.load(url, storage_options=options)
     timings["load"] = time.perf_counter() - t0
     return info, loaded
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry for ``partialstore demo`` (see :mod:`partialstore._cli.cli`)."""
-    # The command line has parsed --storage-options into a dict already.
-    run_demo(
-        args.url, storage_options=args.storage_options, emulator=args.emulator, scale=args.scale
-    )
-    return 0
