@@ -169,3 +169,32 @@ def test_a_leaf_without_checksum_is_read_and_decoded_and_reported(tmp_path: Path
     chunks[1].write_bytes(chunks[1].read_bytes()[:-4])  # a short chunk does not decode
     damaged = partialstore.verify(str(folder)).damaged
     assert [d.path for d in damaged] == ["big"]
+
+
+def test_reads_in_flight_stay_within_the_byte_budget_and_slots() -> None:
+    import asyncio
+
+    from partialstore._runtime.aio import run
+
+    held = {"bytes": 0, "reads": 0}
+    peaks = {"bytes": 0, "reads": 0}
+    budget = verifying._Budget(100, 3)
+    sizes = [60, 30, 30, 10, 10, 10, 500, 40]  # 500: more than the budget, runs alone
+
+    async def read(nbytes: int) -> None:
+        async with budget.hold(nbytes):
+            held["bytes"] += min(nbytes, 100)
+            held["reads"] += 1
+            for key in peaks:
+                peaks[key] = max(peaks[key], held[key])
+            await asyncio.sleep(0.01)
+            held["bytes"] -= min(nbytes, 100)
+            held["reads"] -= 1
+
+    async def all_reads() -> None:
+        await asyncio.gather(*(read(n) for n in sizes))
+
+    run(all_reads())
+    assert peaks["bytes"] <= 100 and peaks["reads"] <= 3
+    assert peaks["reads"] >= 2  # it does run reads in parallel
+    assert held == {"bytes": 0, "reads": 0} and (budget.free, budget.slots) == (100, 3)

@@ -19,8 +19,8 @@ What a checkpoint holds and what is checked:
 
 A damaged leaf is recorded (its key path and why) and verification goes on,
 so one run names every damaged leaf. Memory stays bounded: a large leaf is
-read in slabs of whole chunk rows of about :data:`SLAB_BYTES`, and at most
-:data:`CONCURRENT_LEAVES` leaves are read at once.
+read in slabs of whole chunk rows of about :data:`SLAB_BYTES`, and the
+reads in flight hold at most :data:`READ_BUDGET` bytes together.
 
 Example:
     >>> import numpy as np
@@ -41,8 +41,9 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from partialstore._arrays import arrays
@@ -56,7 +57,8 @@ from partialstore._runtime.aio import settle_all
 from partialstore.errors import CorruptCheckpointError
 
 __all__ = [
-    "CONCURRENT_LEAVES",
+    "CONCURRENT_READS",
+    "READ_BUDGET",
     "SLAB_BYTES",
     "DamagedLeaf",
     "Progress",
@@ -68,8 +70,13 @@ __all__ = [
 #: (at least one row), so verifying a huge leaf never holds it all in memory.
 SLAB_BYTES = 64 << 20
 
-#: At most this many leaves are read at once (memory: about this many slabs).
-CONCURRENT_LEAVES = 4
+#: Reads in flight hold at most this many bytes together (a larger slab or
+#: pack runs alone), so memory stays bounded however large the leaves are...
+READ_BUDGET = 256 << 20
+
+#: ... and at most this many reads run at once, so many small leaves are
+#: still read in parallel without opening a connection per leaf.
+CONCURRENT_READS = 32
 
 #: Called with ``(bytes checked so far, bytes to check in all)`` as reads finish.
 Progress = Callable[[int, int], None]
@@ -123,8 +130,34 @@ def _slabs(leaf: Leaf) -> list[tuple[tuple[slice, ...] | None, int]]:
     ]
 
 
+class _Budget:
+    """At most ``slots`` holders of at most ``nbytes`` bytes together (one larger holder alone)."""
+
+    def __init__(self, nbytes: int, slots: int) -> None:
+        self.total = nbytes
+        self.free = nbytes
+        self.slots = slots
+        self.changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        """Wait until ``nbytes`` (capped at the whole budget) and a slot are free; hold them."""
+        nbytes = min(nbytes, self.total)
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.free >= nbytes and self.slots > 0)
+            self.free -= nbytes
+            self.slots -= 1
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.free += nbytes
+                self.slots += 1
+                self.changed.notify_all()
+
+
 class _Verifier:
-    """Reads leaves with bounded concurrency, records damage and reports progress."""
+    """Reads leaves within a memory budget, records damage and reports progress."""
 
     def __init__(self, location: Location, total: int, progress: Progress | None) -> None:
         self.location = location
@@ -132,7 +165,7 @@ class _Verifier:
         self.done = 0
         self.progress = progress
         self.damage: dict[int, str] = {}
-        self.semaphore = asyncio.Semaphore(CONCURRENT_LEAVES)
+        self.budget = _Budget(READ_BUDGET, CONCURRENT_READS)
 
     def advance(self, nbytes: int) -> None:
         """Count ``nbytes`` more as checked and tell the progress callback."""
@@ -147,27 +180,28 @@ class _Verifier:
     async def leaf(self, number: int, data: Leaf) -> None:
         """Read every byte of one leaf; record why it is damaged, if it is."""
         left = data.nbytes
-        async with self.semaphore:
-            for index, nbytes in _slabs(data):
-                try:
+        for index, nbytes in _slabs(data):
+            try:
+                async with self.budget.hold(nbytes):
                     await self._read([(data, index)])
-                except CorruptCheckpointError as error:
-                    self.damage[number] = str(error)
-                    break
-                left -= nbytes
-                self.advance(nbytes)
+            except CorruptCheckpointError as error:
+                self.damage[number] = str(error)
+                break
+            left -= nbytes
+            self.advance(nbytes)
         self.advance(left)  # the rest of a damaged leaf is not read: count it as done
 
     async def packed(self, members: list[tuple[int, PackedLeaf]]) -> None:
         """Check the packed leaves of one coalesced range: one read when all are sound."""
-        async with self.semaphore:
-            try:
+        nbytes = sum(leaf.nbytes for _, leaf in members)
+        try:
+            async with self.budget.hold(nbytes):
                 await self._read([(leaf, None) for _, leaf in members])
-            except CorruptCheckpointError:
-                pass  # find out which: each leaf by itself, below
-            else:
-                self.advance(sum(leaf.nbytes for _, leaf in members))
-                return
+        except CorruptCheckpointError:
+            pass  # find out which: each leaf by itself, below
+        else:
+            self.advance(nbytes)
+            return
         for number, leaf in members:
             await self.leaf(number, leaf)
 
