@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from partialstore import errors
-    from partialstore._api import discard, finalize, gc, load, metadata, save, save_async
+    from partialstore._api import discard, finalize, gc, load, metadata, save, save_async, verify
     from partialstore._commit.loading import CheckpointMetadata, LeafMetadata
+    from partialstore._commit.verifying import DamagedLeaf, VerifyReport
     from partialstore._runtime.ordering import AsyncResponse, UnobservedSaveError
     from partialstore.backend import Backend, Capabilities
     from partialstore.registry import open_backend, register_backend
@@ -39,10 +40,13 @@ _EXPORTS = {
     "metadata": "partialstore._api",
     "discard": "partialstore._api",
     "gc": "partialstore._api",
+    "verify": "partialstore._api",
     "AsyncResponse": "partialstore._runtime.ordering",
     "UnobservedSaveError": "partialstore._runtime.ordering",
     "CheckpointMetadata": "partialstore._commit.loading",
     "LeafMetadata": "partialstore._commit.loading",
+    "VerifyReport": "partialstore._commit.verifying",
+    "DamagedLeaf": "partialstore._commit.verifying",
     "Backend": "partialstore.backend",
     "Capabilities": "partialstore.backend",
     "open_backend": "partialstore.registry",
@@ -54,8 +58,10 @@ __all__ = [
     "Backend",
     "Capabilities",
     "CheckpointMetadata",
+    "DamagedLeaf",
     "LeafMetadata",
     "UnobservedSaveError",
+    "VerifyReport",
     "discard",
     "errors",
     "finalize",
@@ -66,6 +72,7 @@ __all__ = [
     "register_backend",
     "save",
     "save_async",
+    "verify",
 ]
 __version__ = "0.1.0"
 

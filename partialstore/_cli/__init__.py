@@ -1,1 +1,1 @@
-"""Command line: ``partialstore demo``."""
+"""Command line: ``partialstore`` (info, verify, gc, discard, demo, bench)."""

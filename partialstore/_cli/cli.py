@@ -1,66 +1,149 @@
-"""The ``partialstore`` command: ``demo`` and ``bench``.
+"""The ``partialstore`` command: operate on checkpoints from a shell.
 
-From a shell: ``partialstore demo``, ``partialstore demo --emulator gcs`` or
-``partialstore bench finalize_latency --quick`` (``tests/test_demo.py`` runs
-the demo).
+``partialstore info PATH``, ``verify PATH``, ``gc PATH``, ``discard PATH``,
+``demo`` (the main job) and ``bench NAME`` (a benchmark script). Every
+command but ``bench`` takes ``--json`` (one JSON document on stdout),
+``--storage-options JSON`` and ``-v``. Errors print one line on stderr,
+``partialstore: error: <message>``, and exit with their family's code
+(:mod:`partialstore._cli.exitcodes`); only an unexpected error with ``-v``
+prints a traceback. Commands are registered in
+:mod:`partialstore._cli.framework`; this module parses and dispatches.
+
+Example:
+    >>> main(["--version"])
+    Traceback (most recent call last):
+    SystemExit: 0
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
-from pathlib import Path
+import traceback
+from typing import Any
 
-__all__ = ["main"]
+import partialstore
+from partialstore._cli import exitcodes
+from partialstore._cli.framework import COMMANDS
+from partialstore._cli.output import Output, error
+from partialstore.errors import InvalidInputError
 
-_BENCHMARKS = ("finalize_latency", "throughput", "time_to_error")
+__all__ = ["COMMAND_MODULES", "build_parser", "main", "parse_storage_options"]
+
+#: Modules whose ``@command`` functions make up the command line, in ``--help`` order.
+COMMAND_MODULES = ("partialstore._cli.commands", "partialstore._cli.jobs")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="partialstore", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    """Parse ``--storage-options``: a JSON object, or None when not given.
 
-    demo = commands.add_parser("demo", help="save a model in pieces, finalize, load, verify")
-    demo.add_argument("url", nargs="?", help="checkpoint path or URL (default: a temp folder)")
-    demo.add_argument("--storage-options", help="JSON dict of backend options")
-    demo.add_argument(
-        "--emulator",
-        choices=("s3", "gcs"),
-        help="start a local S3 (moto) or GCS (fake-gcs-server) on 127.0.0.1 and use it",
+    Example:
+        >>> parse_storage_options('{"endpoint_url": "http://127.0.0.1:9000"}')
+        {'endpoint_url': 'http://127.0.0.1:9000'}
+        >>> parse_storage_options("[1]")
+        Traceback (most recent call last):
+        partialstore.errors.InvalidInputError: --storage-options must be a JSON object ...
+
+    Raises:
+      InvalidInputError: ``text`` is not JSON, or not a JSON object.
+    """
+    if text is None:
+        return None
+    example = """e.g. '{"endpoint_url": "http://127.0.0.1:9000", "deadline": 30}'"""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as bad:
+        raise InvalidInputError(
+            f"--storage-options is not valid JSON ({bad.msg} at character {bad.pos}): pass a "
+            f"JSON object, {example}."
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(
+            f"--storage-options must be a JSON object of backend options, got a "
+            f"{type(value).__name__}: pass {example}."
+        )
+    return value
+
+
+def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--json``, ``--storage-options``, ``-v``: before the command or after it.
+
+    After the command (``top=False``) they default to absent, so that an
+    option given before the command is not reset by the command's parser.
+    """
+    unset: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout", **unset
     )
-    demo.add_argument("--scale", type=int, default=1, help="width multiplier of the model")
+    parser.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="backend options as a JSON object (endpoint_url, key, secret, deadline, ...)",
+        **unset,
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the traceback of an unexpected error",
+        **unset,
+    )
 
-    bench = commands.add_parser("bench", help="run a benchmark script (from a source checkout)")
-    bench.add_argument("name", choices=_BENCHMARKS)
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every registered command, with the exit code table as epilog."""
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)  # registers its commands
+    parser = argparse.ArgumentParser(
+        prog="partialstore",
+        description=__doc__.splitlines()[0],
+        epilog=exitcodes.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"partialstore {partialstore.__version__}"
+    )
+    _common_options(parser, top=True)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.arguments(sub)
+        if cmd.common:
+            _common_options(sub, top=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``partialstore`` command line; return the exit status."""
-    args = _parser().parse_args(argv)
-    if args.command == "demo":
-        from partialstore._cli import demo
+def _fail(failure: BaseException, verbose: bool) -> int:
+    """Report ``failure`` in one line on stderr (plus a traceback if unexpected and verbose)."""
+    code = exitcodes.exit_code_for(failure)
+    if isinstance(failure, KeyboardInterrupt):
+        error("interrupted")
+    elif exitcodes.is_known(failure):
+        error(str(failure) or type(failure).__name__)
+    else:
+        hint = "" if verbose else " (unexpected: run with -v for the traceback)"
+        error(f"{type(failure).__name__}: {failure}{hint}")
+        if verbose:
+            traceback.print_exception(failure, file=sys.stderr)
+    return code
 
-        return demo.main(args)
-    # The benchmark scripts live beside the package in a source checkout; the
-    # console script's sys.path does not hold the checkout, so add it.
-    checkout = Path(__file__).resolve().parents[2]  # partialstore/_cli/cli.py
-    if (checkout / "benchmarks").is_dir() and str(checkout) not in sys.path:
-        sys.path.insert(0, str(checkout))
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``partialstore`` command line; return the exit status.
+
+    Usage errors exit with status 2 (``SystemExit`` from argparse), as does
+    ``--help``/``--version`` with 0.
+    """
+    args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
     try:
-        module = importlib.import_module(f"benchmarks.{args.name}")
-    except ModuleNotFoundError as error:
-        if error.name not in ("benchmarks", f"benchmarks.{args.name}"):
-            raise
-        print(
-            "partialstore bench runs the scripts in benchmarks/ of a source checkout: "
-            "run it from the repository root.",
-            file=sys.stderr,
-        )
-        return 2
-    return int(module.main(args.args) or 0)
+        args.storage_options = parse_storage_options(getattr(args, "storage_options", None))
+        out = Output(json_mode=bool(getattr(args, "json", False)))
+        return COMMANDS[args.command](args, out)
+    except (Exception, KeyboardInterrupt) as failure:
+        return _fail(failure, verbose)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ server it starts on 127.0.0.1.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -208,10 +206,3 @@ def _finish_and_read(
     loaded = partialstore.load(url, storage_options=options)
     timings["load"] = time.perf_counter() - t0
     return info, loaded
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry for ``partialstore demo`` (see :mod:`partialstore._cli.cli`)."""
-    options = json.loads(args.storage_options) if args.storage_options else None
-    run_demo(args.url, storage_options=options, emulator=args.emulator, scale=args.scale)
-    return 0
