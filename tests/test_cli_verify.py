@@ -137,9 +137,10 @@ def _rewrite_without_checksum(folder: Path) -> None:
     save_dir = old["path"].rsplit("/", 1)[0]
     array = np.arange(2048 * 2048, dtype=np.float32).reshape(2048, 2048)
     backend = registry.open_backend(str(folder.parent))
-    (entry["data"],) = run(
+    (leaf,) = run(
         write_arrays(backend, folder.name, save_dir, [array], pack_threshold=0, checksum=False)
     )
+    entry["data"] = leaf.encode()
     assert entry["data"]["checksum"] is None
     manifest_file.write_text(json.dumps(manifest))
 

@@ -43,8 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from partialstore._arrays import arrays
 from partialstore._arrays.descriptors import Leaf, PackedLeaf, Zarr3Leaf
@@ -212,16 +211,6 @@ def _packed_groups(entries: list[tuple[int, Leaf]]) -> list[list[tuple[int, Pack
     return [read.members for read in coalesce(packed)]
 
 
-def _checksum_of(body: dict[str, Any]) -> dict[str, Any]:
-    """The ``checksum`` field of each zarr3 descriptor in the manifest body, by its path."""
-    found: dict[str, Any] = {}
-    for entry in body.get("leaves", []):
-        data = entry.get("data") if isinstance(entry, dict) else None
-        if isinstance(data, dict) and data.get("format") == "zarr3":
-            found[str(data.get("path"))] = data.get("checksum")
-    return found
-
-
 async def verify_checkpoint(location: Location, progress: Progress | None = None) -> VerifyReport:
     """Read and check every byte of the finalized checkpoint at ``location``.
 
@@ -234,7 +223,7 @@ async def verify_checkpoint(location: Location, progress: Progress | None = None
       BackendError: the store failed (not damage: nothing can be said about the bytes).
     """
     manifest = await read_manifest(location)
-    leaves: list[LeafEntry] = manifest.leaves
+    leaves: Sequence[LeafEntry] = manifest.leaves
     entries = [(n, leaf.data) for n, leaf in enumerate(leaves) if leaf.data is not None]
     total = sum(data.nbytes for _, data in entries)
     verifier = _Verifier(location, total, progress)
@@ -242,7 +231,6 @@ async def verify_checkpoint(location: Location, progress: Progress | None = None
     jobs = [verifier.packed(group) for group in _packed_groups(entries)]
     jobs += [verifier.leaf(n, data) for n, data in entries if isinstance(data, Zarr3Leaf)]
     await settle_all(jobs)
-    checksums = _checksum_of(manifest.body)
     return VerifyReport(
         path=location.path,
         leaves=len(leaves),
@@ -255,6 +243,6 @@ async def verify_checkpoint(location: Location, progress: Progress | None = None
         unchecksummed=[
             format_path(leaves[n].path)
             for n, data in entries
-            if isinstance(data, Zarr3Leaf) and checksums.get(data.path) != "crc32c"
+            if isinstance(data, Zarr3Leaf) and data.checksum != "crc32c"
         ],
     )
