@@ -8,7 +8,8 @@ that callers already catch, so ``except FileExistsError`` and
     ├── AlreadyExistsError            (FileExistsError)  something is already there
     │   └── CheckpointFinalizedError                     a finalized checkpoint is at the path
     ├── NotFoundError                 (FileNotFoundError, KeyError)  nothing is there
-    │   └── SessionDiscardedError                        a discard removed the session meanwhile
+    │   ├── SessionDiscardedError                        a discard removed the session meanwhile
+    │   └── NotFinalizedError                            a session is open there, not finalized yet
     ├── ConflictError                                    a concurrent writer changed it first
     ├── InvalidInputError             (ValueError)       the caller passed something wrong
     │   └── UnsupportedLeafError      (TypeError)        a tree leaf cannot be saved
@@ -43,6 +44,7 @@ __all__ = [
     "ConflictError",
     "CorruptCheckpointError",
     "InvalidInputError",
+    "NotFinalizedError",
     "NotFoundError",
     "OutcomeUnknownError",
     "PartialStoreError",
@@ -71,6 +73,14 @@ class NotFoundError(PartialStoreError, FileNotFoundError, KeyError):
 
     # KeyError.__str__ quotes its argument; keep the readable OSError form.
     __str__ = FileNotFoundError.__str__
+
+
+class NotFinalizedError(NotFoundError):
+    """No finalized checkpoint at a path where a partial-save session is open.
+
+    Call ``finalize`` (or ``discard``) first; the checkpoint does not exist
+    until then.
+    """
 
 
 class SessionDiscardedError(NotFoundError):

@@ -295,11 +295,11 @@ def test_missing_checkpoint_exits_not_found(store: tuple[str, dict[str, Any]]) -
     assert_one_line_error(done, exitcodes.NOT_FOUND, "No finalized checkpoint")
 
 
-def test_unfinalized_checkpoint_exits_not_found_and_says_finalize(tmp_path: Path) -> None:
+def test_unfinalized_checkpoint_exits_not_finalized_and_says_finalize(tmp_path: Path) -> None:
     path = str(tmp_path / "step_1")
     partialstore.save(path, {"w": np.zeros(3)})
     done = run_cli("verify", path)
-    assert_one_line_error(done, exitcodes.NOT_FOUND, "finalize first")
+    assert_one_line_error(done, exitcodes.NOT_FINALIZED, "finalize first")
 
 
 def test_discarding_a_finalized_checkpoint_exits_exists(tmp_path: Path) -> None:

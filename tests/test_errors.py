@@ -21,6 +21,7 @@ TREE: dict[str, tuple[type, ...]] = {
     "TransientBackendError": (errors.BackendError,),
     "OutcomeUnknownError": (errors.BackendError,),
     "SessionDiscardedError": (errors.NotFoundError,),
+    "NotFinalizedError": (errors.NotFoundError,),
     "ProcessLostError": (errors.PartialStoreError, RuntimeError),
 }
 
@@ -37,6 +38,7 @@ CAUGHT_BY: dict[type[Exception], tuple[type[BaseException], ...]] = {
     errors.TransientBackendError: (OSError, errors.BackendError),
     errors.OutcomeUnknownError: (OSError, errors.BackendError),
     errors.SessionDiscardedError: (FileNotFoundError, errors.NotFoundError),
+    errors.NotFinalizedError: (FileNotFoundError, errors.NotFoundError),
 }
 
 

@@ -49,6 +49,7 @@ UNSUPPORTED = 7
 BACKEND = 8
 OUTCOME_UNKNOWN = 9
 PROCESS_LOST = 10
+NOT_FINALIZED = 11
 INTERNAL = 70
 INTERRUPTED = 130
 
@@ -65,6 +66,7 @@ TABLE: list[tuple[int, str]] = [
     (BACKEND, "the store failed or is unreachable (BackendError, other OSError)"),
     (OUTCOME_UNKNOWN, "a write may or may not have landed: look, or repeat (OutcomeUnknownError)"),
     (PROCESS_LOST, "another process of the JAX job died (ProcessLostError)"),
+    (NOT_FINALIZED, "a session is open there but not finalized yet (NotFinalizedError)"),
     (INTERNAL, "unexpected error (a bug: run with -v for the traceback)"),
     (INTERRUPTED, "interrupted (Ctrl-C)"),
 ]
@@ -74,6 +76,7 @@ _BY_CLASS: list[tuple[type[BaseException], int]] = [
     (errors.OutcomeUnknownError, OUTCOME_UNKNOWN),
     (errors.BackendError, BACKEND),
     (errors.InvalidInputError, INVALID),
+    (errors.NotFinalizedError, NOT_FINALIZED),
     (errors.NotFoundError, NOT_FOUND),
     (errors.CorruptCheckpointError, CORRUPT),
     (errors.AlreadyExistsError, EXISTS),

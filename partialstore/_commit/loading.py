@@ -24,7 +24,12 @@ from partialstore._commit import records, txlog
 from partialstore._commit.location import Location
 from partialstore._commit.records import LeafEntry, Manifest
 from partialstore._pytree import tree
-from partialstore.errors import CorruptCheckpointError, InvalidInputError, NotFoundError
+from partialstore.errors import (
+    CorruptCheckpointError,
+    InvalidInputError,
+    NotFinalizedError,
+    NotFoundError,
+)
 
 __all__ = ["CheckpointMetadata", "LeafMetadata", "load_tree", "read_manifest", "read_metadata"]
 
@@ -92,17 +97,20 @@ async def read_manifest(location: Location) -> Manifest:
         >>> tmp.cleanup()
 
     Raises:
-      NotFoundError: no finalized checkpoint (says when a session is still open).
+      NotFinalizedError: a session is open there but not finalized.
+      NotFoundError: no finalized checkpoint and no session.
       CorruptCheckpointError: the manifest is malformed (the message names its key).
     """
     backend = location.backend
     try:
         body = await backend.read(location.manifest_key)
     except NotFoundError as error:
-        hint = ""
         if await _has_open_session(location):
-            hint = " A partial save session exists there: call partialstore.finalize first."
-        raise NotFoundError(f"No finalized checkpoint at {location.path}.{hint}") from error
+            raise NotFinalizedError(
+                f"No finalized checkpoint at {location.path}. A partial save session exists "
+                "there: call partialstore.finalize first."
+            ) from error
+        raise NotFoundError(f"No finalized checkpoint at {location.path}.") from error
     return records.decode_manifest(location.manifest_key, body)
 
 
