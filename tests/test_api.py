@@ -79,9 +79,10 @@ def test_round_trip_of_mixed_tree(ckpt):
 def test_nothing_visible_until_finalize(ckpt):
     path, opts = ckpt
     partialstore.save(path, {"a": np.ones(4)}, storage_options=opts)
-    with pytest.raises(FileNotFoundError, match="finalize"):
+    # NotFinalizedError is a FileNotFoundError: `except FileNotFoundError` still works.
+    with pytest.raises(partialstore.errors.NotFinalizedError, match="finalize"):
         partialstore.load(path, storage_options=opts)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(partialstore.errors.NotFinalizedError):
         partialstore.metadata(path, storage_options=opts)
 
 
