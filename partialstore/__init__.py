@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from partialstore._commit.loading import CheckpointMetadata, LeafMetadata
     from partialstore._runtime.ordering import AsyncResponse, UnobservedSaveError
     from partialstore.backend import Backend, Capabilities
-    from partialstore.registry import open_backend, register_backend
+    from partialstore.registry import configure_storage, open_backend, register_backend
 
 _EXPORTS = {
     "save": "partialstore._api",
@@ -45,6 +45,7 @@ _EXPORTS = {
     "LeafMetadata": "partialstore._commit.loading",
     "Backend": "partialstore.backend",
     "Capabilities": "partialstore.backend",
+    "configure_storage": "partialstore.registry",
     "open_backend": "partialstore.registry",
     "register_backend": "partialstore.registry",
 }
@@ -56,6 +57,7 @@ __all__ = [
     "CheckpointMetadata",
     "LeafMetadata",
     "UnobservedSaveError",
+    "configure_storage",
     "discard",
     "errors",
     "finalize",
