@@ -199,7 +199,7 @@ def load(
       target: a PyTree (positional or keyword) whose leaves say what to return: a
         ``jax.Array`` or ``jax.ShapeDtypeStruct`` gives a ``jax.Array`` with its
         sharding (an ``AbstractMesh`` resolved against ``jax.set_mesh``'s mesh; none:
-        the default device), each device's shard read by itself; numpy arrays come
+        where ``jnp.asarray`` puts it), each device's shard read by itself; numpy arrays come
         back as numpy, other leaves as stored. The result has the target's structure.
       storage_options: backend options.
 

@@ -64,6 +64,20 @@ def test_shape_dtype_struct_without_sharding_gives_a_jax_array_on_the_default_de
     np.testing.assert_array_equal(np.asarray(w), W)
 
 
+def test_shape_dtype_struct_without_sharding_under_set_mesh_is_replicated_on_it(
+    tmp_path: Path,
+) -> None:
+    path = _saved(tmp_path)
+    mesh = jax.make_mesh((1,), ("x",))
+    abstract = {"params": {"w": jax.ShapeDtypeStruct(W.shape, W.dtype)}}
+    with jax.set_mesh(mesh):
+        w = partialstore.load(path, abstract)["params"]["w"]
+        jnp_sharding = jnp.zeros(W.shape).sharding  # where jnp puts a new array
+    assert w.sharding.is_equivalent_to(jnp_sharding, W.ndim)
+    assert w.sharding == NamedSharding(mesh, P())
+    np.testing.assert_array_equal(np.asarray(w), W)
+
+
 def test_numpy_target_leaf_stays_numpy(tmp_path: Path) -> None:
     path = _saved(tmp_path)
     loaded = partialstore.load(path, {"params": {"w": np.zeros((3, 4), np.float32)}})

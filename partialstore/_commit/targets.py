@@ -3,7 +3,8 @@
 Users write targets in three forms that JAX itself does not place:
 
 - ``jax.ShapeDtypeStruct`` without a sharding (``jax.eval_shape`` output):
-  the array goes to the default device, as ``jnp.asarray`` would put it;
+  the array goes where ``jnp.asarray`` would put it: replicated over the
+  mesh ``jax.set_mesh`` installed, else on the default device;
 - a ``NamedSharding`` over an ``AbstractMesh`` (``nnx.eval_shape`` under
   ``jax.set_mesh(mesh)``): resolved against the ambient concrete mesh, the
   one ``jax.set_mesh`` installed, which must have the same axis names and sizes;
@@ -33,21 +34,30 @@ from typing import Any
 from partialstore._pytree import tree
 from partialstore.errors import InvalidInputError
 
-__all__ = ["default_device_sharding", "resolve_target", "sharding_for"]
+__all__ = ["default_sharding", "resolve_target", "sharding_for"]
 
 
-def default_device_sharding() -> Any:
-    """A ``SingleDeviceSharding`` on JAX's default device for this process.
+def default_sharding() -> Any:
+    """Where ``jnp.asarray`` puts a new array in this thread.
 
-    ``jax.config.jax_default_device`` when set (a device or a platform name),
-    else this process's first local device (what ``jnp.asarray`` uses).
+    Under ``jax.set_mesh(mesh)``: replicated over ``mesh`` (so the array can
+    go into a ``jax.jit`` computation on that mesh). Otherwise a
+    ``SingleDeviceSharding`` on ``jax.config.jax_default_device`` when set (a
+    device or a platform name), else on this process's first local device.
 
     Example:
-        >>> default_device_sharding().device_set == {__import__("jax").local_devices()[0]}
+        >>> import jax
+        >>> default_sharding().device_set == {jax.local_devices()[0]}
+        True
+        >>> with jax.set_mesh(jax.make_mesh((1,), ("x",))):
+        ...     default_sharding().spec == jax.sharding.PartitionSpec()  # replicated
         True
     """
     import jax
 
+    mesh = jax.sharding.get_mesh()
+    if mesh is not None and not mesh.empty:
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     device = getattr(jax.config, "jax_default_device", None)
     if isinstance(device, str):  # a platform name such as "cpu"
         device = jax.local_devices(backend=device)[0]
@@ -97,7 +107,7 @@ def sharding_for(leaf: Any, where: str) -> Any:
         return None
     sharding = leaf.sharding
     if sharding is None:
-        return default_device_sharding()
+        return default_sharding()
     mesh = getattr(sharding, "mesh", None)
     if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
         mesh, jax.sharding.AbstractMesh
