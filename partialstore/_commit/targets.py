@@ -57,7 +57,7 @@ def default_sharding() -> Any:
 
     mesh = jax.sharding.get_mesh()
     if mesh is not None and not mesh.empty:
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # type: ignore[no-untyped-call]
     device = getattr(jax.config, "jax_default_device", None)
     if isinstance(device, str):  # a platform name such as "cpu"
         device = jax.local_devices(backend=device)[0]
