@@ -20,7 +20,7 @@ import numpy as np
 from partialstore._arrays import arrays
 from partialstore._arrays.descriptors import Leaf
 from partialstore._arrays.dtypes import dtype_name
-from partialstore._commit import records, targets, txlog
+from partialstore._commit import records, txlog
 from partialstore._commit.location import Location
 from partialstore._commit.records import LeafEntry, Manifest
 from partialstore._pytree import tree
@@ -240,6 +240,8 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
         >>> tmp.cleanup()
     """
     import jax  # deferred: loading without a target should not pay for jax
+
+    from partialstore._commit import targets
 
     stored = {leaf.path: leaf for leaf in manifest.leaves}
     paths, target_leaves, treedef = tree.target_leaf_paths(target)

@@ -104,7 +104,9 @@ def sharding_for(leaf: Any, where: str) -> Any:
     if isinstance(leaf, jax.Array):
         return leaf.sharding
     if not isinstance(leaf, jax.ShapeDtypeStruct):
-        return None
+        # Other abstract arrays that carry a concrete sharding are placed by it.
+        sharding = getattr(leaf, "sharding", None)
+        return sharding if isinstance(sharding, jax.sharding.Sharding) else None
     sharding = leaf.sharding
     if sharding is None:
         return default_sharding()
