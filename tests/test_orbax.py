@@ -1,8 +1,8 @@
 """The Orbax drop-in (``partialstore.orbax``), issue 11 items 2 and 3.
 
 - Orbax's partial-saving guide ("A Simple Addition Workflow", the v1
-  ``partial_saving`` notebook) runs unchanged except the import, on local disk
-  and on S3 (moto), and gives what real Orbax gives;
+  ``partial_saving`` notebook) runs unchanged except the import, on local disk,
+  S3 (moto) and GCS (fake-gcs-server), and gives what real Orbax gives;
 - the signatures are Orbax's (read from the installed orbax-checkpoint);
 - Orbax's own ``test_finalize`` (both spellings of the path), ported;
 - one test per difference the README lists under "Switching from Orbax".
@@ -117,7 +117,7 @@ def configured_s3(s3_url: BackendUrl) -> Iterator[str]:
 def test_guide_workflow_on_s3_with_options_configured_once(configured_s3: str) -> None:
     # The guide's staging-directory asserts are about the local layout: on S3
     # there is no <path>.partial_save (README, "Switching from Orbax").
-    _guide_workflow(ps_ocp, f"{configured_s3}/partial_save/ckpt", None)
+    _guide_workflow(ps_ocp, epath.Path(f"{configured_s3}/partial_save/ckpt"), None)
     # The older names of the guide (ocp.partial.save_pytree, ocp.load_pytree) too.
     path = f"{configured_s3}/older_names/ckpt"
     ps_ocp.partial.save_pytree(path, {"a": np.arange(3)})
@@ -126,6 +126,15 @@ def test_guide_workflow_on_s3_with_options_configured_once(configured_s3: str) -
     restored = ps_ocp.load_pytree(path)
     np.testing.assert_array_equal(restored["a"], np.arange(3))
     assert restored["b"] == 1
+
+
+def test_guide_workflow_on_gcs_with_options_configured_once(gcs_url: BackendUrl) -> None:
+    url, options = gcs_url
+    partialstore.configure_storage(url, options)
+    try:
+        _guide_workflow(ps_ocp, epath.Path(f"{url}/partial_save/ckpt"), None)
+    finally:
+        partialstore.configure_storage(url, None)
 
 
 def _signature(function: Any) -> list[tuple[str, Any, Any]]:
