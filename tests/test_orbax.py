@@ -270,6 +270,35 @@ def test_difference_checkpointable_name(tmp_path: Path) -> None:
         ps_ocp.load(path, checkpointable_name="dataset")
 
 
+def test_difference_an_abstract_state_may_name_some_keys_only(tmp_path: Path) -> None:
+    from orbax.checkpoint import v1 as orbax_ocp
+
+    abstract = {"x": jax.ShapeDtypeStruct((3,), np.int64)}
+    for ocp, path in ((orbax_ocp, tmp_path / "orbax"), (ps_ocp, tmp_path / "ours")):
+        ocp.partial.save(path, {"x": np.arange(3), "y": np.ones(2)})
+        ocp.partial.finalize(path)
+    with pytest.raises(ValueError, match="partial"):  # Orbax: only with partial_load
+        orbax_ocp.load(tmp_path / "orbax", abstract)
+    restored = ps_ocp.load(tmp_path / "ours", abstract)
+    assert list(restored) == ["x"]
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(3))
+
+
+def test_difference_only_partial_saving_and_load_are_provided() -> None:
+    assert sorted(ps_ocp.__all__) == [
+        "AUTO_CHECKPOINTABLE_KEY",
+        "PARTIAL_SAVE_SUFFIX",
+        "STATE_CHECKPOINTABLE_KEY",
+        "finalize",
+        "load",
+        "load_pytree",
+        "partial",
+        "save",
+        "save_async",
+    ]
+    assert not hasattr(ps_ocp, "Context") and not hasattr(ps_ocp, "save_pytree")
+
+
 def test_load_with_abstract_state_gives_jax_arrays(tmp_path: Path) -> None:
     path = os.fspath(tmp_path / "ckpt")
     state = {"a": jax.numpy.arange(8.0), "b": jax.numpy.zeros(4)}
