@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from partialstore._commit.verifying import DamagedLeaf, VerifyReport
     from partialstore._runtime.ordering import AsyncResponse, UnobservedSaveError
     from partialstore.backend import Backend, Capabilities
-    from partialstore.registry import open_backend, register_backend
+    from partialstore.registry import configure_storage, open_backend, register_backend
 
 _EXPORTS = {
     "save": "partialstore._api",
@@ -49,6 +49,7 @@ _EXPORTS = {
     "DamagedLeaf": "partialstore._commit.verifying",
     "Backend": "partialstore.backend",
     "Capabilities": "partialstore.backend",
+    "configure_storage": "partialstore.registry",
     "open_backend": "partialstore.registry",
     "register_backend": "partialstore.registry",
 }
@@ -62,6 +63,7 @@ __all__ = [
     "LeafMetadata",
     "UnobservedSaveError",
     "VerifyReport",
+    "configure_storage",
     "discard",
     "errors",
     "finalize",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from partialstore._commit import loading, operations, verifying
+from partialstore._commit import loading, operations, targets, verifying
 from partialstore._commit.location import resolve
 from partialstore._commit.operations import PathLike
 from partialstore._commit.verifying import VerifyReport
@@ -165,9 +165,9 @@ def finalize(path: PathLike, *, storage_options: Mapping[str, Any] | None = None
 
 def load(
     path: PathLike,
+    target: Any = None,
     *,
     select: Sequence[Any] | str | None = None,
-    target: Any = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load a finalized checkpoint: the whole tree, selected subtrees, or a target layout.
@@ -187,7 +187,11 @@ def load(
         {'params': {'w': array([1., 1., 1.], dtype=float32)}}
         >>> device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         >>> abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=device)}
-        >>> partialstore.load(path, target={"params": abstract})  # jax.Arrays, placed
+        >>> partialstore.load(path, {"params": abstract})  # jax.Arrays, placed
+        {'params': {'w': Array([1., 1., 1.], dtype=float32)}}
+        >>> with jax.set_mesh(jax.make_mesh((1,), ("x",))):  # nnx.eval_shape's AbstractMesh
+        ...     abstract = jax.eval_shape(lambda: jax.numpy.ones(3, np.float32))
+        ...     partialstore.load(path, {"params": {"w": abstract}})
         {'params': {'w': Array([1., 1., 1.], dtype=float32)}}
         >>> tmp.cleanup()
 
@@ -195,10 +199,11 @@ def load(
       path: the checkpoint path.
       select: key paths of the subtrees to read: ``"params/dense/0"``-style strings
         or tuples of keys such as ``("params", "dense", 0)``. Other leaves are not read.
-      target: a PyTree whose leaves say what to return: ``jax.ShapeDtypeStruct``
-        with a sharding or a ``jax.Array`` give a ``jax.Array`` with that sharding
-        (each device's shard read by itself); other leaves come back as stored.
-        The result has the target's structure.
+      target: a PyTree (positional or keyword) whose leaves say what to return: a
+        ``jax.Array`` or ``jax.ShapeDtypeStruct`` gives a ``jax.Array`` with its
+        sharding (an ``AbstractMesh`` resolved against ``jax.set_mesh``'s mesh; none:
+        where ``jnp.asarray`` puts it), each device's shard read by itself; numpy arrays come
+        back as numpy, other leaves as stored. The result has the target's structure.
       storage_options: backend options.
 
     Returns:
@@ -208,11 +213,14 @@ def load(
     Raises:
       FileNotFoundError: no finalized checkpoint at ``path``, or ``select``/``target``
         names a key it does not hold.
-      ValueError: a target shape differs from the stored one, or the manifest is
-        corrupt or points outside the checkpoint.
+      ValueError: a target shape differs from the stored one, a target sharding is
+        over an ``AbstractMesh`` with no matching ``jax.set_mesh`` mesh, or the
+        manifest is corrupt or points outside the checkpoint.
     """
     if select is not None and target is not None:
         raise InvalidInputError("Pass either select or target to load, not both.")
+    if target is not None:  # here: jax.set_mesh is in effect in the caller's thread only
+        target = targets.resolve_target(target)
     return operations.load(path, storage_options, select=select, target=target)
 
 

@@ -169,6 +169,7 @@ def test_every_module_belongs_to_a_layer() -> None:
         "partialstore._api",
         "partialstore.backend",
         "partialstore.errors",
+        "partialstore.orbax",
         "partialstore.registry",
     }
 

@@ -227,10 +227,9 @@ async def load_tree(
 async def load_into_target(location: Location, manifest: Manifest, target: Any) -> Any:
     """Load the leaves ``target`` names, shaped and placed as its leaves say.
 
-    A target leaf that is a ``jax.ShapeDtypeStruct`` with a sharding, or a
-    ``jax.Array``, comes back as a ``jax.Array`` with that sharding; each
-    device's shard is read by itself, so a process reads only what it holds.
-    A numpy-array leaf comes back as numpy; any other leaf as stored.
+    A ``jax.ShapeDtypeStruct`` or ``jax.Array`` leaf comes back as a ``jax.Array``
+    placed as :func:`partialstore._commit.targets.sharding_for` says, each
+    device's shard read by itself; numpy leaves as numpy; others as stored.
 
     Example:
         >>> import jax
@@ -250,6 +249,8 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
     """
     import jax  # deferred: loading without a target should not pay for jax
 
+    from partialstore._commit import targets
+
     stored = {leaf.path: leaf for leaf in manifest.leaves}
     paths, target_leaves, treedef = tree.target_leaf_paths(target)
     requests: list[tuple[Leaf, tuple[slice, ...] | None]] = []
@@ -260,7 +261,6 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
             raise NotFoundError(
                 f"Target leaf {tree.format_path(path)} is not in the checkpoint at {location.path}."
             )
-        sharding = getattr(wanted, "sharding", None)
         if entry.data is None:
             plans.append(("value", entry.value))
             continue
@@ -271,7 +271,8 @@ async def load_into_target(location: Location, manifest: Manifest, target: Any) 
                 f"checkpoint holds shape {shape}."
             )
         dtype = getattr(wanted, "dtype", None)
-        if isinstance(sharding, jax.sharding.Sharding):
+        sharding = targets.sharding_for(wanted, tree.format_path(path))
+        if sharding is not None:
             index_map = sharding.addressable_devices_indices_map(shape)
             first = len(requests)
             unique = list(dict.fromkeys(_index_key(i, shape) for i in index_map.values()))

@@ -106,6 +106,15 @@ def _split(path: str | os.PathLike[str]) -> tuple[str, str]:
         rest = rest.rstrip("/")
         parent, _, name = rest.rpartition("/")
         parent = f"{scheme}://{parent}"
+    if name.endswith(STAGING_SUFFIX) and name != STAGING_SUFFIX:
+        # One spelling per checkpoint: the suffix names the session's staging
+        # prefix on stores that rename, so accepting it would give a
+        # checkpoint two names (and two queues) in this process.
+        raise InvalidInputError(
+            f"Checkpoint path {text!r} names a partial-save session (it ends in "
+            f"{STAGING_SUFFIX!r}): pass the checkpoint's own path, "
+            f"{text[: -len(STAGING_SUFFIX)]!r} (partialstore.orbax accepts both, as Orbax does)."
+        )
     if name in ("", ".", "..") or name.endswith(STAGING_SUFFIX):
         raise InvalidInputError(
             f"Checkpoint path {text!r} must end in a checkpoint name (not '', '.', '..' "
@@ -241,8 +250,14 @@ def resolve(
       InvalidInputError: the path is empty or names no checkpoint.
     """
     parent, name = _split(path)
-    root = _physical_root(canonical_root(parent))
-    options_key = freeze_options(dict(storage_options or {}))
+    canonical = canonical_root(parent)
+    # Options given once (registry.configure_storage) for this checkpoint's
+    # path, the call's own over them: one set of options per checkpoint.
+    storage_options = registry.configured_options(
+        f"{canonical.rstrip('/')}/{name}", storage_options
+    )
+    root = _physical_root(canonical)
+    options_key = freeze_options(storage_options)
     backend = _backend_for(root, options_key, storage_options)
     staging = name + STAGING_SUFFIX if backend.capabilities.atomic_rename else name
     return Location(
