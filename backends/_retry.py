@@ -54,6 +54,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+from partialstore import observe
 from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -410,6 +411,7 @@ async def run_bounded(
     stop_at = started + policy.deadline
     while True:
         limit = asyncio.timeout(max(0.0, stop_at - time.monotonic()))
+        observe.count_request()
         try:
             async with limit:
                 result = await attempt(state)
@@ -427,4 +429,5 @@ async def run_bounded(
         if state.number >= policy.retries or time.monotonic() + pause >= stop_at:
             raise _exhausted(call, state, started, failure, policy) from failure
         await asyncio.sleep(pause)
+        observe.count_retry()
         state.number += 1

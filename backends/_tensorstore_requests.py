@@ -31,6 +31,8 @@ from typing import Any
 
 import tensorstore as ts
 
+from partialstore import observe
+
 __all__ = [
     "CREATED",
     "FAST_RETRIES",
@@ -108,10 +110,16 @@ class TensorStoreRequests:
         store = await self._open() if is_plain_key(key) else None
         if store is None:
             return None
+        before = self._retries()
         try:
             return await request(store)
         except ValueError as err:
             raise FastRequestError(str(err)) from err
+        finally:
+            # TensorStore's own resends (a process-wide counter: exact when
+            # requests do not overlap, as a commit's do not).
+            for _ in range((self._retries() or 0) - (before or 0)):
+                observe.count_resend()
 
     def _retries(self) -> int | None:
         """TensorStore's count of resent requests so far (this driver, whole process)."""

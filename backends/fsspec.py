@@ -59,6 +59,7 @@ from typing import Any
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
+from partialstore import observe
 from partialstore.backend import Backend, Capabilities, validate_key
 from partialstore.errors import (
     AlreadyExistsError,
@@ -235,6 +236,7 @@ class FsspecBackend(Backend):
     async def _guard(self, action: str, key: str, coroutine: Any) -> Any:
         """Await ``coroutine``, mapping filesystem errors onto partialstore's error tree."""
         where = f"{action} {key!r} under {self.url}"
+        observe.count_request()  # one filesystem call (fsspec's own retries are not seen)
         try:
             return await coroutine
         except PartialStoreError:

@@ -49,6 +49,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from partialstore import observe
 from partialstore.backend import Backend, Capabilities, validate_key
 from partialstore.errors import (
     AlreadyExistsError,
@@ -187,6 +188,7 @@ class LocalBackend(Backend):
         return BackendError(f"Cannot {where}: {exc}")
 
     async def _call(self, action: str, key: str, function: Callable[[], T]) -> T:
+        observe.count_request()  # one file-system operation
         try:
             return await asyncio.to_thread(function)
         except OSError as exc:

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from partialstore import observe
 from partialstore.backend import Backend, Capabilities, join_key, validate_key
 from partialstore.errors import (
     AlreadyExistsError,
@@ -84,6 +85,7 @@ class MemoryBackend(Backend):
         return NotFoundError(f"Cannot {action} {key!r} under {self.url}: no such key.")
 
     async def create(self, key: str, data: bytes) -> None:
+        observe.count_request()
         full = self._full(key)
         value = bytes(data)
         with _lock:
@@ -94,6 +96,7 @@ class MemoryBackend(Backend):
             _store[full] = (value, next(_versions))
 
     async def write(self, key: str, data: bytes, *, if_version: str | None = None) -> None:
+        observe.count_request()
         full = self._full(key)
         value = bytes(data)
         with _lock:
@@ -108,6 +111,7 @@ class MemoryBackend(Backend):
             _store[full] = (value, next(_versions))
 
     async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        observe.count_request()
         full = self._full(key)
         for name, value in (("start", start), ("end", end)):
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -120,6 +124,7 @@ class MemoryBackend(Backend):
         return data if start is None and end is None else data[start:end]
 
     async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        observe.count_request()
         full = self._full(key)
         with _lock:
             entry = _store.get(full)
@@ -128,22 +133,26 @@ class MemoryBackend(Backend):
         return entry[0], str(entry[1])
 
     async def exists(self, key: str) -> bool:
+        observe.count_request()
         full = self._full(key)
         with _lock:
             return full in _store
 
     async def delete(self, key: str) -> None:
+        observe.count_request()
         full = self._full(key)
         with _lock:
             _store.pop(full, None)
 
     async def delete_prefix(self, prefix: str) -> None:
+        observe.count_request()
         base = self._full_prefix(prefix)
         with _lock:
             for full in [k for k in _store if k.startswith(base)]:
                 del _store[full]
 
     async def list(self, prefix: str = "") -> list[str]:
+        observe.count_request()
         base = self._full_prefix(prefix)
         strip = len(self._root) + 1 if self._root else 0
         with _lock:
@@ -151,6 +160,7 @@ class MemoryBackend(Backend):
         return sorted(found)
 
     async def rename(self, src_prefix: str, dst_prefix: str) -> None:
+        observe.count_request()
         src = self._full_prefix(validate_key(src_prefix))
         dst = self._full_prefix(validate_key(dst_prefix))
         if src.startswith(dst) or dst.startswith(src):

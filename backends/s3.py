@@ -76,13 +76,9 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from partialstore import observe
 from partialstore.backend import validate_key
-from partialstore.errors import (
-    AlreadyExistsError,
-    BackendError,
-    ConflictError,
-    OutcomeUnknownError,
-)
+from partialstore.errors import AlreadyExistsError, BackendError, ConflictError, OutcomeUnknownError
 
 from ._bucket import BucketBackend
 from ._retry import Attempt, Kind, note_failure, transport_kind
@@ -210,6 +206,7 @@ class S3Backend(BucketBackend):
         except FastRequestError as err:
             state.skip_fast = True
             note_failure(state, transport_kind(err) or Kind.AMBIGUOUS, mutating)
+            observe.count_resend()  # s3fs sends it again within this attempt
             return None
 
     # -- writes -------------------------------------------------------------------

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from partialstore._commit.loading import CheckpointMetadata, LeafMetadata
     from partialstore._commit.verifying import DamagedLeaf, VerifyReport
     from partialstore._runtime.ordering import AsyncResponse, UnobservedSaveError
+    from partialstore._runtime.stats import OperationStats, add_stats_listener
     from partialstore.backend import Backend, Capabilities
     from partialstore.registry import configure_storage, open_backend, register_backend
 
@@ -43,6 +44,8 @@ _EXPORTS = {
     "verify": "partialstore._api",
     "AsyncResponse": "partialstore._runtime.ordering",
     "UnobservedSaveError": "partialstore._runtime.ordering",
+    "OperationStats": "partialstore._runtime.stats",
+    "add_stats_listener": "partialstore._runtime.stats",
     "CheckpointMetadata": "partialstore._commit.loading",
     "LeafMetadata": "partialstore._commit.loading",
     "VerifyReport": "partialstore._commit.verifying",
@@ -61,8 +64,10 @@ __all__ = [
     "CheckpointMetadata",
     "DamagedLeaf",
     "LeafMetadata",
+    "OperationStats",
     "UnobservedSaveError",
     "VerifyReport",
+    "add_stats_listener",
     "configure_storage",
     "discard",
     "errors",

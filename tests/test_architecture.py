@@ -28,6 +28,7 @@ LAYER_OF_PREFIX = {
     "partialstore": "facade",  # the package itself: partialstore/__init__.py
     "partialstore.backend": CONTRACT,
     "partialstore.errors": CONTRACT,
+    "partialstore.observe": CONTRACT,
     "partialstore.registry": CONTRACT,
     "partialstore._runtime": "_runtime",
     "partialstore._pytree": "_pytree",
@@ -169,6 +170,7 @@ def test_every_module_belongs_to_a_layer() -> None:
         "partialstore._api",
         "partialstore.backend",
         "partialstore.errors",
+        "partialstore.observe",
         "partialstore.orbax",
         "partialstore.registry",
     }

@@ -12,7 +12,8 @@ Example:
     >>> tmp = tempfile.TemporaryDirectory()
     >>> path = f"{tmp.name}/step_1"
     >>> start_save(path, {"step": 1}, None, None, copy=True, check_now=True).result()
-    >>> finalize(path, None)
+    >>> finalize(path, None).operation  # each operation records its figures
+    'finalize'
     >>> load(path, None, select=None, target=None)
     {'step': 1}
     >>> tmp.cleanup()
@@ -24,10 +25,13 @@ import os
 from collections.abc import Awaitable, Hashable, Mapping, Sequence
 from typing import Any
 
+import jax
+
 from partialstore._commit import discarding, finalizing, loading, saving
 from partialstore._commit.location import Location, job_wide_name, resolve
 from partialstore._runtime import aio, multihost, ordering
 from partialstore._runtime.ordering import AsyncResponse
+from partialstore._runtime.stats import OperationStats, Recorder
 
 __all__ = ["PathLike", "discard", "finalize", "gc", "load", "metadata", "start_save"]
 
@@ -67,68 +71,104 @@ def start_save(
     ``check_now`` refuses a finalized checkpoint before returning instead of
     along with the array writes. Errors in the state or path raise here.
     """
+    recorder = Recorder("save", os.fspath(path))
     location = resolve(path, storage_options)
     saving.check_writable(location)
-    snap = saving.snapshot(state, custom_metadata, copy=copy)
-    if check_now or multihost.is_multiprocess():  # every process of a JAX job checks first
-        aio.run(saving.raise_if_finalized(location))
+    with recorder.phase("snapshot"):
+        snap = saving.snapshot(state, custom_metadata, copy=copy)
+        if check_now or multihost.is_multiprocess():  # every process of a JAX job checks first
+            aio.run(saving.raise_if_finalized(location))
+    recorder.add(nbytes=_array_bytes(snap), leaves=len(snap.leaves))
     op = _collective_op(location)
     if op is not None:  # every process takes part in each save, one save at a time
 
         async def commit_collective() -> None:
-            await saving.commit_save(location, snap, op=op)
+            with recorder.phase("commit"):
+                await saving.commit_save(location, snap, op=op)
+            recorder.finish()
 
-        return ordering.schedule(queue_key(location), commit_collective)
+        return _with_stats(ordering.schedule(queue_key(location), commit_collective), recorder)
     # Pipelined: the arrays are written as soon as the call is made, while
     # earlier saves to this path still write or commit; the log record still
     # goes in in call order.
     save_id = saving.new_save_id()
 
     async def write() -> saving.Descriptors:
-        return await saving.write_save_data(location, snap, save_id, check=not check_now)
+        with recorder.phase("write"):
+            return await saving.write_save_data(location, snap, save_id, check=not check_now)
 
     async def commit(written: Awaitable[saving.Descriptors]) -> None:
-        await saving.commit_save(location, snap, save_id=save_id, written=written)
+        with recorder.phase("commit"):
+            await saving.commit_save(location, snap, save_id=save_id, written=written)
+        recorder.finish()
 
-    return ordering.schedule(queue_key(location), commit, prepare=write)
+    return _with_stats(ordering.schedule(queue_key(location), commit, prepare=write), recorder)
 
 
-def finalize(path: PathLike, storage_options: Options) -> None:
+def _array_bytes(snap: saving.Snapshot) -> int:
+    """Bytes of the arrays this process writes for ``snap``."""
+    total = 0
+    for leaf in snap.leaves:
+        if leaf.array is not None:
+            total += leaf.array.nbytes
+        elif leaf.shards is not None:
+            total += sum(data.nbytes for _, data in leaf.shards.shards)
+    return total
+
+
+def _with_stats(response: AsyncResponse, recorder: Recorder) -> AsyncResponse:
+    response.attach_stats(lambda: recorder.stats)
+    return response
+
+
+def finalize(path: PathLike, storage_options: Options) -> OperationStats:
     """Wait for this process's pending saves to ``path``, then finalize it (on the primary)."""
+    recorder = Recorder("finalize", os.fspath(path))
     location = resolve(path, storage_options)
     saving.check_writable(location)
     key = queue_key(location)
     op = _collective_op(location)
 
     async def run() -> None:
+        recorder.phases["wait"] = recorder.elapsed()  # behind the saves queued before
         ordering.raise_unobserved_failures(key)
-        await multihost.run_on_primary(op, lambda: finalizing.finalize(location), "Finalize")
+        with recorder.phase("finalize"):
+            await multihost.run_on_primary(op, lambda: finalizing.finalize(location), "Finalize")
 
     ordering.schedule(key, run, track=False).result()
+    return recorder.finish()
 
 
 def discard(path: PathLike, storage_options: Options) -> None:
     """Discard the session at ``path`` (on the primary), after the saves queued before."""
+    recorder = Recorder("discard", os.fspath(path))
     location = resolve(path, storage_options)
     op = _collective_op(location)
 
     async def run() -> None:
-        await multihost.run_on_primary(op, lambda: discarding.discard(location), "Discard")
+        with recorder.phase("discard"):
+            await multihost.run_on_primary(op, lambda: discarding.discard(location), "Discard")
 
     ordering.schedule(queue_key(location), run, track=False).result()
+    recorder.finish()
 
 
 def gc(path: PathLike, storage_options: Options) -> list[str]:
     """Delete the unused data of the checkpoint at ``path`` (on the primary); return it."""
+    recorder = Recorder("gc", os.fspath(path))
     location = resolve(path, storage_options)
     op = _collective_op(location)
     deleted: list[str] = []
 
     async def run() -> None:
-        deleted.extend(await multihost.run_on_primary(op, lambda: discarding.gc(location), "gc"))
+        with recorder.phase("gc"):
+            deleted.extend(
+                await multihost.run_on_primary(op, lambda: discarding.gc(location), "gc")
+            )
 
     # Queued like saves to the path, so it runs after those called before it.
     ordering.schedule(queue_key(location), run, track=False).result()
+    recorder.finish()
     return deleted
 
 
@@ -136,15 +176,27 @@ def load(
     path: PathLike, storage_options: Options, *, select: Sequence[Any] | str | None, target: Any
 ) -> Any:
     """Read the finalized checkpoint at ``path``: into ``target``, or the ``select``-ed tree."""
+    recorder = Recorder("load", os.fspath(path))
     location = resolve(path, storage_options)
 
     async def run() -> Any:
-        manifest = await loading.read_manifest(location)
-        if target is not None:
-            return await loading.load_into_target(location, manifest, target)
-        return await loading.load_tree(location, manifest, select=select)
+        with recorder.phase("manifest"):
+            manifest = await loading.read_manifest(location)
+        with recorder.phase("read"):
+            if target is not None:
+                return await loading.load_into_target(location, manifest, target)
+            return await loading.load_tree(location, manifest, select=select)
 
-    return aio.run(run())
+    loaded = aio.run(run())
+    leaves = jax.tree_util.tree_leaves(loaded)
+    recorder.add(nbytes=sum(_nbytes(leaf) for leaf in leaves), leaves=len(leaves))
+    recorder.finish()
+    return loaded
+
+
+def _nbytes(leaf: Any) -> int:
+    nbytes = getattr(leaf, "nbytes", 0)
+    return nbytes if isinstance(nbytes, int) else 0
 
 
 def metadata(path: PathLike, storage_options: Options) -> loading.CheckpointMetadata:

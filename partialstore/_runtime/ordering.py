@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, TypeVar, overload
 
 from partialstore._runtime import aio
+from partialstore._runtime.stats import OperationStats
 from partialstore.errors import PartialStoreError
 
 __all__ = [
@@ -81,6 +82,28 @@ class AsyncResponse:
         self._future = future
         self._outcome = outcome or _Outcome()
         self.observed = False
+        self._stats: Callable[[], OperationStats | None] = lambda: None
+
+    @property
+    def stats(self) -> OperationStats | None:
+        """The save's figures (:class:`partialstore.OperationStats`) once it committed, else None.
+
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> import numpy as np
+            >>> import partialstore
+            >>> response = partialstore.save_async(f"{tmp.name}/ckpt", {"w": np.ones(8)})
+            >>> response.result()
+            >>> (response.stats.nbytes, response.stats.leaves)
+            (64, 1)
+            >>> tmp.cleanup()
+        """
+        return self._stats()
+
+    def attach_stats(self, stats: Callable[[], OperationStats | None]) -> None:
+        """Let :attr:`stats` read the save's figures from ``stats()``."""
+        self._stats = stats
 
     def result(self, timeout: float | None = None) -> None:
         """Block until the save is committed; re-raise its error if it failed.
