@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from partialstore import errors
     from partialstore._api import discard, finalize, gc, load, metadata, save, save_async
     from partialstore._commit.loading import CheckpointMetadata, LeafMetadata
+    from partialstore._lifecycle.manager import CheckpointManager
+    from partialstore._lifecycle.sessions import SessionInfo
     from partialstore._runtime.ordering import AsyncResponse, UnobservedSaveError
     from partialstore.backend import Backend, Capabilities
     from partialstore.registry import open_backend, register_backend
@@ -43,6 +45,8 @@ _EXPORTS = {
     "UnobservedSaveError": "partialstore._runtime.ordering",
     "CheckpointMetadata": "partialstore._commit.loading",
     "LeafMetadata": "partialstore._commit.loading",
+    "CheckpointManager": "partialstore._lifecycle.manager",
+    "SessionInfo": "partialstore._lifecycle.sessions",
     "Backend": "partialstore.backend",
     "Capabilities": "partialstore.backend",
     "open_backend": "partialstore.registry",
@@ -53,8 +57,10 @@ __all__ = [
     "AsyncResponse",
     "Backend",
     "Capabilities",
+    "CheckpointManager",
     "CheckpointMetadata",
     "LeafMetadata",
+    "SessionInfo",
     "UnobservedSaveError",
     "discard",
     "errors",
