@@ -27,6 +27,7 @@ from partialstore._lifecycle.sessions import SessionInfo, candidate_steps, sessi
 from partialstore._runtime import aio, multihost, ordering
 from partialstore._runtime.ordering import AsyncResponse
 from partialstore.errors import (
+    AlreadyExistsError,
     CheckpointFinalizedError,
     InvalidInputError,
     NotFoundError,
@@ -395,6 +396,35 @@ class CheckpointManager:
             await self._deleter.delete([step])
 
         aio.run(run())
+
+    def recover(self) -> int | None:
+        """Complete the finalizes a killed job left sealed; return the step to resume from.
+
+        Call it when a job (re)starts, before :meth:`latest_step`: a finalize
+        killed after it sealed its session has every save of that step, and
+        its session can only be published (``partialstore.finalize``
+        completes it), never saved into nor discarded. Open sessions that
+        were not sealed are left as they are: saving the same step again
+        replaces their keys, and :meth:`sweep` discards them.
+
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> manager = CheckpointManager(tmp.name)
+            >>> manager.recover() is None  # a fresh run
+            True
+            >>> manager.close()
+            >>> tmp.cleanup()
+        """
+        for info in self.sessions():
+            if not info.sealed:
+                continue
+            _log.info("Completing the finalize of step %d that a killed job left.", info.step)
+            try:
+                self.finalize(info.step)
+            except AlreadyExistsError:
+                continue  # published meanwhile, or a live finalizer's seal: it publishes
+        return self.latest_step()
 
     def reindex(self) -> list[int]:
         """Add every published step found by listing the root to the index; return the steps.

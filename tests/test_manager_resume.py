@@ -1,0 +1,167 @@
+"""Kill-and-resume: a real training job (tests/_manager_job.py) killed with SIGKILL at
+random instants and restarted always resumes from the latest finalized step, bit-exact.
+
+After each kill the test works out, independently of the job, which steps
+are published (``partialstore.metadata`` on each step path) and which
+sessions a killed finalize left sealed (those are completed by the job's
+``recover()``, so they count as finalized). The restarted job must resume
+from the highest of these, never an older step, and its loaded state must
+equal an uninterrupted run's bit for bit (the job exits 3 otherwise). Also:
+SIGTERM reaches ``reached_preemption`` in a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _manager_job as job
+
+import partialstore
+from partialstore._commit import txlog
+from partialstore._commit.location import resolve
+from partialstore._runtime.aio import run
+
+STEPS = 20
+JOB = str(Path(__file__).with_name("_manager_job.py"))
+
+
+def _start(
+    root: str, options: dict[str, Any], *args: str, script: str = JOB
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, script, root, json.dumps(options), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _path(root: str, step: int) -> str:
+    return f"{root}/step_{step:08d}"
+
+
+def _published(root: str, options: dict[str, Any]) -> list[int]:
+    found = []
+    for step in range(STEPS):
+        try:
+            partialstore.metadata(_path(root, step), storage_options=options)
+        except FileNotFoundError:
+            continue
+        found.append(step)
+    return found
+
+
+def _sealed(root: str, options: dict[str, Any]) -> list[int]:
+    """Steps whose session holds a seal but that are not published (a killed finalize)."""
+    found = []
+    for step in range(STEPS):
+        location = resolve(_path(root, step), options)
+        entries = txlog.session_of(run(txlog.read_log(location.backend, location.log_prefix)))
+        if any(txlog.is_seal(e.record) for e in entries) and not run(
+            location.backend.exists(location.manifest_key)
+        ):
+            found.append(step)
+    return found
+
+
+def _kill_after(child: subprocess.Popen[str], finalizes: int, rng: random.Random) -> str:
+    """SIGKILL the job at a random instant of the step after its ``finalizes``-th finalize.
+
+    Counting finalizes first puts every kill in the middle of the run, whatever
+    the machine's speed; the delay, a random fraction of the last step's
+    duration, puts it anywhere in a step (a save, the finalize, the index
+    update, retention).
+    """
+    assert child.stdout is not None
+    lines = [child.stdout.readline()]  # "resumed ...": the job has imported and resumed
+    times = [time.monotonic()]
+    while len(lines) <= finalizes and lines[-1].startswith(("resumed", "finalized")):
+        lines.append(child.stdout.readline())
+        times.append(time.monotonic())
+    period = times[-1] - times[-2] if len(times) > 1 else 0.1
+    time.sleep(rng.uniform(0.0, period))
+    child.send_signal(signal.SIGKILL)
+    out, err = child.communicate(timeout=60)
+    output = "".join(lines) + out
+    assert "mismatch" not in output and "done" not in output, output + err
+    return output
+
+
+def _resumed_from(output: str) -> int | None:
+    first = output.splitlines()[0]
+    assert first.startswith("resumed "), output
+    value = first.split()[1]
+    return None if value == "none" else int(value)
+
+
+def _run_with_kills(root: str, options: dict[str, Any], kills: int, seed: int) -> None:
+    rng = random.Random(seed)
+    expected: int | None = None
+    for _ in range(kills):
+        child = _start(root, options, str(STEPS))
+        output = _kill_after(child, rng.randrange(1, 4), rng)
+        assert _resumed_from(output) == expected, output
+        finalized = set(_published(root, options)) | set(_sealed(root, options))
+        expected = max(finalized, default=None)
+    child = _start(root, options, str(STEPS))
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, out + err
+    assert _resumed_from(out) == expected, out
+    assert expected is not None and expected < STEPS - 1  # the kills did interrupt the run
+    assert out.splitlines()[-1] == "done"
+    final = partialstore.load(_path(root, STEPS - 1), storage_options=options)
+    assert job.same(final, job.state_at(STEPS - 1))
+    # Retention ran in every incarnation: only the last keep_last steps are left.
+    assert _published(root, options) == list(range(STEPS - job.KEEP_LAST, STEPS))
+
+
+def test_kill_and_resume_local(tmp_path: Path) -> None:
+    _run_with_kills(str(tmp_path / "run"), {}, kills=4, seed=1)
+
+
+def test_kill_and_resume_s3(s3_url: tuple[str, dict[str, Any]]) -> None:
+    url, options = s3_url
+    _run_with_kills(url, options, kills=3, seed=2)
+
+
+PREEMPTED_JOB = """
+import json, sys, time
+import partialstore
+root, options = sys.argv[1], json.loads(sys.argv[2])
+with partialstore.CheckpointManager(root, storage_options=options) as mgr:
+    print("ready", flush=True)
+    for step in range(10_000):
+        time.sleep(0.02)
+        if mgr.reached_preemption(step):
+            mgr.save(step, {"step": step})
+            mgr.finalize(step)
+            print(f"preempted {step}", flush=True)
+            break
+"""
+
+
+def test_sigterm_makes_the_job_save_and_finalize(tmp_path: Path) -> None:
+    script = tmp_path / "preempted.py"
+    script.write_text(PREEMPTED_JOB)
+    root = str(tmp_path / "run")
+    child = _start(root, {}, script=str(script))
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err  # SIGTERM did not kill it: the manager caught it
+    step = int(out.split()[-1])
+    manager = partialstore.CheckpointManager(root)
+    assert manager.latest_step() == step
+    assert manager.load() == {"step": step}
+    manager.close()
+    assert os.path.isdir(os.path.join(root, f"step_{step:08d}"))
