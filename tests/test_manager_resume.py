@@ -137,6 +137,7 @@ import json, sys, time
 import partialstore
 root, options = sys.argv[1], json.loads(sys.argv[2])
 with partialstore.CheckpointManager(root, storage_options=options) as mgr:
+    assert not mgr.reached_preemption(0)  # from now on, SIGTERM is recorded
     print("ready", flush=True)
     for step in range(10_000):
         time.sleep(0.02)
@@ -148,17 +149,30 @@ with partialstore.CheckpointManager(root, storage_options=options) as mgr:
 """
 
 
+PLAIN_JOB = """
+import sys, time
+import partialstore
+with partialstore.CheckpointManager(sys.argv[1]) as mgr:
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
 def test_sigterm_makes_the_job_save_and_finalize(tmp_path: Path) -> None:
-    script = tmp_path / "preempted.py"
+    script, plain = tmp_path / "preempted.py", tmp_path / "plain.py"
     script.write_text(PREEMPTED_JOB)
+    plain.write_text(PLAIN_JOB)
     root = str(tmp_path / "run")
     child = _start(root, {}, script=str(script))
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == "ready"
-    time.sleep(0.3)
-    child.send_signal(signal.SIGTERM)
+    # A job that never asks about preemption keeps dying of SIGTERM.
+    bystander = _start(str(tmp_path / "other"), {}, script=str(plain))
+    for process in (child, bystander):
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGTERM)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err  # SIGTERM did not kill it: the manager caught it
+    assert bystander.wait(timeout=60) == -signal.SIGTERM
     step = int(out.split()[-1])
     manager = partialstore.CheckpointManager(root)
     assert manager.latest_step() == step

@@ -114,7 +114,7 @@ class CheckpointManager:
         self._inflight: list[AsyncResponse] = []
         self._lock = threading.Lock()
         self._closed = False
-        preemption.install()
+        self._sigterm = False  # whether this manager installed the SIGTERM recorder
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.root!r}, step_format={self._namer.step_format!r})"
@@ -140,7 +140,10 @@ class CheckpointManager:
 
     def _track(self, response: AsyncResponse) -> AsyncResponse:
         with self._lock:
-            self._inflight = [r for r in self._inflight if not (r.done() and r.observed)]
+            # Finished ones drop out unless they failed unseen (wait() raises those).
+            self._inflight = [
+                r for r in self._inflight if not (r.done() and (r.observed or r.failure() is None))
+            ]
             self._inflight.append(response)
         return response
 
@@ -199,7 +202,12 @@ class CheckpointManager:
             self._track(ordering.schedule(("lifecycle", self.root), self._retain, track=False))
 
     async def _retain(self) -> None:
-        await self._deleter.retain()
+        try:
+            await self._deleter.retain()
+        except Exception as error:
+            # Reported by wait()/close() too; logged now for jobs that call neither for long.
+            _log.warning("Retention under %s failed: %s", self.root, error)
+            raise
 
     def wait(self) -> None:
         """Wait for every ``save_async`` and background deletion of this manager.
@@ -226,7 +234,8 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            preemption.uninstall()
+            if self._sigterm:
+                preemption.uninstall()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -448,6 +457,11 @@ class CheckpointManager:
 
         In a multi-process JAX job, JAX's preemption sync point (every
         process gets True at the same step); in one process, whether SIGTERM
-        was received since this manager was created.
+        was received since the first call (which starts recording SIGTERM
+        instead of dying of it, until :meth:`close`).
         """
-        return preemption.reached(check_step(step))
+        check_step(step)
+        if not self._sigterm and not multihost.is_multiprocess():
+            preemption.install()
+            self._sigterm = True
+        return preemption.reached(step)

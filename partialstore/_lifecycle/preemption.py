@@ -4,9 +4,11 @@ In a multi-process JAX job every process must agree on the step at which to
 save: JAX's preemption sync point does that
 (``jax.experimental.multihost_utils.reached_preemption_sync_point``, as in
 Orbax's ``CheckpointManager.reached_preemption``). A single process has
-nobody to agree with: a SIGTERM handler (installed by the first manager in
-the main thread, the previous handler restored when the last one closes)
-records the signal, and every later step reports it.
+nobody to agree with: a SIGTERM handler records the signal, and every
+later step reports it. A manager installs it on its first
+``reached_preemption`` call (only a job that asks about preemption stops
+dying of SIGTERM), from the main thread; it calls a previous Python handler
+too, and the previous handler is restored when the last such manager closes.
 
 Example:
     >>> install()
@@ -36,8 +38,9 @@ _received = threading.Event()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    del signum, frame
     _received.set()
+    if callable(_previous):
+        _previous(signum, frame)
 
 
 def install() -> None:
