@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import _manager_job as job
+import pytest
 
 import partialstore
 from partialstore._commit import txlog
@@ -34,13 +35,15 @@ JOB = str(Path(__file__).with_name("_manager_job.py"))
 
 
 def _start(
-    root: str, options: dict[str, Any], *args: str, script: str = JOB
+    root: str, options: dict[str, Any], *args: str, script: str = JOB, crash_at: str = ""
 ) -> subprocess.Popen[str]:
+    env = {**os.environ, "PARTIALSTORE_CRASH_AT": crash_at}
     return subprocess.Popen(
         [sys.executable, script, root, json.dumps(options), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
 
@@ -124,7 +127,7 @@ def _run_with_kills(root: str, options: dict[str, Any], kills: int, seed: int) -
 
 
 def test_kill_and_resume_local(tmp_path: Path) -> None:
-    _run_with_kills(str(tmp_path / "run"), {}, kills=4, seed=1)
+    _run_with_kills(str(tmp_path / "run"), {}, kills=3, seed=1)
 
 
 def test_kill_and_resume_s3(s3_url: tuple[str, dict[str, Any]]) -> None:
@@ -132,8 +135,29 @@ def test_kill_and_resume_s3(s3_url: tuple[str, dict[str, Any]]) -> None:
     _run_with_kills(url, options, kills=3, seed=2)
 
 
+@pytest.mark.parametrize("point", ["finalize.after_seal", "finalize.after_publish"])
+def test_a_kill_inside_finalize_resumes_from_that_step(tmp_path: Path, point: str) -> None:
+    """Killed after its seal (``recover()`` completes the finalize) or after it published
+    but before the index update (the intent shows the step): step 4 counts either way."""
+    root = str(tmp_path / "run")
+    child = _start(root, {}, "6", crash_at=f"{point}:5")  # the 5th finalize: step 4
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, out + err
+    assert out.splitlines()[-1] == "finalized 3"
+    assert _sealed(root, {}) == ([4] if point == "finalize.after_seal" else [])
+    index = json.loads((Path(root) / "partialstore.run.json").read_text())
+    assert 4 in index["pending"] and 4 not in index["steps"]  # the index never got step 4
+    child = _start(root, {}, "6")
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, out + err
+    assert out.splitlines() == ["resumed 4", "finalized 5", "done"]
+    assert job.same(partialstore.load(_path(root, 5)), job.state_at(5))
+
+
 PREEMPTED_JOB = """
 import json, sys, time
+import pytest
+
 import partialstore
 root, options = sys.argv[1], json.loads(sys.argv[2])
 with partialstore.CheckpointManager(root, storage_options=options) as mgr:
@@ -151,6 +175,8 @@ with partialstore.CheckpointManager(root, storage_options=options) as mgr:
 
 PLAIN_JOB = """
 import sys, time
+import pytest
+
 import partialstore
 with partialstore.CheckpointManager(sys.argv[1]) as mgr:
     print("ready", flush=True)
