@@ -307,7 +307,7 @@ def render(result: dict[str, Any]) -> str:
                 fmt_stats(ps["seconds"]),
                 _count(ps["requests"]),
                 orbax_cell,
-                _count(orbax.get("requests")),
+                "" if "finding" in orbax else _count(orbax.get("requests")),
                 fmt_stats(orbax.get("relist_seconds")),
                 "" if speedup is None else f"{speedup:.1f}x",
             ]

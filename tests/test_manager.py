@@ -322,3 +322,31 @@ def test_latest_step_takes_a_few_requests_whatever_the_number_of_steps(proxied_u
             assert all(r.method == "GET" for r in requests)
             assert not any("list-type" in r.query or "prefix" in r.query for r in requests)
     assert counts[0] == counts[1] <= 3
+
+
+def test_a_finalize_without_a_session_leaves_no_intent(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as manager:
+        _finalize_steps(manager, [1])
+        with pytest.raises(FileNotFoundError):
+            manager.finalize(2)
+        index = json.loads((tmp_path / INDEX_KEY).read_text())
+        assert (index["steps"], index["pending"]) == ([1], [])
+
+
+def test_a_store_without_compare_and_swap_lists_instead(tmp_path: Path) -> None:
+    """The generic fsspec backend has no compare-and-swap: no index is stored, and every
+    answer comes from listing the root and checking manifests."""
+    root = "local://" + str(tmp_path / "run")
+    with CheckpointManager(root, keep_last=2) as manager:
+        manager.save(9, {"open": 1})
+        _finalize_steps(manager, [1, 2, 3])
+        manager.wait()
+        assert manager.steps() == [2, 3] and manager.latest_step() == 3
+        assert _same(manager.load(), _state(3))
+        assert [s.step for s in manager.sessions()] == [9]
+    assert not (tmp_path / "run" / INDEX_KEY).exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "step_00000002",
+        "step_00000003",
+        "step_00000009",
+    ]

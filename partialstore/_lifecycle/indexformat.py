@@ -60,12 +60,15 @@ class RunIndex:
     def with_published(
         self, steps: Iterable[int], metrics: Metrics | None = None
     ) -> RunIndex | None:
-        """These steps are published; ``metrics`` holds metrics looked up (``None``: absent)."""
+        """These steps are published; ``metrics`` holds metrics looked up (``None``: absent).
+
+        A step being deleted stays out of ``steps``: its deletion goes on.
+        """
+        published = {s for s in steps if s not in self.deleting}
         new = dataclasses.replace(
             self,
-            steps=_sorted([*self.steps, *steps]),
-            pending=tuple(s for s in self.pending if s not in steps),
-            deleting=tuple(s for s in self.deleting if s not in steps),
+            steps=_sorted([*self.steps, *published]),
+            pending=tuple(s for s in self.pending if s not in published),
             metrics=_merge(self.metrics, metrics or {}),
         )
         return None if new == self else new
@@ -85,6 +88,12 @@ class RunIndex:
                 for name, values in self.metrics.items()
             },
         )
+
+    def without_pending(self, step: int) -> RunIndex | None:
+        """``step``'s finalize found no session: forget the intent."""
+        if step not in self.pending:
+            return None
+        return dataclasses.replace(self, pending=tuple(s for s in self.pending if s != step))
 
     def without(self, done: Iterable[int]) -> RunIndex | None:
         """Forget ``done`` in ``deleting`` and ``pending`` (deleted, or a discarded session)."""

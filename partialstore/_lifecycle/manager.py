@@ -191,7 +191,12 @@ class CheckpointManager:
         if primary:
             aio.run(self._store.update(lambda index: index.with_pending(step)))
         started = time.monotonic()
-        operations.finalize(self.path(step), self._options)
+        try:
+            operations.finalize(self.path(step), self._options)
+        except NotFoundError:
+            if primary:  # no session: nothing will publish it, so no reader should check it
+                aio.run(self._store.update(lambda index: index.without_pending(step)))
+            raise
         if not primary:
             return
         aio.run(self._deleter.publish(step))
