@@ -20,15 +20,20 @@ from typing import Any
 from partialstore._commit import loading, operations
 from partialstore._commit.location import resolve
 from partialstore._lifecycle import deletion, preemption
-from partialstore._lifecycle.naming import StepNamer, check_step
+from partialstore._lifecycle.naming import StepNamer, check_step, normalize_root
 from partialstore._lifecycle.retention import Policy
 from partialstore._lifecycle.runindex import IndexStore
-from partialstore._lifecycle.sessions import SessionInfo, candidate_steps, sessions_of
+from partialstore._lifecycle.sessions import (
+    SessionInfo,
+    candidate_steps,
+    poll_for_step,
+    sessions_of,
+    sweep_sessions,
+)
 from partialstore._runtime import aio, multihost, ordering
 from partialstore._runtime.ordering import AsyncResponse
 from partialstore.errors import (
     AlreadyExistsError,
-    CheckpointFinalizedError,
     InvalidInputError,
     NotFoundError,
 )
@@ -37,19 +42,6 @@ from partialstore.registry import scheme_of
 __all__ = ["CheckpointManager"]
 
 _log = logging.getLogger("partialstore")
-
-
-def _root(root: object) -> str:
-    if not isinstance(root, str | os.PathLike):
-        raise InvalidInputError(
-            f"CheckpointManager root must be a str or os.PathLike, got {type(root).__name__}."
-        )
-    text = os.fspath(root)
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError("CheckpointManager root must be a non-empty path or URL.")
-    if scheme_of(text) == "":
-        return os.path.abspath(os.path.expanduser(text))
-    return text.rstrip("/")
 
 
 class CheckpointManager:
@@ -100,7 +92,7 @@ class CheckpointManager:
         keep_best: tuple[str, str, int] | None = None,
         step_format: str = "step_{step:08d}",
     ) -> None:
-        self.root = _root(root)
+        self.root = normalize_root(root)
         self._namer = StepNamer(step_format)
         self._policy = Policy.of(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best)
         if storage_options is not None and not isinstance(storage_options, Mapping):
@@ -318,25 +310,26 @@ class CheckpointManager:
         For an evaluator following a run: polls the index, backing off from
         50 ms to 2 s between polls.
 
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> trainer, evaluator = CheckpointManager(tmp.name), CheckpointManager(tmp.name)
+            >>> trainer.save(100, {"step": 100})
+            >>> trainer.finalize(100)
+            >>> evaluator.wait_for_step(after=None, timeout=60)
+            100
+            >>> evaluator.wait_for_step(after=100, timeout=0.1)
+            Traceback (most recent call last):
+            TimeoutError: No step after 100 was finalized under ... within 0.1 s.
+            >>> trainer.close(), evaluator.close()
+            (None, None)
+            >>> tmp.cleanup()
+
         Raises:
           TimeoutError: none came within ``timeout`` seconds.
         """
         self._check_open()
-        if after is not None:
-            check_step(after)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.05
-        while True:
-            latest = self.latest_step()
-            if latest is not None and (after is None or latest > after):
-                return latest
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(
-                    f"No step after {after} was finalized under {self.root} within {timeout} s."
-                )
-            time.sleep(delay if remaining is None else min(delay, remaining))
-            delay = min(2.0, delay * 2)
+        return poll_for_step(self.latest_step, after, timeout, where=self.root)
 
     # -- operating -------------------------------------------------------------------------
 
@@ -363,19 +356,9 @@ class CheckpointManager:
         or discarded meanwhile is skipped.
         """
         self._check_open()
-        if isinstance(older_than_s, bool) or not isinstance(older_than_s, int | float):
-            raise InvalidInputError(f"older_than_s must be a number, got {older_than_s!r}.")
-        if older_than_s < 0:
-            raise InvalidInputError(f"older_than_s must be >= 0, got {older_than_s!r}.")
-        swept = []
-        for info in self.sessions():
-            if info.sealed or info.age_s < older_than_s:
-                continue
-            try:
-                operations.discard(info.path, self._options)
-            except (CheckpointFinalizedError, NotFoundError):
-                continue  # finalized, sealed or discarded since it was listed
-            swept.append(info)
+        swept = sweep_sessions(
+            self.sessions(), older_than_s, lambda path: operations.discard(path, self._options)
+        )
         if swept and multihost.is_primary():
             gone = [info.step for info in swept]
             aio.run(self._store.update(lambda index: index.without(gone)))
@@ -385,6 +368,22 @@ class CheckpointManager:
         """Delete the finalized ``step`` (for an operator); the latest step only with ``force``.
 
         The index forgets the step before any byte is deleted.
+
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> manager = CheckpointManager(tmp.name)
+            >>> for step in (1, 2):
+            ...     manager.save(step, {"step": step})
+            ...     manager.finalize(step)
+            >>> manager.delete_step(2)
+            Traceback (most recent call last):
+            partialstore.errors.InvalidInputError: Step 2 is the latest step under ...
+            >>> manager.delete_step(1)
+            >>> manager.steps()
+            [2]
+            >>> manager.close()
+            >>> tmp.cleanup()
 
         Raises:
           ValueError: ``step`` is the latest step and ``force`` is False.
@@ -464,6 +463,15 @@ class CheckpointManager:
         process gets True at the same step); in one process, whether SIGTERM
         was received since the first call (which starts recording SIGTERM
         instead of dying of it, until :meth:`close`).
+
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> manager = CheckpointManager(tmp.name)
+            >>> manager.reached_preemption(0)  # no SIGTERM so far
+            False
+            >>> manager.close()  # the previous SIGTERM handler is back
+            >>> tmp.cleanup()
         """
         check_step(step)
         if not self._sigterm and not multihost.is_multiprocess():

@@ -10,13 +10,15 @@ Example:
 
 from __future__ import annotations
 
+import os
 import re
 import string
 
 from partialstore._commit.location import STAGING_SUFFIX
 from partialstore.errors import InvalidInputError
+from partialstore.registry import scheme_of
 
-__all__ = ["StepNamer", "check_step"]
+__all__ = ["StepNamer", "check_step", "normalize_root"]
 
 
 def check_step(step: object) -> int:
@@ -32,6 +34,25 @@ def check_step(step: object) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise InvalidInputError(f"A step must be a non-negative int, got {step!r}.")
     return step
+
+
+def normalize_root(root: object) -> str:
+    """A run's root as one spelling: a local path made absolute, a URL without trailing ``/``.
+
+    Example:
+        >>> normalize_root("s3://bucket/run/")
+        's3://bucket/run'
+    """
+    if not isinstance(root, str | os.PathLike):
+        raise InvalidInputError(
+            f"CheckpointManager root must be a str or os.PathLike, got {type(root).__name__}."
+        )
+    text = os.fspath(root)
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInputError("CheckpointManager root must be a non-empty path or URL.")
+    if scheme_of(text) == "":
+        return os.path.abspath(os.path.expanduser(text))
+    return text.rstrip("/")
 
 
 class StepNamer:

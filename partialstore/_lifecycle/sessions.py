@@ -28,16 +28,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from partialstore._arrays.descriptors import descriptor_nbytes
 from partialstore._commit import txlog
 from partialstore._commit.location import STAGING_SUFFIX, Location
 from partialstore._lifecycle.naming import StepNamer
-from partialstore.errors import CorruptCheckpointError
+from partialstore.errors import (
+    CheckpointFinalizedError,
+    CorruptCheckpointError,
+    InvalidInputError,
+    NotFoundError,
+)
 
-__all__ = ["SessionInfo", "candidate_steps", "session_info", "sessions_of"]
+__all__ = [
+    "SessionInfo",
+    "candidate_steps",
+    "poll_for_step",
+    "session_info",
+    "sessions_of",
+    "sweep_sessions",
+]
 
 _CONCURRENCY = 32
 
@@ -138,3 +151,56 @@ async def sessions_of(locations: Mapping[int, Location]) -> list[SessionInfo]:
 
     found = await asyncio.gather(*(one(s, loc) for s, loc in sorted(locations.items())))
     return [info for info in found if info is not None]
+
+
+def sweep_sessions(
+    sessions: Sequence[SessionInfo], older_than_s: object, discard: Callable[[str], None]
+) -> list[SessionInfo]:
+    """Discard (with ``discard(path)``) the unsealed sessions idle for ``older_than_s`` s or more.
+
+    Returns those discarded; one finalized, sealed or discarded since it was
+    listed is skipped (``discard`` refuses it).
+    """
+    if isinstance(older_than_s, bool) or not isinstance(older_than_s, int | float):
+        raise InvalidInputError(f"older_than_s must be a number, got {older_than_s!r}.")
+    if older_than_s < 0:
+        raise InvalidInputError(f"older_than_s must be >= 0, got {older_than_s!r}.")
+    swept = []
+    for info in sessions:
+        if info.sealed or info.age_s < older_than_s:
+            continue
+        try:
+            discard(info.path)
+        except (CheckpointFinalizedError, NotFoundError):
+            continue
+        swept.append(info)
+    return swept
+
+
+def poll_for_step(
+    latest: Callable[[], int | None], after: int | None, timeout: float | None, *, where: str
+) -> int:
+    """Call ``latest()`` until it is newer than ``after``, backing off from 50 ms to 2 s.
+
+    Example:
+        >>> poll_for_step(lambda: 7, 5, timeout=1, where="run")
+        7
+
+    Raises:
+      TimeoutError: ``timeout`` seconds passed first.
+    """
+    if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+        raise InvalidInputError(f"after must be a non-negative int or None, got {after!r}.")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        step = latest()
+        if step is not None and (after is None or step > after):
+            return step
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(
+                f"No step after {after} was finalized under {where} within {timeout} s."
+            )
+        time.sleep(delay if remaining is None else min(delay, remaining))
+        delay = min(2.0, delay * 2)
