@@ -350,3 +350,24 @@ def test_a_store_without_compare_and_swap_lists_instead(tmp_path: Path) -> None:
         "step_00000003",
         "step_00000009",
     ]
+
+
+@pytest.mark.parametrize("inner", ["memory", "local"])
+def test_index_updates_survive_lost_answers(inner: str, tmp_path: Path) -> None:
+    """Index writes that land but whose answer is lost (or that fail before landing) are
+    resolved by reading the index again: every step is recorded once, none is lost."""
+    from partialstore.testing.faulty_backend import after, after_as_retry
+
+    base = f"memory://{uuid.uuid4().hex}" if inner == "memory" else str(tmp_path / "run")
+    url, faulty = install_faulty(base)
+    faulty.add(BackendFault(after_as_retry(), method="create", key=INDEX_KEY))
+    faulty.add(BackendFault(after(), method="write", key=INDEX_KEY, skip=1, times=2))
+    faulty.add(BackendFault(before(), method="write", key=INDEX_KEY, skip=4, times=1))
+    with CheckpointManager(url, keep_last=2) as manager:
+        _finalize_steps(manager, [1, 2, 3, 4])
+        manager.wait()
+        assert manager.steps() == [3, 4]
+    faulty.clear()
+    index = json.loads(run(faulty.inner.read(INDEX_KEY)))
+    assert (index["steps"], index["pending"], index["deleting"]) == ([3, 4], [], [])
+    assert [r.outcome for r in faulty.calls("write", key=INDEX_KEY)].count("error") == 3
