@@ -9,6 +9,7 @@ emulators. Kill-and-resume is in tests/test_manager_resume.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import uuid
@@ -371,3 +372,31 @@ def test_index_updates_survive_lost_answers(inner: str, tmp_path: Path) -> None:
     index = json.loads(run(faulty.inner.read(INDEX_KEY)))
     assert (index["steps"], index["pending"], index["deleting"]) == ([3, 4], [], [])
     assert [r.outcome for r in faulty.calls("write", key=INDEX_KEY)].count("error") == 3
+
+
+def test_retention_on_s3_deletes_in_batches(proxied_s3_url: Any) -> None:
+    """A retained step's objects go in DeleteObjects batches: one single DELETE (its
+    manifest, first) and one batch for 200 more objects."""
+    root, options, proxy = proxied_s3_url.url, proxied_s3_url.options, proxied_s3_url.proxy
+    backend = partialstore.open_backend(root, options)
+
+    async def fill() -> None:
+        await asyncio.gather(
+            *(backend.write(f"step_00000001/data/extra/{n:04d}", b"x") for n in range(200))
+        )
+
+    with CheckpointManager(root, storage_options=options, keep_last=1) as manager:
+        _finalize_steps(manager, [1])
+        run(fill())
+        manager.save(2, {"w": np.ones(2)})
+        proxy.wait_idle()
+        proxy.reset_log()
+        manager.finalize(2)
+        manager.wait()
+        proxy.wait_idle()
+        deletes = proxy.requests("DELETE")
+        batches = [r for r in proxy.requests("POST") if "delete" in r.query]
+        assert len(deletes) == 1
+        assert str(deletes[0].key).endswith("/root/step_00000001/partialstore.json")
+        assert len(batches) == 1
+    assert _keys(root, options, "step_00000001") == []
