@@ -7,7 +7,9 @@ sessions a killed finalize left sealed (those are completed by the job's
 ``recover()``, so they count as finalized). The restarted job must resume
 from the highest of these, never an older step, and its loaded state must
 equal an uninterrupted run's bit for bit (the job exits 3 otherwise). Also:
-SIGTERM reaches ``reached_preemption`` in a real process.
+kills at the crash points inside finalize, SIGTERM reaching
+``reached_preemption`` in a real process, and two writer processes plus an
+evaluator on one root.
 """
 
 from __future__ import annotations
@@ -205,3 +207,43 @@ def test_sigterm_makes_the_job_save_and_finalize(tmp_path: Path) -> None:
     assert manager.load() == {"step": step}
     manager.close()
     assert os.path.isdir(os.path.join(root, f"step_{step:08d}"))
+
+
+WRITER_JOB = """
+import json, sys
+import numpy as np
+import partialstore
+root, options, parity = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+with partialstore.CheckpointManager(root, storage_options=options) as mgr:
+    for step in range(parity, 16, 2):
+        mgr.save(step, {"w": np.full(8, step, np.int32)})
+        mgr.finalize(step)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_two_jobs_and_an_evaluator_on_one_root(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    """Two processes finalize the even and the odd steps of one root at once while this
+    process follows the run: every step ends up in the index, in order for the follower."""
+    if store == "local":
+        root, options = str(tmp_path / "run"), {}
+    else:
+        root, options = request.getfixturevalue("s3_url")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER_JOB)
+    writers = [_start(root, options, str(parity), script=str(script)) for parity in (0, 1)]
+    seen: list[int] = []
+    with partialstore.CheckpointManager(root, storage_options=options) as evaluator:
+        latest = None
+        while latest != 15:
+            latest = evaluator.wait_for_step(latest, timeout=120)
+            seen.append(latest)
+            assert evaluator.load(latest)["w"].tolist() == [latest] * 8
+        for writer in writers:
+            out, err = writer.communicate(timeout=120)
+            assert writer.returncode == 0 and out.strip() == "done", err
+        assert evaluator.steps() == list(range(16))
+    assert seen == sorted(set(seen))
