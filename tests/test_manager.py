@@ -400,3 +400,19 @@ def test_retention_on_s3_deletes_in_batches(proxied_s3_url: Any) -> None:
         assert deletes[0].key == "root/step_00000001/partialstore.json"
         assert len(batches) == 1
     assert _keys(root, options, "step_00000001") == []
+
+
+def test_keep_best_metrics_read_once_are_kept_in_the_index(tmp_path: Path) -> None:
+    """After the index is lost, a retention pass reads each step's metric from its manifest
+    once and records it, so the index again holds every kept step's metric."""
+    losses = {1: 0.3, 2: 0.1, 3: 0.5, 4: 0.4, 5: 0.9}
+    with CheckpointManager(tmp_path, keep_best=("loss", "min", 2)) as manager:
+        _finalize_steps(manager, [1, 2, 3], loss=losses.get)
+        manager.wait()
+        assert manager.steps() == [1, 2, 3]
+        (tmp_path / INDEX_KEY).unlink()
+        _finalize_steps(manager, [4, 5], loss=losses.get)
+        manager.wait()
+        assert manager.steps() == [1, 2, 5]  # the best two, and the latest
+    index = json.loads((tmp_path / INDEX_KEY).read_text())
+    assert index["metrics"] == {"loss": {"1": 0.3, "2": 0.1, "5": 0.9}}

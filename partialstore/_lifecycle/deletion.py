@@ -23,13 +23,15 @@ from partialstore._commit import loading
 from partialstore._commit.location import Location
 from partialstore._lifecycle.indexformat import Metrics, RunIndex
 from partialstore._lifecycle.retention import Metric, Policy, metric_value, plan_deletions
-from partialstore._lifecycle.runindex import IndexStore
+from partialstore._lifecycle.runindex import Change, IndexStore
 from partialstore.errors import NotFoundError
 
 __all__ = ["Deleter"]
 
 _log = logging.getLogger("partialstore")
 _CONCURRENCY = 8
+#: Manifest reads for ``keep_best`` metrics at once (latency bound on object stores).
+_READ_CONCURRENCY = 32
 
 
 class Deleter:
@@ -57,7 +59,13 @@ class Deleter:
         if self.policy.best_metric is None:
             return {}
         steps = sorted(set(steps))
-        values = await asyncio.gather(*(self._metric_of(step) for step in steps))
+        limit = asyncio.Semaphore(_READ_CONCURRENCY)
+
+        async def one(step: int) -> Metric:
+            async with limit:
+                return await self._metric_of(step)
+
+        values = await asyncio.gather(*(one(step) for step in steps))
         return {self.policy.best_metric: dict(zip(steps, values, strict=True))}
 
     async def publish(self, step: int) -> RunIndex:
@@ -65,30 +73,44 @@ class Deleter:
         metrics = await self._metrics([step])
         return await self.store.update(lambda index: index.with_published([step], metrics))
 
-    def _plan(self, index: RunIndex, looked_up: dict[int, Metric]) -> list[int]:
+    def _plan(self, index: RunIndex) -> list[int]:
         known: dict[int, Metric] = {}
         if self.policy.best_metric is not None:
-            known = {**index.metrics.get(self.policy.best_metric, {}), **looked_up}
+            known = index.metrics.get(self.policy.best_metric, {})
         return plan_deletions(index.steps, known, self.policy)
+
+    def _pass(self, published: list[int], looked_up: Metrics) -> Change:
+        """The index change of one retention pass (applied again on a fresh read if needed)."""
+
+        def change(index: RunIndex) -> RunIndex | None:
+            live = set(index.steps) | set(published)
+            metrics = {
+                name: {s: v for s, v in values.items() if s in live}
+                for name, values in looked_up.items()
+            }
+            base = index.with_published(published, metrics) or index
+            planned = base.with_deleting(self._plan(base))
+            return planned or (None if base is index else base)
+
+        return change
 
     async def retain(self) -> list[int]:
         """One retention pass: take the steps the policy lets go out of the index, delete them.
 
-        Also promotes pending steps found published (a finalizer killed before
-        its index update) and finishes deletions a killed pass left. Returns
-        the steps deleted.
+        In the same index update it promotes pending steps found published (a
+        finalizer killed before its index update) and records the metrics it
+        had to read from manifests, so the next pass need not read them
+        again. It also finishes deletions a killed pass left. Returns the
+        steps deleted.
         """
         index = (await self.store.read()).index
         stale = [s for s in index.pending if s not in index.steps]
         published = await self.store.published_among(stale) if stale else []
-        if published:
-            index = await self.store.update(lambda i: i.with_published(published))
-        looked_up: dict[int, Metric] = {}
+        looked_up: Metrics = {}
         if self.policy.best_metric is not None:
             have = index.metrics.get(self.policy.best_metric, {})
-            missing = [s for s in index.steps if s not in have]
-            looked_up = (await self._metrics(missing)).get(self.policy.best_metric, {})
-        index = await self.store.update(lambda i: i.with_deleting(self._plan(i, looked_up)))
+            looked_up = await self._metrics(s for s in [*index.steps, *published] if s not in have)
+        index = await self.store.update(self._pass(published, looked_up))
         doomed = list(index.deleting)
         if doomed:
             await self.delete(doomed)

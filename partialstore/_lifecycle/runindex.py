@@ -43,7 +43,7 @@ from partialstore.errors import (
     TransientBackendError,
 )
 
-__all__ = ["IndexStore", "Snapshot"]
+__all__ = ["Change", "IndexStore", "Snapshot"]
 
 _log = logging.getLogger("partialstore")
 #: Changes lost to other writers before giving up (each one is a fresh read
