@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from partialstore._commit import loading, operations
-from partialstore._commit.location import resolve
+from partialstore._commit.location import Location, resolve
 from partialstore._lifecycle import deletion, preemption
 from partialstore._lifecycle.naming import StepNamer, check_step, normalize_root
 from partialstore._lifecycle.retention import Policy
@@ -123,7 +123,7 @@ class CheckpointManager:
             os.path.join(self.root, name) if scheme_of(self.root) == "" else f"{self.root}/{name}"
         )
 
-    def _location(self, step: int) -> Any:
+    def _location(self, step: int) -> Location:
         return resolve(self.path(step), self._options)
 
     def _check_open(self) -> None:
