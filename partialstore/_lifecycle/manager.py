@@ -418,7 +418,9 @@ class CheckpointManager:
         its session can only be published (``partialstore.finalize``
         completes it), never saved into nor discarded. Open sessions that
         were not sealed are left as they are: saving the same step again
-        replaces their keys, and :meth:`sweep` discards them.
+        replaces their keys, and :meth:`sweep` discards them. A seal made by
+        a live process, or by one on another host less than 60 s ago, is left
+        to its sealer, unless it carries this job's ``PARTIALSTORE_WRITER_ID``.
 
         Example:
             >>> import tempfile
