@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from partialstore._api import discard, finalize, gc, load, metadata, save, save_async, verify
     from partialstore._commit.loading import CheckpointMetadata, LeafMetadata
     from partialstore._commit.verifying import DamagedLeaf, VerifyReport
+    from partialstore._lifecycle.manager import CheckpointManager
+    from partialstore._lifecycle.sessions import SessionInfo
     from partialstore._runtime.ordering import AsyncResponse, UnobservedSaveError
     from partialstore._runtime.stats import OperationStats, add_stats_listener
     from partialstore.backend import Backend, Capabilities
@@ -50,6 +52,8 @@ _EXPORTS = {
     "LeafMetadata": "partialstore._commit.loading",
     "VerifyReport": "partialstore._commit.verifying",
     "DamagedLeaf": "partialstore._commit.verifying",
+    "CheckpointManager": "partialstore._lifecycle.manager",
+    "SessionInfo": "partialstore._lifecycle.sessions",
     "Backend": "partialstore.backend",
     "Capabilities": "partialstore.backend",
     "configure_storage": "partialstore.registry",
@@ -61,10 +65,12 @@ __all__ = [
     "AsyncResponse",
     "Backend",
     "Capabilities",
+    "CheckpointManager",
     "CheckpointMetadata",
     "DamagedLeaf",
     "LeafMetadata",
     "OperationStats",
+    "SessionInfo",
     "UnobservedSaveError",
     "VerifyReport",
     "add_stats_listener",

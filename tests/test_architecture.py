@@ -5,7 +5,8 @@ read, at module level and inside functions alike (a function-local import is
 still a dependency), and must point down the layers::
 
     contract (backend, errors, registry)
-      <- _runtime <- _pytree <- _arrays <- _commit <- _api <- facade (__init__) <- _cli
+      <- _runtime <- _pytree <- _arrays <- _commit <- _lifecycle <- _api
+      <- facade (__init__) <- _cli
 
 ``backends/`` may import only the contract and each other; ``testing/`` only
 the contract, ``_runtime``, ``_pytree``, ``_arrays`` and itself. No module of
@@ -34,12 +35,23 @@ LAYER_OF_PREFIX = {
     "partialstore._pytree": "_pytree",
     "partialstore._arrays": "_arrays",
     "partialstore._commit": "_commit",
+    "partialstore._lifecycle": "_lifecycle",
     "partialstore._api": "_api",
     "partialstore._cli": "_cli",
     "partialstore.testing": "testing",
     "partialstore.backends": "backends",
 }
-_CORE = [CONTRACT, "_runtime", "_pytree", "_arrays", "_commit", "_api", "facade", "_cli"]
+_CORE = [
+    CONTRACT,
+    "_runtime",
+    "_pytree",
+    "_arrays",
+    "_commit",
+    "_lifecycle",
+    "_api",
+    "facade",
+    "_cli",
+]
 #: The layers each layer may import (its own included).
 ALLOWED = {layer: set(_CORE[: rank + 1]) for rank, layer in enumerate(_CORE)}
 ALLOWED["_cli"].add("testing")  # the demo starts the local test servers
