@@ -33,7 +33,7 @@ from partialstore.errors import InvalidInputError
 __all__ = ["COMMAND_MODULES", "build_parser", "main", "parse_storage_options"]
 
 #: Modules whose ``@command`` functions make up the command line, in ``--help`` order.
-COMMAND_MODULES = ("partialstore._cli.commands", "partialstore._cli.jobs")
+COMMAND_MODULES = ("partialstore._cli.commands", "partialstore._cli.runs", "partialstore._cli.jobs")
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:
