@@ -64,7 +64,7 @@ def expected() -> dict[str, Any]:
         "half": rng.standard_normal((8, 4)).astype(np.float16),
         "scalar": np.array(2.5, np.float32),
         "rev": rng.standard_normal((8, 6)).astype(np.float32),
-        "single": np.arange(6, dtype=np.int64),
+        "single": np.arange(6, dtype=np.int32),
         "host": np.arange(10, dtype=np.int16),
         "count": np.array(3, np.int32),
     }
