@@ -181,14 +181,37 @@ class SavedSharding:
 
 @functools.lru_cache(maxsize=64)
 def _saved_mesh(mesh: jax.sharding.Mesh) -> SavedSharding:
-    """The mesh part, once per mesh: a save of many leaves shares a few meshes."""
+    """The mesh part, once per mesh: a save of many leaves shares a few meshes.
+
+    Device ids are recorded only when ``jax.make_mesh`` would not choose
+    that order on those devices (a mesh built by hand): the common mesh
+    costs no ids per leaf, which on a pod of thousands of devices would
+    make every leaf entry kilobytes long.
+    """
+    shape = tuple(int(n) for n in mesh.devices.shape)
+    names = tuple(str(name) for name in mesh.axis_names)
+    ids = tuple(int(d.id) for d in mesh.devices.flat)
+    by_id = sorted(mesh.devices.flat, key=lambda d: int(d.id))
     return SavedSharding(
-        mesh_shape=tuple(int(n) for n in mesh.devices.shape),
-        axis_names=tuple(str(name) for name in mesh.axis_names),
+        mesh_shape=shape,
+        axis_names=names,
         spec=(),
         axis_types=tuple(t.name.lower() for t in mesh.axis_types),
-        device_ids=tuple(int(d.id) for d in mesh.devices.flat),
+        device_ids=None if _default_order(shape, names, by_id) == ids else ids,
     )
+
+
+def _default_order(
+    shape: tuple[int, ...], names: tuple[str, ...], devices: Sequence[Any]
+) -> tuple[int, ...] | None:
+    """The device ids, in mesh order, of ``jax.make_mesh`` over ``devices``."""
+    import jax
+
+    try:
+        mesh = jax.make_mesh(shape, names, devices=devices)
+    except Exception:  # a shape make_mesh cannot lay out on this topology: record ids
+        return None
+    return tuple(int(d.id) for d in mesh.devices.flat)
 
 
 def _mesh_shape(shape: Any) -> tuple[int, ...]:
@@ -254,29 +277,49 @@ def _spec(spec: Any, names: tuple[str, ...], ndim: int) -> tuple[SpecEntry, ...]
 
 def _current_mesh(saved: SavedSharding, where: str) -> jax.sharding.Mesh:
     """A mesh like the saved one on this job's devices."""
+    mesh = _mesh_like(saved.mesh_shape, saved.axis_names, saved.axis_types, saved.device_ids)
+    if mesh is not None:
+        return mesh
+    import jax
+
+    devices = jax.devices()
+    raise InvalidInputError(
+        f"Leaf {where!r} was saved with a NamedSharding over {saved.describe()}, but this "
+        f"job has {len(devices)} {devices[0].platform} device(s). To restore it anyway, pass "
+        "abstract_tree(mesh=...) a mesh of these devices with axis names "
+        f"{list(saved.axis_names)}, or load with your own target (jax.ShapeDtypeStructs "
+        "with the shardings you want)."
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_like(
+    shape: tuple[int, ...],
+    names: tuple[str, ...],
+    types: tuple[str, ...] | None,
+    ids: tuple[int, ...] | None,
+) -> jax.sharding.Mesh | None:
+    """A mesh of this job's devices like the saved one; ``None`` if there are too few.
+
+    The saved devices in the saved order if all exist, else ``jax.make_mesh``
+    over the first devices. Axis types absent (another writer) mean auto,
+    JAX's classic behaviour. Cached: the leaves of a checkpoint share a few meshes.
+    """
     import jax
     import numpy as np
 
+    axis_types = tuple(
+        jax.sharding.AxisType[t.capitalize()] for t in types or ["auto"] * len(names)
+    )
     devices = jax.devices()
     by_id = {int(d.id): d for d in devices}
-    ids = saved.device_ids
     if ids is not None and all(i in by_id for i in ids):
-        chosen = [by_id[i] for i in ids]
-    elif len(devices) >= saved.num_devices:
-        chosen = devices[: saved.num_devices]
-    else:
-        raise InvalidInputError(
-            f"Leaf {where!r} was saved with a NamedSharding over {saved.describe()}, but this "
-            f"job has {len(devices)} {devices[0].platform} device(s). To restore it anyway, pass "
-            "abstract_tree(mesh=...) a mesh of these devices with axis names "
-            f"{list(saved.axis_names)}, or load with your own target (jax.ShapeDtypeStructs "
-            "with the shardings you want)."
-        )
-    types = None
-    if saved.axis_types is not None:
-        types = tuple(jax.sharding.AxisType[t.capitalize()] for t in saved.axis_types)
-    grid = np.array(chosen, dtype=object).reshape(saved.mesh_shape)
-    return jax.sharding.Mesh(grid, saved.axis_names, axis_types=types)
+        grid = np.array([by_id[i] for i in ids], dtype=object).reshape(shape)
+        return jax.sharding.Mesh(grid, names, axis_types=axis_types)
+    count = math.prod(shape)
+    if len(devices) < count:
+        return None
+    return jax.make_mesh(shape, names, axis_types, devices=devices[:count])
 
 
 def _check_divides(
