@@ -16,6 +16,7 @@ field (older writers) load unchanged, every damaged field is
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -35,6 +36,7 @@ from _shardings_worker import SPECS, expected
 import partialstore
 from partialstore._commit.entries import LeafEntry
 from partialstore._pytree.abstract import SavedNode
+from partialstore._pytree.tree import flatten, target_leaf_paths
 from partialstore.errors import CorruptCheckpointError, InvalidInputError
 from partialstore.testing.servers import MotoS3Server
 
@@ -313,3 +315,41 @@ def test_leaf_entry_round_trips_its_sharding(one_device: tuple[str, Any]) -> Non
     fresh = LeafEntry(entry.path, entry.kind, entry.data, sharding=entry.sharding)
     assert fresh.encode() == stored  # built, not stored: the same JSON
     assert entry.sharding.to_jax("w", (3, 4)) == sharding
+
+
+class Pair:
+    """A pytree node registered without keys: its children have flat indices."""
+
+    def __init__(self, left: Any, right: Any) -> None:
+        self.left, self.right = left, right
+
+
+jax.tree_util.register_pytree_node(
+    Pair, lambda p: ((p.left, p.right), None), lambda _, children: Pair(*children)
+)
+
+
+def test_abstract_tree_flattens_to_the_stored_key_paths(tmp_path: Path) -> None:
+    """Every container kind: ``load`` finds each leaf of the abstract tree by its path."""
+    state = {
+        "pair": Pair(np.arange(3, dtype=np.int16), 2.5),
+        "ordered": collections.OrderedDict(b=1, a="x"),
+        "by_int": {3: np.float32(1), 0: None},
+        "nested": [(), {"deep": [np.ones(2, np.float32)]}],
+        "state": State(np.int32(4), ()),
+    }
+    path = str(tmp_path / "kinds")
+    partialstore.save(path, state)
+    partialstore.finalize(path)
+    target = partialstore.metadata(path).abstract_tree()
+    stored, _ = flatten(state)
+    paths, _, _ = target_leaf_paths(target)
+    # The same paths (an OrderedDict's insertion order becomes sorted keys).
+    assert sorted(paths, key=repr) == sorted((leaf.path for leaf in stored), key=repr)
+    assert len(paths) == len(stored) == 8
+    assert isinstance(target["pair"], SavedNode) and target["pair"][1] == 2.5
+    restored = partialstore.load(path, target=target)
+    assert restored["pair"][0].tobytes() == np.arange(3, dtype=np.int16).tobytes()
+    assert restored["ordered"] == {"a": "x", "b": 1} and restored["by_int"][0] is None
+    assert type(restored["by_int"][3]) is np.float32 and restored["nested"][0] == ()
+    assert restored["state"].count == 4 and restored["state"].empty == ()
