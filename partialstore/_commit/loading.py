@@ -21,10 +21,10 @@ from partialstore._arrays import arrays
 from partialstore._arrays.descriptors import Leaf
 from partialstore._arrays.dtypes import dtype_name
 from partialstore._commit import records, txlog
+from partialstore._commit.layouts import SavedSharding, abstract_target
 from partialstore._commit.location import Location
 from partialstore._commit.records import LeafEntry, Manifest
-from partialstore._pytree import abstract, tree
-from partialstore._pytree.shardings import SavedSharding
+from partialstore._pytree import tree
 from partialstore.errors import CorruptCheckpointError, InvalidInputError, NotFoundError
 
 __all__ = ["CheckpointMetadata", "LeafMetadata", "load_tree", "read_manifest", "read_metadata"]
@@ -122,31 +122,7 @@ class CheckpointMetadata:
             divide its shape; the message names the leaf, what was saved and
             what is available, and how to restore anyway.
         """
-        values = {leaf.path: _abstract_leaf(leaf, mesh) for leaf in self._leaves}
-        return abstract.build_abstract(self._nodes, values)
-
-
-def _abstract_leaf(leaf: LeafEntry, mesh: Any) -> Any:
-    import jax  # deferred: metadata without abstract_tree should not pay for jax
-
-    if leaf.data is None:
-        return leaf.value
-    shape, dtype = leaf.data.shape, leaf.data.dtype
-    if leaf.kind != "jax_array":
-        return np.broadcast_to(np.zeros((), dtype), shape)
-    sharding: jax.sharding.Sharding
-    if leaf.sharding is not None:
-        sharding = leaf.sharding.to_jax(tree.format_path(leaf.path), shape, mesh)
-    elif mesh is not None:  # replicated over the caller's mesh
-        sharding = jax.sharding.NamedSharding(mesh, _untyped(jax.sharding.PartitionSpec)())
-    else:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return _untyped(jax.ShapeDtypeStruct)(shape, dtype, sharding=sharding)
-
-
-def _untyped(constructor: Any) -> Any:
-    """``constructor`` as ``Any``: jax leaves ``PartitionSpec``/``ShapeDtypeStruct`` untyped."""
-    return constructor
+        return abstract_target(self._nodes, self._leaves, mesh)
 
 
 async def _has_open_session(location: Location) -> bool:
