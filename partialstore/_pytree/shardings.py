@@ -150,7 +150,7 @@ class SavedSharding:
           InvalidInputError: too few devices, a mesh without the spec's
             axes, or a mesh whose axes do not divide the array.
         """
-        from jax.sharding import NamedSharding, PartitionSpec
+        from jax.sharding import NamedSharding
 
         if mesh is None:
             mesh = _current_mesh(self, where)
@@ -163,10 +163,22 @@ class SavedSharding:
                 f"without {missing}. Pass a mesh with those axis names, or load with your own "
                 "target (jax.ShapeDtypeStructs with the shardings you want)."
             )
-        spec_class: Any = PartitionSpec  # jax leaves its constructor untyped
-        sharding = NamedSharding(mesh, spec_class(*self.spec))
+        sharding = NamedSharding(mesh, self.partition_spec())
         _check_divides(sharding, where, tuple(shape))
         return sharding
+
+    def partition_spec(self) -> jax.sharding.PartitionSpec:
+        """The saved spec as a ``jax.sharding.PartitionSpec``.
+
+        Example:
+            >>> SavedSharding((2, 4), ("data", "model"), (None, ("data", "model"))).partition_spec()
+            P(None, ('data', 'model'))
+        """
+        from jax.sharding import PartitionSpec
+
+        spec_class: Any = PartitionSpec  # jax leaves its constructor untyped
+        spec: jax.sharding.PartitionSpec = spec_class(*self.spec)
+        return spec
 
     def describe(self) -> str:
         """The saved mesh and spec in words, for messages.
