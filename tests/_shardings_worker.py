@@ -190,8 +190,10 @@ def nnx_roundtrip(path: str, options: dict[str, Any]) -> dict[str, Any]:
     nnx.update(model, jax.tree.map(place, nnx.state(model)))
     partialstore.save(path, nnx.state(model), storage_options=options)
     partialstore.finalize(path, storage_options=options)
-    target = partialstore.metadata(path, storage_options=options).abstract_tree()
-    restored = partialstore.load(path, target=target, storage_options=options)
+    info = partialstore.metadata(path, storage_options=options)
+    restored = partialstore.load(path, target=info.abstract_tree(), storage_options=options)
+    other = jax.make_mesh((4, 2), ("data", "model"))
+    onto = partialstore.load(path, target=info.abstract_tree(mesh=other), storage_options=options)
     fresh = Model(nnx.Rngs(1))
     state = nnx.state(fresh)
     same_paths = list(_flat(restored)) == list(_flat(state))
@@ -212,6 +214,17 @@ def nnx_roundtrip(path: str, options: dict[str, Any]) -> dict[str, Any]:
         "same_paths": same_paths,
         "same_output": same_output,
         "leaves": _compare(nnx.state(fresh), nnx.state(model)),
+        "onto_other_mesh": _respecced(onto, nnx.state(model), other),
+    }
+
+
+def _respecced(restored: Any, original: Any, mesh: Mesh) -> dict[str, bool]:
+    """Per leaf: same bytes, and the original's spec on ``mesh``."""
+    got = _flat(restored)
+    return {
+        name: got[name].sharding == NamedSharding(mesh, value.sharding.spec)
+        and np.asarray(got[name]).tobytes() == np.asarray(value).tobytes()
+        for name, value in _flat(original).items()
     }
 
 

@@ -162,6 +162,8 @@ def test_nnx_state_restored_through_its_saved_shardings(saved: dict[str, Any]) -
     for name, fact in report["leaves"].items():
         assert fact["bytes_equal"] and fact["same_sharding"], (name, fact)
         assert "Mesh('data': 2, 'model': 4" in fact["sharding"], name
+    # abstract_tree(mesh=...) onto a (4, 2) mesh: the saved specs there, same bytes.
+    assert report["onto_other_mesh"] == dict.fromkeys(report["leaves"], True)
 
 
 def _strip(body: dict[str, Any]) -> None:
