@@ -31,6 +31,7 @@ from partialstore._commit.record_checks import (
 )
 from partialstore._pytree.keypaths import KeyPath, encode_path, format_path, short_repr
 from partialstore._pytree.leaves import ARRAY_KINDS, INLINE_KINDS, decode_value, encode_inline
+from partialstore._pytree.shardings import SavedSharding
 from partialstore._pytree.tree import NODE_KINDS
 from partialstore.errors import CorruptCheckpointError
 
@@ -80,13 +81,18 @@ class NodeEntry:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LeafEntry:
-    """A leaf entry: ``data`` for array kinds, the Python ``value`` for inline ones."""
+    """A leaf entry: ``data`` for array kinds, the Python ``value`` for inline ones.
+
+    ``sharding`` is the saved ``NamedSharding`` of a ``"jax_array"`` leaf,
+    if it had one (information only: the array is stored whole).
+    """
 
     path: KeyPath
     kind: str
     data: descriptors.Leaf | None = None
     value: Any = None
     stored: dict[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+    sharding: SavedSharding | None = None
 
     def encode(self) -> dict[str, Any]:
         """The JSON form (keys sorted, as on disk).
@@ -98,7 +104,10 @@ class LeafEntry:
         if self.stored is not None:
             return self.stored
         if self.data is not None:
-            return {"data": self.data.encode(), "kind": self.kind, "path": encode_path(self.path)}
+            entry = {"data": self.data.encode(), "kind": self.kind, "path": encode_path(self.path)}
+            if self.sharding is not None:
+                entry["sharding"] = self.sharding.encode()
+            return entry
         value = encode_inline(self.kind, self.value)
         if isinstance(value, dict):  # {"bits", "float"} of a NaN: sorted, as on disk
             value = dict(sorted(value.items()))
@@ -119,8 +128,8 @@ class LeafEntry:
     def _decode_body(cls, entry: dict[str, Any], path: KeyPath, save_dir: str | None) -> LeafEntry:
         kind = kind_of(entry)
         if kind is not None and kind in INLINE_KINDS:
-            if "data" in entry:  # readers (gc among them) take "data" to mean an array
-                raise Damage(f"a {kind!r} leaf has an array descriptor")
+            if "data" in entry or entry.get("sharding") is not None:  # "data" means an array
+                raise Damage(f"a {kind!r} leaf has an array descriptor or a sharding")
             return cls(path, kind, None, decode_value(kind, entry.get("value")), entry)
         if kind is None or kind not in ARRAY_KINDS:
             raise Damage(f"unknown leaf kind {short_repr(entry.get('kind'), 40)}")
@@ -129,7 +138,12 @@ class LeafEntry:
             raise Damage(f"a numpy scalar must have shape (), not {data.shape}")
         if save_dir is not None and not data.path.startswith(save_dir):
             raise Damage(f"array path {data.path!r} is not in its save's {save_dir!r}")
-        return cls(path, kind, data, None, entry)
+        sharding = None
+        if entry.get("sharding") is not None:  # absent or null: no saved layout
+            if kind != "jax_array":  # only a jax.Array has a layout to restore
+                raise Damage(f"a {kind!r} leaf has a sharding")
+            sharding = SavedSharding.decode(entry["sharding"], len(data.shape))
+        return cls(path, kind, data, None, entry, sharding)
 
 
 def decode_entries(

@@ -12,7 +12,7 @@ manifest's size.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from partialstore._arrays import arrays
 from partialstore._arrays.descriptors import Leaf
 from partialstore._arrays.dtypes import dtype_name
 from partialstore._commit import records, txlog
+from partialstore._commit.layouts import SavedSharding, abstract_target
 from partialstore._commit.location import Location
 from partialstore._commit.records import LeafEntry, Manifest
 from partialstore._pytree import tree
@@ -42,11 +43,21 @@ class LeafMetadata:
       kind: "array", "jax_array", "np_scalar", "int", "float", "bool", "str" or "none".
       shape: array shape (``()`` for scalars).
       dtype: numpy dtype name for array kinds, else ``None``.
+      sharding: the ``NamedSharding`` a ``jax_array`` leaf was saved with (mesh
+        shape, axis names, partition spec), or ``None`` (one device, a numpy
+        leaf, or a checkpoint written before shardings were recorded).
     """
 
     kind: str
     shape: tuple[int, ...]
     dtype: str | None
+    sharding: SavedSharding | None = None
+
+    def __repr__(self) -> str:
+        text = f"LeafMetadata(kind={self.kind!r}, shape={self.shape!r}, dtype={self.dtype!r}"
+        if self.sharding is not None:  # most leaves have none: keep their repr short
+            text += f", sharding={self.sharding!r}"
+        return text + ")"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +76,58 @@ class CheckpointMetadata:
     custom_metadata: Any
     saves: list[dict[str, Any]]
     finalized: str | None
+    # The checked entries, for abstract_tree (not compared, not shown).
+    _nodes: Mapping[tree.KeyPath, tree.Node] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _leaves: Sequence[LeafEntry] = dataclasses.field(default=(), compare=False, repr=False)
+
+    def abstract_tree(self, mesh: Any = None) -> Any:
+        """A load target that restores every leaf as it was saved: the saved layout.
+
+        ``partialstore.load(path, target=info.abstract_tree())`` gives back
+        ``jax.Array`` leaves with their saved ``NamedSharding`` (same mesh
+        shape, axis names and types, partition spec), numpy leaves as numpy
+        and inline leaves as saved. In the tree:
+
+        - a ``jax_array`` leaf is a ``jax.ShapeDtypeStruct`` whose sharding
+          is the saved one on a mesh of this job's devices (the saved device
+          ids when all exist, else the first ``jax.devices()``), or on
+          ``mesh`` when given (it must have the axes the spec names; its
+          own shape and axis types are used). One saved without a
+          ``NamedSharding`` is placed on the default device, or replicated
+          over ``mesh`` when given;
+        - a numpy array or numpy scalar leaf is a read-only zero-strided
+          numpy array of its shape and dtype (no memory), so it loads as numpy;
+        - an inline leaf (int, float, bool, str, None) is its value;
+        - dicts, lists and tuples are rebuilt; NamedTuples, dataclasses and
+          other registered nodes become :class:`~partialstore._pytree.abstract.SavedNode`
+          (they flatten to the stored key paths, which ``load`` matches).
+
+        Example:
+            >>> import jax, tempfile
+            >>> import partialstore
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> mesh = jax.make_mesh((1,), ("data",))
+            >>> sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+            >>> w = jax.device_put(np.arange(4.0), sharding)
+            >>> partialstore.save(f"{tmp.name}/ckpt", {"w": w, "step": 7})
+            >>> partialstore.finalize(f"{tmp.name}/ckpt")
+            >>> target = partialstore.metadata(f"{tmp.name}/ckpt").abstract_tree()
+            >>> target["w"].sharding == sharding, target["step"]
+            (True, 7)
+            >>> restored = partialstore.load(f"{tmp.name}/ckpt", target=target)
+            >>> restored["w"].sharding == sharding
+            True
+            >>> tmp.cleanup()
+
+        Raises:
+          InvalidInputError: a leaf's saved mesh needs more devices than this
+            job has, or ``mesh`` lacks an axis its spec names or does not
+            divide its shape; the message names the leaf, what was saved and
+            what is available, and how to restore anyway.
+        """
+        return abstract_target(self._nodes, self._leaves, mesh)
 
 
 async def _has_open_session(location: Location) -> bool:
@@ -123,7 +186,7 @@ def _nodes(manifest: Manifest) -> dict[tree.KeyPath, tree.Node]:
 def _leaf_metadata(leaf: LeafEntry) -> LeafMetadata:
     if leaf.data is None:
         return LeafMetadata(leaf.kind, (), None)
-    return LeafMetadata(leaf.kind, leaf.data.shape, dtype_name(leaf.data.dtype))
+    return LeafMetadata(leaf.kind, leaf.data.shape, dtype_name(leaf.data.dtype), leaf.sharding)
 
 
 def read_metadata(location: Location, manifest: Manifest) -> CheckpointMetadata:
@@ -144,11 +207,14 @@ def read_metadata(location: Location, manifest: Manifest) -> CheckpointMetadata:
         >>> tmp.cleanup()
     """
     values = {leaf.path: _leaf_metadata(leaf) for leaf in manifest.leaves}
+    nodes = _nodes(manifest)
     return CheckpointMetadata(
-        tree=tree.build_tree(_nodes(manifest), values),
+        tree=tree.build_tree(nodes, values),
         custom_metadata=manifest.custom_metadata,
         saves=[save.encode() for save in manifest.saves],
         finalized=manifest.finalized,
+        _nodes=nodes,
+        _leaves=tuple(manifest.leaves),
     )
 
 

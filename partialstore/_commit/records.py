@@ -28,7 +28,9 @@ What is checked, before anything uses it:
 - kinds are from the known sets; inline values decode; array descriptors
   pass :func:`partialstore._arrays.descriptors.parse` (paths inside the checkpoint,
   dtypes from the table, bounded shapes, sizes and offsets), and lie in the
-  data directory of their own save.
+  data directory of their own save; a ``jax_array`` leaf's optional saved
+  ``sharding`` passes :meth:`partialstore._pytree.shardings.SavedSharding.decode`
+  (bounded mesh, known axis names, a spec that fits the array's rank).
 
 The checks cost time linear in the object's size.
 

@@ -24,6 +24,7 @@ from partialstore._commit.published import drop_stray_staging, read_published, w
 from partialstore._commit.records import LeafEntry, NodeEntry, SaveRecord
 from partialstore._pytree import tree
 from partialstore._pytree.keypaths import MAX_DEPTH
+from partialstore._pytree.shardings import SavedSharding
 from partialstore._runtime import multihost
 from partialstore._runtime.faults import crash_point
 from partialstore.errors import (
@@ -141,7 +142,10 @@ def _now() -> str:
 
 def _leaf_entry(leaf: tree.Leaf, descriptor: descriptors.Leaf | None) -> LeafEntry:
     if descriptor is not None:
-        return LeafEntry(leaf.path, leaf.kind, descriptor)
+        # A NamedSharding is recorded so that the saved layout can be restored
+        # (CheckpointMetadata.abstract_tree); other shardings record none.
+        sharding = SavedSharding.from_jax(leaf.sharding) if leaf.sharding is not None else None
+        return LeafEntry(leaf.path, leaf.kind, descriptor, sharding=sharding)
     return LeafEntry(leaf.path, leaf.kind, None, leaf.value)
 
 
