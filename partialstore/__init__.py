@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from partialstore._commit.verifying import DamagedLeaf, VerifyReport
     from partialstore._lifecycle.manager import CheckpointManager
     from partialstore._lifecycle.sessions import SessionInfo
+    from partialstore._pytree.abstract import SavedNode
+    from partialstore._pytree.shardings import SavedSharding
     from partialstore._runtime.ordering import AsyncResponse, UnobservedSaveError
     from partialstore._runtime.stats import OperationStats, add_stats_listener
     from partialstore.backend import Backend, Capabilities
@@ -47,6 +49,8 @@ _EXPORTS = {
     "AsyncResponse": "partialstore._runtime.ordering",
     "UnobservedSaveError": "partialstore._runtime.ordering",
     "OperationStats": "partialstore._runtime.stats",
+    "SavedNode": "partialstore._pytree.abstract",
+    "SavedSharding": "partialstore._pytree.shardings",
     "add_stats_listener": "partialstore._runtime.stats",
     "CheckpointMetadata": "partialstore._commit.loading",
     "LeafMetadata": "partialstore._commit.loading",
@@ -70,6 +74,8 @@ __all__ = [
     "DamagedLeaf",
     "LeafMetadata",
     "OperationStats",
+    "SavedNode",
+    "SavedSharding",
     "SessionInfo",
     "UnobservedSaveError",
     "VerifyReport",
