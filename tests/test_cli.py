@@ -278,12 +278,13 @@ def test_discard_abandons_the_session(store: tuple[str, dict[str, Any]]) -> None
 
 
 def test_demo_json_prints_only_its_timings(tmp_path: Path) -> None:
-    done = run_cli("demo", str(tmp_path / "step_1000"), "--json")
+    done = run_cli("demo", str(tmp_path / "run"), "--scale", "0", "--json")
     assert done.returncode == 0, done.stderr
     seconds = json.loads(done.stdout)["seconds"]  # the whole of stdout is one document
-    assert {"finalize", "load", "metadata"} <= set(seconds)
+    assert {"job until killed", "resume (recover + load)", "check (load + verify)"} <= set(seconds)
     assert all(value > 0 for value in seconds.values())
-    assert partialstore.metadata(str(tmp_path / "step_1000")).custom_metadata == {"piece": 3}
+    with partialstore.CheckpointManager(str(tmp_path / "run")) as manager:
+        assert manager.metadata().custom_metadata == {"loss": 1 / manager.latest_step()}
 
 
 # -- one test per error exit code --------------------------------------------------

@@ -23,7 +23,9 @@ BENCHMARKS = ("finalize_latency", "throughput", "time_to_error")
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", nargs="?", help="checkpoint path or URL (default: a temp folder)")
+    parser.add_argument(
+        "url", nargs="?", help="the run's root path or URL (default: a temp folder)"
+    )
     parser.add_argument(
         "--emulator",
         choices=("s3", "gcs"),
@@ -32,7 +34,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=int, default=1, help="width multiplier of the model")
 
 
-@command("demo", "save a model in pieces, finalize, load, verify", arguments=_demo_arguments)
+@command(
+    "demo",
+    "a training job that checkpoints each step, is killed, resumes, and is verified",
+    arguments=_demo_arguments,
+)
 def demo(args: argparse.Namespace, out: Output) -> int:
     """``partialstore demo``: see :mod:`partialstore._cli.demo`.
 
