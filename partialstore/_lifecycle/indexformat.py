@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from partialstore._commit.record_checks import parse_versioned
 from partialstore.errors import CorruptCheckpointError
 
 __all__ = ["FORMAT", "INDEX_KEY", "VERSION", "Metrics", "RunIndex", "decode", "encode"]
@@ -175,17 +176,7 @@ def decode(key: str, data: bytes) -> RunIndex:
     Raises:
       CorruptCheckpointError: they are not a run index of a known version.
     """
-    try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptCheckpointError(f"Run index {key} is not JSON: {error}.") from None
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise CorruptCheckpointError(f"{key} is not a partialstore run index.")
-    if body.get("version") != VERSION:
-        raise CorruptCheckpointError(
-            f"Run index {key} has version {body.get('version')!r}; this partialstore reads "
-            f"version {VERSION}. Upgrade partialstore."
-        )
+    body = parse_versioned(f"Run index {key}", data, fmt=FORMAT, version=VERSION)
     return RunIndex(
         steps=_steps(body, "steps", key),
         pending=_steps(body, "pending", key),
