@@ -1,0 +1,383 @@
+"""Coordination cost of a multi-process JAX job: per save, per finalize, as processes grow.
+
+Starts real JAX jobs of N = 1, 2, 4, 8 processes (``jax.distributed.initialize``
+with its coordination service on 127.0.0.1; CPU, one device per process)
+and, in each, saves a tiny tree (one array sharded across every process's
+device, and an int) to local disk with partialstore:
+
+- ``protocol``: the exact coordination sequence of one collective save
+  (``broadcast`` of the save id, ``gather_to_primary`` of every process's
+  outcome, ``broadcast`` of the result; :mod:`partialstore._runtime.multihost`)
+  with no data written, timed on the primary. This is the coordination
+  cost alone, without the skew of the processes' writes.
+- ``save``: ``partialstore.save`` on every process, timed on the primary:
+  the whole call, and the part of it spent in the collective calls above
+  (waiting for the slowest process's writes included).
+- the coordination-service requests the primary made per save (by method;
+  its heartbeat thread left out), which says whether the primary's work grows
+  with N.
+- ``finalize`` after the saves of each checkpoint, timed on the primary.
+- after everything (saves, finalizes, a discard and a gc), the coordination
+  keys left under ``partialstore/`` other than the heartbeats.
+
+Every process waits at a barrier before each timed step, so one step's
+stragglers do not count in the next. With N = 1 there is no coordination
+at all (the single-process path); the summary gives the N=8 / N=2 ratios.
+All processes share the machine's cores, so at N = 8 on a small machine
+much of the time is CPU contention, not coordination.
+
+Usage::
+
+    nice -n 10 python -m benchmarks.multihost [--quick] [--processes 1,2,4,8]
+        [--saves 5] [--reps 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.cli import Measured, Run, Script, run_script
+from benchmarks.common import REPO_ROOT, fmt_ratio, fmt_stats, ratio, stats_json
+
+_CHILD_FLAG = "--job-process"
+STORES = ("local",)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------ in a job process
+
+
+class _CountingClient:
+    """Wraps JAX's distributed client: counts each request made outside the heartbeat."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread().name != "partialstore-beat":
+                with self._lock:
+                    self.counts[name] = self.counts.get(name, 0) + 1
+            return method(*args, **kwargs)
+
+        return counted
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            counts, self.counts = self.counts, {}
+        return counts
+
+
+class _Timed:
+    """Accumulates the time spent in the collective calls of ``multihost``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, module: Any, name: str) -> None:
+        original = getattr(module, name)
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        setattr(module, name, timed)
+
+
+async def _protocol_round(name: str) -> None:
+    """What a collective save coordinates, with nothing written (as in ``saving.commit_save``)."""
+    from partialstore._runtime import multihost
+
+    op = multihost.next_op(name)
+    primary = multihost.is_primary()
+    await multihost.broadcast(f"{op}/save_id", "bench" if primary else None)
+    await multihost.gather_to_primary(f"{op}/wrote", multihost.encode_outcome(None))
+    outcome = multihost.encode_outcome(None, "0") if primary else None
+    multihost.decode_outcome(await multihost.broadcast(f"{op}/outcome", outcome), "bench")
+
+
+def _barrier(client: Any, name: str) -> None:
+    if client is not None:
+        client.wait_at_barrier(name, 600_000)
+
+
+def _job_state(count: int) -> dict[str, Any]:
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("p",))
+    value = np.arange(count * 64 * 16, dtype=np.float32).reshape(count * 64, 16)
+    sharding = NamedSharding(mesh, PartitionSpec("p"))
+    array = jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+    return {"rows": array, "step": 1}
+
+
+def _job_main(spec: dict[str, Any]) -> dict[str, Any]:
+    """One process of a job: every measurement; the report the primary writes."""
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{spec['port']}",
+        num_processes=spec["count"],
+        process_id=spec["index"],
+        initialization_timeout=300,
+    )
+    import partialstore
+    from partialstore._runtime import aio, multihost
+
+    state = _job_state(spec["count"])
+    from jax._src import distributed
+
+    raw = distributed.global_state.client if spec["count"] > 1 else None
+    counting = _CountingClient(raw) if raw is not None else None
+    if counting is not None:
+        distributed.global_state.client = counting
+    timed = _Timed()
+    timed.wrap(multihost, "broadcast")
+    timed.wrap(multihost, "gather_to_primary")
+    out: dict[str, Any] = {"protocol": [], "save": [], "in_save": [], "requests": []}
+    out["finalize"] = []
+    for round_ in range(spec["protocol_rounds"] if raw is not None else 0):
+        _barrier(raw, f"bench/p/{round_}")
+        start = time.perf_counter()
+        aio.run(_protocol_round(f"{spec['root']}/protocol"))
+        out["protocol"].append(time.perf_counter() - start)
+    for rep in range(spec["reps"]):
+        path = f"{spec['root']}/ckpt{rep}"
+        for number in range(spec["saves"]):
+            _barrier(raw, f"bench/s/{rep}/{number}")
+            if counting is not None:
+                counting.take()
+            timed.seconds = 0.0
+            start = time.perf_counter()
+            partialstore.save(path, {**state, "step": number})
+            out["save"].append(time.perf_counter() - start)
+            out["in_save"].append(timed.seconds)
+            out["requests"].append(counting.take() if counting is not None else {})
+        _barrier(raw, f"bench/f/{rep}")
+        start = time.perf_counter()
+        partialstore.finalize(path)
+        out["finalize"].append(time.perf_counter() - start)
+    out["leftover_keys"] = _after_discard_and_gc(spec["root"], state, raw)
+    return out
+
+
+def _after_discard_and_gc(root: str, state: dict[str, Any], client: Any) -> list[str] | None:
+    """A discard and a gc, then the coordination keys left (heartbeats excepted)."""
+    import partialstore
+
+    partialstore.save(f"{root}/dropped", state)
+    partialstore.discard(f"{root}/dropped")
+    partialstore.gc(f"{root}/ckpt0")
+    if client is None:
+        return None
+    _barrier(client, "bench/end")
+    keys = [key for key, _ in client.key_value_dir_get("partialstore/")]
+    return [key for key in keys if not key.startswith("partialstore/heartbeat/")]
+
+
+def _child(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    result = _job_main(spec)
+    if spec["index"] == 0:
+        Path(spec["report"]).write_text(json.dumps(result))
+    import jax
+
+    if spec["count"] > 1:
+        jax.distributed.shutdown()
+    return 0
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def _run_job(count: int, args: argparse.Namespace, scratch: str, log: Any) -> dict[str, Any]:
+    """Start one job of ``count`` processes; return the primary's report."""
+    folder = tempfile.mkdtemp(prefix=f"job{count}-", dir=scratch)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    base = {
+        "port": _free_port(),
+        "count": count,
+        "root": f"{folder}/store",
+        "report": f"{folder}/report.json",
+        "saves": args.saves,
+        "reps": args.reps,
+        "protocol_rounds": args.saves * args.reps * 2,
+    }
+    command = [sys.executable, "-m", "benchmarks.multihost", _CHILD_FLAG]
+    children = [
+        subprocess.Popen(
+            [*command, json.dumps({**base, "index": i})],
+            env=env,
+            cwd=str(REPO_ROOT),
+            stdout=log,
+            stderr=log,
+        )
+        for i in range(count)
+    ]
+    try:
+        codes = [child.wait(timeout=args.timeout_s) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if any(codes) or not Path(base["report"]).exists():
+        return {"processes": count, "error": f"job processes exited with {codes}"}
+    return {"processes": count, **json.loads(Path(base["report"]).read_text())}
+
+
+def _summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    if "error" in raw:
+        return raw
+    requests = [sum(r.values()) for r in raw["requests"][1:]] or [0]
+    return {
+        "processes": raw["processes"],
+        "protocol": stats_json(raw["protocol"]),
+        "save": stats_json(raw["save"]),
+        "in_save": stats_json(raw["in_save"]),
+        "finalize": stats_json(raw["finalize"]),
+        "requests_per_save": {"min": min(requests), "max": max(requests)},
+        "request_kinds": raw["requests"][-1],
+        "leftover_keys": raw["leftover_keys"],
+        "raw": raw,
+    }
+
+
+def measure(run: Run) -> Measured:
+    args = run.args
+    counts = [1, 2] if args.quick and args.processes is None else (args.processes or [1, 2, 4, 8])
+    if args.quick:
+        args.saves, args.reps = min(args.saves, 2), min(args.reps, 2)
+    rows = []
+    bar = report.ProgressBar(len(counts), "multihost")
+    with open(run.out.path("-workers.log"), "w") as log:
+        for count in counts:
+            rows.append(_summarize(_run_job(count, args, run.scratch, log)))
+            bar.step(f"N={count}")
+    bar.close()
+    by_count = {row["processes"]: row for row in rows if "error" not in row}
+    ratios = {}
+    if 2 in by_count and 8 in by_count:
+        for name in ("protocol", "in_save", "save", "finalize"):
+            ratios[name] = ratio(by_count[8][name]["median"], by_count[2][name]["median"])
+    config = {"processes": counts, "saves": args.saves, "reps": args.reps}
+    status = 0 if all("error" not in row for row in rows) else 1
+    return Measured(config, {"rows": rows, "ratios_8_over_2": ratios}, status)
+
+
+def render(result: dict[str, Any]) -> str:
+    headers = [
+        "processes",
+        "coordination per save (protocol)",
+        "coordination in a save (primary)",
+        "save (primary)",
+        "primary requests per save",
+        "finalize",
+        "keys left",
+    ]
+    table = []
+    for row in result["rows"]:
+        if "error" in row:
+            table.append([row["processes"], row["error"], "", "", "", "", ""])
+            continue
+        requests = row["requests_per_save"]
+        left = row["leftover_keys"]
+        table.append(
+            [
+                row["processes"],
+                fmt_stats(row["protocol"]),
+                fmt_stats(row["in_save"]),
+                fmt_stats(row["save"]),
+                f"{requests['min']}..{requests['max']}",
+                fmt_stats(row["finalize"]),
+                "n/a" if left is None else len(left),
+            ]
+        )
+    ratios = result.get("ratios_8_over_2", {})
+    lines = [
+        "## Multi-process coordination (local disk, CPU, 1 device per process)",
+        "",
+        report.markdown_table(headers, table),
+        "",
+        "Requests: to the coordination service by the primary, heartbeats excepted, "
+        "after the first save of each checkpoint. Keys left: under partialstore/ after "
+        "every save, finalize, discard and gc, heartbeats excepted.",
+    ]
+    if ratios:
+        text = ", ".join(f"{name} {fmt_ratio(value)}" for name, value in ratios.items())
+        lines += ["", f"N=8 / N=2 (medians): {text}"]
+    return "\n".join(lines)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--processes",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=None,
+        help="comma-separated job sizes (default 1,2,4,8; quick: 1,2)",
+    )
+    parser.add_argument("--saves", type=int, default=5, help="saves per checkpoint (default 5)")
+    parser.add_argument("--reps", type=int, default=3, help="checkpoints per job (default 3)")
+    parser.add_argument(
+        "--timeout-s", type=float, default=900.0, help="limit per job (default 900)"
+    )
+
+
+SCRIPT = Script(
+    name="multihost",
+    description="Coordination time per save and finalize time of partialstore in "
+    "multi-process JAX jobs of 1 to 8 processes (CPU, coordination service on 127.0.0.1).",
+    stores=STORES,
+    add_arguments=_add_arguments,
+    measure=measure,
+    render=render,
+    scratch_prefix="partialstore-multihost-",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the jobs; print the table, write JSON and the table to ``--out``.
+
+    Exit status 1 when a job's process failed.
+
+    Example::
+
+        main(["--quick", "--out", "/tmp/bench"])
+    """
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == [_CHILD_FLAG]:
+        return _child(given[1:])
+    return run_script(SCRIPT, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
