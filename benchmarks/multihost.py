@@ -162,7 +162,12 @@ def _job_main(spec: dict[str, Any]) -> dict[str, Any]:
     timed.wrap(multihost, "broadcast")
     timed.wrap(multihost, "gather_to_primary")
     out: dict[str, Any] = {"protocol": [], "save": [], "in_save": [], "requests": []}
-    out["finalize"] = []
+    out["finalize"], out["barrier"] = [], []
+    for round_ in range(spec["protocol_rounds"] if raw is not None else 0):
+        _barrier(raw, f"bench/b/{round_}")
+        start = time.perf_counter()
+        _barrier(raw, f"bench/floor/{round_}")
+        out["barrier"].append(time.perf_counter() - start)
     for round_ in range(spec["protocol_rounds"] if raw is not None else 0):
         _barrier(raw, f"bench/p/{round_}")
         start = time.perf_counter()
@@ -261,6 +266,7 @@ def _summarize(raw: dict[str, Any]) -> dict[str, Any]:
     requests = [sum(r.values()) for r in raw["requests"][1:]] or [0]
     return {
         "processes": raw["processes"],
+        "barrier": stats_json(raw["barrier"]),
         "protocol": stats_json(raw["protocol"]),
         "save": stats_json(raw["save"]),
         "in_save": stats_json(raw["in_save"]),
@@ -287,7 +293,7 @@ def measure(run: Run) -> Measured:
     by_count = {row["processes"]: row for row in rows if "error" not in row}
     ratios = {}
     if 2 in by_count and 8 in by_count:
-        for name in ("protocol", "in_save", "save", "finalize"):
+        for name in ("barrier", "protocol", "in_save", "save", "finalize"):
             ratios[name] = ratio(by_count[8][name]["median"], by_count[2][name]["median"])
     config = {"processes": counts, "saves": args.saves, "reps": args.reps}
     status = 0 if all("error" not in row for row in rows) else 1
@@ -297,6 +303,7 @@ def measure(run: Run) -> Measured:
 def render(result: dict[str, Any]) -> str:
     headers = [
         "processes",
+        "one JAX barrier (floor)",
         "coordination per save (protocol)",
         "coordination in a save (primary)",
         "save (primary)",
@@ -307,13 +314,14 @@ def render(result: dict[str, Any]) -> str:
     table = []
     for row in result["rows"]:
         if "error" in row:
-            table.append([row["processes"], row["error"], "", "", "", "", ""])
+            table.append([row["processes"], row["error"], *[""] * 6])
             continue
         requests = row["requests_per_save"]
         left = row["leftover_keys"]
         table.append(
             [
                 row["processes"],
+                fmt_stats(row["barrier"]),
                 fmt_stats(row["protocol"]),
                 fmt_stats(row["in_save"]),
                 fmt_stats(row["save"]),

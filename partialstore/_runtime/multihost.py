@@ -201,6 +201,35 @@ async def _raise_if_silent(sources: list[int], key: str) -> None:
             )
 
 
+def _timed_out(key: str, sources: list[int]) -> TimeoutError:
+    named = ", ".join(str(s) for s in sources)
+    return TimeoutError(
+        f"Process {process_index()} waited {_timeout_s():.0f} s in vain for {key!r} from "
+        f"process {named} of the JAX job. Did every process call the same partialstore "
+        "functions on the same path, in the same order? (PARTIALSTORE_MULTIHOST_TIMEOUT_S "
+        "sets the limit.)"
+    )
+
+
+def _get_or_none(client: Any, key: str, wait_ms: int, sources: str) -> str | None:
+    """``key``'s value once set, or None if ``wait_ms`` passed; runs in a thread."""
+    try:
+        return str(client.blocking_key_value_get(key, wait_ms))
+    except Exception as error:  # jaxlib's JaxRuntimeError, told apart by status
+        if "DEADLINE_EXCEEDED" in str(error):
+            return None
+        raise errors.ProcessLostError(
+            f"Process {process_index()} lost the JAX coordination service (run by "
+            f"process 0) while waiting for {key!r} from {sources}: {error}. Check "
+            "process 0's logs and restart the job."
+        ) from error
+
+
+def _wait_ms(deadline: float) -> int:
+    remaining = deadline - time.monotonic()
+    return max(1, int(min(_heartbeat_interval_s(), remaining) * 1000))
+
+
 async def _await_keys(keys: dict[int, str]) -> dict[int, str]:
     """Each source process's value under its key, in order; fail fast if a source dies."""
     _ensure_heartbeat()
@@ -209,27 +238,14 @@ async def _await_keys(keys: dict[int, str]) -> dict[int, str]:
     values: dict[int, str] = {}
     for source, key in keys.items():
         while source not in values:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"Process {process_index()} waited {_timeout_s():.0f} s in vain for "
-                    f"{key!r} from process {source} of the JAX job. Did every "
-                    "process call the same partialstore functions on the same path, in the "
-                    "same order? (PARTIALSTORE_MULTIHOST_TIMEOUT_S sets the limit.)"
-                )
-            wait_ms = max(1, int(min(_heartbeat_interval_s(), remaining) * 1000))
-            try:
-                values[source] = await asyncio.to_thread(
-                    client.blocking_key_value_get, key, wait_ms
-                )
-            except Exception as error:  # jaxlib's JaxRuntimeError, told apart by status
-                if "DEADLINE_EXCEEDED" not in str(error):
-                    raise errors.ProcessLostError(
-                        f"Process {process_index()} lost the JAX coordination service (run "
-                        f"by process 0) while waiting for {key!r} from process {source}: "
-                        f"{error}. Check process 0's logs and restart the job."
-                    ) from error
+            if time.monotonic() >= deadline:
+                raise _timed_out(key, [source])
+            wait_ms = _wait_ms(deadline)
+            got = await asyncio.to_thread(_get_or_none, client, key, wait_ms, f"process {source}")
+            if got is None:
                 await _raise_if_silent([s for s in keys if s not in values], key)
+            else:
+                values[source] = got
     return values
 
 
@@ -265,10 +281,15 @@ def next_op(name: str) -> str:
 
 
 async def _finish(op: str) -> None:
-    """Count this process out of ``op``; the last one deletes the operation's keys."""
+    """Count this process out of ``op``; the last one deletes the operation's keys.
+
+    Only the non-primary processes count: the primary is done with an
+    operation once it has set its outcome, so its own count would only add
+    a request to its path.
+    """
     try:
         done = await asyncio.to_thread(_client().key_value_increment, f"{op}/done", 1)
-        if done >= process_count():
+        if done >= process_count() - 1:
             await asyncio.to_thread(_client().key_value_delete, op)
     except Exception:  # only tidying: a leftover key harms nothing
         pass
@@ -277,8 +298,8 @@ async def _finish(op: str) -> None:
 async def broadcast(key: str, value: str | None) -> str:
     """Return the primary's ``value`` on every process (others pass ``None``).
 
-    A key ending in ``/outcome`` is the operation's last message: then the
-    last process done with the operation deletes its keys.
+    A key ending in ``/outcome`` is the operation's last message: the last
+    non-primary process to read it deletes the operation's keys.
 
     It needs ``jax.distributed``; the module docstring shows the call.
     """
@@ -290,24 +311,65 @@ async def broadcast(key: str, value: str | None) -> str:
         result = value
     else:
         result = (await _await_keys({0: key}))[0]
-    op, _, last = key.rpartition("/")
-    if last == OUTCOME:
-        await _finish(op)
+        op, _, last = key.rpartition("/")
+        if last == OUTCOME:
+            await _finish(op)
     return result
 
 
 async def gather_to_primary(key: str, value: str) -> list[str] | None:
     """Send ``value`` to the primary; it gets every process's value in order, others None.
 
+    The primary's part takes the same few requests whatever the number of
+    processes: each other process sets ``{key}/{index}`` and counts itself
+    in; the last one in sets ``{key}.all``, which the primary waits for,
+    then reads every value with one directory read.
+
     It needs ``jax.distributed``: a step calls
     ``await gather_to_primary(f"{op}/wrote", encode_outcome(None))``.
     """
+    _ensure_heartbeat()
     if not is_primary():
-        _ensure_heartbeat()
-        await asyncio.to_thread(_client().key_value_set, f"{key}/{process_index()}", value)
+        await asyncio.to_thread(_report, _client(), key, value)
         return None
-    others = await _await_keys({i: f"{key}/{i}" for i in range(1, process_count())})
-    return [value, *others.values()]
+    others = await _await_reports(key)
+    return [value, *(others[i] for i in range(1, process_count()))]
+
+
+def _report(client: Any, key: str, value: str) -> None:
+    """A non-primary process's report to :func:`gather_to_primary`; runs in a thread."""
+    client.key_value_set(f"{key}/{process_index()}", value)
+    # Set after the report itself, so once the count is full every report is there.
+    if client.key_value_increment(f"{key}.count", 1) == process_count() - 1:
+        client.key_value_set(f"{key}.all", "1")
+
+
+def _wait_reports(client: Any, key: str, wait_ms: int) -> dict[int, str]:
+    """The reports under ``key`` once all are in, or after ``wait_ms``; runs in a thread."""
+    _get_or_none(client, f"{key}.all", wait_ms, "the other processes")
+    reports = client.key_value_dir_get(f"{key}/")
+    return {int(name.rsplit("/", 1)[1]): value for name, value in reports}
+
+
+async def _await_reports(key: str) -> dict[int, str]:
+    """Every non-primary process's report under ``key``; fail fast if one of them dies.
+
+    Waits for ``{key}.all`` in short slices; after each slice without it,
+    the reports are read anyway (a process may have died between its report
+    and its count) and the processes yet to report have their heartbeats
+    checked.
+    """
+    client = _client()
+    sources = list(range(1, process_count()))
+    deadline = time.monotonic() + _timeout_s()
+    while True:
+        reports = await asyncio.to_thread(_wait_reports, client, key, _wait_ms(deadline))
+        missing = [s for s in sources if s not in reports]
+        if not missing:
+            return reports
+        if time.monotonic() >= deadline:
+            raise _timed_out(f"{key}/<index>", missing)
+        await _raise_if_silent(missing, f"{key}/{missing[0]}")
 
 
 async def run_on_primary(op: str | None, action: Callable[[], Awaitable[T]], where: str) -> T:
