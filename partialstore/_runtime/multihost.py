@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from partialstore import errors
+from partialstore._runtime import kvgather
 
 __all__ = [
     "OUTCOME",
@@ -203,26 +204,13 @@ async def _raise_if_silent(sources: list[int], key: str) -> None:
 
 def _timed_out(key: str, sources: list[int]) -> TimeoutError:
     named = ", ".join(str(s) for s in sources)
+    who = f"process {named}" if len(sources) == 1 else f"processes {named}"
     return TimeoutError(
         f"Process {process_index()} waited {_timeout_s():.0f} s in vain for {key!r} from "
-        f"process {named} of the JAX job. Did every process call the same partialstore "
+        f"{who} of the JAX job. Did every process call the same partialstore "
         "functions on the same path, in the same order? (PARTIALSTORE_MULTIHOST_TIMEOUT_S "
         "sets the limit.)"
     )
-
-
-def _get_or_none(client: Any, key: str, wait_ms: int, sources: str) -> str | None:
-    """``key``'s value once set, or None if ``wait_ms`` passed; runs in a thread."""
-    try:
-        return str(client.blocking_key_value_get(key, wait_ms))
-    except Exception as error:  # jaxlib's JaxRuntimeError, told apart by status
-        if "DEADLINE_EXCEEDED" in str(error):
-            return None
-        raise errors.ProcessLostError(
-            f"Process {process_index()} lost the JAX coordination service (run by "
-            f"process 0) while waiting for {key!r} from {sources}: {error}. Check "
-            "process 0's logs and restart the job."
-        ) from error
 
 
 def _wait_ms(deadline: float) -> int:
@@ -241,7 +229,9 @@ async def _await_keys(keys: dict[int, str]) -> dict[int, str]:
             if time.monotonic() >= deadline:
                 raise _timed_out(key, [source])
             wait_ms = _wait_ms(deadline)
-            got = await asyncio.to_thread(_get_or_none, client, key, wait_ms, f"process {source}")
+            got = await asyncio.to_thread(
+                kvgather.get_or_none, client, key, wait_ms, process_index(), f"process {source}"
+            )
             if got is None:
                 await _raise_if_silent([s for s in keys if s not in values], key)
             else:
@@ -252,6 +242,7 @@ async def _await_keys(keys: dict[int, str]) -> dict[int, str]:
 # ----------------------------------------------------------------- messages
 
 OUTCOME = "outcome"  # an operation's last message: its keys can go once all have it
+_SUCCESS = json.dumps({"ok": ""})  # encode_outcome(None): gathered as a count alone
 
 _counters: dict[str, int] = {}
 _counters_lock = threading.Lock()
@@ -321,55 +312,42 @@ async def gather_to_primary(key: str, value: str) -> list[str] | None:
     """Send ``value`` to the primary; it gets every process's value in order, others None.
 
     The primary's part takes the same few requests whatever the number of
-    processes: each other process sets ``{key}/{index}`` and counts itself
-    in; the last one in sets ``{key}.all``, which the primary waits for,
-    then reads every value with one directory read.
+    processes (:mod:`partialstore._runtime.kvgather` says how); a success
+    message (``encode_outcome(None)``) travels as a count alone.
 
     It needs ``jax.distributed``: a step calls
     ``await gather_to_primary(f"{op}/wrote", encode_outcome(None))``.
     """
     _ensure_heartbeat()
+    reporting = process_count() - 1
     if not is_primary():
-        await asyncio.to_thread(_report, _client(), key, value)
+        await asyncio.to_thread(
+            kvgather.report, _client(), key, process_index(), reporting, value, _SUCCESS
+        )
         return None
-    others = await _await_reports(key)
-    return [value, *(others[i] for i in range(1, process_count()))]
+    sent = await _await_reports(key, reporting)
+    return [value, *(sent.get(i, _SUCCESS) for i in range(1, reporting + 1))]
 
 
-def _report(client: Any, key: str, value: str) -> None:
-    """A non-primary process's report to :func:`gather_to_primary`; runs in a thread."""
-    client.key_value_set(f"{key}/{process_index()}", value)
-    # Set after the report itself, so once the count is full every report is there.
-    if client.key_value_increment(f"{key}.count", 1) == process_count() - 1:
-        client.key_value_set(f"{key}.all", "1")
+async def _await_reports(key: str, reporting: int) -> dict[int, str]:
+    """The values sent by the other processes to ``key``; fail fast if one of them dies.
 
-
-def _wait_reports(client: Any, key: str, wait_ms: int) -> dict[int, str]:
-    """The reports under ``key`` once all are in, or after ``wait_ms``; runs in a thread."""
-    _get_or_none(client, f"{key}.all", wait_ms, "the other processes")
-    reports = client.key_value_dir_get(f"{key}/")
-    return {int(name.rsplit("/", 1)[1]): value for name, value in reports}
-
-
-async def _await_reports(key: str) -> dict[int, str]:
-    """Every non-primary process's report under ``key``; fail fast if one of them dies.
-
-    Waits for ``{key}.all`` in short slices; after each slice without it,
-    the reports are read anyway (a process may have died between its report
-    and its count) and the processes yet to report have their heartbeats
-    checked.
+    Waits in short slices; after each slice that ends before every process
+    has reported, the other processes' heartbeats are checked (one that has
+    reported is waiting for the outcome, and beats).
     """
     client = _client()
-    sources = list(range(1, process_count()))
     deadline = time.monotonic() + _timeout_s()
+    others = list(range(1, reporting + 1))
     while True:
-        reports = await asyncio.to_thread(_wait_reports, client, key, _wait_ms(deadline))
-        missing = [s for s in sources if s not in reports]
-        if not missing:
-            return reports
+        sent = await asyncio.to_thread(
+            kvgather.wait_for_reports, client, key, reporting, _wait_ms(deadline), 0
+        )
+        if sent is not None:
+            return sent
         if time.monotonic() >= deadline:
-            raise _timed_out(f"{key}/<index>", missing)
-        await _raise_if_silent(missing, f"{key}/{missing[0]}")
+            raise _timed_out(f"{key}.all", others)
+        await _raise_if_silent(others, f"{key}.all")
 
 
 async def run_on_primary(op: str | None, action: Callable[[], Awaitable[T]], where: str) -> T:
