@@ -5,6 +5,10 @@ with its coordination service on 127.0.0.1; CPU, one device per process)
 and, in each, saves a tiny tree (one array sharded across every process's
 device, and an int) to local disk with partialstore:
 
+- ``barrier``: one ``wait_at_barrier`` of JAX's own client across every
+  process, timed on the primary: the floor of any step that every process
+  takes part in, on this machine (with N processes sharing few cores it
+  grows with N whatever partialstore does).
 - ``protocol``: the exact coordination sequence of one collective save
   (``broadcast`` of the save id, ``gather_to_primary`` of every process's
   outcome, ``broadcast`` of the result; :mod:`partialstore._runtime.multihost`)
@@ -336,9 +340,10 @@ def render(result: dict[str, Any]) -> str:
         "",
         report.markdown_table(headers, table),
         "",
-        "Requests: to the coordination service by the primary, heartbeats excepted, "
-        "after the first save of each checkpoint. Keys left: under partialstore/ after "
-        "every save, finalize, discard and gc, heartbeats excepted.",
+        "Requests: to the coordination service by the primary per save (min..max over "
+        "every save but the job's first), heartbeats excepted. Keys left: under "
+        "partialstore/ after every save, finalize, discard and gc, heartbeats excepted. "
+        "Times: median [min .. max] on the primary.",
     ]
     if ratios:
         text = ", ".join(f"{name} {fmt_ratio(value)}" for name, value in ratios.items())

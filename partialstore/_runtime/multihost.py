@@ -14,13 +14,17 @@ alone (:func:`run_on_primary`).
 
 Coordination uses the key-value store of JAX's distributed coordination
 service: the primary publishes, the others wait for a key in short slices
-(in a thread, so partialstore's event loop keeps running). Failures travel
+(in a thread, so partialstore's event loop keeps running). The others'
+reports reach the primary through one counter
+(:mod:`partialstore._runtime.kvgather`), so the primary's requests per
+operation do not grow with the number of processes. Failures travel
 as messages carrying their type, message and process, so a process whose
 write fails makes every process raise that error instead of leaving the
 others waiting at a barrier; a process that dies is noticed by its
 heartbeat stopping (:class:`ProcessLostError`). Each operation's keys are
-deleted once every process is done with them. With one process (or
-without ``jax.distributed``) nothing here talks to anyone.
+deleted by the last non-primary process to read its outcome (the primary
+reads nothing after setting it). With one process (or without
+``jax.distributed``) nothing here talks to anyone.
 
 In a multi-process job a collective step reads
 ``await broadcast(f"{next_op(name)}/save_id", new_id() if is_primary() else None)``;
