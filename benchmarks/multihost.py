@@ -20,7 +20,8 @@ device, and an int) to local disk with partialstore:
 - the coordination-service requests the primary made per save (by method;
   its heartbeat thread left out), which says whether the primary's work grows
   with N.
-- ``finalize`` after the saves of each checkpoint, timed on the primary.
+- ``finalize`` after the saves of each checkpoint, timed on the primary,
+  and the primary's coordination requests in it.
 - after everything (saves, finalizes, a discard and a gc), the coordination
   keys left under ``partialstore/`` other than the heartbeats.
 
@@ -152,21 +153,16 @@ def _job_main(spec: dict[str, Any]) -> dict[str, Any]:
         process_id=spec["index"],
         initialization_timeout=300,
     )
-    import partialstore
+    from jax._src import distributed
+
     from partialstore._runtime import aio, multihost
 
     state = _job_state(spec["count"])
-    from jax._src import distributed
-
     raw = distributed.global_state.client if spec["count"] > 1 else None
     counting = _CountingClient(raw) if raw is not None else None
-    if counting is not None:
+    if counting is not None:  # partialstore reads the client from here at each call
         distributed.global_state.client = counting
-    timed = _Timed()
-    timed.wrap(multihost, "broadcast")
-    timed.wrap(multihost, "gather_to_primary")
-    out: dict[str, Any] = {"protocol": [], "save": [], "in_save": [], "requests": []}
-    out["finalize"], out["barrier"] = [], []
+    out: dict[str, Any] = {"protocol": [], "barrier": []}
     for round_ in range(spec["protocol_rounds"] if raw is not None else 0):
         _barrier(raw, f"bench/b/{round_}")
         start = time.perf_counter()
@@ -177,23 +173,42 @@ def _job_main(spec: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         aio.run(_protocol_round(f"{spec['root']}/protocol"))
         out["protocol"].append(time.perf_counter() - start)
+    timed = _Timed()
+    timed.wrap(multihost, "broadcast")
+    timed.wrap(multihost, "gather_to_primary")
+    out.update(_saves_and_finalizes(spec, state, raw, counting, timed))
+    out["leftover_keys"] = _after_discard_and_gc(spec["root"], state, raw)
+    return out
+
+
+def _saves_and_finalizes(
+    spec: dict[str, Any], state: dict[str, Any], raw: Any, counting: Any, timed: _Timed
+) -> dict[str, list[Any]]:
+    """``reps`` checkpoints of ``saves`` saves each, then a finalize; every figure of each."""
+    import partialstore
+
+    def requests() -> dict[str, int]:
+        return counting.take() if counting is not None else {}
+
+    out: dict[str, list[Any]] = {name: [] for name in ("save", "in_save", "requests")}
+    out.update(finalize=[], finalize_requests=[])
     for rep in range(spec["reps"]):
         path = f"{spec['root']}/ckpt{rep}"
         for number in range(spec["saves"]):
             _barrier(raw, f"bench/s/{rep}/{number}")
-            if counting is not None:
-                counting.take()
+            requests()
             timed.seconds = 0.0
             start = time.perf_counter()
             partialstore.save(path, {**state, "step": number})
             out["save"].append(time.perf_counter() - start)
             out["in_save"].append(timed.seconds)
-            out["requests"].append(counting.take() if counting is not None else {})
+            out["requests"].append(requests())
         _barrier(raw, f"bench/f/{rep}")
+        requests()
         start = time.perf_counter()
         partialstore.finalize(path)
         out["finalize"].append(time.perf_counter() - start)
-    out["leftover_keys"] = _after_discard_and_gc(spec["root"], state, raw)
+        out["finalize_requests"].append(requests())
     return out
 
 
@@ -277,6 +292,7 @@ def _summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "finalize": stats_json(raw["finalize"]),
         "requests_per_save": {"min": min(requests), "max": max(requests)},
         "request_kinds": raw["requests"][-1],
+        "finalize_requests": [sum(r.values()) for r in raw["finalize_requests"]],
         "leftover_keys": raw["leftover_keys"],
         "raw": raw,
     }
@@ -313,12 +329,13 @@ def render(result: dict[str, Any]) -> str:
         "save (primary)",
         "primary requests per save",
         "finalize",
+        "primary requests per finalize",
         "keys left",
     ]
     table = []
     for row in result["rows"]:
         if "error" in row:
-            table.append([row["processes"], row["error"], *[""] * 6])
+            table.append([row["processes"], row["error"], *[""] * 7])
             continue
         requests = row["requests_per_save"]
         left = row["leftover_keys"]
@@ -331,6 +348,7 @@ def render(result: dict[str, Any]) -> str:
                 fmt_stats(row["save"]),
                 f"{requests['min']}..{requests['max']}",
                 fmt_stats(row["finalize"]),
+                "..".join(str(f(row["finalize_requests"])) for f in (min, max)),
                 "n/a" if left is None else len(left),
             ]
         )

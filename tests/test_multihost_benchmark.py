@@ -38,6 +38,8 @@ def test_quick_run_reports_every_figure_and_leaves_no_keys(tmp_path: Path) -> No
     assert pair["protocol"]["n"] == 2 * saves and pair["barrier"]["n"] == 2 * saves
     assert pair["requests_per_save"] == {"min": 3, "max": 3}
     assert pair["request_kinds"] == {"key_value_set": 2, "blocking_key_value_get": 1}
+    # Finalize: the primary sets the outcome, nothing more.
+    assert pair["finalize_requests"] == [1] * result["config"]["reps"]
     assert pair["leftover_keys"] == []
     table = (tmp_path / "multihost.md").read_text()
     assert "| 2 |" in table and "coordination per save" in table
