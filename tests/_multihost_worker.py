@@ -17,8 +17,9 @@ what its backend deleted; finally the primary lists the coordination keys
 left behind. A job with ``"many"`` (run with more processes) saves three
 times, then once failing in processes 2 and 3, finalizes, discards and
 collects garbage, and reports each outcome and the keys left. A job with
-``"kill"`` instead hangs one process in a chunk
-write (the test kills it) and reports what the others raised, and when.
+``"exit"`` only starts the heartbeat and leaves. A job with ``"kill"``
+instead hangs one process in a chunk write (the test kills it) and reports
+what the others raised, and when.
 """
 
 from __future__ import annotations
@@ -360,6 +361,12 @@ def main() -> None:
     devices = np.array(jax.devices()).reshape(int(count), DEVICES_PER_PROCESS)
     mesh = Mesh(devices, ("proc", "local"))
     job = json.loads(Path(job_file).read_text())
+    if "exit" in job:  # beat a while, then leave as a job does
+        multihost.next_op(job["exit"])  # starts the heartbeat
+        time.sleep(0.5)
+        Path(report_file).write_text(json.dumps({"process": multihost.process_index()}))
+        jax.distributed.shutdown()
+        return
     if "kill" in job:
         _killed_mid_save(job, mesh, report_file)
     state = _global_tree(mesh)

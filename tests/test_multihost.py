@@ -69,7 +69,7 @@ def _free_port() -> int:
 
 
 def _start_job(
-    tmp_path: Path, job: dict[str, Any], count: int
+    tmp_path: Path, job: dict[str, Any], count: int, **extra_env: str
 ) -> tuple[list[subprocess.Popen[str]], list[Path]]:
     """Start ``count`` worker processes of one JAX job; return them and their report files."""
     job_file = tmp_path / "job.json"
@@ -79,6 +79,7 @@ def _start_job(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
         PARTIALSTORE_MULTIHOST_TIMEOUT_S="60",
+        **extra_env,
     )
     port = _free_port()
     reports = [tmp_path / f"report{i}.json" for i in range(count)]
@@ -276,6 +277,20 @@ def test_four_processes_relay_the_first_failure_in_order_and_leave_no_keys(
     _assert_same_bits(loaded, {**expected_state(), "step": 2})
     leftovers = [json.loads(r.read_text())["leftover_keys"] for r in report_files]
     assert leftovers == [[]] * count
+
+
+def test_processes_exit_cleanly_while_their_heartbeat_runs(tmp_path: Path) -> None:
+    """A process that leaves after jax.distributed.shutdown() exits with 0, not SIGABRT.
+
+    Beats every 50 ms, so a heartbeat request is often in flight at the exit:
+    a daemon thread ended inside jaxlib's C++ code aborts the process.
+    """
+    count = 6
+    children, reports = _start_job(
+        tmp_path, {"exit": "heartbeat"}, count, PARTIALSTORE_MULTIHOST_LIVENESS_S="0.3"
+    )
+    _finish(children, timeout=240)  # asserts every exit status is 0
+    assert [json.loads(r.read_text())["process"] for r in reports] == list(range(count))
 
 
 def test_a_killed_process_makes_the_others_fail_fast_naming_it(tmp_path: Path) -> None:

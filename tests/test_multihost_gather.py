@@ -155,3 +155,43 @@ def test_get_or_none_returns_a_value_or_none_after_its_wait(clients: list[Any]) 
     assert kvgather.get_or_none(clients[2], key, 20, 2, "process 0") is None
     clients[0].key_value_set(key, "done")
     assert kvgather.get_or_none(clients[2], key, 20, 2, "process 0") == "done"
+
+
+def test_the_heartbeat_stops_before_the_interpreter_exits(
+    clients: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exit handler ends the beat thread, so no beat is inside jaxlib at finalization.
+
+    This process poses as process 1 of the eight-client job for the test.
+    """
+    from jax._src import distributed
+
+    from partialstore._runtime import multihost
+
+    monkeypatch.setenv("PARTIALSTORE_MULTIHOST_LIVENESS_S", "0.3")  # a beat every 50 ms
+    state = distributed.global_state
+    monkeypatch.setattr(state, "client", clients[1])
+    monkeypatch.setattr(state, "num_processes", PROCESSES)
+    monkeypatch.setattr(state, "process_id", 1)
+    key = "partialstore/heartbeat/1"
+    try:
+        multihost._ensure_heartbeat()
+        thread = multihost._beats[-1]
+        assert thread.is_alive()
+        first = clients[0].blocking_key_value_get(key, 5_000)
+        beat = first
+        for _ in range(100):  # it beats: the counter moves
+            beat = clients[0].key_value_try_get(key)
+            if beat != first:
+                break
+            thread.join(timeout=0.05)
+        assert int(beat) > int(first)
+        multihost._stop_beating()  # what the interpreter's exit runs
+        assert not thread.is_alive()
+        stopped = clients[0].key_value_try_get(key)
+        thread.join(timeout=0.3)
+        assert clients[0].key_value_try_get(key) == stopped  # no beat since
+    finally:
+        multihost._exiting.clear()
+        monkeypatch.undo()
+        multihost._heartbeat_client = None

@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import builtins
 import contextlib
 import hashlib
@@ -137,6 +138,11 @@ _HEARTBEAT_DIR = "partialstore/heartbeat/"
 _heartbeat_lock = threading.Lock()
 _heartbeat_client: Any = None
 _seen: dict[int, tuple[str, float]] = {}  # process: (last beat seen, when first seen)
+_beats: list[threading.Thread] = []  # every heartbeat thread started, for the exit
+_exiting = threading.Event()
+#: How long the exit waits for a heartbeat request in flight (one to a lost
+#: coordination service may hang until its own RPC timeout).
+_EXIT_JOIN_S = 10.0
 
 
 def _heartbeat_interval_s() -> float:
@@ -154,20 +160,36 @@ def _ensure_heartbeat() -> None:
         client.key_value_set(key, "0", allow_overwrite=True)  # visible before any wait
         _heartbeat_client = client
         _seen.clear()
-    threading.Thread(
-        target=_beat, args=(client, key), name="partialstore-beat", daemon=True
-    ).start()
+        thread = threading.Thread(
+            target=_beat, args=(client, key), name="partialstore-beat", daemon=True
+        )
+        thread.start()
+        _beats.append(thread)
+        if len(_beats) == 1:
+            atexit.register(_stop_beating)
 
 
 def _beat(client: Any, key: str) -> None:
     beat = 0
-    while _client() is client:  # until jax.distributed.shutdown() (or a new job)
-        time.sleep(_heartbeat_interval_s())
+    # Until jax.distributed.shutdown() (or a new job), or the interpreter's exit.
+    while not _exiting.wait(_heartbeat_interval_s()) and _client() is client:
         beat += 1
         try:
             client.key_value_set(key, str(beat), allow_overwrite=True)
         except Exception:  # a lost beat only makes the others' view older
             continue
+
+
+def _stop_beating() -> None:
+    """At exit, let each heartbeat thread finish its request and stop.
+
+    A daemon thread still inside a jaxlib call when the interpreter
+    finalizes is ended in the middle of C++ code, which aborts the process
+    (SIGABRT) after its work is done. Exit handlers run before that.
+    """
+    _exiting.set()
+    for thread in _beats:
+        thread.join(timeout=_EXIT_JOIN_S)
 
 
 def _read_beats(client: Any, sources: list[int]) -> dict[int, str]:
