@@ -28,18 +28,24 @@ device, and an int) to local disk with partialstore:
 Every process waits at a barrier before each timed step, so one step's
 stragglers do not count in the next. With N = 1 there is no coordination
 at all (the single-process path); the summary gives the N=8 / N=2 ratios.
-All processes share the machine's cores, so at N = 8 on a small machine
+Each job runs direct (the coordination service on 127.0.0.1) and, with
+``--rtt-ms``, through a proxy that delays every byte between the clients
+and the service by half the round trip each way, as a network between hosts
+would: there the number of requests in series decides the time, not the
+CPU. All processes share the machine's cores, so at N = 8 on a small machine
 much of the time is CPU contention, not coordination.
 
 Usage::
 
     nice -n 10 python -m benchmarks.multihost [--quick] [--processes 1,2,4,8]
-        [--saves 5] [--reps 3] [--out DIR]
+        [--rtt-ms 0,5] [--saves 5] [--reps 3] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -149,6 +155,7 @@ def _job_main(spec: dict[str, Any]) -> dict[str, Any]:
 
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{spec['port']}",
+        coordinator_bind_address=f"127.0.0.1:{spec['bind_port']}",
         num_processes=spec["count"],
         process_id=spec["index"],
         initialization_timeout=300,
@@ -241,14 +248,92 @@ def _child(argv: list[str]) -> int:
 # ------------------------------------------------------------------ the driver
 
 
-def _run_job(count: int, args: argparse.Namespace, scratch: str, log: Any) -> dict[str, Any]:
+class _DelayProxy:
+    """A TCP forwarder on 127.0.0.1 that delays every byte by ``rtt_s / 2`` each way.
+
+    The coordination service binds one port; every process's client
+    connects to this proxy's, so each request and each answer (a blocking
+    get's too) takes the round trip of a network between hosts. Delays are
+    absolute per chunk, so requests in flight together are not serialized.
+    """
+
+    def __init__(self, target_port: int, rtt_s: float) -> None:
+        self.target_port = target_port
+        self.one_way_s = rtt_s / 2
+        self.port = _free_port()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._serve, args=(started,), daemon=True).start()
+        started.wait(30)
+
+    def _serve(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._connection, "127.0.0.1", self.port)
+        )
+        started.set()
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _connection(self, reader: Any, writer: Any) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:  # the service is not up yet: the client retries
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, source: Any, sink: Any) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(0.0, due - self.loop.time()))
+                if not data:
+                    break
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        sender = asyncio.ensure_future(send())
+        try:
+            while data := await source.read(1 << 16):
+                queue.put_nowait((self.loop.time() + self.one_way_s, data))
+        except OSError:
+            pass
+        queue.put_nowait((self.loop.time() + self.one_way_s, b""))
+        with contextlib.suppress(OSError):
+            await sender
+
+
+def _run_job(
+    count: int, rtt_ms: float, args: argparse.Namespace, scratch: str, log: Any
+) -> dict[str, Any]:
     """Start one job of ``count`` processes; return the primary's report."""
+    bind_port = _free_port()
+    proxy = _DelayProxy(bind_port, rtt_ms / 1000) if rtt_ms > 0 else None
+    try:
+        port = proxy.port if proxy is not None else bind_port
+        return _run_processes(count, port, bind_port, args, scratch, log)
+    finally:
+        if proxy is not None:
+            proxy.close()
+
+
+def _run_processes(
+    count: int, port: int, bind_port: int, args: argparse.Namespace, scratch: str, log: Any
+) -> dict[str, Any]:
     folder = tempfile.mkdtemp(prefix=f"job{count}-", dir=scratch)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     base = {
-        "port": _free_port(),
+        "port": port,
+        "bind_port": bind_port,
         "count": count,
         "root": f"{folder}/store",
         "report": f"{folder}/report.json",
@@ -301,27 +386,34 @@ def _summarize(raw: dict[str, Any]) -> dict[str, Any]:
 def measure(run: Run) -> Measured:
     args = run.args
     counts = [1, 2] if args.quick and args.processes is None else (args.processes or [1, 2, 4, 8])
+    rtts = [0.0] if args.quick and args.rtt_ms is None else (args.rtt_ms or [0.0, 5.0])
     if args.quick:
         args.saves, args.reps = min(args.saves, 2), min(args.reps, 2)
     rows = []
-    bar = report.ProgressBar(len(counts), "multihost")
+    bar = report.ProgressBar(len(counts) * len(rtts), "multihost")
     with open(run.out.path("-workers.log"), "w") as log:
-        for count in counts:
-            rows.append(_summarize(_run_job(count, args, run.scratch, log)))
-            bar.step(f"N={count}")
+        for rtt in rtts:
+            for count in counts:
+                row = _summarize(_run_job(count, rtt, args, run.scratch, log))
+                rows.append({"rtt_ms": rtt, **row})
+                bar.step(f"rtt {rtt:g} ms, N={count}")
     bar.close()
-    by_count = {row["processes"]: row for row in rows if "error" not in row}
-    ratios = {}
-    if 2 in by_count and 8 in by_count:
-        for name in ("barrier", "protocol", "in_save", "save", "finalize"):
-            ratios[name] = ratio(by_count[8][name]["median"], by_count[2][name]["median"])
-    config = {"processes": counts, "saves": args.saves, "reps": args.reps}
+    ratios: dict[str, dict[str, float | None]] = {}
+    for rtt in rtts:
+        by_count = {r["processes"]: r for r in rows if r["rtt_ms"] == rtt and "error" not in r}
+        if 2 in by_count and 8 in by_count:
+            ratios[f"{rtt:g}"] = {
+                name: ratio(by_count[8][name]["median"], by_count[2][name]["median"])
+                for name in ("barrier", "protocol", "in_save", "save", "finalize")
+            }
+    config = {"processes": counts, "rtt_ms": rtts, "saves": args.saves, "reps": args.reps}
     status = 0 if all("error" not in row for row in rows) else 1
     return Measured(config, {"rows": rows, "ratios_8_over_2": ratios}, status)
 
 
 def render(result: dict[str, Any]) -> str:
     headers = [
+        "round trip",
         "processes",
         "one JAX barrier (floor)",
         "coordination per save (protocol)",
@@ -335,12 +427,13 @@ def render(result: dict[str, Any]) -> str:
     table = []
     for row in result["rows"]:
         if "error" in row:
-            table.append([row["processes"], row["error"], *[""] * 7])
+            table.append([f"{row['rtt_ms']:g} ms", row["processes"], row["error"], *[""] * 7])
             continue
         requests = row["requests_per_save"]
         left = row["leftover_keys"]
         table.append(
             [
+                f"{row['rtt_ms']:g} ms" if row["rtt_ms"] else "direct",
                 row["processes"],
                 fmt_stats(row["barrier"]),
                 fmt_stats(row["protocol"]),
@@ -363,9 +456,10 @@ def render(result: dict[str, Any]) -> str:
         "partialstore/ after every save, finalize, discard and gc, heartbeats excepted. "
         "Times: median [min .. max] on the primary.",
     ]
-    if ratios:
-        text = ", ".join(f"{name} {fmt_ratio(value)}" for name, value in ratios.items())
-        lines += ["", f"N=8 / N=2 (medians): {text}"]
+    for rtt, by_name in ratios.items():
+        text = ", ".join(f"{name} {fmt_ratio(value)}" for name, value in by_name.items())
+        profile = f"{rtt} ms round trip" if float(rtt) else "direct"
+        lines += ["", f"N=8 / N=2 (medians), {profile}: {text}"]
     return "\n".join(lines)
 
 
@@ -375,6 +469,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         type=lambda text: [int(x) for x in text.split(",")],
         default=None,
         help="comma-separated job sizes (default 1,2,4,8; quick: 1,2)",
+    )
+    parser.add_argument(
+        "--rtt-ms",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=None,
+        help="comma-separated round trips to the coordination service, each a run of "
+        "its own through a delaying proxy on 127.0.0.1; 0 is direct (default 0,5; quick: 0)",
     )
     parser.add_argument("--saves", type=int, default=5, help="saves per checkpoint (default 5)")
     parser.add_argument("--reps", type=int, default=3, help="checkpoints per job (default 3)")
