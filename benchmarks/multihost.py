@@ -1,39 +1,30 @@
 """Coordination cost of a multi-process JAX job: per save, per finalize, as processes grow.
 
-Starts real JAX jobs of N = 1, 2, 4, 8 processes (``jax.distributed.initialize``
-with its coordination service on 127.0.0.1; CPU, one device per process)
-and, in each, saves a tiny tree (one array sharded across every process's
-device, and an int) to local disk with partialstore:
+Starts real JAX jobs of N = 1, 2, 4, 8 processes (``jax.distributed.initialize``,
+coordination service on 127.0.0.1, CPU, one device per process); each saves
+a tiny tree (an array sharded over every process, an int) to local disk.
+Timed on the primary, after a barrier (so one step's stragglers do not count
+in the next):
 
-- ``barrier``: one ``wait_at_barrier`` of JAX's own client across every
-  process, timed on the primary: the floor of any step that every process
-  takes part in, on this machine (with N processes sharing few cores it
-  grows with N whatever partialstore does).
-- ``protocol``: the exact coordination sequence of one collective save
-  (``broadcast`` of the save id, ``gather_to_primary`` of every process's
-  outcome, ``broadcast`` of the result; :mod:`partialstore._runtime.multihost`)
-  with no data written, timed on the primary. This is the coordination
-  cost alone, without the skew of the processes' writes.
-- ``save``: ``partialstore.save`` on every process, timed on the primary:
-  the whole call, and the part of it spent in the collective calls above
-  (waiting for the slowest process's writes included).
-- the coordination-service requests the primary made per save (by method;
-  its heartbeat thread left out), which says whether the primary's work grows
-  with N.
-- ``finalize`` after the saves of each checkpoint, timed on the primary,
-  and the primary's coordination requests in it.
-- after everything (saves, finalizes, a discard and a gc), the coordination
-  keys left under ``partialstore/`` other than the heartbeats.
+- ``barrier``: one ``wait_at_barrier`` of JAX's own client, the floor of any
+  step every process takes part in on this machine;
+- ``protocol``: the coordination of one collective save alone (``broadcast``
+  of the save id, ``gather_to_primary`` of the outcomes, ``broadcast`` of the
+  result; :mod:`partialstore._runtime.multihost`), nothing written;
+- ``save``: a whole ``partialstore.save``, and the part of it spent in those
+  collective calls (the wait for the slowest process's writes included);
+- ``finalize`` after each checkpoint's saves;
+- the primary's requests to the coordination service per save and per
+  finalize (its heartbeat thread left out), and the coordination keys left
+  under ``partialstore/`` (heartbeats excepted) after every save, finalize,
+  a discard and a gc.
 
-Every process waits at a barrier before each timed step, so one step's
-stragglers do not count in the next. With N = 1 there is no coordination
-at all (the single-process path); the summary gives the N=8 / N=2 ratios.
-Each job runs direct (the coordination service on 127.0.0.1) and, with
-``--rtt-ms``, through a proxy that delays every byte between the clients
-and the service by half the round trip each way, as a network between hosts
-would: there the number of requests in series decides the time, not the
-CPU. All processes share the machine's cores, so at N = 8 on a small machine
-much of the time is CPU contention, not coordination.
+Each job runs direct and, with ``--rtt-ms``, through a proxy that delays
+every byte between the clients and the service by half the round trip each
+way, as a network between hosts would: there the requests in series decide
+the time. Direct, the N processes share the machine's cores, so on a small
+machine N = 8 costs CPU contention whatever partialstore does (the barrier
+column shows how much). N = 1 has no coordination at all.
 
 Usage::
 
@@ -83,9 +74,7 @@ class _CountingClient:
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
-        method = getattr(self._client, name)
-        if not callable(method):
-            return method
+        method = getattr(self._client, name)  # the client's attributes are all methods
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             if threading.current_thread().name != "partialstore-beat":
@@ -104,8 +93,7 @@ class _CountingClient:
 class _Timed:
     """Accumulates the time spent in the collective calls of ``multihost``."""
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
+    seconds = 0.0
 
     def wrap(self, module: Any, name: str) -> None:
         original = getattr(module, name)
@@ -234,12 +222,12 @@ def _after_discard_and_gc(root: str, state: dict[str, Any], client: Any) -> list
 
 
 def _child(argv: list[str]) -> int:
+    import jax
+
     spec = json.loads(argv[0])
     result = _job_main(spec)
     if spec["index"] == 0:
         Path(spec["report"]).write_text(json.dumps(result))
-    import jax
-
     if spec["count"] > 1:
         jax.distributed.shutdown()
     return 0
@@ -331,25 +319,15 @@ def _run_processes(
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    base = {
-        "port": port,
-        "bind_port": bind_port,
-        "count": count,
-        "root": f"{folder}/store",
-        "report": f"{folder}/report.json",
-        "saves": args.saves,
-        "reps": args.reps,
-        "protocol_rounds": args.saves * args.reps * 2,
-    }
+    base: dict[str, Any] = dict(
+        port=port, bind_port=bind_port, count=count, saves=args.saves, reps=args.reps
+    )
+    base.update(root=f"{folder}/store", report=f"{folder}/report.json")
+    base["protocol_rounds"] = args.saves * args.reps * 2
     command = [sys.executable, "-m", "benchmarks.multihost", _CHILD_FLAG]
+    options = {"env": env, "cwd": str(REPO_ROOT), "stdout": log, "stderr": log}
     children = [
-        subprocess.Popen(
-            [*command, json.dumps({**base, "index": i})],
-            env=env,
-            cwd=str(REPO_ROOT),
-            stdout=log,
-            stderr=log,
-        )
+        subprocess.Popen([*command, json.dumps({**base, "index": i})], **options)
         for i in range(count)
     ]
     try:
@@ -411,77 +389,75 @@ def measure(run: Run) -> Measured:
     return Measured(config, {"rows": rows, "ratios_8_over_2": ratios}, status)
 
 
-def render(result: dict[str, Any]) -> str:
-    headers = [
-        "round trip",
-        "processes",
-        "one JAX barrier (floor)",
-        "coordination per save (protocol)",
-        "coordination in a save (primary)",
-        "save (primary)",
-        "primary requests per save",
-        "finalize",
-        "primary requests per finalize",
-        "keys left",
+HEADERS = [
+    "round trip",
+    "processes",
+    "one JAX barrier (floor)",
+    "coordination per save (protocol)",
+    "coordination in a save (primary)",
+    "save (primary)",
+    "primary requests per save",
+    "finalize",
+    "primary requests per finalize",
+    "keys left",
+]
+
+
+def _cells(row: dict[str, Any]) -> list[Any]:
+    profile = f"{row['rtt_ms']:g} ms" if row["rtt_ms"] else "direct"
+    if "error" in row:
+        return [profile, row["processes"], row["error"], *[""] * 7]
+    times = [fmt_stats(row[name]) for name in ("barrier", "protocol", "in_save", "save")]
+    requests = row["requests_per_save"]
+    finalizes = row["finalize_requests"]
+    left = row["leftover_keys"]
+    return [
+        *(profile, row["processes"], *times),
+        f"{requests['min']}..{requests['max']}",
+        fmt_stats(row["finalize"]),
+        f"{min(finalizes)}..{max(finalizes)}",
+        "n/a" if left is None else len(left),
     ]
-    table = []
-    for row in result["rows"]:
-        if "error" in row:
-            table.append([f"{row['rtt_ms']:g} ms", row["processes"], row["error"], *[""] * 7])
-            continue
-        requests = row["requests_per_save"]
-        left = row["leftover_keys"]
-        table.append(
-            [
-                f"{row['rtt_ms']:g} ms" if row["rtt_ms"] else "direct",
-                row["processes"],
-                fmt_stats(row["barrier"]),
-                fmt_stats(row["protocol"]),
-                fmt_stats(row["in_save"]),
-                fmt_stats(row["save"]),
-                f"{requests['min']}..{requests['max']}",
-                fmt_stats(row["finalize"]),
-                "..".join(str(f(row["finalize_requests"])) for f in (min, max)),
-                "n/a" if left is None else len(left),
-            ]
-        )
-    ratios = result.get("ratios_8_over_2", {})
+
+
+def render(result: dict[str, Any]) -> str:
     lines = [
         "## Multi-process coordination (local disk, CPU, 1 device per process)",
         "",
-        report.markdown_table(headers, table),
+        report.markdown_table(HEADERS, [_cells(row) for row in result["rows"]]),
         "",
         "Requests: to the coordination service by the primary per save (min..max over "
         "every save but the job's first), heartbeats excepted. Keys left: under "
         "partialstore/ after every save, finalize, discard and gc, heartbeats excepted. "
         "Times: median [min .. max] on the primary.",
     ]
-    for rtt, by_name in ratios.items():
+    for rtt, by_name in result.get("ratios_8_over_2", {}).items():
         text = ", ".join(f"{name} {fmt_ratio(value)}" for name, value in by_name.items())
         profile = f"{rtt} ms round trip" if float(rtt) else "direct"
         lines += ["", f"N=8 / N=2 (medians), {profile}: {text}"]
     return "\n".join(lines)
 
 
+def _numbers(kind: type[float] | type[int]) -> Any:
+    return lambda text: [kind(x) for x in text.split(",")]
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--processes",
-        type=lambda text: [int(x) for x in text.split(",")],
-        default=None,
+        type=_numbers(int),
         help="comma-separated job sizes (default 1,2,4,8; quick: 1,2)",
     )
-    parser.add_argument(
+    add(
         "--rtt-ms",
-        type=lambda text: [float(x) for x in text.split(",")],
-        default=None,
-        help="comma-separated round trips to the coordination service, each a run of "
-        "its own through a delaying proxy on 127.0.0.1; 0 is direct (default 0,5; quick: 0)",
+        type=_numbers(float),
+        help="comma-separated round trips to the coordination service, each a run through "
+        "a delaying proxy on 127.0.0.1; 0 is direct (default 0,5; quick: 0)",
     )
-    parser.add_argument("--saves", type=int, default=5, help="saves per checkpoint (default 5)")
-    parser.add_argument("--reps", type=int, default=3, help="checkpoints per job (default 3)")
-    parser.add_argument(
-        "--timeout-s", type=float, default=900.0, help="limit per job (default 900)"
-    )
+    add("--saves", type=int, default=5, help="saves per checkpoint (default 5)")
+    add("--reps", type=int, default=3, help="checkpoints per job (default 3)")
+    add("--timeout-s", type=float, default=900.0, help="limit per job (default 900)")
 
 
 SCRIPT = Script(
