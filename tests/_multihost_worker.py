@@ -14,8 +14,12 @@ Then saves fail in process 1 only (a ``BackendError``, a ``TimeoutError``,
 an ``OSError``) and every process reports what it raised; every process
 calls ``discard`` and ``gc`` and reports what they returned or raised and
 what its backend deleted; finally the primary lists the coordination keys
-left behind. A job with ``"kill"`` instead hangs one process in a chunk
-write (the test kills it) and reports what the others raised, and when.
+left behind. A job with ``"many"`` (run with more processes) saves three
+times, then once failing in processes 2 and 3, finalizes, discards and
+collects garbage, and reports each outcome and the keys left. A job with
+``"exit"`` only starts the heartbeat and leaves. A job with ``"kill"``
+instead hangs one process in a chunk write (the test kills it) and reports
+what the others raised, and when.
 """
 
 from __future__ import annotations
@@ -261,6 +265,30 @@ def _collective(prefix: str, state: dict[str, Any], deleted: list[str]) -> dict[
     return report
 
 
+def _many_processes(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Saves in a larger job, one failing in processes 2 and 3, then finalize, discard, gc."""
+    import partialstore
+    from partialstore._runtime import multihost
+    from partialstore.errors import BackendError
+
+    index = multihost.process_index()
+    kept, dropped = f"{prefix}/kept", f"{prefix}/dropped"
+    for step in range(3):
+        partialstore.save(kept, {**state, "step": step})
+
+    def failure(key: str) -> BaseException:
+        return BackendError(f"injected failure in process {index} writing {key}")
+
+    INJECT["chunk"] = _raising(failure) if index >= 2 else None
+    report = {"failing": _outcome(lambda: partialstore.save(kept, {"rows": state["rows"]}))}
+    INJECT["chunk"] = None
+    report["finalize"] = _outcome(lambda: partialstore.finalize(kept))
+    partialstore.save(dropped, {"rows": state["rows"]})
+    report["discard"] = _outcome(lambda: partialstore.discard(dropped))
+    report["gc"] = _outcome(lambda: partialstore.gc(kept))
+    return report
+
+
 def _leftover_keys() -> list[str]:
     """Coordination keys left once every process is done (heartbeats excepted)."""
     from jax._src import distributed
@@ -333,10 +361,22 @@ def main() -> None:
     devices = np.array(jax.devices()).reshape(int(count), DEVICES_PER_PROCESS)
     mesh = Mesh(devices, ("proc", "local"))
     job = json.loads(Path(job_file).read_text())
+    if "exit" in job:  # beat a while, then leave as a job does
+        multihost.next_op(job["exit"])  # starts the heartbeat
+        time.sleep(0.5)
+        Path(report_file).write_text(json.dumps({"process": multihost.process_index()}))
+        jax.distributed.shutdown()
+        return
     if "kill" in job:
         _killed_mid_save(job, mesh, report_file)
     state = _global_tree(mesh)
     report: dict[str, Any] = {"process": multihost.process_index()}
+    if "many" in job:
+        report["many"] = _many_processes(job["many"], state)
+        report["leftover_keys"] = _leftover_keys()
+        Path(report_file).write_text(json.dumps(report))
+        jax.distributed.shutdown()
+        return
     report["targets"] = _save_targets(job["targets"], state, written)
     report.update(_failing_save(*job["failing"], state))
     report["causes"] = _failure_causes(job["causes"], state)

@@ -69,7 +69,7 @@ def _free_port() -> int:
 
 
 def _start_job(
-    tmp_path: Path, job: dict[str, Any], count: int
+    tmp_path: Path, job: dict[str, Any], count: int, **extra_env: str
 ) -> tuple[list[subprocess.Popen[str]], list[Path]]:
     """Start ``count`` worker processes of one JAX job; return them and their report files."""
     job_file = tmp_path / "job.json"
@@ -79,6 +79,7 @@ def _start_job(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
         PARTIALSTORE_MULTIHOST_TIMEOUT_S="60",
+        **extra_env,
     )
     port = _free_port()
     reports = [tmp_path / f"report{i}.json" for i in range(count)]
@@ -243,6 +244,53 @@ def _assert_discard_and_gc_were_collective(tmp_path: Path, reports: list[dict[st
     assert len(remaining) == 1 and remaining != deleted
     loaded = partialstore.load("local://" + str(kept))
     assert loaded["rows"].tobytes() == expected_state()["rows"].tobytes()
+
+
+def test_four_processes_relay_the_first_failure_in_order_and_leave_no_keys(
+    tmp_path: Path,
+) -> None:
+    """Processes 2 and 3 of 4 fail one save: all raise process 2's error; nothing is left."""
+    count = 4
+    # Through fsspec, whose chunk writes go through the backend, where they fail.
+    job = {"many": "local://" + str(tmp_path / "many")}
+    children, report_files = _start_job(tmp_path, job, count)
+    _finish(children, timeout=240)
+    reports = [json.loads(r.read_text())["many"] for r in report_files]
+    failing = [r["failing"] for r in reports]
+    assert [f["type"] for f in failing] == ["BackendError"] * count, failing
+    # The primary reads the reports in process order: process 2's error is
+    # the one it raises and relays; processes 2 and 3 raise their own.
+    for index in (0, 1):
+        assert "failed on process 2 of the JAX job: BackendError" in failing[index]["message"]
+        assert "injected failure in process 2 writing" in failing[index]["message"]
+    for index in (2, 3):
+        assert failing[index]["message"].startswith(f"injected failure in process {index} ")
+    for report in reports:
+        assert report["finalize"] == {"returned": None}
+        assert report["discard"] == {"returned": None}
+    assert len({json.dumps(r["gc"]) for r in reports}) == 1
+    deleted = reports[0]["gc"]["returned"]
+    # The two wholly replaced saves, and the chunks processes 0 and 1 wrote
+    # for the save that failed.
+    assert len(deleted) == 3 and all(d.startswith("data/") for d in deleted), deleted
+    loaded = partialstore.load("local://" + str(tmp_path / "many" / "kept"))
+    _assert_same_bits(loaded, {**expected_state(), "step": 2})
+    leftovers = [json.loads(r.read_text())["leftover_keys"] for r in report_files]
+    assert leftovers == [[]] * count
+
+
+def test_processes_exit_cleanly_while_their_heartbeat_runs(tmp_path: Path) -> None:
+    """A process that leaves after jax.distributed.shutdown() exits with 0, not SIGABRT.
+
+    Beats every 50 ms, so a heartbeat request is often in flight at the exit:
+    a daemon thread ended inside jaxlib's C++ code aborts the process.
+    """
+    count = 6
+    children, reports = _start_job(
+        tmp_path, {"exit": "heartbeat"}, count, PARTIALSTORE_MULTIHOST_LIVENESS_S="0.3"
+    )
+    _finish(children, timeout=240)  # asserts every exit status is 0
+    assert [json.loads(r.read_text())["process"] for r in reports] == list(range(count))
 
 
 def test_a_killed_process_makes_the_others_fail_fast_naming_it(tmp_path: Path) -> None:

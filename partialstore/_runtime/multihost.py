@@ -14,13 +14,17 @@ alone (:func:`run_on_primary`).
 
 Coordination uses the key-value store of JAX's distributed coordination
 service: the primary publishes, the others wait for a key in short slices
-(in a thread, so partialstore's event loop keeps running). Failures travel
+(in a thread, so partialstore's event loop keeps running). The others'
+reports reach the primary through one counter
+(:mod:`partialstore._runtime.kvgather`), so the primary's requests per
+operation do not grow with the number of processes. Failures travel
 as messages carrying their type, message and process, so a process whose
 write fails makes every process raise that error instead of leaving the
 others waiting at a barrier; a process that dies is noticed by its
 heartbeat stopping (:class:`ProcessLostError`). Each operation's keys are
-deleted once every process is done with them. With one process (or
-without ``jax.distributed``) nothing here talks to anyone.
+deleted by the last non-primary process to read its outcome (the primary
+reads nothing after setting it). With one process (or without
+``jax.distributed``) nothing here talks to anyone.
 
 In a multi-process job a collective step reads
 ``await broadcast(f"{next_op(name)}/save_id", new_id() if is_primary() else None)``;
@@ -39,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import builtins
 import contextlib
 import hashlib
@@ -50,6 +55,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from partialstore import errors
+from partialstore._runtime import kvgather
 
 __all__ = [
     "OUTCOME",
@@ -132,6 +138,11 @@ _HEARTBEAT_DIR = "partialstore/heartbeat/"
 _heartbeat_lock = threading.Lock()
 _heartbeat_client: Any = None
 _seen: dict[int, tuple[str, float]] = {}  # process: (last beat seen, when first seen)
+_beats: list[threading.Thread] = []  # every heartbeat thread started, for the exit
+_exiting = threading.Event()
+#: How long the exit waits for a heartbeat request in flight (one to a lost
+#: coordination service may hang until its own RPC timeout).
+_EXIT_JOIN_S = 10.0
 
 
 def _heartbeat_interval_s() -> float:
@@ -149,20 +160,36 @@ def _ensure_heartbeat() -> None:
         client.key_value_set(key, "0", allow_overwrite=True)  # visible before any wait
         _heartbeat_client = client
         _seen.clear()
-    threading.Thread(
-        target=_beat, args=(client, key), name="partialstore-beat", daemon=True
-    ).start()
+        thread = threading.Thread(
+            target=_beat, args=(client, key), name="partialstore-beat", daemon=True
+        )
+        thread.start()
+        _beats.append(thread)
+        if len(_beats) == 1:
+            atexit.register(_stop_beating)
 
 
 def _beat(client: Any, key: str) -> None:
     beat = 0
-    while _client() is client:  # until jax.distributed.shutdown() (or a new job)
-        time.sleep(_heartbeat_interval_s())
+    # Until jax.distributed.shutdown() (or a new job), or the interpreter's exit.
+    while not _exiting.wait(_heartbeat_interval_s()) and _client() is client:
         beat += 1
         try:
             client.key_value_set(key, str(beat), allow_overwrite=True)
         except Exception:  # a lost beat only makes the others' view older
             continue
+
+
+def _stop_beating() -> None:
+    """At exit, let each heartbeat thread finish its request and stop.
+
+    A daemon thread still inside a jaxlib call when the interpreter
+    finalizes is ended in the middle of C++ code, which aborts the process
+    (SIGABRT) after its work is done. Exit handlers run before that.
+    """
+    _exiting.set()
+    for thread in _beats:
+        thread.join(timeout=_EXIT_JOIN_S)
 
 
 def _read_beats(client: Any, sources: list[int]) -> dict[int, str]:
@@ -201,6 +228,22 @@ async def _raise_if_silent(sources: list[int], key: str) -> None:
             )
 
 
+def _timed_out(key: str, sources: list[int]) -> TimeoutError:
+    named = ", ".join(str(s) for s in sources)
+    who = f"process {named}" if len(sources) == 1 else f"processes {named}"
+    return TimeoutError(
+        f"Process {process_index()} waited {_timeout_s():.0f} s in vain for {key!r} from "
+        f"{who} of the JAX job. Did every process call the same partialstore "
+        "functions on the same path, in the same order? (PARTIALSTORE_MULTIHOST_TIMEOUT_S "
+        "sets the limit.)"
+    )
+
+
+def _wait_ms(deadline: float) -> int:
+    remaining = deadline - time.monotonic()
+    return max(1, int(min(_heartbeat_interval_s(), remaining) * 1000))
+
+
 async def _await_keys(keys: dict[int, str]) -> dict[int, str]:
     """Each source process's value under its key, in order; fail fast if a source dies."""
     _ensure_heartbeat()
@@ -209,33 +252,23 @@ async def _await_keys(keys: dict[int, str]) -> dict[int, str]:
     values: dict[int, str] = {}
     for source, key in keys.items():
         while source not in values:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"Process {process_index()} waited {_timeout_s():.0f} s in vain for "
-                    f"{key!r} from process {source} of the JAX job. Did every "
-                    "process call the same partialstore functions on the same path, in the "
-                    "same order? (PARTIALSTORE_MULTIHOST_TIMEOUT_S sets the limit.)"
-                )
-            wait_ms = max(1, int(min(_heartbeat_interval_s(), remaining) * 1000))
-            try:
-                values[source] = await asyncio.to_thread(
-                    client.blocking_key_value_get, key, wait_ms
-                )
-            except Exception as error:  # jaxlib's JaxRuntimeError, told apart by status
-                if "DEADLINE_EXCEEDED" not in str(error):
-                    raise errors.ProcessLostError(
-                        f"Process {process_index()} lost the JAX coordination service (run "
-                        f"by process 0) while waiting for {key!r} from process {source}: "
-                        f"{error}. Check process 0's logs and restart the job."
-                    ) from error
+            if time.monotonic() >= deadline:
+                raise _timed_out(key, [source])
+            wait_ms = _wait_ms(deadline)
+            got = await asyncio.to_thread(
+                kvgather.get_or_none, client, key, wait_ms, process_index(), f"process {source}"
+            )
+            if got is None:
                 await _raise_if_silent([s for s in keys if s not in values], key)
+            else:
+                values[source] = got
     return values
 
 
 # ----------------------------------------------------------------- messages
 
 OUTCOME = "outcome"  # an operation's last message: its keys can go once all have it
+_SUCCESS = json.dumps({"ok": ""})  # encode_outcome(None): gathered as a count alone
 
 _counters: dict[str, int] = {}
 _counters_lock = threading.Lock()
@@ -265,10 +298,15 @@ def next_op(name: str) -> str:
 
 
 async def _finish(op: str) -> None:
-    """Count this process out of ``op``; the last one deletes the operation's keys."""
+    """Count this process out of ``op``; the last one deletes the operation's keys.
+
+    Only the non-primary processes count: the primary is done with an
+    operation once it has set its outcome, so its own count would only add
+    a request to its path.
+    """
     try:
         done = await asyncio.to_thread(_client().key_value_increment, f"{op}/done", 1)
-        if done >= process_count():
+        if done >= process_count() - 1:
             await asyncio.to_thread(_client().key_value_delete, op)
     except Exception:  # only tidying: a leftover key harms nothing
         pass
@@ -277,8 +315,8 @@ async def _finish(op: str) -> None:
 async def broadcast(key: str, value: str | None) -> str:
     """Return the primary's ``value`` on every process (others pass ``None``).
 
-    A key ending in ``/outcome`` is the operation's last message: then the
-    last process done with the operation deletes its keys.
+    A key ending in ``/outcome`` is the operation's last message: the last
+    non-primary process to read it deletes the operation's keys.
 
     It needs ``jax.distributed``; the module docstring shows the call.
     """
@@ -290,24 +328,52 @@ async def broadcast(key: str, value: str | None) -> str:
         result = value
     else:
         result = (await _await_keys({0: key}))[0]
-    op, _, last = key.rpartition("/")
-    if last == OUTCOME:
-        await _finish(op)
+        op, _, last = key.rpartition("/")
+        if last == OUTCOME:
+            await _finish(op)
     return result
 
 
 async def gather_to_primary(key: str, value: str) -> list[str] | None:
     """Send ``value`` to the primary; it gets every process's value in order, others None.
 
+    The primary's part takes the same few requests whatever the number of
+    processes (:mod:`partialstore._runtime.kvgather` says how); a success
+    message (``encode_outcome(None)``) travels as a count alone.
+
     It needs ``jax.distributed``: a step calls
     ``await gather_to_primary(f"{op}/wrote", encode_outcome(None))``.
     """
+    _ensure_heartbeat()
+    reporting = process_count() - 1
     if not is_primary():
-        _ensure_heartbeat()
-        await asyncio.to_thread(_client().key_value_set, f"{key}/{process_index()}", value)
+        await asyncio.to_thread(
+            kvgather.report, _client(), key, process_index(), reporting, value, _SUCCESS
+        )
         return None
-    others = await _await_keys({i: f"{key}/{i}" for i in range(1, process_count())})
-    return [value, *others.values()]
+    sent = await _await_reports(key, reporting)
+    return [value, *(sent.get(i, _SUCCESS) for i in range(1, reporting + 1))]
+
+
+async def _await_reports(key: str, reporting: int) -> dict[int, str]:
+    """The values sent by the other processes to ``key``; fail fast if one of them dies.
+
+    Waits in short slices; after each slice that ends before every process
+    has reported, the other processes' heartbeats are checked (one that has
+    reported is waiting for the outcome, and beats).
+    """
+    client = _client()
+    deadline = time.monotonic() + _timeout_s()
+    others = list(range(1, reporting + 1))
+    while True:
+        sent = await asyncio.to_thread(
+            kvgather.wait_for_reports, client, key, reporting, _wait_ms(deadline), 0
+        )
+        if sent is not None:
+            return sent
+        if time.monotonic() >= deadline:
+            raise _timed_out(f"{key}.all", others)
+        await _raise_if_silent(others, f"{key}.all")
 
 
 async def run_on_primary(op: str | None, action: Callable[[], Awaitable[T]], where: str) -> T:
