@@ -195,19 +195,23 @@ def load(
       FileNotFoundError: no finalized checkpoint at ``path``, or another
         ``checkpointable_name``.
     """
-    if checkpointable_name not in _PYTREE_NAMES:
-        if not isinstance(checkpointable_name, str):
-            raise InvalidInputError(
-                f"checkpointable_name must be a str or None, got {checkpointable_name!r}."
-            )
-        raise NotFoundError(
-            f"A partialstore checkpoint holds one PyTree, named {STATE_CHECKPOINTABLE_KEY!r}; "
-            f"there is no checkpointable {checkpointable_name!r} at {os.fspath(path)}. Pass "
-            f"checkpointable_name={AUTO_CHECKPOINTABLE_KEY!r} (the default)."
-        )
+    _check_checkpointable_name(path, checkpointable_name)
     if abstract_state is not None:
         return _api.load(path, abstract_state)
     return _load_saved_layout(path)
+
+
+def _check_checkpointable_name(path: PathLike, name: Any) -> None:
+    """Refuse a ``checkpointable_name`` other than those naming the one PyTree."""
+    if name in _PYTREE_NAMES:
+        return
+    if not isinstance(name, str):
+        raise InvalidInputError(f"checkpointable_name must be a str or None, got {name!r}.")
+    raise NotFoundError(
+        f"A partialstore checkpoint holds one PyTree, named {STATE_CHECKPOINTABLE_KEY!r}; "
+        f"there is no checkpointable {name!r} at {os.fspath(path)}. Pass "
+        f"checkpointable_name={AUTO_CHECKPOINTABLE_KEY!r} (the default)."
+    )
 
 
 def _load_saved_layout(path: PathLike) -> Any:
