@@ -18,6 +18,8 @@ saved with a ``NamedSharding`` back on a mesh of the saved shape, ``(4, 2)``,
 with the saved partition spec, and ``abstract_tree(mesh=new_mesh)`` puts it
 on the ``(2, 4)`` mesh with the saved specs; both bit-exact, every leaf
 matched to the trained state by its key path (``jax.tree_util.keystr``).
+The Orbax drop-in's ``load(path)``, without an abstract state, restores the
+saved layout too, in ``partialstore.load``'s plain containers.
 
 8 CPU devices need ``XLA_FLAGS`` before JAX starts, so the clients run in a
 child process: this file, run as a script (``python test_flax_clients.py
@@ -30,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +81,8 @@ def _check_report(report: dict[str, Any]) -> None:
 
 
 def _check_saved_layouts(layouts: dict[str, dict[str, Any]]) -> None:
-    """Both restores through the saved shardings: every leaf exact, every sharded one placed."""
-    assert sorted(layouts) == ["new_mesh", "saved_mesh"]
+    """The restores through the saved shardings: every leaf exact, every sharded one placed."""
+    assert sorted(layouts) == ["drop_in", "new_mesh", "saved_mesh"]
     for result in layouts.values():
         # Params, both adam moments, the adam count, the step: all found, all exact.
         assert result["leaves"] >= 14, result
@@ -120,8 +123,8 @@ def _snapshot(tree: Any) -> Any:
     return jax.tree.map(lambda leaf: np.array(leaf, copy=True), tree)
 
 
-def _layout(tree: Any) -> dict[str, tuple[Any, Any]]:
-    """By key path (``keystr``): a host copy of each leaf, and its partition spec if it has one.
+def _layout(tree: Any) -> list[tuple[Any, Any, Any]]:
+    """Each leaf's jax key path, a host copy of it, and its partition spec if it has one.
 
     Taken when the state is saved, before training changes it and before
     :func:`_snapshot` turns its arrays into numpy (which keeps no sharding).
@@ -129,38 +132,59 @@ def _layout(tree: Any) -> dict[str, tuple[Any, Any]]:
     import jax
     import numpy as np
 
-    layout = {}
+    layout = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         named = isinstance(leaf, jax.Array) and isinstance(
             leaf.sharding, jax.sharding.NamedSharding
         )
         spec = leaf.sharding.spec if named else None
-        layout[jax.tree_util.keystr(path)] = (np.array(leaf, copy=True), spec)
+        layout.append((path, np.array(leaf, copy=True), spec))
     return layout
 
 
-def _restore_saved_layouts(path: str, layout: dict[str, Any], new_mesh: Any) -> dict[str, Any]:
-    """Load via ``abstract_tree()`` and ``abstract_tree(mesh=new_mesh)``; count what came back."""
+def _plain_key(path: Any) -> str:
+    """A key path with fields, dict keys and indices alike: ``partialstore.load``'s
+    containers (NamedTuples and other nodes become dicts) against the saved state's."""
+    parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return "/".join(map(str, parts))
+
+
+def _restore_saved_layouts(path: str, layout: list[Any], new_mesh: Any) -> dict[str, Any]:
+    """Load via ``abstract_tree()``, ``abstract_tree(mesh=new_mesh)`` and the Orbax drop-in."""
+    import jax
+
     import partialstore
+    from partialstore import orbax as ocp
 
     saved = partialstore.metadata(path)
+    keystr = jax.tree_util.keystr
     return {
-        "saved_mesh": _check_layout(partialstore.load(path, saved.abstract_tree()), layout, None),
-        "new_mesh": _check_layout(
-            partialstore.load(path, saved.abstract_tree(mesh=new_mesh)), layout, new_mesh
+        "saved_mesh": _check_layout(
+            partialstore.load(path, saved.abstract_tree()), layout, None, keystr
         ),
+        "new_mesh": _check_layout(
+            partialstore.load(path, saved.abstract_tree(mesh=new_mesh)), layout, new_mesh, keystr
+        ),
+        # ocp.load(path), no abstract state: Orbax's saved shardings, plain containers.
+        "drop_in": _check_layout(ocp.load(path), layout, None, _plain_key),
     }
 
 
-def _check_layout(restored: Any, layout: dict[str, Any], mesh: Any) -> dict[str, Any]:
-    """Exact leaves; sharded ones on ``mesh`` (else a mesh like the saved) with the saved spec."""
+def _check_layout(
+    restored: Any, layout: list[Any], mesh: Any, name: Callable[[Any], str]
+) -> dict[str, Any]:
+    """Exact leaves; sharded ones on ``mesh`` (else a mesh like the saved) with the saved spec.
+
+    Leaves are matched by ``name`` of their key paths.
+    """
     import jax
     import numpy as np
 
-    got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    got = {name(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
     exact = found = sharded = split = placed = 0
     misplaced = []
-    for key, (want, spec) in layout.items():
+    for path, want, spec in layout:
+        key = name(path)
         if key not in got:
             continue
         found += 1
