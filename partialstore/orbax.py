@@ -17,9 +17,11 @@ signatures: give them once with :func:`partialstore.configure_storage`, or
 through the environment (``AWS_ENDPOINT_URL``, application default
 credentials, ...). The remaining differences from released Orbax are listed
 in the README ("Switching from Orbax"): later saves may replace earlier keys,
-an empty first save is accepted, and the layout differs (on object stores
+an empty first save is accepted, the layout differs (on object stores
 there is no ``<path>.partial_save``; the files are partialstore's, not
-Orbax's, so neither library reads the other's checkpoints).
+Orbax's, so neither library reads the other's checkpoints), and ``load(path)``
+restores the saved shardings only where they were recorded and fit this
+job's devices (numpy otherwise).
 
 As in Orbax, ``finalize`` accepts the session's spelling
 ``<path>.partial_save`` as well as ``<path>``; here ``save`` and
