@@ -229,6 +229,17 @@ def metadata(
 ) -> loading.CheckpointMetadata:
     """Describe a finalized checkpoint without reading array bytes.
 
+    ``info.tree`` has the checkpoint's structure with a
+    :class:`~partialstore.LeafMetadata` at every leaf: its kind, shape, dtype
+    and ``sharding``, the :class:`~partialstore.SavedSharding` (mesh shape,
+    axis names, partition spec) a ``jax.Array`` was saved with, or ``None``
+    (one device, numpy, inline values, older writers).
+    ``info.abstract_tree()`` turns it into a load target that restores the
+    saved layout: ``load(path, info.abstract_tree())`` gives each such
+    ``jax.Array`` back with its saved ``NamedSharding`` on this job's
+    devices, and ``info.abstract_tree(mesh=...)`` with the saved partition
+    specs on another mesh (:meth:`~partialstore.CheckpointMetadata.abstract_tree`).
+
     Example:
         >>> import numpy as np
         >>> import tempfile
@@ -241,8 +252,12 @@ def metadata(
         >>> info = partialstore.metadata(path)
         >>> info.tree["params"]["w"]
         LeafMetadata(kind='array', shape=(1024, 1024), dtype='float32')
+        >>> info.tree["params"]["w"].sharding is None  # numpy: no sharding saved
+        True
         >>> info.custom_metadata, len(info.saves)
         ({'step': 10}, 1)
+        >>> type(partialstore.load(path, info.abstract_tree())["params"]["w"])
+        <class 'numpy.ndarray'>
         >>> tmp.cleanup()
 
     Raises:

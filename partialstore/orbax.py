@@ -17,9 +17,11 @@ signatures: give them once with :func:`partialstore.configure_storage`, or
 through the environment (``AWS_ENDPOINT_URL``, application default
 credentials, ...). The remaining differences from released Orbax are listed
 in the README ("Switching from Orbax"): later saves may replace earlier keys,
-an empty first save is accepted, and the layout differs (on object stores
+an empty first save is accepted, the layout differs (on object stores
 there is no ``<path>.partial_save``; the files are partialstore's, not
-Orbax's, so neither library reads the other's checkpoints).
+Orbax's, so neither library reads the other's checkpoints), and ``load(path)``
+restores the saved shardings only where they were recorded and fit this
+job's devices (numpy otherwise).
 
 As in Orbax, ``finalize`` accepts the session's spelling
 ``<path>.partial_save`` as well as ``<path>``; here ``save`` and
@@ -42,11 +44,14 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from partialstore import _api
+from partialstore._commit.loading import LeafMetadata
 from partialstore._commit.location import STAGING_SUFFIX
 from partialstore._commit.operations import PathLike
+from partialstore._pytree import tree
 from partialstore._runtime.ordering import AsyncResponse
 from partialstore.errors import InvalidInputError, NotFoundError
 
@@ -151,8 +156,18 @@ def load(
     placed as the abstract leaf says (``jax.ShapeDtypeStruct`` and
     ``jax.Array`` leaves give ``jax.Array``; a sharding over an
     ``AbstractMesh`` is resolved against the mesh of ``jax.set_mesh``, as
-    Orbax does); only the leaves it names are read. Without it, the tree
-    comes back as saved, arrays as numpy.
+    Orbax does); only the leaves it names are read.
+
+    Without it, the tree comes back as :func:`partialstore.load` gives it
+    (dicts, lists and tuples as saved; NamedTuples and other nodes as
+    dicts), and, as in Orbax, in the saved layout when the checkpoint
+    recorded shardings: each ``jax.Array`` saved with a ``NamedSharding``
+    comes back with it, on a mesh of this job's devices like the saved one
+    (:meth:`partialstore.CheckpointMetadata.abstract_tree`), other saved
+    ``jax.Array`` leaves on the default device, numpy arrays as numpy. When
+    no sharding was recorded (arrays saved from one device, or an older
+    writer), or a saved mesh needs more devices than this job has, every
+    array comes back as numpy, as :func:`partialstore.load` gives it.
 
     Example:
         >>> import jax
@@ -164,6 +179,12 @@ def load(
         >>> ocp.partial.finalize(f"{tmp.name}/ckpt")
         >>> ocp.load(f"{tmp.name}/ckpt", jax.eval_shape(lambda: {"a": jax.numpy.zeros(3)}))
         {'a': Array([0., 1., 2.], dtype=float32)}
+        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        >>> ocp.partial.save(f"{tmp.name}/sharded", {"w": jax.device_put(np.arange(2.0), sharding)})
+        >>> ocp.partial.finalize(f"{tmp.name}/sharded")
+        >>> ocp.load(f"{tmp.name}/sharded")["w"].sharding == sharding  # the saved layout
+        True
         >>> tmp.cleanup()
 
     Args:
@@ -176,17 +197,57 @@ def load(
       FileNotFoundError: no finalized checkpoint at ``path``, or another
         ``checkpointable_name``.
     """
-    if checkpointable_name not in _PYTREE_NAMES:
-        if not isinstance(checkpointable_name, str):
-            raise InvalidInputError(
-                f"checkpointable_name must be a str or None, got {checkpointable_name!r}."
-            )
-        raise NotFoundError(
-            f"A partialstore checkpoint holds one PyTree, named {STATE_CHECKPOINTABLE_KEY!r}; "
-            f"there is no checkpointable {checkpointable_name!r} at {os.fspath(path)}. Pass "
-            f"checkpointable_name={AUTO_CHECKPOINTABLE_KEY!r} (the default)."
-        )
-    return _api.load(path, abstract_state)
+    _check_checkpointable_name(path, checkpointable_name)
+    if abstract_state is not None:
+        return _api.load(path, abstract_state)
+    return _load_saved_layout(path)
+
+
+def _check_checkpointable_name(path: PathLike, name: Any) -> None:
+    """Refuse a ``checkpointable_name`` other than those naming the one PyTree."""
+    if name in _PYTREE_NAMES:
+        return
+    if not isinstance(name, str):
+        raise InvalidInputError(f"checkpointable_name must be a str or None, got {name!r}.")
+    raise NotFoundError(
+        f"A partialstore checkpoint holds one PyTree, named {STATE_CHECKPOINTABLE_KEY!r}; "
+        f"there is no checkpointable {name!r} at {os.fspath(path)}. Pass "
+        f"checkpointable_name={AUTO_CHECKPOINTABLE_KEY!r} (the default)."
+    )
+
+
+def _load_saved_layout(path: PathLike) -> Any:
+    """The whole checkpoint as ``partialstore.load(path)`` gives it, arrays in the saved layout.
+
+    Falls back to ``partialstore.load(path)`` (numpy) when no leaf recorded
+    a sharding, or when a saved mesh does not fit this job's devices.
+    """
+    info = _api.metadata(path)
+    if not any(leaf.sharding is not None for leaf in _leaf_metadata(info.tree)):
+        return _api.load(path)
+    try:
+        abstract = info.abstract_tree()
+    except InvalidInputError:  # a saved mesh needs more devices than this job has
+        return _api.load(path)
+    restored = _api.load(path, abstract)
+    # The abstract tree keeps NamedTuples and other nodes as SavedNodes (they
+    # flatten to the stored key paths); rebuild the containers as a plain
+    # load does, so only the leaves differ from partialstore.load(path).
+    # (info._nodes: the checked stored containers; CheckpointMetadata keeps
+    # them, privately, for abstract_tree.)
+    paths, leaves, _ = tree.target_leaf_paths(restored)
+    return tree.build_tree(info._nodes, dict(zip(paths, leaves, strict=True)))
+
+
+def _leaf_metadata(node: Any) -> Iterator[LeafMetadata]:
+    """Every ``LeafMetadata`` of a metadata tree (its containers are dicts, lists, tuples)."""
+    if isinstance(node, dict):
+        node = list(node.values())
+    if isinstance(node, list | tuple):
+        for child in node:
+            yield from _leaf_metadata(child)
+    elif isinstance(node, LeafMetadata):
+        yield node
 
 
 def load_pytree(

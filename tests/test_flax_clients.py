@@ -12,6 +12,15 @@ restored state must be bit-exact, placed on the new mesh with the target's
 partition specs, and train on: one more step on the restored state gives
 the loss and params of one more step on the original.
 
+Then each checkpoint is restored again through its saved shardings, with no
+model code: ``load(path, metadata(path).abstract_tree())`` puts every array
+saved with a ``NamedSharding`` back on a mesh of the saved shape, ``(4, 2)``,
+with the saved partition spec, and ``abstract_tree(mesh=new_mesh)`` puts it
+on the ``(2, 4)`` mesh with the saved specs; both bit-exact, every leaf
+matched to the trained state by its key path (``jax.tree_util.keystr``).
+The Orbax drop-in's ``load(path)``, without an abstract state, restores the
+saved layout too, in ``partialstore.load``'s plain containers.
+
 8 CPU devices need ``XLA_FLAGS`` before JAX starts, so the clients run in a
 child process: this file, run as a script (``python test_flax_clients.py
 <job.json>``), once for both clients.
@@ -23,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +73,26 @@ def _check_report(report: dict[str, Any]) -> None:
         # The params (4 arrays) and both adam moments of them: sharded targets.
         assert result["on_new_mesh"] >= 12, result
         assert result["saves"] == 3
+        _check_saved_layouts(result["saved_layout"])
         # Another mesh may sum in another order: equal up to float32 rounding.
         assert abs(result["loss_after"] - result["loss_after_original"]) <= 1e-5 * max(
             1.0, abs(result["loss_after_original"])
         )
+
+
+def _check_saved_layouts(layouts: dict[str, dict[str, Any]]) -> None:
+    """The restores through the saved shardings: every leaf exact, every sharded one placed."""
+    assert sorted(layouts) == ["drop_in", "new_mesh", "saved_mesh"]
+    for result in layouts.values():
+        # Params, both adam moments, the adam count, the step: all found, all exact.
+        assert result["leaves"] >= 14, result
+        assert result["found"] == result["leaves"] == result["restored"], result
+        assert result["bit_exact"] == result["leaves"], result
+        # The 4 params and both adam moments of them at least were saved on the mesh...
+        assert result["sharded"] >= 12, result
+        # ...and the kernels (and their moments) split over the "model" axis.
+        assert result["split"] >= 6, result
+        assert result["placed"] == result["sharded"], result["misplaced"]
 
 
 def test_nnx_and_linen_training_loops_save_in_pieces_and_restore_on_another_mesh(
@@ -95,6 +121,103 @@ def _snapshot(tree: Any) -> Any:
     import numpy as np
 
     return jax.tree.map(lambda leaf: np.array(leaf, copy=True), tree)
+
+
+def _layout(tree: Any) -> list[tuple[Any, Any, Any]]:
+    """Each leaf's jax key path, a host copy of it, and its partition spec if it has one.
+
+    Taken when the state is saved, before training changes it and before
+    :func:`_snapshot` turns its arrays into numpy (which keeps no sharding).
+    """
+    import jax
+    import numpy as np
+
+    layout = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        named = isinstance(leaf, jax.Array) and isinstance(
+            leaf.sharding, jax.sharding.NamedSharding
+        )
+        spec = leaf.sharding.spec if named else None
+        layout.append((path, np.array(leaf, copy=True), spec))
+    return layout
+
+
+def _plain_key(path: Any) -> str:
+    """A key path with fields, dict keys and indices alike: ``partialstore.load``'s
+    containers (NamedTuples and other nodes become dicts) against the saved state's."""
+    parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return "/".join(map(str, parts))
+
+
+def _restore_saved_layouts(path: str, layout: list[Any], new_mesh: Any) -> dict[str, Any]:
+    """Load via ``abstract_tree()``, ``abstract_tree(mesh=new_mesh)`` and the Orbax drop-in."""
+    import jax
+
+    import partialstore
+    from partialstore import orbax as ocp
+
+    saved = partialstore.metadata(path)
+    keystr = jax.tree_util.keystr
+    return {
+        "saved_mesh": _check_layout(
+            partialstore.load(path, saved.abstract_tree()), layout, None, keystr
+        ),
+        "new_mesh": _check_layout(
+            partialstore.load(path, saved.abstract_tree(mesh=new_mesh)), layout, new_mesh, keystr
+        ),
+        # ocp.load(path), no abstract state: Orbax's saved shardings, plain containers.
+        "drop_in": _check_layout(ocp.load(path), layout, None, _plain_key),
+    }
+
+
+def _check_layout(
+    restored: Any, layout: list[Any], mesh: Any, name: Callable[[Any], str]
+) -> dict[str, Any]:
+    """Exact leaves; sharded ones on ``mesh`` (else a mesh like the saved) with the saved spec.
+
+    Leaves are matched by ``name`` of their key paths.
+    """
+    import jax
+    import numpy as np
+
+    got = {name(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    exact = found = sharded = split = placed = 0
+    misplaced = []
+    for path, want, spec in layout:
+        key = name(path)
+        if key not in got:
+            continue
+        found += 1
+        leaf, a = got[key], np.asarray(got[key])
+        exact += int(
+            a.dtype == want.dtype and a.shape == want.shape and a.tobytes() == want.tobytes()
+        )
+        if spec is None:
+            continue
+        sharded += 1
+        split += int(any(entry is not None for entry in spec))
+        ok = isinstance(leaf, jax.Array) and isinstance(leaf.sharding, jax.sharding.NamedSharding)
+        if ok and mesh is not None:
+            ok = leaf.sharding.mesh == mesh
+        elif ok:  # a mesh of this job's devices like the saved one
+            ok = (
+                leaf.sharding.mesh.devices.shape == OLD_MESH
+                and leaf.sharding.mesh.axis_names == AXES
+            )
+        ok = ok and leaf.sharding.spec == spec
+        placed += int(ok)
+        if not ok:
+            misplaced.append(f"{key}: {getattr(leaf, 'sharding', type(leaf))} (saved spec {spec})")
+    return {
+        "leaves": len(layout),
+        "restored": len(got),
+        "found": found,
+        "bit_exact": exact,
+        "sharded": sharded,
+        "split": split,
+        "placed": placed,
+        "misplaced": misplaced,
+    }
 
 
 def _compare(restored: Any, copies: Any, abstract: Any, new_mesh: Any) -> dict[str, Any]:
@@ -182,9 +305,9 @@ def _nnx_client(path: str) -> dict[str, Any]:
         partialstore.save_async(path, {"optimizer": nnx.state(optimizer)}).result()
         partialstore.save(path, {"step": 3})
         partialstore.finalize(path)
-        original = _snapshot(
-            {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
-        )
+        trained = {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+        layout = _layout({**trained, "step": 3})
+        original = _snapshot(trained)
         loss_original = float(train_step(model, optimizer, *_batch(3)))
     with jax.set_mesh(new_mesh):
         abstract_model, abstract_optimizer = nnx.eval_shape(lambda: build(1))
@@ -203,6 +326,7 @@ def _nnx_client(path: str) -> dict[str, Any]:
         )
         loss_after = float(train_step(abstract_model, abstract_optimizer, *_batch(3)))
     report.update(loss_after=loss_after, loss_after_original=loss_original)
+    report["saved_layout"] = _restore_saved_layouts(path, layout, new_mesh)
     return report
 
 
@@ -258,7 +382,9 @@ def _linen_client(path: str) -> dict[str, Any]:
         partialstore.save_async(path, {"opt_state": state.opt_state}).result()
         partialstore.save(path, {"step": state.step})
         partialstore.finalize(path)
-        original = _snapshot({"params": state.params, "opt_state": state.opt_state})
+        trained = {"params": state.params, "opt_state": state.opt_state}
+        layout = _layout({**trained, "step": state.step})
+        original = _snapshot(trained)
         _, loss_original = train_step(state, *_batch(3))
     with jax.set_mesh(new_mesh):
         # Linen's abstract state carries no shardings under an Auto mesh: attach
@@ -282,6 +408,7 @@ def _linen_client(path: str) -> dict[str, Any]:
         )
         _, loss_after = train_step(resumed, *_batch(3))
     report.update(loss_after=float(loss_after), loss_after_original=float(loss_original))
+    report["saved_layout"] = _restore_saved_layouts(path, layout, new_mesh)
     return report
 
 

@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -308,3 +309,90 @@ def test_load_with_abstract_state_gives_jax_arrays(tmp_path: Path) -> None:
     restored = ps_ocp.load(path, abstract_state)
     assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(restored))
     np.testing.assert_array_equal(np.asarray(restored["a"]), np.arange(8.0))
+
+
+# -- load without an abstract state: the saved shardings, as Orbax restores them ---------
+
+
+class _Adam(NamedTuple):
+    count: Any
+    mu: Any
+
+
+def _sharded_state() -> tuple[dict[str, Any], jax.sharding.NamedSharding]:
+    """jax.Arrays with a NamedSharding on a 1-device mesh (recorded), and other leaf kinds."""
+    mesh = jax.make_mesh((1,), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    w = jax.device_put(np.arange(6, dtype=np.float32).reshape(2, 3), sharding)
+    state = {
+        "params": {"w": w},
+        "opt": (_Adam(jax.numpy.int32(4), {"w": jax.device_put(w * 2, sharding)}), ()),
+        "host": np.arange(3, dtype=np.int16),
+        "step": 5,
+    }
+    return state, sharding
+
+
+def test_load_without_abstract_state_restores_the_saved_shardings(tmp_path: Path) -> None:
+    from orbax.checkpoint import v1 as orbax_ocp
+
+    state, sharding = _sharded_state()
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for ocp, path in ((ps_ocp, ours), (orbax_ocp, theirs)):
+        ocp.partial.save(path, state)
+        ocp.partial.finalize(path)
+    restored, orbax_restored = ps_ocp.load(ours), orbax_ocp.load(theirs)
+    for got in (restored, orbax_restored):  # Orbax does it too
+        assert isinstance(got["params"]["w"], jax.Array)
+        assert got["params"]["w"].sharding == sharding
+    mu, count = restored["opt"][0]["mu"]["w"], restored["opt"][0]["count"]
+    assert isinstance(mu, jax.Array) and mu.sharding == sharding
+    # Saved from one device (no sharding recorded): a jax.Array on the default device.
+    assert isinstance(count, jax.Array) and count.dtype == np.int32 and int(count) == 4
+    assert count.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    assert type(restored["host"]) is np.ndarray and restored["step"] == 5
+    # The containers are those partialstore.load gives (the NamedTuple as a dict).
+    plain = partialstore.load(ours)
+    assert jax.tree.structure(restored) == jax.tree.structure(plain)
+    assert restored["opt"][0].keys() == {"count", "mu"} and restored["opt"][1] == ()
+    assert type(restored["opt"]) is tuple and type(orbax_restored["opt"]) is list  # README
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(plain), strict=True):
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+        assert np.asarray(got).dtype == np.asarray(want).dtype
+
+
+def test_difference_no_saved_sharding_loads_numpy(tmp_path: Path) -> None:
+    from orbax.checkpoint import v1 as orbax_ocp
+
+    state = {"a": jax.numpy.arange(4.0)}  # one device: no NamedSharding to record
+    for ocp, path in ((ps_ocp, tmp_path / "ours"), (orbax_ocp, tmp_path / "theirs")):
+        ocp.partial.save(path, state)
+        ocp.partial.finalize(path)
+    assert isinstance(orbax_ocp.load(tmp_path / "theirs")["a"], jax.Array)
+    assert partialstore.metadata(tmp_path / "ours").tree["a"].sharding is None
+    restored = ps_ocp.load(tmp_path / "ours")["a"]
+    assert type(restored) is np.ndarray
+    np.testing.assert_array_equal(restored, np.arange(4.0, dtype=np.float32))
+
+
+def test_difference_a_saved_mesh_larger_than_the_job_loads_numpy(tmp_path: Path) -> None:
+    state, _ = _sharded_state()
+    path = tmp_path / "ckpt"
+    ps_ocp.partial.save(path, state)
+    ps_ocp.partial.finalize(path)
+    # As if saved on 8 devices: this job has 1 (the field is layout only, never bytes).
+    manifest = path / "partialstore.json"
+    body = json.loads(manifest.read_text())
+    recorded = [e["sharding"] for e in body["leaves"] if e.get("sharding")]
+    assert len(recorded) == 2  # w and mu
+    for sharding in recorded:
+        sharding["mesh"]["shape"] = [8]
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(InvalidInputError, match=r"8 devices.*1 cpu device"):
+        partialstore.metadata(path).abstract_tree()
+    restored = ps_ocp.load(path)
+    assert type(restored["params"]["w"]) is np.ndarray
+    assert type(restored["opt"][0]["count"]) is np.ndarray
+    np.testing.assert_array_equal(
+        restored["opt"][0]["mu"]["w"], 2 * np.arange(6, dtype=np.float32).reshape(2, 3)
+    )

@@ -1,5 +1,10 @@
 """``partialstore info``'s two forms: a JSON dict and a rich tree with tables.
 
+Each leaf shows its saved sharding, if the checkpoint recorded one (a
+``jax.Array`` saved with a ``NamedSharding``): in words in the tree
+(:meth:`~partialstore.SavedSharding.describe`), as its manifest JSON in
+``"sharding"`` with ``--json`` (``null`` for leaves without one).
+
 Example:
     >>> import numpy as np
     >>> import tempfile
@@ -11,6 +16,8 @@ Example:
     >>> data = info_json(path, partialstore.metadata(path))
     >>> data["bytes"], [leaf["path"] for leaf in data["leaves"]]
     (24, ['step', 'w'])
+    >>> data["leaves"][1]["sharding"] is None  # a numpy array: no sharding recorded
+    True
     >>> tmp.cleanup()
 """
 
@@ -76,6 +83,7 @@ def _leaf_json(path: str, leaf: LeafMetadata) -> dict[str, Any]:
         "shape": list(leaf.shape),
         "dtype": leaf.dtype,
         "bytes": leaf_nbytes(leaf),
+        "sharding": None if leaf.sharding is None else leaf.sharding.encode(),
     }
 
 
@@ -94,10 +102,24 @@ def info_json(path: str, meta: CheckpointMetadata) -> dict[str, Any]:
 
 
 def _label(name: str, leaf: LeafMetadata) -> str:
+    """One leaf's line in the tree; its saved sharding, if any, in words after its size.
+
+    Example:
+        >>> from partialstore._pytree.shardings import SavedSharding
+        >>> saved = SavedSharding((2, 4), ("data", "model"), (None, "model"))
+        >>> label = _label("w", LeafMetadata("jax_array", (8, 8), "float32", saved))
+        >>> label.split("  ")[:2]
+        ['[bold]w[/]: float32[8x8]', '256 B']
+        >>> label.split("  sharded: ")[1]
+        "mesh {'data': 2, 'model': 4} (8 devices), spec (None, 'model')"
+    """
     if leaf.dtype is None:
         return f"[bold]{escape(name)}[/]: {leaf.kind}"
     shape = "x".join(map(str, leaf.shape)) or "scalar"
-    return f"[bold]{escape(name)}[/]: {leaf.dtype}[{shape}]  {human_bytes(leaf_nbytes(leaf))}"
+    label = f"[bold]{escape(name)}[/]: {leaf.dtype}[{shape}]  {human_bytes(leaf_nbytes(leaf))}"
+    if leaf.sharding is not None:
+        label += f"  sharded: {escape(leaf.sharding.describe())}"
+    return label
 
 
 def _grow(node: Tree, tree: Any) -> None:
@@ -141,7 +163,9 @@ def render_info(
         root.add(_label("<root>", meta.tree))
     elif isinstance(meta.tree, dict | list | tuple):
         _grow(root, meta.tree)
-    console.print(root)
+    # Wrapped inside the tree's guides: the console soft-wraps (for JSON and
+    # long paths), which would crop a long label (a sharding) at the width.
+    console.print(root, soft_wrap=False)
     console.print(_saves_table(meta.saves))
     custom = json.dumps(data["custom_metadata"], indent=2, sort_keys=True)
     console.print("custom_metadata: " + escape(custom))
