@@ -170,6 +170,7 @@ def test_info(store: tuple[str, dict[str, Any]]) -> None:
         "shape": [512, 1024],
         "dtype": "float32",
         "bytes": 2 << 20,
+        "sharding": None,
     }
     assert leaves["opt[0]"]["dtype"] == "int32" and leaves["opt[0]"]["bytes"] == 20
     assert leaves["name"]["kind"] == "str" and leaves["opt[1]"]["kind"] == "float"
