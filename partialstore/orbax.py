@@ -51,7 +51,6 @@ from partialstore import _api
 from partialstore._commit.loading import LeafMetadata
 from partialstore._commit.location import STAGING_SUFFIX
 from partialstore._commit.operations import PathLike
-from partialstore._pytree import tree
 from partialstore._runtime.ordering import AsyncResponse
 from partialstore.errors import InvalidInputError, NotFoundError
 
@@ -229,14 +228,8 @@ def _load_saved_layout(path: PathLike) -> Any:
         abstract = info.abstract_tree()
     except InvalidInputError:  # a saved mesh needs more devices than this job has
         return _api.load(path)
-    restored = _api.load(path, abstract)
-    # The abstract tree keeps NamedTuples and other nodes as SavedNodes (they
-    # flatten to the stored key paths); rebuild the containers as a plain
-    # load does, so only the leaves differ from partialstore.load(path).
-    # (info._nodes: the checked stored containers; CheckpointMetadata keeps
-    # them, privately, for abstract_tree.)
-    paths, leaves, _ = tree.target_leaf_paths(restored)
-    return tree.build_tree(info._nodes, dict(zip(paths, leaves, strict=True)))
+    # Containers as partialstore.load(path) gives them: only the leaves differ.
+    return info.with_stored_containers(_api.load(path, abstract))
 
 
 def _leaf_metadata(node: Any) -> Iterator[LeafMetadata]:

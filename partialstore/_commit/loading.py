@@ -129,6 +129,28 @@ class CheckpointMetadata:
         """
         return abstract_target(self._nodes, self._leaves, mesh)
 
+    def with_stored_containers(self, restored: Any) -> Any:
+        """``restored`` (e.g. a load of :meth:`abstract_tree`) in the containers a plain load gives.
+
+        The abstract tree keeps NamedTuples and other custom nodes as
+        :class:`partialstore.SavedNode`; this rebuilds them as
+        ``partialstore.load(path)`` does, so only the leaves differ.
+
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> import partialstore
+            >>> partialstore.save(f"{tmp.name}/ckpt", {"opt": (np.zeros(2), 3)})
+            >>> partialstore.finalize(f"{tmp.name}/ckpt")
+            >>> info = partialstore.metadata(f"{tmp.name}/ckpt")
+            >>> restored = partialstore.load(f"{tmp.name}/ckpt", info.abstract_tree())
+            >>> info.with_stored_containers(restored)
+            {'opt': (array([0., 0.]), 3)}
+            >>> tmp.cleanup()
+        """
+        paths, leaves, _ = tree.target_leaf_paths(restored)
+        return tree.build_tree(self._nodes, dict(zip(paths, leaves, strict=True)))
+
 
 async def _has_open_session(location: Location) -> bool:
     """Whether the log holds saves after its last discard marker (for an error's hint)."""
