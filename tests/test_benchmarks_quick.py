@@ -296,7 +296,7 @@ def test_time_to_error_quick_on_s3(tmp_path: Path, capsys: Any) -> None:
     # A correctness bound, not a performance figure: each case must fail, with a
     # partialstore error that says why, within its promised bound.
     out = tmp_path / "out"
-    rc = time_to_error.main(["--quick", "--stores", "s3", "--out", str(out)])
+    rc = time_to_error.main(["--quick", "--stores", "s3", "--network", "plain", "--out", str(out)])
     stdout = capsys.readouterr().out
     assert "## Time to error (quick run)" in stdout
     assert (out / "time_to_error.md").read_text().strip() == stdout.strip()
