@@ -168,6 +168,23 @@ def verb(record: Any) -> str:
     return str(record.method)
 
 
+def most_in_flight(records: Sequence[Any]) -> int:
+    """The most requests in flight at once (the client's effective concurrency).
+
+    Example::
+
+        most_in_flight(proxy.requests("GET"))  # 30: TensorStore's S3 default limit is 32
+    """
+    edges = sorted(
+        [(r.started, 1) for r in records] + [(r.started + (r.duration or 0.0), -1) for r in records]
+    )
+    now = most = 0
+    for _, step in edges:  # at equal times an end (-1) sorts before a start
+        now += step
+        most = max(most, now)
+    return most
+
+
 def _describe(record: Any) -> str:
     key = record.key or record.path
     key = key.split("/ckpt/", 1)[-1] if "/ckpt/" in key else key  # relative to the checkpoint
@@ -194,6 +211,7 @@ def account(records: Sequence[Any]) -> dict[str, Any]:
         "by_method": dict(sorted(by_method.items())),
         "bytes_sent": sum(r.body_size for r in records),
         "serial": len(chain),
+        "in_flight": most_in_flight(records),
         "chain": [_describe(r) for r in chain][:40],
     }
 
@@ -245,7 +263,10 @@ def summarize(found: list[dict[str, Any]]) -> dict[str, Any]:
         "serial_max": max(serials),
         "by_method": found[0]["by_method"],
         "chain": found[0]["chain"],
-        "each": [{k: f[k] for k in ("total", "serial", "bytes_sent")} for f in found],
+        "in_flight_max": max(f.get("in_flight", 0) for f in found),
+        "each": [
+            {k: f.get(k, 0) for k in ("total", "serial", "in_flight", "bytes_sent")} for f in found
+        ],
     }
 
 
