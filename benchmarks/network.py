@@ -203,12 +203,15 @@ def account(records: Sequence[Any]) -> dict[str, Any]:
         account(proxy.requests())  # {'total': 5, 'by_method': {'GET': 2, ...}, 'serial': 4, ...}
     """
     by_method: dict[str, int] = {}
+    by_client: dict[str, int] = {}
     for record in records:
         by_method[verb(record)] = by_method.get(verb(record), 0) + 1
+        by_client[record.client] = by_client.get(record.client, 0) + 1
     chain = serial_chain(records)
     return {
         "total": len(records),
         "by_method": dict(sorted(by_method.items())),
+        "by_client": dict(sorted(by_client.items())),
         "bytes_sent": sum(r.body_size for r in records),
         "serial": len(chain),
         "in_flight": most_in_flight(records),
@@ -262,6 +265,7 @@ def summarize(found: list[dict[str, Any]]) -> dict[str, Any]:
         "serial_median": statistics.median(serials),
         "serial_max": max(serials),
         "by_method": found[0]["by_method"],
+        "by_client": found[0].get("by_client", {}),
         "chain": found[0]["chain"],
         "in_flight_max": max(f.get("in_flight", 0) for f in found),
         "each": [
@@ -283,7 +287,12 @@ def merge(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     merged: dict[str, Any] = {}
     for operation in present[0]:
         found = [
-            {**each, "by_method": p[operation]["by_method"], "chain": p[operation]["chain"]}
+            {
+                **each,
+                "by_method": p[operation]["by_method"],
+                "by_client": p[operation].get("by_client", {}),
+                "chain": p[operation]["chain"],
+            }
             for p in present
             if operation in p
             for each in p[operation]["each"]
