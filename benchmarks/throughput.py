@@ -191,38 +191,43 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _network_row(
+    r: dict[str, Any], index: dict[tuple[str, str, str], Any], ratios: dict[tuple[str, str], Any]
+) -> list[str]:
+    """One row of the side-by-side table: a system's 20 ms result next to its plain one."""
+    kind, _ = network.split_label(r["store"])
+    name = r["workload"]["name"]
+    plain = index.get((kind, r["system"], name)) or {}
+    requests = r.get("requests") or {}
+    ps = r["system"] == "partialstore"
+
+    def save_ratio(store: str) -> str:
+        return fmt_ratio((ratios.get((store, name)) or {}).get("save_vs_tensorstore")) if ps else ""
+
+    return [
+        name,
+        kind,
+        r["system"],
+        fmt_stats(plain.get("save_total")) if plain.get("status") == "ok" else "n/a",
+        fmt_stats(r.get("save_total")) if r.get("status") == "ok" else str(r.get("status")),
+        save_ratio(kind),
+        save_ratio(r["store"]),
+        network.fmt_requests(requests.get("save")),
+        network.fmt_requests(requests.get("finalize")) if ps else "",
+        network.fmt_requests(requests.get("load")),
+    ]
+
+
 def _network_tables(result: dict[str, Any]) -> list[str]:
     """Plain emulator and latency profile side by side, with the requests of each operation."""
     results = result["results"]
     index = {(r["store"], r["system"], r["workload"]["name"]): r for r in results}
     ratios = {(r["store"], r["workload"]): r for r in result["ratios"]}
-    rows = []
-    for r in results:
-        if "@" not in r["store"] or r["system"] not in ("partialstore", "tensorstore"):
-            continue
-        kind, _ = network.split_label(r["store"])
-        name = r["workload"]["name"]
-        plain = index.get((kind, r["system"], name)) or {}
-        requests = r.get("requests") or {}
-        ps = r["system"] == "partialstore"
-        rows.append(
-            [
-                name,
-                kind,
-                r["system"],
-                fmt_stats(plain.get("save_total")) if plain.get("status") == "ok" else "n/a",
-                fmt_stats(r.get("save_total")) if r.get("status") == "ok" else r.get("status"),
-                fmt_ratio((ratios.get((kind, name)) or {}).get("save_vs_tensorstore"))
-                if ps
-                else "",
-                fmt_ratio((ratios.get((r["store"], name)) or {}).get("save_vs_tensorstore"))
-                if ps
-                else "",
-                network.fmt_requests(requests.get("save")),
-                network.fmt_requests(requests.get("finalize")) if ps else "",
-                network.fmt_requests(requests.get("load")),
-            ]
-        )
+    rows = [
+        _network_row(r, index, ratios)
+        for r in results
+        if "@" in r["store"] and r["system"] in ("partialstore", "tensorstore")
+    ]
     if not rows:
         return []
     profile = result["config"].get("profile") or {}
