@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
+from benchmarks import network, report
 from benchmarks.common import REPO_ROOT, machine_description
 from benchmarks.runner import PlanResult, run_plan
 
@@ -158,6 +158,7 @@ class Run:
             systems=self.args.systems,
             tmp_root=self.scratch,
             log_path=str(self.out.path("-workers.log")),
+            profile=getattr(self.args, "profile", None),
             **kwargs,
         )
 
@@ -219,6 +220,7 @@ class Script:
         )
         if self.systems:
             _add_measure_arguments(parser, self.systems)
+            network.add_network_arguments(parser)
         self.add_arguments(parser)
         return parser
 
@@ -250,6 +252,9 @@ def run_script(script: Script, argv: list[str] | None = None) -> int:
     if script.systems:
         args.reps = args.reps or (2 if args.quick else 3)
         args.budget_s = args.budget_s or (30.0 if args.quick else 150.0)
+        # Every store under every network profile: s3, s3@20ms, ... (benchmarks.network).
+        args.profile = network.profile_of(args)
+        args.stores = network.store_labels(args.stores, args.network, args.profile)
     out = Outputs(Path(args.out), script.name)
     out.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

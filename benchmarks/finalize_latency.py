@@ -26,7 +26,7 @@ import argparse
 import sys
 from typing import Any
 
-from benchmarks import report
+from benchmarks import network, report
 from benchmarks.cli import Measured, Run, Script, add_list_option
 from benchmarks.common import (
     GiB,
@@ -265,6 +265,7 @@ def render_tables(result: dict[str, Any]) -> str:
             )
         )
         out.append("")
+    out.extend(_network_tables(result))
     out.append("### Summary (ratios of medians from this run)")
     out.append("")
     rows = []
@@ -306,6 +307,54 @@ def render_tables(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _network_tables(result: dict[str, Any]) -> list[str]:
+    """Plain emulator and latency profile side by side, with the requests of each operation."""
+    points = [p for p in result["points"] if p["system"] == "partialstore"]
+    profiled = [p for p in points if "@" in p["store"]]
+    if not profiled:
+        return []
+    index = {(p["store"], p["series"], p["workload"]["name"]): p for p in points}
+    rows = []
+    for p in profiled:
+        kind, _ = network.split_label(p["store"])
+        plain = index.get((kind, p["series"], p["workload"]["name"]))
+        saves = p["workload"]["saves"]
+        requests = p.get("requests") or {}
+        rows.append(
+            [
+                f"{p['series']}: {p['workload']['name']}",
+                kind,
+                _cell(plain),
+                _cell(p),
+                network.fmt_requests(requests.get("saves"), per=saves),
+                network.fmt_requests(requests.get("finalize")),
+            ]
+        )
+    profile = result["config"].get("profile") or {}
+    link = profile.get("bandwidth_mbps")
+    return [
+        f"### partialstore: plain emulator and the {profile.get('label', '')} profile",
+        "",
+        f"The profile: +{profile.get('rtt_ms', 0):g} ms per request, "
+        + (f"{link:g} Mbit/s shared link" if link else "no bandwidth cap")
+        + "; requests counted by the proxy per repetition (median), with the longest "
+        "chain of requests in series (round trips on the critical path).",
+        "",
+        report.markdown_table(
+            [
+                "point",
+                "store",
+                "finalize, plain",
+                f"finalize, {profile.get('label', '')}",
+                "requests per save",
+                "finalize requests",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
 def _slope(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -339,6 +388,8 @@ def measure(run: Run) -> Measured:
         "budget_s_per_point": args.budget_s,
         "emulator_max_bytes": args.emulator_max_bytes,
         "emulator_max_saves": args.emulator_max_saves,
+        "network": args.network,
+        "profile": args.profile.to_json(),
     }
     body = {
         "stores": store_info,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from benchmarks import network
 from benchmarks.common import stats_json
 from benchmarks.worker import rss_summary
 
@@ -85,6 +86,8 @@ def merge_summaries(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         name: max(r["load_rss"][name] for r in measured)
         for name in ("max_extra_bytes", "max_peak_bytes")
     }
+    if any(r.get("requests") for r in measured):
+        merged["requests"] = network.merge([r.get("requests") for r in measured])
     errors = [r for r in rounds if r.get("status") == "error"]
     skipped = [r for r in rounds if r.get("status") == "skipped"]
     notes = _unique([r.get("note", "") for r in measured])

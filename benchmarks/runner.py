@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import report
+from benchmarks import network, report
 from benchmarks.baselines import orbax_missing
 from benchmarks.common import REPO_ROOT
 from benchmarks.stores import StoreEnv, started_stores
@@ -318,6 +318,7 @@ def run_plan(
     timeout_for: Callable[[list[dict[str, Any]]], float],
     before_group: Callable[[str, list[dict[str, Any]]], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    profile: network.NetworkProfile | None = None,
 ) -> PlanResult:
     """Start the stores, run every (store, jobs) group in a worker, with a progress bar.
 
@@ -325,6 +326,9 @@ def run_plan(
     TensorStore baseline copies partialstore's layouts); ``on_event`` sees
     every event as it arrives. Returns ``(events, worker records, store info,
     unavailable)``, the last mapping (store, system) to why it cannot run.
+    Stores named ``s3@20ms`` / ``gcs@20ms`` run behind a latency proxy built
+    from ``profile``; their events get the request counts of each operation
+    (:func:`benchmarks.network.annotate`).
 
     Example::
 
@@ -335,7 +339,8 @@ def run_plan(
     """
     events: list[dict[str, Any]] = []
     workers: list[dict[str, Any]] = []
-    with started_stores(stores, tmp_root) as envs:
+    proxies: dict[str, Any] = {}
+    with started_stores(stores, tmp_root, profile, proxies) as envs:
         bar = report.ProgressBar(sum(expected_count(jobs) for _, jobs in groups), label)
         unavailable = dict(orbax_missing(stores, systems))
         for store, jobs in groups:
@@ -343,6 +348,7 @@ def run_plan(
                 before_group(store, jobs)
 
             def step(event: dict[str, Any]) -> None:
+                network.annotate(event, proxies.get(event.get("store", "")))
                 what = event.get("workload", {}).get("name") or event.get("type", "")
                 if "round" in event:
                     what += f" rep {event['round'] + 1}"
@@ -363,7 +369,7 @@ def run_plan(
             workers.append(record)
         bar.close()
         store_info = {
-            name: {"server": env.server, "endpoint_url": env.endpoint_url}
+            name: {"server": env.server, "endpoint_url": env.endpoint_url, "network": env.network}
             for name, env in envs.items()
         }
     return events, workers, store_info, unavailable

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -40,6 +41,11 @@ class StoreEnv:
       env: environment variables a process needs to reach the store.
       endpoint_url: the emulator's URL (empty for local disk).
       server: which emulator serves it, in words.
+      kind: ``local``, ``s3`` or ``gcs`` where ``name`` is a label such as
+        ``s3@20ms`` (a store behind a network profile); empty: ``name``.
+      network: ``plain``, or the profile's label (``20ms``).
+      direct_options: ``storage_options`` reaching the emulator itself, not the
+        proxy: for the untimed cleanup and probes (empty: ``storage_options``).
     """
 
     name: str
@@ -48,6 +54,9 @@ class StoreEnv:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     endpoint_url: str = ""
     server: str = ""
+    kind: str = ""
+    network: str = "plain"
+    direct_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,11 +67,22 @@ class StoreEnv:
 
     @property
     def is_local(self) -> bool:
-        return self.name == "local"
+        return self.store_kind == "local"
+
+    @property
+    def store_kind(self) -> str:
+        """``local``, ``s3`` or ``gcs`` whatever the label."""
+        return self.kind or self.name
 
     def fresh(self, label: str) -> str:
-        """A new, empty checkpoint path ``<root>/<label>-<id>/ckpt`` for one measurement."""
-        group = f"{label}-{uuid.uuid4().hex[:8]}"
+        """A new, empty checkpoint path ``<root>/<label>-<id>/ckpt`` for one measurement.
+
+        Characters other than letters, digits, ``.``, ``_`` and ``-`` in ``label``
+        become ``-``: the S3 backend sends a commit's small requests through
+        TensorStore only for such plain keys, so a point named "4 saves" would
+        otherwise measure its slower fallback client instead.
+        """
+        group = f"{re.sub(r'[^A-Za-z0-9._-]', '-', label)}-{uuid.uuid4().hex[:8]}"
         return f"{self.root.rstrip('/')}/{group}/ckpt"
 
     def group_of(self, url: str) -> str:
@@ -70,12 +90,17 @@ class StoreEnv:
         return url.rsplit("/", 1)[0]
 
     def filesystem(self) -> Any:
-        """An fsspec filesystem for this store (used for cleanup and raw probes)."""
+        """An fsspec filesystem for this store (used for cleanup and raw probes).
+
+        It reaches the emulator directly, past any latency proxy: nothing it
+        does is timed.
+        """
         import fsspec
 
-        protocol = {"local": "file", "s3": "s3", "gcs": "gcs"}[self.name]
+        protocol = {"local": "file", "s3": "s3", "gcs": "gcs"}[self.store_kind]
+        options = self.direct_options or self.storage_options
         # skip_instance_cache: a worker may outlive the store it first talked to.
-        return fsspec.filesystem(protocol, skip_instance_cache=True, **self.storage_options)
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
 
     def remove(self, url: str) -> None:
         """Delete everything a measurement left under its folder (not timed)."""
@@ -99,7 +124,7 @@ class StoreEnv:
         _, rest = url.split("://", 1)
         bucket, _, path = rest.partition("/")
         path = path.rstrip("/") + "/"
-        if self.name == "s3":
+        if self.store_kind == "s3":
             return {
                 "driver": "s3",
                 "bucket": bucket,
@@ -113,51 +138,98 @@ class StoreEnv:
         return {"driver": "gcs", "bucket": bucket, "path": path}
 
 
+def _emulator(kind: str, stack: contextlib.ExitStack, bucket: str) -> tuple[Any, StoreEnv]:
+    """Start the emulator of ``kind`` (``s3`` or ``gcs``) with ``bucket``; its plain store."""
+    if kind == "s3":
+        from partialstore.testing.servers import MotoS3Server
+
+        # A child process, so moto does not share a GIL with the worker.
+        server: Any = stack.enter_context(MotoS3Server(in_process=False))
+        root, what = f"s3://{bucket}/run", "moto server (child process)"
+    else:
+        from partialstore.testing.servers import FakeGcsServer
+
+        server = stack.enter_context(FakeGcsServer())
+        root, what = f"gs://{bucket}/run", "fake-gcs-server (memory backend)"
+    server.create_bucket(bucket)
+    env = StoreEnv(
+        name=kind,
+        root=root,
+        storage_options=server.storage_options(),
+        env=server.env(),
+        endpoint_url=server.endpoint_url,
+        server=f"{what} at {server.endpoint_url}",
+    )
+    return server, env
+
+
+def _behind_proxy(
+    label: str, server: Any, plain: StoreEnv, profile: Any, stack: contextlib.ExitStack
+) -> tuple[Any, StoreEnv]:
+    """A latency proxy in front of ``server`` and the store seen through it."""
+    from partialstore.testing.faultproxy import FaultProxy
+
+    proxy = stack.enter_context(
+        FaultProxy(server.endpoint_url, rtt=profile.rtt_s, bandwidth=profile.bandwidth_bps)
+    )
+    mbps = profile.to_json()["bandwidth_mbps"]
+    link = f"{mbps:g} Mbit/s" if mbps else "no bandwidth cap"
+    env = dataclasses.replace(
+        plain,
+        name=label,
+        kind=plain.name,
+        network=profile.label,
+        storage_options=proxy.storage_options(server),
+        env=proxy.env(server),
+        endpoint_url=proxy.endpoint_url,
+        server=f"{plain.server} behind a proxy at {proxy.endpoint_url} "
+        f"(+{profile.rtt_s * 1000:g} ms per request, {link})",
+        direct_options=plain.storage_options,
+    )
+    return proxy, env
+
+
 @contextlib.contextmanager
-def started_stores(names: list[str], tmp_root: str) -> Iterator[dict[str, StoreEnv]]:
+def started_stores(
+    names: list[str],
+    tmp_root: str,
+    profile: Any = None,
+    proxies: dict[str, Any] | None = None,
+) -> Iterator[dict[str, StoreEnv]]:
     """Start what ``names`` need and yield ``{name: StoreEnv}``; stop everything after.
+
+    A name ``s3@20ms`` / ``gcs@20ms`` (see :mod:`benchmarks.network`) is the
+    same emulator as ``s3`` / ``gcs`` seen through a latency proxy built from
+    ``profile`` (a :class:`benchmarks.network.NetworkProfile`); the proxies
+    are put into ``proxies`` by name, for the parent's request counts.
 
     Raises whatever the server helpers raise when an emulator cannot start:
     a benchmark that was asked for S3 must not quietly run without it.
     """
-    unknown = sorted(set(names) - set(STORE_NAMES))
+    kinds = {name.partition("@")[0] for name in names}
+    unknown = sorted(kinds - set(STORE_NAMES))
     if unknown:
         raise ValueError(f"unknown store(s) {unknown}; choose from {', '.join(STORE_NAMES)}")
+    if profile is None and any("@" in name for name in names):
+        raise ValueError(f"stores {names} name a network profile, but none was given")
     run_id = uuid.uuid4().hex[:8]
     stores: dict[str, StoreEnv] = {}
+    started: dict[str, tuple[Any, StoreEnv]] = {}
     with contextlib.ExitStack() as stack:
         for name in names:
-            if name == "local":
+            kind = name.partition("@")[0]
+            if kind == "local":
                 root = os.path.join(tmp_root, "local")
                 os.makedirs(root, exist_ok=True)
                 stores[name] = StoreEnv(name="local", root=root, server="local disk")
-            elif name == "s3":
-                from partialstore.testing.servers import MotoS3Server
-
-                # A child process, so moto does not share a GIL with the worker.
-                server = stack.enter_context(MotoS3Server(in_process=False))
-                bucket = f"bench-{run_id}"
-                server.create_bucket(bucket)
-                stores[name] = StoreEnv(
-                    name="s3",
-                    root=f"s3://{bucket}/run",
-                    storage_options=server.storage_options(),
-                    env=server.env(),
-                    endpoint_url=server.endpoint_url,
-                    server=f"moto server (child process) at {server.endpoint_url}",
-                )
-            elif name == "gcs":
-                from partialstore.testing.servers import FakeGcsServer
-
-                server = stack.enter_context(FakeGcsServer())
-                bucket = f"bench-{run_id}"
-                server.create_bucket(bucket)
-                stores[name] = StoreEnv(
-                    name="gcs",
-                    root=f"gs://{bucket}/run",
-                    storage_options=server.storage_options(),
-                    env=server.env(),
-                    endpoint_url=server.endpoint_url,
-                    server=f"fake-gcs-server (memory backend) at {server.endpoint_url}",
-                )
+                continue
+            if kind not in started:
+                started[kind] = _emulator(kind, stack, f"bench-{run_id}")
+            server, plain = started[kind]
+            if name == kind:
+                stores[name] = plain
+                continue
+            proxy, stores[name] = _behind_proxy(name, server, plain, profile, stack)
+            if proxies is not None:
+                proxies[name] = proxy
         yield stores

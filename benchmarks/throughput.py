@@ -37,7 +37,7 @@ import argparse
 import sys
 from typing import Any
 
-from benchmarks import report
+from benchmarks import network, report
 from benchmarks.cli import Measured, Run, Script, add_list_option
 from benchmarks.common import (
     GiB,
@@ -191,6 +191,75 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _network_row(
+    r: dict[str, Any], index: dict[tuple[str, str, str], Any], ratios: dict[tuple[str, str], Any]
+) -> list[str]:
+    """One row of the side-by-side table: a system's 20 ms result next to its plain one."""
+    kind, _ = network.split_label(r["store"])
+    name = r["workload"]["name"]
+    plain = index.get((kind, r["system"], name)) or {}
+    requests = r.get("requests") or {}
+    ps = r["system"] == "partialstore"
+
+    def save_ratio(store: str) -> str:
+        return fmt_ratio((ratios.get((store, name)) or {}).get("save_vs_tensorstore")) if ps else ""
+
+    return [
+        name,
+        kind,
+        r["system"],
+        fmt_stats(plain.get("save_total")) if plain.get("status") == "ok" else "n/a",
+        fmt_stats(r.get("save_total")) if r.get("status") == "ok" else str(r.get("status")),
+        save_ratio(kind),
+        save_ratio(r["store"]),
+        network.fmt_requests(requests.get("save")),
+        network.fmt_requests(requests.get("finalize")) if ps else "",
+        network.fmt_requests(requests.get("load")),
+    ]
+
+
+def _network_tables(result: dict[str, Any]) -> list[str]:
+    """Plain emulator and latency profile side by side, with the requests of each operation."""
+    results = result["results"]
+    index = {(r["store"], r["system"], r["workload"]["name"]): r for r in results}
+    ratios = {(r["store"], r["workload"]): r for r in result["ratios"]}
+    rows = [
+        _network_row(r, index, ratios)
+        for r in results
+        if "@" in r["store"] and r["system"] in ("partialstore", "tensorstore")
+    ]
+    if not rows:
+        return []
+    profile = result["config"].get("profile") or {}
+    label, link = profile.get("label", ""), profile.get("bandwidth_mbps")
+    return [
+        f"### Plain emulator and the {label} profile",
+        "",
+        f"The profile: +{profile.get('rtt_ms', 0):g} ms per request, "
+        + (f"{link:g} Mbit/s shared link" if link else "no bandwidth cap")
+        + ". Requests per call (a raw system saves everything in one call), median over "
+        "calls and repetitions, counted by the proxy; serial: the longest chain of "
+        "requests in series.",
+        "",
+        report.markdown_table(
+            [
+                "workload",
+                "store",
+                "system",
+                "save total, plain",
+                f"save total, {label}",
+                "save / raw TS, plain",
+                f"save / raw TS, {label}",
+                "requests per save call",
+                "finalize requests",
+                "load requests",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
 def render_tables(result: dict[str, Any]) -> str:
     """The markdown report of a throughput result (what is printed on stdout)."""
     out = [f"## Save / load throughput ({'quick' if result['quick'] else 'full'} run)", ""]
@@ -279,6 +348,7 @@ def render_tables(result: dict[str, Any]) -> str:
         )
     )
     out.append("")
+    out.extend(_network_tables(result))
     out.append(
         "Cells: median [min .. max] over repetitions (n shown when below 3); save per call "
         "over every call of every repetition. Raw systems write everything in one call. "
@@ -328,6 +398,8 @@ def measure(run: Run) -> Measured:
         "reps": args.reps,
         "budget_s_per_workload": args.budget_s,
         "emulator_max_bytes": args.emulator_max_bytes,
+        "network": args.network,
+        "profile": args.profile.to_json(),
     }
     body = {
         "stores": store_info,

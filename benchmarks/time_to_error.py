@@ -53,7 +53,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
+from benchmarks import network, report
 from benchmarks.cli import Measured, Run, Script, run_script
 from benchmarks.common import REPO_ROOT
 
@@ -99,39 +99,69 @@ CASES = (
 )
 
 
-def cases(quick: bool) -> list[Case]:
-    """The cases of a run, in the order they run.
+# Cases that never reach a server: a network profile changes nothing for them.
+_NO_NETWORK = ("refused", "invalid_host")
+
+
+def cases(quick: bool, profiled: bool = False) -> list[Case]:
+    """The cases of a run, in the order they run (``profiled``: behind a latency proxy).
 
     Example::
 
         [c.id for c in cases(quick=True)]  # no 503_*_default
     """
-    return [case for case in CASES if not (quick and case.full_only)]
+    return [
+        case
+        for case in CASES
+        if not (quick and case.full_only) and not (profiled and case.id in _NO_NETWORK)
+    ]
 
 
 @dataclasses.dataclass
 class _Store:
-    name: str
+    name: str  # the label: s3, gcs, s3@20ms, gcs@20ms (benchmarks.network)
     server: Any  # MotoS3Server or FakeGcsServer
     proxy: Any  # FaultProxy answering 503 to everything
     rule: Any  # its always-503 Rule
+    latency: Any = None  # a FaultProxy that only adds the profile's round trip
+
+    @property
+    def kind(self) -> str:
+        return self.name.partition("@")[0]
 
 
 @contextlib.contextmanager
-def _started(names: list[str]) -> Iterator[dict[str, _Store]]:
-    """Start each store's server and its always-503 proxy; stop them after."""
+def _started(
+    names: list[str], profile: network.NetworkProfile | None = None
+) -> Iterator[dict[str, _Store]]:
+    """Start each store's server and its always-503 proxy; stop them after.
+
+    A label ``s3@20ms`` shares the ``s3`` server; its proxies add ``profile``'s
+    round trip and bandwidth cap to every request.
+    """
     from partialstore.testing.faultproxy import Fault, FaultProxy, error
     from partialstore.testing.servers import FakeGcsServer, MotoS3Server
 
     with contextlib.ExitStack() as stack:
         stores: dict[str, _Store] = {}
+        servers: dict[str, Any] = {}
         for name in names:
-            # moto in a child process, as in the other benchmarks: no GIL shared with the proxy.
-            server = MotoS3Server(in_process=False) if name == "s3" else FakeGcsServer()
-            stack.enter_context(server)
-            proxy = stack.enter_context(FaultProxy(server.endpoint_url, log=False))
+            kind = name.partition("@")[0]
+            if kind not in servers:
+                # moto in a child process, as in the other benchmarks: no GIL shared
+                # with the proxy.
+                server = MotoS3Server(in_process=False) if kind == "s3" else FakeGcsServer()
+                servers[kind] = stack.enter_context(server)
+            server = servers[kind]
+            net: dict[str, Any] = {"log": False}
+            if "@" in name and profile is not None:
+                net |= {"rtt": profile.rtt_s, "bandwidth": profile.bandwidth_bps}
+            proxy = stack.enter_context(FaultProxy(server.endpoint_url, **net))
             rule = proxy.add(Fault(error(503), times=None, label="always 503"))
-            stores[name] = _Store(name, server, proxy, rule)
+            latency = None
+            if "@" in name:
+                latency = stack.enter_context(FaultProxy(server.endpoint_url, **net))
+            stores[name] = _Store(name, server, proxy, rule, latency)
         yield stores
 
 
@@ -151,18 +181,14 @@ def _without_credentials(
     from partialstore.testing.misconfig import no_aws_credentials_env, no_google_credentials_env
 
     server = store.server
-    if store.name == "s3":
-        options = {
-            "endpoint_url": server.endpoint_url,
-            "client_kwargs": {"region_name": server.region},
-        }
-        return options, {**server.env(), **no_aws_credentials_env(folder)}
-    options = {
-        "endpoint_url": server.endpoint_url,
-        "token": "google_default",
-        "project": server.project,
-    }
-    return options, {**server.env(), **no_google_credentials_env(folder)}
+    endpoint, env = server.endpoint_url, server.env()
+    if store.latency is not None:
+        endpoint, env = store.latency.endpoint_url, store.latency.env(server)
+    if store.kind == "s3":
+        options = {"endpoint_url": endpoint, "client_kwargs": {"region_name": server.region}}
+        return options, {**env, **no_aws_credentials_env(folder)}
+    options = {"endpoint_url": endpoint, "token": "google_default", "project": server.project}
+    return options, {**env, **no_google_credentials_env(folder)}
 
 
 def plan(store: _Store, case: Case, scratch: Path) -> dict[str, Any]:
@@ -178,7 +204,7 @@ def plan(store: _Store, case: Case, scratch: Path) -> dict[str, Any]:
 
     server = store.server
     bucket = f"tte-{uuid.uuid4().hex[:12]}"
-    url = f"{'s3' if store.name == 's3' else 'gs'}://{bucket}/ckpt"
+    url = f"{'s3' if store.kind == 's3' else 'gs'}://{bucket}/ckpt"
     task: dict[str, Any] = {"case": case.id, "store": store.name, "call": case.call, "url": url}
     if case.id in ("refused", "invalid_host"):
         endpoint = refused_endpoint() if case.id == "refused" else UNRESOLVABLE_ENDPOINT
@@ -186,6 +212,8 @@ def plan(store: _Store, case: Case, scratch: Path) -> dict[str, Any]:
     elif case.id == "no_credentials":
         server.create_bucket(bucket)
         options, env = _without_credentials(store, scratch / f"{store.name}-{case.id}")
+    elif case.id == "missing_bucket" and store.latency is not None:
+        options, env = store.latency.storage_options(server), dict(store.latency.env(server))
     elif case.id == "missing_bucket":
         options, env = server.storage_options(), dict(server.env())
     else:  # the store answering 503 to everything
@@ -374,9 +402,11 @@ def _defaults() -> dict[str, Any]:
 def measure(run: Run) -> Measured:
     """Run every case on every store, each call in a fresh process."""
     args, scratch = run.args, Path(run.scratch)
-    todo = [(store, case) for store in args.stores for case in cases(args.quick)]
+    profile = network.profile_of(args)
+    labels = network.store_labels(args.stores, args.network, profile)
+    todo = [(store, case) for store in labels for case in cases(args.quick, "@" in store)]
     measurements: list[dict[str, Any]] = []
-    with _started(args.stores) as running:
+    with _started(labels, profile) as running:
         bar = report.ProgressBar(len(todo), "time to error")
         for store, case in todo:
             row = measure_case(running[store], case, scratch, str(run.out.path("-workers.log")))
@@ -386,7 +416,9 @@ def measure(run: Run) -> Measured:
         bar.close()
         servers = {name: s.server.endpoint_url for name, s in running.items()}
     config = {
-        "stores": args.stores,
+        "stores": labels,
+        "network": args.network,
+        "profile": profile.to_json(),
         "cases": [c.id for c in cases(args.quick)],
         "defaults": _defaults(),
     }
@@ -400,7 +432,7 @@ SCRIPT = Script(
     "endpoint, an unresolvable host, missing credentials, a missing bucket and a store "
     "answering 503 to everything, on S3 (moto) and GCS (fake-gcs-server).",
     stores=STORES,
-    add_arguments=lambda parser: None,
+    add_arguments=network.add_network_arguments,
     measure=measure,
     render=render_table,
     quick_help="leave out the 503 runs with the default deadline (each takes about a minute)",

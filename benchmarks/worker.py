@@ -157,20 +157,22 @@ def _job_finalize_series(job: dict[str, Any], store: StoreEnv, emit: Emit) -> No
             states = build_states(work, seed=2)
             finals: list[float] = []
             saves: list[float] = []
+            windows: list[dict[str, list[list[float]]]] = []
             started = time.perf_counter()
             for _ in range(reps):
                 url = store.fresh(f"{job['series']}-{work.name}")
                 try:
-                    t0 = time.perf_counter()
+                    t0, m0 = time.perf_counter(), time.monotonic()
                     for state in states:
                         system.save(url, state)
-                    t1 = time.perf_counter()
+                    t1, m1 = time.perf_counter(), time.monotonic()
                     system.finalize(url)
-                    t2 = time.perf_counter()
+                    t2, m2 = time.perf_counter(), time.monotonic()
                 finally:
                     store.remove(url)
                 saves.append(t1 - t0)
                 finals.append(t2 - t1)
+                windows.append({"saves": [[m0, m1]], "finalize": [[m1, m2]]})
                 spent = time.perf_counter() - started
                 if len(finals) < reps and spent + spent / len(finals) > budget.seconds_per_point:
                     break
@@ -187,6 +189,7 @@ def _job_finalize_series(job: dict[str, Any], store: StoreEnv, emit: Emit) -> No
                     "finalize": stats_json(finals),
                     "saves_total": stats_json(saves),
                     "note": note,
+                    "windows": windows,
                 }
             )
         except Exception as err:
@@ -199,19 +202,25 @@ def _measure_checkpoint_rep(
     url = store.fresh(f"tp-{work.name}")
     calls: list[float] = []
     call_rss: list[dict[str, Any]] = []
+    windows: dict[str, list[list[float]]] = {"save": [], "finalize": [], "load": []}
     gc.collect()  # once per repetition; per call only malloc_trim (see peak_rss)
     try:
         for state in states:
+            began = time.monotonic()
             seconds, rss, _ = measure_call(
                 lambda state=state: system.save(url, state), collect=False
             )
+            windows["save"].append([began, time.monotonic()])
             calls.append(seconds)
             call_rss.append(rss.to_json() | {"state_bytes": state_bytes(state)})
+        began = time.monotonic()
         fin_seconds, fin_rss, _ = measure_call(lambda: system.finalize(url), collect=False)
+        windows["finalize"].append([began, time.monotonic()])
         with peak_rss(collect=False) as load_rss:
-            start = time.perf_counter()
+            start, began = time.perf_counter(), time.monotonic()
             loaded = system.load(url)
             load_seconds = time.perf_counter() - start
+            windows["load"].append([began, time.monotonic()])
         problem = verify_tree(loaded, states) if verify else None
         del loaded
         layouts: list[dict[str, Any]] = []
@@ -230,6 +239,7 @@ def _measure_checkpoint_rep(
         "load_rss": load_rss.to_json(),
         "problem": problem,
         "layouts": layouts,
+        "windows": windows,
     }
 
 
@@ -245,17 +255,21 @@ def _measure_raw_rep(
 
     url = store.fresh(f"raw-{work.name}")
     sources: dict[str, int] = {}
+    windows: dict[str, list[list[float]]] = {}
     gc.collect()  # once per repetition, as for the checkpoint systems
     try:
         if system == "tensorstore":
             kvstore = store.kvstore(url)
+            began = time.monotonic()
             seconds, rss, sources = measure_call(
                 lambda: baselines.raw_write(kvstore, arrays, layouts), collect=False
             )
+            windows["save"] = [[began, time.monotonic()]]
             with peak_rss(collect=False) as load_rss:
-                start = time.perf_counter()
+                start, began = time.perf_counter(), time.monotonic()
                 loaded = baselines.raw_read(kvstore, list(arrays))
                 load_seconds = time.perf_counter() - start
+                windows["load"] = [[began, time.monotonic()]]
         else:
             seconds, rss, _ = measure_call(
                 lambda: baselines.numpy_write(url, arrays), collect=False
@@ -277,6 +291,7 @@ def _measure_raw_rep(
         "load_rss": load_rss.to_json(),
         "problem": problem,
         "layout_sources": sources,
+        "windows": windows,
     }
 
 
@@ -363,6 +378,7 @@ def _summarize_throughput(results: list[dict[str, Any]], reps: int, raw: bool) -
         "verified": problem is None,
         "note": "" if n == reps else f"stopped after {n} of {reps} reps: over budget",
         "load": stats_json([r["load"] for r in results]),
+        "windows": [r["windows"] for r in results if r["windows"]],
         "save_rss": rss_summary([c for r in results for c in r["call_rss"]]),
         "load_rss": {
             "max_extra_bytes": max(r["load_rss"]["extra"] for r in results),

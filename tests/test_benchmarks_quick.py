@@ -30,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from any
 from benchmarks import (  # noqa: E402
     cli,
     finalize_latency,
+    network,
     report,
     rounds,
     runner,
@@ -71,7 +72,17 @@ def _check_outputs(out: Path, name: str, stdout: str, title: str) -> dict[str, A
 def test_finalize_latency_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "out"
     rc = finalize_latency.main(
-        ["--quick", "--stores", "local,s3,gcs", "--series", "bytes", "--out", str(out)]
+        [
+            "--quick",
+            "--stores",
+            "local,s3,gcs",
+            "--series",
+            "bytes",
+            "--network",
+            "plain",
+            "--out",
+            str(out),
+        ]
     )
     stdout = capsys.readouterr().out
     result = _check_outputs(out, "finalize_latency", stdout, "## Finalize latency (quick run)")
@@ -122,7 +133,17 @@ def test_finalize_latency_quick_on_three_stores(tmp_path: Path, capsys: Any) -> 
 def test_throughput_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "out"
     rc = throughput.main(
-        ["--quick", "--stores", "local,s3,gcs", "--workloads", "c", "--out", str(out)]
+        [
+            "--quick",
+            "--stores",
+            "local,s3,gcs",
+            "--workloads",
+            "c",
+            "--network",
+            "plain",
+            "--out",
+            str(out),
+        ]
     )
     stdout = capsys.readouterr().out
     result = _check_outputs(out, "throughput", stdout, "## Save / load throughput (quick run)")
@@ -185,11 +206,100 @@ def test_throughput_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
             assert row["finalize_vs_orbax"] > 0
 
 
+def test_network_profile_counts_requests_through_the_proxy(tmp_path: Path, capsys: Any) -> None:
+    # One tiny case per script behind the 20 ms proxy: every request of partialstore
+    # and of raw TensorStore goes through it, and each operation's count is reported.
+    out = tmp_path / "out"
+    argv = ["--quick", "--stores", "s3", "--network", "plain,20ms", "--rtt-ms", "20"]
+    rc = finalize_latency.main(
+        [*argv, "--series", "saves", "--systems", "partialstore", "--out", str(out)]
+    )
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "### partialstore: plain emulator and the 20ms profile" in stdout
+    result = json.loads((out / "finalize_latency.json").read_text())
+    assert list(result["stores"]) == ["s3", "s3@20ms"]
+    assert "behind a proxy" in result["stores"]["s3@20ms"]["server"]
+    assert result["config"]["profile"] == {
+        "rtt_ms": 20.0,
+        "bandwidth_mbps": 1000.0,
+        "label": "20ms",
+    }
+    for point in result["points"]:
+        assert point["status"] == "ok", point
+        assert "windows" not in point
+        if point["store"] == "s3":
+            assert "requests" not in point  # the plain emulator has no proxy
+            continue
+        saves, final = point["requests"]["saves"], point["requests"]["finalize"]
+        assert saves["n"] == final["n"] == point["finalize"]["n"]
+        # Each save commits one log record with a conditional PUT; finalize publishes.
+        records = [c for c in saves["chain"] if c.startswith("PUT log/")]
+        assert len(records) == point["workload"]["saves"]
+        assert saves["by_method"]["PUT"] >= point["workload"]["saves"]
+        assert final["chain"][-1] == "PUT partialstore.json (conditional)"
+        # Checkpoint paths are plain keys, so the S3 backend's commit requests take
+        # its TensorStore path (a space in the path once sent them all through s3fs).
+        assert final["by_client"] == {"tensorstore": final["total_median"]}
+        assert 1 <= final["serial_median"] <= final["total_median"]
+
+    rc = throughput.main(
+        [*argv, "--workloads", "d", "--systems", "partialstore,tensorstore", "--out", str(out)]
+    )
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "### Plain emulator and the 20ms profile" in stdout
+    result = json.loads((out / "throughput.json").read_text())
+    by = {(r["store"], r["system"]): r for r in result["results"]}
+    assert set(by) == {(s, y) for s in ("s3", "s3@20ms") for y in ("partialstore", "tensorstore")}
+    ps, raw = by[("s3@20ms", "partialstore")], by[("s3@20ms", "tensorstore")]
+    assert ps["verified"] and raw["verified"]
+    assert ps["requests"]["save"]["n"] == ps["save_per_call"]["n"]  # one count per call
+    assert ps["requests"]["finalize"]["n"] == ps["finalize"]["n"]
+    # Raw TensorStore's own HTTP goes through the proxy too: its writes are counted.
+    assert raw["requests"]["save"]["by_method"]["PUT"] >= raw["workload"]["saves"]
+    assert raw["requests"]["load"]["by_method"]["GET"] >= raw["workload"]["saves"]
+    assert "requests" not in by[("s3", "tensorstore")]
+
+
+def test_serial_chain_counts_requests_in_series() -> None:
+    from partialstore.testing.faultrules import RequestRecord
+
+    def request(method: str, key: str, start: float, seconds: float) -> RequestRecord:
+        record = RequestRecord(0, method, "/b/" + key, "", "s3", "b", key, {}, 0, "x")
+        record.started, record.duration = start, seconds
+        return record
+
+    # Three chunk PUTs in parallel, then a HEAD, then a conditional PUT after it.
+    records = [
+        request("PUT", "c/0", 0.0, 0.05),
+        request("PUT", "c/1", 0.01, 0.05),
+        request("PUT", "c/2", 0.0, 0.09),
+        request("HEAD", "m", 0.1, 0.02),
+        request("PUT", "log/1", 0.125, 0.02),
+    ]
+    chain = network.serial_chain(records)
+    assert [r.key for r in chain] == ["c/0", "m", "log/1"]
+    counted = network.account(records)
+    assert counted["total"] == 5 and counted["serial"] == 3
+    assert counted["by_method"] == {"HEAD": 1, "PUT": 4}
+    assert network.serial_chain([]) == []
+    profile = network.NetworkProfile.from_args(20, 1000)
+    assert network.store_labels(["local", "s3", "gcs"], ["plain", "20ms"], profile) == [
+        "local",
+        "s3",
+        "s3@20ms",
+        "gcs",
+        "gcs@20ms",
+    ]
+    assert network.store_labels(["local", "s3"], ["20ms"], profile) == ["local", "s3@20ms"]
+
+
 def test_time_to_error_quick_on_s3(tmp_path: Path, capsys: Any) -> None:
     # A correctness bound, not a performance figure: each case must fail, with a
     # partialstore error that says why, within its promised bound.
     out = tmp_path / "out"
-    rc = time_to_error.main(["--quick", "--stores", "s3", "--out", str(out)])
+    rc = time_to_error.main(["--quick", "--stores", "s3", "--network", "plain", "--out", str(out)])
     stdout = capsys.readouterr().out
     assert "## Time to error (quick run)" in stdout
     assert (out / "time_to_error.md").read_text().strip() == stdout.strip()

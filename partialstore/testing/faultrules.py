@@ -281,6 +281,15 @@ class RuleHost:
         with self._lock:
             self._log.clear()
 
+    def forget_before(self, moment: float) -> None:
+        """Forget the logged records that started at or before ``moment`` (``time.monotonic()``).
+
+        A long benchmark keeps the log small this way while later requests are
+        still being logged; records without a ``started`` time are kept.
+        """
+        with self._lock:
+            self._log = [r for r in self._log if getattr(r, "started", moment + 1) > moment]
+
     def _logged(self, make: Callable[[int], Any], *context: Any) -> tuple[Any, list[Rule]]:
         """Log ``make(index)``; return it and the rules that fire on it (a terminal one last)."""
         fired = []
