@@ -107,6 +107,7 @@ T = TypeVar("T")
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _DELETE_CONCURRENCY = 8
 _TS_RETRIES_METRIC = "/tensorstore/kvstore/s3/retries"
+_AT_ONCE = {"limit": 64}
 # One attempt per request in botocore: the backend's loop is the only retry layer.
 _ONE_ATTEMPT = {"total_max_attempts": 1, "mode": "standard"}
 
@@ -134,10 +135,10 @@ class S3Backend(BucketBackend):
         self._ts_credentials_known = False
         super().__init__(url, storage_options)
         # The log's requests (create, full reads, listings) go through
-        # TensorStore when it can take them: see _tensorstore_requests.
-        self._fast = TensorStoreRequests(
-            self._fast_spec, {"s3_request_retries": dict(FAST_RETRIES)}, _TS_RETRIES_METRIC
-        )
+        # TensorStore when it can take them: see _tensorstore_requests. Its
+        # default of 32 at once would split a finalize's 64 record reads.
+        context = {"s3_request_retries": dict(FAST_RETRIES), "s3_request_concurrency": _AT_ONCE}
+        self._fast = TensorStoreRequests(self._fast_spec, context, _TS_RETRIES_METRIC)
 
     # -- plumbing -----------------------------------------------------------------
 
