@@ -30,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from any
 from benchmarks import (  # noqa: E402
     cli,
     finalize_latency,
+    lifecycle,
     network,
     report,
     rounds,
@@ -326,6 +327,28 @@ def test_time_to_error_quick_on_s3(tmp_path: Path, capsys: Any) -> None:
     assert rows["503_save_deadline5"]["requests_answered_503"] > 1
     assert rows["503_load_deadline5"]["requests_answered_503"] > 1
     assert rc == 0
+
+
+def test_lifecycle_quick_on_local_and_s3(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "out"
+    assert lifecycle.main(["--quick", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "## CheckpointManager: latest step" in stdout
+    rows = {row["store"]: row for row in json.loads((out / "lifecycle.json").read_text())["rows"]}
+    assert set(rows) == {"local", "s3"}
+    for row in rows.values():
+        for figures in (row["partialstore"]["seconds"], row["orbax"]["seconds"]):
+            assert figures["min"] <= figures["median"] <= figures["max"]
+    # One read of the run index, counted at the proxy in front of moto.
+    assert rows["s3"]["partialstore"]["requests"] == 1
+    # Orbax does not run on S3 here: the table says why, and measures its method instead.
+    assert rows["s3"]["orbax"]["finding"].startswith("does not run")
+    assert rows["s3"]["orbax"]["listing"] is True
+    retention = rows["s3"]["retention"]
+    assert (
+        retention["objects"] == 300
+        and retention["requests_by_kind"]["POST ?delete (DeleteObjects)"] >= 1
+    )
 
 
 def test_over_budget_points_are_reported_as_skipped(tmp_path: Path) -> None:
