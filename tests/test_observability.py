@@ -103,3 +103,15 @@ def test_a_failing_listener_never_fails_a_checkpoint(
     assert partialstore.load(path)["step"] == 7
     assert "metrics backend down" in caplog.text
     remove()  # removing twice is harmless
+
+
+def test_load_of_a_tree_with_mixed_dict_keys_counts_its_leaves(
+    tmp_path: Any, seen: list[partialstore.OperationStats]
+) -> None:
+    # JAX cannot flatten {0: ..., "a": ...} (it sorts the keys); the figures must not need it.
+    path = str(tmp_path / "ck")
+    partialstore.save(path, {"a": {}, "w": np.ones(3)})
+    partialstore.save(path, {0: {"x": [np.ones(2, np.int8), 5]}})
+    partialstore.finalize(path)
+    assert set(partialstore.load(path)) == {0, "a", "w"}
+    assert (seen[-1].operation, seen[-1].nbytes, seen[-1].leaves) == ("load", 26, 3)

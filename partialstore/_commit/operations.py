@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -188,10 +188,24 @@ def load(
             return await loading.load_tree(location, manifest, select=select)
 
     loaded = aio.run(run())
-    leaves = jax.tree_util.tree_leaves(loaded)
+    leaves = list(_leaves(loaded))
     recorder.add(nbytes=sum(_nbytes(leaf) for leaf in leaves), leaves=len(leaves))
     recorder.finish()
     return loaded
+
+
+def _leaves(tree: Any) -> Iterator[Any]:
+    """The leaves of a loaded tree, walking dicts by hand: their keys may mix types."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+        return
+    children = jax.tree_util.tree_leaves(tree, is_leaf=lambda node: isinstance(node, dict))
+    if len(children) == 1 and children[0] is tree:
+        yield tree
+        return
+    for child in children:
+        yield from _leaves(child)
 
 
 def _nbytes(leaf: Any) -> int:
