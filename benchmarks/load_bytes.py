@@ -1,0 +1,356 @@
+"""Bytes read by a load against the bytes it returns, across save and load shardings.
+
+Arrays are saved with one sharding (or from numpy) on 8 CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here before JAX
+starts) and loaded with others through ``partialstore.load(path, target)``.
+A load returns, per process, each distinct shard of each leaf once; that is
+the "returned" figure. What was read is counted where the bytes really move:
+
+- ``local``: TensorStore's own file kvstore counters (its ``bytes_read`` and
+  ``batch_read`` metrics), which see every chunk read; partialstore's own
+  small reads of the manifest go through Python and are not in them.
+- ``s3``: every request at a :class:`~partialstore.testing.faultproxy.FaultProxy`
+  in front of moto (TensorStore reads chunks through its own S3 client, so
+  the proxy's log is the only complete count); a GET's bytes are its
+  ``Range`` or, without one, the object's stored size.
+
+Example::
+
+    python -m benchmarks.load_bytes --quick --stores local,s3 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "jax" not in sys.modules:  # the 8 devices must be asked for before JAX starts
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse
+import contextlib
+import functools
+import math
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from benchmarks.cli import Measured, Run, Script
+from benchmarks.common import fmt_bytes
+
+STORES = ("local", "s3")
+#: name -> (mesh shape, partition spec axes), on 8 devices.
+SHARDINGS: dict[str, tuple[tuple[int, ...], tuple[Any, ...]]] = {
+    "rows8": ((8,), ("x", None)),
+    "cols8": ((8,), (None, "x")),
+    "grid2x4": ((2, 4), ("x", "y")),
+    "grid4x2T": ((4, 2), ("y", "x")),
+    "replicated": ((8,), ()),
+}
+LOADS = tuple(SHARDINGS)
+PROCESSES = (1, 8)
+_FILE_METRICS = "/tensorstore/kvstore/file/"
+
+
+def tree_shapes(quick: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The checkpoint: a few 2-D leaves of different shapes and dtypes, all stored as zarr3."""
+    scale = 2 if quick else 1
+    return {
+        "w": ((2048 // scale, 1024 // scale), "float32"),
+        "emb": ((4096 // scale, 256), "bfloat16"),
+        "k": ((512, 1536 // scale), "float32"),
+    }
+
+
+def make_tree(quick: bool) -> dict[str, np.ndarray]:
+    """Deterministic arrays, neighbours distinct (so misplaced bytes show)."""
+    import ml_dtypes
+
+    out = {}
+    for name, (shape, dtype) in tree_shapes(quick).items():
+        values = np.arange(math.prod(shape), dtype=np.float32).reshape(shape) % 4093
+        out[name] = values.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    return out
+
+
+def sharding(name: str) -> Any:
+    """The ``NamedSharding`` called ``name`` in :data:`SHARDINGS`, on the first 8 devices."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh_shape, axes = SHARDINGS[name]
+    names = ("x", "y")[: len(mesh_shape)]
+    devices = np.array(jax.devices()[: math.prod(mesh_shape)]).reshape(mesh_shape)
+    return NamedSharding(Mesh(devices, names), PartitionSpec(*axes))
+
+
+Box = tuple[tuple[int, int], ...]
+
+
+def process_boxes(shape: tuple[int, ...], load: str, processes: int) -> list[list[Box]]:
+    """Per process (devices split in order, as JAX assigns them), its distinct shard boxes."""
+    import jax
+
+    index_map = sharding(load).devices_indices_map(shape)
+    per = len(jax.devices()[:8]) // processes
+    groups: list[list[Box]] = [[] for _ in range(processes)]
+    for device, index in index_map.items():
+        box = tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+        group = groups[jax.devices().index(device) // per]
+        if box not in group:
+            group.append(box)
+    return groups
+
+
+def load_as_processes(
+    path: str, tree: dict[str, np.ndarray], load: str, processes: int, options: Any
+) -> int:
+    """Load ``path`` as ``processes`` processes would, one after another; bytes returned.
+
+    Each simulated process makes the one ``read_arrays`` call a real process
+    of a JAX job makes in ``load(path, target)`` (its distinct shards of every
+    leaf), so chunks that several processes need are read by each of them.
+    Every shard is checked bit for bit.
+    """
+    from partialstore._arrays import arrays
+    from partialstore._commit import loading
+    from partialstore._commit.location import resolve
+    from partialstore._runtime.aio import run
+
+    location = resolve(path, options)
+    manifest = run(loading.read_manifest(location))
+    stored = {leaf.path[-1][1]: leaf.data for leaf in manifest.leaves}
+    returned = 0
+    for p in range(processes):
+        wanted = [
+            (name, box)
+            for name, array in tree.items()
+            for box in process_boxes(array.shape, load, processes)[p]
+        ]
+        requests = [(stored[name], tuple(slice(lo, hi) for lo, hi in box)) for name, box in wanted]
+        got = run(arrays.read_arrays(location.backend, location.final_prefix, requests))
+        for (name, box), block in zip(wanted, got, strict=True):
+            want = tree[name][tuple(slice(lo, hi) for lo, hi in box)]
+            if block.dtype != want.dtype or block.tobytes() != want.tobytes():
+                raise AssertionError(f"{path}: {name}{box} read as process {p} differs")
+            returned += block.nbytes
+    return returned
+
+
+def file_counters() -> dict[str, int]:
+    """TensorStore's file kvstore counters (``bytes_read``, ``batch_read``, ...) so far."""
+    import tensorstore as ts
+
+    counts: dict[str, int] = {}
+    for metric in ts.experimental_collect_matching_metrics(_FILE_METRICS):
+        for value in metric.get("values", []):
+            if "value" in value:
+                counts[metric["name"].removeprefix(_FILE_METRICS)] = int(value["value"])
+    return counts
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def range_bytes(header: str | None, size: int) -> int:
+    """Bytes a read of an object of ``size`` bytes returns for HTTP ``Range`` ``header``.
+
+    Example::
+
+        range_bytes("bytes=10-19", 100), range_bytes("bytes=-8", 100), range_bytes(None, 100)
+        # (10, 8, 100)
+    """
+    match = _RANGE.fullmatch(header or "")
+    if match is None:
+        return size
+    if not match.group(1):
+        return min(size, int(match.group(2)))
+    start = int(match.group(1))
+    end = int(match.group(2)) + 1 if match.group(2) else size
+    return max(0, min(end, size) - start)
+
+
+def get_bytes(records: list[Any], sizes: dict[str, int]) -> tuple[int, int]:
+    """``(bytes, GETs)`` the proxy ``records`` answered with a body, given object ``sizes``.
+
+    ``sizes`` is keyed like a record's ``key`` (the object key, bucket left out);
+    a 304 (unchanged since the client's cached copy) or an error carries no body.
+    """
+    total = count = 0
+    for record in records:
+        if record.method != "GET" or record.key not in sizes:
+            continue
+        count += 1
+        if record.status in (200, 206):
+            total += range_bytes(record.headers.get("range"), sizes[record.key])
+    return total, count
+
+
+def s3_sizes(url: str, options: dict[str, Any]) -> dict[str, int]:
+    """``{key: size}`` of every object under ``url`` (an ``s3://`` prefix), bucket left out."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key=options.get("key"),
+        secret=options.get("secret"),
+        client_kwargs={"endpoint_url": options["endpoint_url"]},
+    )
+    found = fs.find(url.removeprefix("s3://"), detail=True)
+    return {path.split("/", 1)[1]: int(info["size"]) for path, info in found.items()}
+
+
+@contextlib.contextmanager
+def s3_store() -> Iterator[tuple[str, Any, Any]]:
+    """A moto server with a proxy in front: ``(root url, proxy, server)``."""
+    from partialstore.testing.faultproxy import FaultProxy
+    from partialstore.testing.servers import MotoS3Server
+
+    with MotoS3Server(in_process=False) as server, FaultProxy(server.endpoint_url) as proxy:
+        bucket = f"loadbytes-{uuid.uuid4().hex[:8]}"
+        server.create_bucket(bucket)
+        with proxy.patched_env(server):
+            yield f"s3://{bucket}/run", proxy, server
+
+
+Counter = Callable[[], tuple[int, int]]
+
+
+def local_counter(url: str, inner_root: str, faulty: Any) -> Counter:
+    """Bytes and reads so far on a local store: TensorStore's file reads plus the
+    backend reads ``faulty`` (the wrapper ``url`` goes through) saw."""
+
+    def count() -> tuple[int, int]:
+        counts = file_counters()
+        calls = faulty.calls("read")
+        own = 0
+        for call in calls:
+            file = os.path.join(inner_root, call.key)
+            if not os.path.exists(file):  # a read of the save session, renamed since
+                continue
+            size = os.path.getsize(file)
+            start, end = call.detail.get("start") or 0, call.detail.get("end") or size
+            own += min(end, size) - start
+        return counts.get("bytes_read", 0) + own, counts.get("batch_read", 0) + len(calls)
+
+    return count
+
+
+def s3_counter(path: str, proxy: Any, options: dict[str, Any]) -> Counter:
+    """Bytes and GETs so far at ``proxy``, for objects under ``path``."""
+    sizes = s3_sizes(path, options)
+
+    def count() -> tuple[int, int]:
+        proxy.wait_idle()
+        return get_bytes(proxy.requests(), sizes)
+
+    return count
+
+
+def measure_load(
+    path: str,
+    tree: dict[str, np.ndarray],
+    load: str,
+    processes: int,
+    counter: Counter,
+    options: Any,
+) -> dict[str, Any]:
+    """One load, counted: bytes read and requests against bytes returned."""
+    before = counter()
+    returned = load_as_processes(path, tree, load, processes, options)
+    after = counter()
+    read, requests = after[0] - before[0], after[1] - before[1]
+    return {"read": read, "requests": requests, "returned": returned, "ratio": read / returned}
+
+
+def run_store(
+    store: str, root: str, quick: bool, make_counter: Callable[[str], Counter], options: Any
+) -> list[dict[str, Any]]:
+    """Save the tree from numpy once, then every (load sharding, process count) on it."""
+    import partialstore
+
+    tree = make_tree(quick)
+    path = f"{root}/ck-{uuid.uuid4().hex[:6]}"
+    partialstore.save(path, tree, storage_options=options)
+    partialstore.finalize(path, storage_options=options)
+    counter = make_counter(path)
+    rows = []
+    for processes in PROCESSES:
+        for load in LOADS:
+            row = measure_load(path, tree, load, processes, counter, options)
+            rows.append({"store": store, "load": load, "processes": processes, **row})
+    return rows
+
+
+def measure(run: Run) -> Measured:
+    import jax
+
+    from partialstore.testing.faulty_backend import install_faulty
+
+    if len(jax.devices()) < 8:
+        raise SystemExit("load_bytes needs 8 devices: run it in a fresh interpreter")
+    rows: list[dict[str, Any]] = []
+    for store in run.args.stores:
+        if store == "local":
+            inner = os.path.join(run.scratch, "local")
+            url, faulty = install_faulty(inner)
+            rows += run_store(
+                "local",
+                url,
+                run.args.quick,
+                functools.partial(local_counter, inner_root=inner, faulty=faulty),
+                None,
+            )
+        else:
+            with s3_store() as (root, proxy, server):
+                opts = proxy.storage_options(server)
+                rows += run_store(
+                    "s3",
+                    root,
+                    run.args.quick,
+                    functools.partial(s3_counter, proxy=proxy, options=opts),
+                    opts,
+                )
+    worst = max(row["ratio"] for row in rows)
+    config = {"stores": run.args.stores, "loads": list(LOADS), "processes": list(PROCESSES)}
+    return Measured(config=config, body={"rows": rows, "worst_ratio": worst}, status=0)
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        "## Bytes read by loads with another sharding (saved from numpy; 8 CPU devices)",
+        "",
+        "| store | loaded as | processes | read | returned | read / returned | requests |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['store']} | {row['load']} | {row['processes']} | {fmt_bytes(row['read'])} | "
+            f"{fmt_bytes(row['returned'])} | {row['ratio']:.2f} | {row['requests']} |"
+        )
+    lines += ["", f"Worst read / returned: {result['worst_ratio']:.2f}"]
+    return "\n".join(lines)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options of its own
+
+
+SCRIPT = Script(
+    name="load_bytes",
+    description="Bytes read against bytes returned by loads with another sharding.",
+    stores=STORES,
+    add_arguments=_add_arguments,
+    measure=measure,
+    render=render,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return SCRIPT.main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
