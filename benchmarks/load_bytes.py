@@ -1,8 +1,8 @@
 """Bytes read by a load against the bytes it returns, across save and load shardings.
 
 Arrays are saved with one sharding (or from numpy) on 8 CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here before JAX
-starts) and loaded with others through ``partialstore.load(path, target)``.
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set by :func:`main`
+before JAX starts) and loaded with others through ``partialstore.load(path, target)``.
 A load returns, per process, each distinct shard of each leaf once; that is
 the "returned" figure. What was read is counted where the bytes really move:
 
@@ -21,17 +21,14 @@ Example::
 
 from __future__ import annotations
 
-import os
-import sys
-
-if "jax" not in sys.modules:  # the 8 devices must be asked for before JAX starts
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
 import argparse
 import contextlib
 import functools
+import itertools
 import math
+import os
 import re
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -105,15 +102,48 @@ def process_boxes(shape: tuple[int, ...], load: str, processes: int) -> list[lis
     return groups
 
 
-def load_as_processes(
-    path: str, tree: dict[str, np.ndarray], load: str, processes: int, options: Any
-) -> int:
-    """Load ``path`` as ``processes`` processes would, one after another; bytes returned.
+Plan = list[list[tuple[str, Box]]]
+
+
+def jax_plan(tree: dict[str, np.ndarray], load: str, processes: int) -> Plan:
+    """Per process, the (leaf, box) pairs a load with sharding ``load`` reads."""
+    return [
+        [
+            (name, box)
+            for name, array in tree.items()
+            for box in process_boxes(array.shape, load, processes)[p]
+        ]
+        for p in range(processes)
+    ]
+
+
+def grid_plan(tree: dict[str, np.ndarray], parts: tuple[int, ...]) -> Plan:
+    """One process per block of every leaf split into ``parts`` equal blocks per axis.
+
+    Example::
+
+        grid_plan({"w": np.zeros((4, 4))}, (1, 2))
+        # [[('w', ((0, 4), (0, 2)))], [('w', ((0, 4), (2, 4)))]]
+    """
+    plan: Plan = []
+    for position in itertools.product(*(range(k) for k in parts)):
+        plan.append([])
+        for name, array in tree.items():
+            box = tuple(
+                (i * n // k, (i + 1) * n // k)
+                for i, n, k in zip(position, array.shape, parts, strict=True)
+            )
+            plan[-1].append((name, box))
+    return plan
+
+
+def read_as_processes(path: str, tree: dict[str, np.ndarray], plan: Plan, options: Any) -> int:
+    """Read ``plan`` as its processes would, one after another; bytes returned.
 
     Each simulated process makes the one ``read_arrays`` call a real process
     of a JAX job makes in ``load(path, target)`` (its distinct shards of every
     leaf), so chunks that several processes need are read by each of them.
-    Every shard is checked bit for bit.
+    Every block is checked bit for bit against ``tree``.
     """
     from partialstore._arrays import arrays
     from partialstore._commit import loading
@@ -124,12 +154,7 @@ def load_as_processes(
     manifest = run(loading.read_manifest(location))
     stored = {leaf.path[-1][1]: leaf.data for leaf in manifest.leaves}
     returned = 0
-    for p in range(processes):
-        wanted = [
-            (name, box)
-            for name, array in tree.items()
-            for box in process_boxes(array.shape, load, processes)[p]
-        ]
+    for p, wanted in enumerate(plan):
         requests = [(stored[name], tuple(slice(lo, hi) for lo, hi in box)) for name, box in wanted]
         got = run(arrays.read_arrays(location.backend, location.final_prefix, requests))
         for (name, box), block in zip(wanted, got, strict=True):
@@ -259,7 +284,7 @@ def measure_load(
 ) -> dict[str, Any]:
     """One load, counted: bytes read and requests against bytes returned."""
     before = counter()
-    returned = load_as_processes(path, tree, load, processes, options)
+    returned = read_as_processes(path, tree, jax_plan(tree, load, processes), options)
     after = counter()
     read, requests = after[0] - before[0], after[1] - before[1]
     return {"read": read, "requests": requests, "returned": returned, "ratio": read / returned}
@@ -349,6 +374,8 @@ SCRIPT = Script(
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "jax" not in sys.modules:  # the 8 devices must be asked for before JAX starts
+        os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     return SCRIPT.main(argv)
 
 
