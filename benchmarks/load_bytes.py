@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.cli import Measured, Run, Script
-from benchmarks.common import fmt_bytes
+from benchmarks.common import REPO_ROOT, fmt_bytes
 
 STORES = ("local", "s3")
 #: name -> (mesh shape, partition spec axes), on 8 devices.
@@ -309,6 +309,83 @@ def run_store(
     return rows
 
 
+def _job_worker(port: str, count: str, index: str, job_file: str) -> None:
+    """One process of a real JAX job: save the tree sharded by rows, load it as each layout."""
+    import json
+
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=int(count),
+        process_id=int(index),
+        initialization_timeout=60,
+    )
+    import partialstore
+
+    with open(job_file) as f:
+        job = json.load(f)
+    tree, options = make_tree(job["quick"]), job["options"]
+    saved = sharding("rows8")
+    state = {
+        k: jax.make_array_from_callback(v.shape, saved, lambda i, v=v: v[i])
+        for k, v in tree.items()
+    }
+    for load, path in job["paths"].items():
+        partialstore.save(path, state, storage_options=options)
+        partialstore.finalize(path, storage_options=options)
+        target = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding(load))
+            for k, v in tree.items()
+        }
+        loaded = partialstore.load(path, target, storage_options=options)
+        for k, array in loaded.items():
+            for shard in array.addressable_shards:
+                if np.asarray(shard.data).tobytes() != tree[k][shard.index].tobytes():
+                    raise AssertionError(f"process {index}: {k}{shard.index} loaded as {load}")
+    jax.distributed.shutdown()
+
+
+def run_job(root: str, proxy: Any, server: Any, quick: bool, scratch: str) -> list[dict[str, Any]]:
+    """A real JAX job of 8 processes (one CPU device each) on S3: bytes at the proxy."""
+    import json
+    import socket
+    import subprocess
+
+    options = proxy.storage_options(server)
+    paths = {load: f"{root}/job-{load}-{uuid.uuid4().hex[:6]}" for load in LOADS}
+    job_file = os.path.join(scratch, "job.json")
+    with open(job_file, "w") as f:
+        json.dump({"quick": quick, "options": options, "paths": paths}, f)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, **proxy.env(server), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    command = [sys.executable, "-m", "benchmarks.load_bytes", "--job-worker", port, "8"]
+    children = [
+        subprocess.Popen([*command, str(i), job_file], env=env, cwd=REPO_ROOT) for i in range(8)
+    ]
+    if any(child.wait(timeout=900) != 0 for child in children):
+        raise RuntimeError("a process of the load_bytes job failed (its output is above)")
+    proxy.wait_idle()
+    tree, rows = make_tree(quick), []
+    for load, path in paths.items():
+        prefix = path.removeprefix("s3://").split("/", 1)[1] + "/data/"
+        sizes = {k: n for k, n in s3_sizes(path, options).items() if k.startswith(prefix)}
+        read, requests = get_bytes(proxy.requests(), sizes)
+        returned = sum(
+            math.prod(hi - lo for lo, hi in box) * array.itemsize
+            for array in tree.values()
+            for boxes in process_boxes(array.shape, load, 8)
+            for box in boxes
+        )
+        row = {"read": read, "requests": requests, "returned": returned}
+        rows.append({"store": "s3 (JAX job)", "load": load, "processes": 8, **row})
+        rows[-1]["ratio"] = read / returned
+    return rows
+
+
 def measure(run: Run) -> Measured:
     import jax
 
@@ -331,21 +408,23 @@ def measure(run: Run) -> Measured:
         else:
             with s3_store() as (root, proxy, server):
                 opts = proxy.storage_options(server)
-                rows += run_store(
-                    "s3",
-                    root,
-                    run.args.quick,
-                    functools.partial(s3_counter, proxy=proxy, options=opts),
-                    opts,
-                )
+                counter = functools.partial(s3_counter, proxy=proxy, options=opts)
+                rows += run_store("s3", root, run.args.quick, counter, opts)
+                if run.args.job:
+                    rows += run_job(root, proxy, server, run.args.quick, run.scratch)
     worst = max(row["ratio"] for row in rows)
     config = {"stores": run.args.stores, "loads": list(LOADS), "processes": list(PROCESSES)}
+    config["job"] = bool(run.args.job)
     return Measured(config=config, body={"rows": rows, "worst_ratio": worst}, status=0)
 
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        "## Bytes read by loads with another sharding (saved from numpy; 8 CPU devices)",
+        "## Bytes read by loads with another sharding (8 CPU devices)",
+        "",
+        "Saved from numpy; N processes: each process's read made in turn in one interpreter.",
+        '"s3 (JAX job)": a real job of 8 processes (one device each) that saved sharded by',
+        "rows; bytes are every GET of array data at the proxy, all processes together.",
         "",
         "| store | loaded as | processes | read | returned | read / returned | requests |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -360,7 +439,12 @@ def render(result: dict[str, Any]) -> str:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser  # no options of its own
+    parser.add_argument(
+        "--job",
+        action="store_true",
+        help="on s3, also run a real JAX job of 8 processes (1 CPU device each) that saves "
+        "sharded by rows and loads every layout (about a minute per layout on 2 cores)",
+    )
 
 
 SCRIPT = Script(
@@ -374,6 +458,10 @@ SCRIPT = Script(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--job-worker"]:
+        _job_worker(*argv[1:5])
+        return 0
     if "jax" not in sys.modules:  # the 8 devices must be asked for before JAX starts
         os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     return SCRIPT.main(argv)
