@@ -1,22 +1,32 @@
-"""Bytes read by a load against the bytes it returns, across save and load shardings.
+"""Bytes read by a load against the bytes it returns, across load shardings.
 
-Arrays are saved with one sharding (or from numpy) on 8 CPU devices
+A tree of 2-D leaves is saved from numpy and read as a JAX job of N
+processes (1 or 8) with each target sharding on 8 CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set by :func:`main`
-before JAX starts) and loaded with others through ``partialstore.load(path, target)``.
-A load returns, per process, each distinct shard of each leaf once; that is
-the "returned" figure. What was read is counted where the bytes really move:
+before JAX starts) would read it: each process makes the one
+``read_arrays`` call ``partialstore.load(path, target)`` makes, for its
+distinct shards of every leaf; the processes' calls run one after another
+here (:func:`read_as_processes`), every block checked bit for bit.
+"Returned" is the bytes of those blocks, summed over processes. What was
+read is counted where the bytes really move:
 
 - ``local``: TensorStore's own file kvstore counters (its ``bytes_read`` and
-  ``batch_read`` metrics), which see every chunk read; partialstore's own
-  small reads of the manifest go through Python and are not in them.
+  ``batch_read`` metrics), which see every chunk read, plus every read at
+  the Backend contract (the store is reached through a counting wrapper,
+  :func:`~partialstore.testing.faulty_backend.install_faulty`).
 - ``s3``: every request at a :class:`~partialstore.testing.faultproxy.FaultProxy`
   in front of moto (TensorStore reads chunks through its own S3 client, so
   the proxy's log is the only complete count); a GET's bytes are its
-  ``Range`` or, without one, the object's stored size.
+  ``Range`` or, without one, the object's stored size (none for a 304).
+
+``--job`` adds a real JAX job on S3: 8 processes with one CPU device each
+save the tree sharded by rows and load it with each layout, every process
+checking its shards bit for bit; the proxy counts all their GETs together.
 
 Example::
 
     python -m benchmarks.load_bytes --quick --stores local,s3 --out /tmp/bench
+    python -m benchmarks.load_bytes --quick --stores s3 --job --out /tmp/bench
 """
 
 from __future__ import annotations

@@ -186,3 +186,18 @@ def test_reference_reader_reads_inner_chunks_of_raw_bit_dtypes(tmp_path: Path) -
     with np.load(out) as got:
         for name, array in tree.items():
             assert got[f"['{name}']"].tobytes() == array.tobytes(), name
+
+
+def test_benchmark_reads_at_most_twice_with_jax_shardings_on_8_devices(tmp_path: Path) -> None:
+    """The benchmark itself (real NamedShardings on 8 CPU devices, in a fresh interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    command = [sys.executable, "-m", "benchmarks.load_bytes", "--quick", "--stores", "local"]
+    subprocess.run(
+        [*command, "--out", str(tmp_path)], check=True, timeout=300, env=env, cwd=DOCS.parent
+    )
+    result = json.loads((tmp_path / "load_bytes.json").read_text())
+    rows = result["rows"]
+    assert {(r["load"], r["processes"]) for r in rows} == {
+        (load, n) for load in load_bytes.LOADS for n in load_bytes.PROCESSES
+    }
+    assert all(r["read"] > 0 and r["read"] <= 2 * r["returned"] for r in rows), rows

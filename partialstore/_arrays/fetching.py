@@ -150,11 +150,16 @@ async def check_last_chunk(
     await _read(backend, join_key(root, path), key, size - 1, size)
 
 
+def _grid(leaf: Zarr3Leaf, layout: Layout) -> list[int]:
+    """Inner chunks per chunk along each axis."""
+    return [c // i for c, i in zip(leaf.chunks, layout.inner, strict=True)]
+
+
 def _needed(
     leaf: Zarr3Leaf, layout: Layout, key: str, members: Sequence[tuple[int, Zarr3Leaf, Index]]
-) -> tuple[set[int], int]:
-    """Inner chunks (C-order numbers) of chunk ``key`` that ``members`` read, and their count."""
-    grid = [c // i for c, i in zip(leaf.chunks, layout.inner, strict=True)]
+) -> set[int]:
+    """Inner chunks (C-order numbers) of chunk ``key`` that ``members`` read."""
+    grid = _grid(leaf, layout)
     origin = [p * c for p, c in zip(_position(key), leaf.chunks, strict=True)]
     needed: set[int] = set()
     for _, _, index in members:
@@ -164,7 +169,7 @@ def _needed(
             axes.append(range(lo // i, (hi - 1) // i + 1) if hi > lo else range(0))
         for sub in itertools.product(*axes):
             needed.add(int(np.ravel_multi_index(sub, grid)) if grid else 0)
-    return needed, math.prod(grid)
+    return needed
 
 
 async def _fetch_inner(
@@ -245,10 +250,11 @@ async def fetch_chunks(
     async def worker() -> None:
         for key in keys:
             size = _min_bytes(leaf, layout, key)
-            if layout.indexed:
+            count = math.prod(_grid(leaf, layout))
+            if layout.indexed and count <= _MAX_INDEXED:
                 stored = size // (math.prod(layout.inner) * leaf.storage.itemsize)
-                needed, count = _needed(leaf, layout, key, members)
-                if count <= _MAX_INDEXED and len(needed) < stored:
+                needed = _needed(leaf, layout, key, members)
+                if len(needed) < stored:
                     exact = stored * layout.inner_bytes + 16 * count + 4
                     async with semaphore:
                         await _fetch_inner(
