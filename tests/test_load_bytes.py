@@ -119,9 +119,12 @@ def test_a_checkpoint_of_the_old_layout_still_loads(
     )
 
 
-def test_memory_backend_loads_read_at_most_twice_what_they_return() -> None:
+@pytest.mark.parametrize("kind", ["memory", "fsspec"])
+def test_backend_without_kvstore_reads_at_most_twice_what_it_returns(
+    kind: str, tmp_path: Path
+) -> None:
     """Without a TensorStore kvstore every byte passes the Backend contract: count it there."""
-    inner_url = f"memory://{uuid.uuid4().hex}"
+    inner_url = {"memory": f"memory://{uuid.uuid4().hex}", "fsspec": f"local://{tmp_path}/fs"}[kind]
     url, faulty = install_faulty(inner_url)
     tree = _tree()
     _save(f"{url}/ck", tree)
