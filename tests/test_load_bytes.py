@@ -86,6 +86,15 @@ def test_local_loads_read_at_most_twice_what_they_return(tmp_path: Path) -> None
     counter = load_bytes.local_counter(f"{url}/ck", inner, faulty)
     ratios = _ratios(f"{url}/ck", tree, counter, None)
     assert all(0.99 < r <= 2.0 for r in ratios), dict(zip(LAYOUTS, ratios, strict=True))
+    # One process holding all 8 blocks reads each chunk object in one request, not 8.
+    data = (tmp_path / "root" / "ck" / "data").rglob("*")
+    objects = len([p for p in data if p.is_file() and "/c/" in p.as_posix()])
+    before = counter()
+    one_process = [[pair for p in load_bytes.grid_plan(tree, (1, 8)) for pair in p]]
+    load_bytes.read_as_processes(f"{url}/ck", tree, one_process, None)
+    read, requests = (after - first for after, first in zip(counter(), before, strict=True))
+    assert read <= 1.01 * sum(a.nbytes for a in tree.values())
+    assert requests <= objects + len(stored) + 1  # + each zarr.json + the manifest
 
 
 def test_s3_loads_read_at_most_twice_what_they_return(proxied_s3_url: Any) -> None:

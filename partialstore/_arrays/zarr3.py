@@ -27,7 +27,9 @@ reading arrays.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -318,6 +320,70 @@ def _check_store(store: ts.TensorStore, leaf: Zarr3Leaf, where: str) -> None:
         )
 
 
+def _tiling_box(boxes: Sequence[tuple[tuple[int, int], ...]]) -> tuple[tuple[int, int], ...] | None:
+    """The bounding box of ``boxes`` if they tile it (disjoint, no gaps), else None.
+
+    Example:
+        >>> _tiling_box([((0, 4), (0, 2)), ((0, 4), (2, 4))])
+        ((0, 4), (0, 4))
+        >>> _tiling_box([((0, 4), (0, 2)), ((0, 4), (3, 4))]) is None
+        True
+    """
+    if len(boxes) < 2 or not boxes[0]:
+        return None
+    bound = tuple(
+        (min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)) for a in range(len(boxes[0]))
+    )
+
+    def volume(box: tuple[tuple[int, int], ...]) -> int:
+        return math.prod(max(0, hi - lo) for lo, hi in box)
+
+    if sum(volume(b) for b in boxes) != volume(bound) or volume(bound) == 0:
+        return None
+    for first, second in itertools.combinations(boxes, 2):
+        if all(max(a[0], b[0]) < min(a[1], b[1]) for a, b in zip(first, second, strict=True)):
+            return None  # they overlap
+    return bound
+
+
+async def _read_box(
+    store: ts.TensorStore, leaf: Zarr3Leaf, box: tuple[tuple[int, int], ...], where: str
+) -> np.ndarray:
+    try:
+        array = await store[tuple(slice(lo, hi) for lo, hi in box)].read()
+    except ValueError as error:
+        raise ts_error(error, f"Reading array {where!r}", reading=True) from None
+    return array.view(leaf.dtype) if leaf.storage != leaf.dtype else array
+
+
+async def _read_members(
+    store: ts.TensorStore, members: Sequence[tuple[int, Zarr3Leaf, Index]], where: str
+) -> list[tuple[int, np.ndarray]]:
+    """Read each member's index; members that tile one box (one process's shards) in one read.
+
+    One read of the whole box lets TensorStore fetch each chunk object's
+    inner chunks together (one request per object where the box covers it)
+    instead of once per shard.
+    """
+    bound = _tiling_box([index.box for _, _, index in members])
+    if bound is not None:  # (read_array_group probed the box's last chunk)
+        whole = await _read_box(store, members[0][1], bound, where)
+        out = []
+        for request_id, _, index in members:
+            part = whole[
+                tuple(
+                    slice(lo - o, hi - o) for (lo, hi), (o, _) in zip(index.box, bound, strict=True)
+                )
+            ]
+            out.append((request_id, index.apply_inner(np.array(part))))
+        return out
+
+    async def read_one(request_id: int, leaf: Zarr3Leaf, index: Index) -> tuple[int, np.ndarray]:
+        return request_id, index.apply_inner(await _read_box(store, leaf, index.box, where))
+
+    return await settle_all([read_one(*member) for member in members])
+
+
 async def read_array_group(
     backend: Backend,
     root: str,
@@ -356,23 +422,14 @@ async def read_array_group(
         if via_backend:
             await fetching.fetch_chunks(backend, root, path, members, fetched, semaphore, layout)
         else:
-            checks = [
-                fetching.check_last_chunk(backend, root, path, m[1], m[2], layout) for m in members
-            ]
-            await settle_all(checks)
+            bound = _tiling_box([index.box for _, _, index in members])
+            boxes = [m[2] for m in members] if bound is None else [Index(bound, None)]
+            leaf = members[0][1]
+            await settle_all(
+                [fetching.check_last_chunk(backend, root, path, leaf, i, layout) for i in boxes]
+            )
 
-        async def read_one(
-            request_id: int, leaf: Zarr3Leaf, index: Index
-        ) -> tuple[int, np.ndarray]:
-            try:
-                array = await store[index.box_slices()].read()
-            except ValueError as error:
-                raise ts_error(error, f"Reading array {where!r}", reading=True) from None
-            if leaf.storage != leaf.dtype:
-                array = array.view(leaf.dtype)
-            return request_id, index.apply_inner(array)
-
-        return await settle_all([read_one(*member) for member in members])
+        return await _read_members(store, members, where)
     finally:
         if via_backend:
             scratch = await ts.KvStore.open({"driver": "memory"}, context=context)
