@@ -52,16 +52,41 @@ def read_zarr3(kv: ts.KvStore, spec: dict[str, Any], d: dict[str, Any]) -> np.nd
         store = ts.open({"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False})
         return store.result().read().result().view(dt)
     # Not zarr v3 core types (bfloat16, float8_*, int4, ...): decode the chunks as raw bits.
+    codec = meta["codecs"][0]  # sharding_indexed: inner chunks and an index per object (§11)
+    sharded = codec["name"] == "sharding_indexed"
+    inner = codec["configuration"]["chunk_shape"] if sharded else chunks
+    codecs = codec["configuration"]["codecs"] if sharded else meta["codecs"]
     out = np.empty(shape, dt)
     for pos in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks, strict=True))):
         raw = kv[f"{d['path']}/c" + "".join(f"/{i}" for i in pos)]  # KeyError if missing
-        if any(codec["name"] == "crc32c" for codec in meta["codecs"]):
-            raw, stored_crc = raw[:-4], struct.unpack("<I", raw[-4:])[0]
-            if crc32c(raw) != stored_crc:
-                raise ValueError(f"{d['path']} chunk {pos}: CRC-32C mismatch")
-        box = [slice(p * c, min(p * c + c, n)) for p, c, n in zip(pos, chunks, shape, strict=True)]
-        block = from_le(raw, dt, chunks)  # edge chunks are stored whole
-        out[tuple(box)] = block[tuple(slice(b.stop - b.start) for b in box)]
+        parts = [((0,) * len(shape), raw)]
+        if sharded:  # index at the end: (offset, nbytes) per inner chunk in C order, CRC-32C
+            grid = [c // i for c, i in zip(chunks, inner, strict=True)]
+            count = reduce(lambda a, b: a * b, grid, 1)
+            index, index_crc = raw[-16 * count - 4 : -4], struct.unpack("<I", raw[-4:])[0]
+            if len(raw) < 16 * count + 4 or crc32c(index) != index_crc:
+                raise ValueError(f"{d['path']} chunk {pos}: shard index damaged")
+            spans = struct.unpack(f"<{2 * count}Q", index)
+            parts = [
+                (
+                    sub,
+                    None if spans[2 * k] == 2**64 - 1 else raw[spans[2 * k] :][: spans[2 * k + 1]],
+                )
+                for k, sub in enumerate(itertools.product(*(range(g) for g in grid)))
+            ]
+        for sub, part in parts:
+            origin = [p * c + s * i for p, c, s, i in zip(pos, chunks, sub, inner, strict=True)]
+            box = [slice(o, min(o + i, n)) for o, i, n in zip(origin, inner, shape, strict=True)]
+            if any(b.start >= b.stop for b in box):
+                continue  # an inner chunk wholly outside the array is not stored
+            if part is None:
+                raise ValueError(f"{d['path']} chunk {pos}: inner chunk {sub} missing")
+            if any(codec["name"] == "crc32c" for codec in codecs):
+                part, stored_crc = part[:-4], struct.unpack("<I", part[-4:])[0]
+                if crc32c(part) != stored_crc:
+                    raise ValueError(f"{d['path']} chunk {pos} {sub}: CRC-32C mismatch")
+            block = from_le(part, dt, inner)  # edge chunks are stored whole
+            out[tuple(box)] = block[tuple(slice(b.stop - b.start) for b in box)]
     return out
 
 

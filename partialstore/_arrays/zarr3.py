@@ -6,12 +6,17 @@ writes/reads chunks in parallel. Where it does not (memory, generic fsspec),
 the same zarr3 bytes go through the backend: TensorStore encodes into a
 private in-memory kvstore whose keys are then moved with ``backend.write``;
 a load fetches ``zarr.json`` plus only the chunks that intersect the index
+(of those, only the inner chunks it needs: :mod:`partialstore._arrays.fetching`)
 with ``backend.read`` and lets TensorStore decode them from memory. Either
 way the stored bytes are identical, so a checkpoint can be copied between
 stores with any tool.
 
 Chunks are regular, ``default`` key encoding (``c/0/1``), codecs
-``bytes`` (little-endian) then optionally ``crc32c``; every chunk is stored
+``bytes`` (little-endian) then optionally ``crc32c``. Arrays written now put
+inner chunks in each chunk object (zarr3's ``sharding_indexed`` codec, inner
+shape from :func:`~partialstore._arrays.sharded.inner_chunks`), so TensorStore
+reads only the inner chunks a load needs, by ranged reads; arrays written
+before (one plain chunk per object) read as ever. Every chunk is stored
 even when all zeros, and loads open with ``fill_missing_data_reads=False``,
 so a lost chunk is reported as damage instead of read as zeros.
 
@@ -26,15 +31,21 @@ import itertools
 import json
 import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 import tensorstore as ts
 
+from partialstore._arrays import fetching
 from partialstore._arrays.descriptors import Index, Zarr3Leaf
 from partialstore._arrays.dtypes import dtype_from_name, dtype_name, storage_dtype_name
-from partialstore._arrays.sharded import choose_chunks, shard_chunks
+from partialstore._arrays.sharded import (
+    choose_chunks,
+    chunk_keys,
+    inner_chunks,
+    shard_chunks,
+)
 from partialstore._pytree.shards import ShardedArray
 from partialstore._runtime.aio import settle_all
 from partialstore.backend import Backend, join_key
@@ -42,24 +53,15 @@ from partialstore.errors import (
     AlreadyExistsError,
     BackendError,
     CorruptCheckpointError,
-    NotFoundError,
     TransientBackendError,
 )
 
-__all__ = ["choose_chunks", "read_array_group", "write_array"]
+__all__ = ["choose_chunks", "chunk_keys", "read_array_group", "write_array"]
 
 T = TypeVar("T")
 
 # One piece of an array to write: the box it covers (None: the whole array) and its data.
 _Part = tuple[tuple[tuple[int, int], ...] | None, np.ndarray]
-
-# Chunk reads of one array through a backend without a kvstore run in this
-# many workers at most (the caller's semaphore bounds the total across arrays).
-_FETCH_WORKERS = 64
-
-# A read of more bytes than this through TensorStore's own kvstore first
-# checks that its last chunk is stored at full size (see _check_last_chunk).
-_PROBE_BYTES = 64 << 20
 
 # One TensorStore context per backend, so saves and loads share its
 # connection pools, credentials and I/O concurrency limits.
@@ -88,11 +90,28 @@ def backend_kvstore(backend: Backend, key: str) -> dict[str, Any] | None:
 
 
 def _metadata(
-    shape: Sequence[int], storage: str, chunks: Sequence[int], logical: str, checksum: bool
+    shape: Sequence[int],
+    storage: str,
+    chunks: Sequence[int],
+    logical: str,
+    checksum: bool,
+    inner: Sequence[int],
 ) -> dict[str, Any]:
     codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if checksum:
         codecs.append({"name": "crc32c"})
+    if list(inner) != list(chunks):
+        # Each chunk object holds inner chunks and an index of where each
+        # lies, so a load reads just the inner chunks its shards cross. The
+        # index always has its CRC: a damaged one would send reads astray.
+        index_codecs = [codecs[0], {"name": "crc32c"}]
+        configuration = {
+            "chunk_shape": list(inner),
+            "codecs": codecs,
+            "index_codecs": index_codecs,
+            "index_location": "end",
+        }
+        codecs = [{"name": "sharding_indexed", "configuration": configuration}]
     return {
         "shape": list(shape),
         "data_type": storage,
@@ -158,6 +177,7 @@ async def write_array(
     logical = dtype_name(array.dtype)
     storage = storage_dtype_name(logical)
     chunks, parts = _layout(array, storage, chunk_bytes)
+    inner = inner_chunks(array.shape, chunks, np.dtype(dtype_from_name(storage)).itemsize)
     kvstore = backend_kvstore(backend, join_key(root, path))
     via_backend = kvstore is None
     if kvstore is None:
@@ -168,7 +188,7 @@ async def write_array(
     spec = {
         "driver": "zarr3",
         "kvstore": kvstore,
-        "metadata": _metadata(array.shape, storage, chunks, logical, checksum),
+        "metadata": _metadata(array.shape, storage, chunks, logical, checksum, inner),
         "store_data_equal_to_fill_value": True,
     }
     action = f"Writing a {logical}{list(array.shape)} array to {join_key(root, path)!r}"
@@ -283,140 +303,9 @@ async def _move_to_backend(
     await settle_all([move(key) for key in keys])
 
 
-def iter_chunk_keys(leaf: Zarr3Leaf, index: Index) -> Iterator[str]:
-    """Lazily yield the keys of the chunks (``default`` encoding, ``/``) that ``index`` touches.
-
-    Lazy because a damaged array may claim more chunks than memory holds:
-    the caller stops at the first one that is missing.
-
-    Example:
-        >>> from partialstore._arrays.descriptors import parse
-        >>> leaf = parse({"format": "zarr3", "path": "data/s1/a00000", "dtype": "float32",
-        ...               "shape": [10, 4], "chunks": [5, 4]})
-        >>> list(iter_chunk_keys(leaf, Index(((0, 8), (0, 4)), None)))
-        ['c/0/0', 'c/1/0']
-    """
-    if not leaf.shape:
-        yield "c"
-        return
-    axes = []
-    for (lo, hi), chunk in zip(index.box, leaf.chunks, strict=True):
-        if hi <= lo:
-            return
-        axes.append(range(lo // chunk, (hi - 1) // chunk + 1))
-    for position in itertools.product(*axes):
-        yield "c/" + "/".join(map(str, position))
-
-
-def chunk_keys(leaf: Zarr3Leaf, index: Index) -> list[str]:
-    """Keys of the chunks (``default`` encoding, ``/`` separator) that ``index`` touches.
-
-    Example:
-        >>> from partialstore._arrays.descriptors import parse
-        >>> leaf = parse({"format": "zarr3", "path": "data/s1/a00000", "dtype": "float32",
-        ...               "shape": [10, 4], "chunks": [5, 4]})
-        >>> chunk_keys(leaf, Index(((0, 8), (0, 4)), None))
-        ['c/0/0', 'c/1/0']
-    """
-    return list(iter_chunk_keys(leaf, index))
-
-
-async def _fetch_key(
-    backend: Backend,
-    root: str,
-    path: str,
-    key: str,
-    memory: ts.KvStore,
-    semaphore: asyncio.Semaphore,
-    min_size: int = 0,
-) -> None:
-    async with semaphore:
-        try:
-            value = await backend.read(join_key(root, path, key))
-        except NotFoundError:
-            raise CorruptCheckpointError(
-                f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged "
-                "or incomplete."
-            ) from None
-        if len(value) < min_size:
-            raise _short_chunk(join_key(root, path), key, min_size)
-        await memory.write(key, value)
-
-
-def _short_chunk(where: str, key: str, size: int) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"Array {where!r}: chunk {key!r} holds fewer than the {size} bytes its metadata "
-        "says a chunk holds. The checkpoint is damaged."
-    )
-
-
-def _chunk_nbytes(leaf: Zarr3Leaf) -> int:
-    """Bytes of one decoded chunk; a stored chunk (bytes codec, maybe a crc) is never smaller."""
-    return math.prod(leaf.chunks) * leaf.storage.itemsize
-
-
-async def _check_last_chunk(
-    backend: Backend, root: str, path: str, leaf: Zarr3Leaf, index: Index
-) -> None:
-    """Before a large read, check that the last chunk it needs is stored at full size.
-
-    TensorStore allocates a read's whole result before it reads a chunk, and
-    aborts the process when that fails; a shape inflated alike in the manifest
-    and ``zarr.json`` must not get that far. The read's last chunk exists at
-    full size only if the array really extends that far: one small ranged
-    read proves it.
-    """
-    box_bytes = math.prod(hi - lo for lo, hi in index.box) * leaf.dtype.itemsize
-    if box_bytes <= _PROBE_BYTES:
-        return
-    last = [(hi - 1) // chunk for (_, hi), chunk in zip(index.box, leaf.chunks, strict=True)]
-    key = "c/" + "/".join(map(str, last))
-    size = _chunk_nbytes(leaf)
-    try:
-        tail = await backend.read(join_key(root, path, key), start=size - 1, end=size)
-    except NotFoundError:
-        raise CorruptCheckpointError(
-            f"Array {join_key(root, path)!r} lacks {key!r}. The checkpoint is damaged or "
-            "incomplete."
-        ) from None
-    if len(tail) != 1:
-        raise _short_chunk(join_key(root, path), key, size)
-
-
-async def _fetch_chunks(
-    backend: Backend,
-    root: str,
-    path: str,
-    members: Sequence[tuple[int, Zarr3Leaf, Index]],
-    memory: ts.KvStore,
-    semaphore: asyncio.Semaphore,
-) -> None:
-    """Copy the chunks ``members`` need from the backend into ``memory``.
-
-    A few workers pull keys from one lazy iterator, so a damaged array that
-    claims billions of chunks costs one failed read, not a list of billions.
-    """
-
-    def unique_keys() -> Iterator[str]:
-        seen: set[str] = set()
-        for _, leaf, index in members:
-            for key in iter_chunk_keys(leaf, index):
-                if key not in seen:
-                    seen.add(key)
-                    yield key
-
-    keys = unique_keys()  # shared: next() never awaits, so workers cannot interleave in it
-    size = _chunk_nbytes(members[0][1])  # one array: the same chunks for every member
-
-    async def worker() -> None:
-        for key in keys:
-            await _fetch_key(backend, root, path, key, memory, semaphore, size)
-
-    await settle_all([worker() for _ in range(_FETCH_WORKERS)])
-
-
 def _check_store(store: ts.TensorStore, leaf: Zarr3Leaf, where: str) -> None:
-    chunk_shape = store.chunk_layout.read_chunk.shape  # None for a 0-d array
+    # The stored chunk objects (shards, with inner chunks) are TensorStore's write chunks.
+    chunk_shape = store.chunk_layout.write_chunk.shape  # None for a 0-d array
     found = (
         tuple(store.shape),
         store.dtype.numpy_dtype,
@@ -429,6 +318,70 @@ def _check_store(store: ts.TensorStore, leaf: Zarr3Leaf, where: str) -> None:
             f"the manifest says shape {wanted[0]}, dtype {wanted[1]}, chunks {wanted[2]}. The "
             "checkpoint is damaged."
         )
+
+
+def _tiling_box(boxes: Sequence[tuple[tuple[int, int], ...]]) -> tuple[tuple[int, int], ...] | None:
+    """The bounding box of ``boxes`` if they tile it (disjoint, no gaps), else None.
+
+    Example:
+        >>> _tiling_box([((0, 4), (0, 2)), ((0, 4), (2, 4))])
+        ((0, 4), (0, 4))
+        >>> _tiling_box([((0, 4), (0, 2)), ((0, 4), (3, 4))]) is None
+        True
+    """
+    if len(boxes) < 2 or not boxes[0]:
+        return None
+    bound = tuple(
+        (min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)) for a in range(len(boxes[0]))
+    )
+
+    def volume(box: tuple[tuple[int, int], ...]) -> int:
+        return math.prod(max(0, hi - lo) for lo, hi in box)
+
+    if sum(volume(b) for b in boxes) != volume(bound) or volume(bound) == 0:
+        return None
+    for first, second in itertools.combinations(boxes, 2):
+        if all(max(a[0], b[0]) < min(a[1], b[1]) for a, b in zip(first, second, strict=True)):
+            return None  # they overlap
+    return bound
+
+
+async def _read_box(
+    store: ts.TensorStore, leaf: Zarr3Leaf, box: tuple[tuple[int, int], ...], where: str
+) -> np.ndarray:
+    try:
+        array = await store[tuple(slice(lo, hi) for lo, hi in box)].read()
+    except ValueError as error:
+        raise ts_error(error, f"Reading array {where!r}", reading=True) from None
+    return array.view(leaf.dtype) if leaf.storage != leaf.dtype else array
+
+
+async def _read_members(
+    store: ts.TensorStore, members: Sequence[tuple[int, Zarr3Leaf, Index]], where: str
+) -> list[tuple[int, np.ndarray]]:
+    """Read each member's index; members that tile one box (one process's shards) in one read.
+
+    One read of the whole box lets TensorStore fetch each chunk object's
+    inner chunks together (one request per object where the box covers it)
+    instead of once per shard.
+    """
+    bound = _tiling_box([index.box for _, _, index in members])
+    if bound is not None:  # (read_array_group probed the box's last chunk)
+        whole = await _read_box(store, members[0][1], bound, where)
+        out = []
+        for request_id, _, index in members:
+            part = whole[
+                tuple(
+                    slice(lo - o, hi - o) for (lo, hi), (o, _) in zip(index.box, bound, strict=True)
+                )
+            ]
+            out.append((request_id, index.apply_inner(np.array(part))))
+        return out
+
+    async def read_one(request_id: int, leaf: Zarr3Leaf, index: Index) -> tuple[int, np.ndarray]:
+        return request_id, index.apply_inner(await _read_box(store, leaf, index.box, where))
+
+    return await settle_all([read_one(*member) for member in members])
 
 
 async def read_array_group(
@@ -458,30 +411,25 @@ async def read_array_group(
             fetched = await ts.KvStore.open(kvstore, context=context)
             # zarr.json first: the chunks to fetch are only known to be real
             # once the manifest's shape and chunks match the array's metadata.
-            await _fetch_key(backend, root, path, "zarr.json", fetched, semaphore)
+            await fetching.fetch_key(backend, root, path, "zarr.json", fetched, semaphore)
         try:
             store = await ts.open(spec, open=True, read=True, context=context)
         except ValueError as error:
             raise ts_error(error, f"Opening array {where!r}", reading=True) from None
         for _, leaf, _ in members:
             _check_store(store, leaf, where)
+        layout = fetching.layout_of(store, members[0][1])
         if via_backend:
-            await _fetch_chunks(backend, root, path, members, fetched, semaphore)
+            await fetching.fetch_chunks(backend, root, path, members, fetched, semaphore, layout)
         else:
-            await settle_all([_check_last_chunk(backend, root, path, m[1], m[2]) for m in members])
+            bound = _tiling_box([index.box for _, _, index in members])
+            boxes = [m[2] for m in members] if bound is None else [Index(bound, None)]
+            leaf = members[0][1]
+            await settle_all(
+                [fetching.check_last_chunk(backend, root, path, leaf, i, layout) for i in boxes]
+            )
 
-        async def read_one(
-            request_id: int, leaf: Zarr3Leaf, index: Index
-        ) -> tuple[int, np.ndarray]:
-            try:
-                array = await store[index.box_slices()].read()
-            except ValueError as error:
-                raise ts_error(error, f"Reading array {where!r}", reading=True) from None
-            if leaf.storage != leaf.dtype:
-                array = array.view(leaf.dtype)
-            return request_id, index.apply_inner(array)
-
-        return await settle_all([read_one(*member) for member in members])
+        return await _read_members(store, members, where)
     finally:
         if via_backend:
             scratch = await ts.KvStore.open({"driver": "memory"}, context=context)
