@@ -173,7 +173,9 @@ class TensorStoreRequests:
         end = prefix_dir[:-1] + chr(ord(prefix_dir[-1]) + 1) if prefix_dir else ""
         # The smallest key after start_after is start_after + NUL.
         start = prefix_dir if start_after is None else max(prefix_dir, start_after + "\x00")
-        keys = await self._ask(prefix_dir, lambda store: store.list(ts.KvStore.KeyRange(start, end)))
+        keys = await self._ask(
+            prefix_dir, lambda store: store.list(ts.KvStore.KeyRange(start, end))
+        )
         if keys is None:
             return None
         names = [key.decode() for key in keys]
