@@ -1,0 +1,229 @@
+"""Log appends against the log's length and against the number of writers (moto S3 or local).
+
+Two series, both through ``partialstore._commit.txlog.append`` (the commit
+point of every save) on a real backend wrapped in a request counter at the
+Backend contract:
+
+- ``length``: a synthetic log of N save records is written directly through
+  the backend; then one append without a hint (a process's first save on
+  that path) and one with (every later save), each timed and counted.
+- ``writers``: K processes append M records each to one log at once;
+  commits per second over the whole run, and each append's latency.
+
+Usage::
+
+    python -m benchmarks.log_scale [--quick] [--stores s3,local] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import multiprocessing
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from benchmarks.cli import Measured, Run, Script
+from benchmarks.stores import started_stores
+from partialstore import registry
+from partialstore._commit import txlog
+from partialstore._commit.records import SaveRecord
+from partialstore._runtime.aio import run as run_sync
+from partialstore.backend import Backend, Capabilities
+
+WRITER = {"host": "bench", "pid": 0, "writer_id": None}
+
+
+class Counting(Backend):
+    """Forwards every call to ``inner`` and counts them by method."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.url, self.single_writer = inner, inner.url, inner.single_writer
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities
+
+    async def create(self, key: str, data: bytes) -> None:
+        self.counts["create"] += 1
+        await self.inner.create(key, data)
+
+    async def write(self, key: str, data: bytes, **kwargs: Any) -> None:
+        self.counts["write"] += 1
+        await self.inner.write(key, data, **kwargs)
+
+    async def read(self, key: str, **kwargs: Any) -> bytes:
+        self.counts["read"] += 1
+        return await self.inner.read(key, **kwargs)
+
+    async def exists(self, key: str) -> bool:
+        self.counts["exists"] += 1
+        return await self.inner.exists(key)
+
+    async def delete(self, key: str) -> None:
+        self.counts["delete"] += 1
+        await self.inner.delete(key)
+
+    async def delete_prefix(self, prefix: str) -> None:
+        self.counts["delete_prefix"] += 1
+        await self.inner.delete_prefix(prefix)
+
+    async def list(self, prefix: str = "", **kwargs: Any) -> list[str]:
+        self.counts["list"] += 1
+        return await self.inner.list(prefix, **kwargs)
+
+
+def _record() -> bytes:
+    created = datetime.datetime.now(datetime.UTC).isoformat()
+    return SaveRecord(uuid.uuid4().hex, created, WRITER, None, [], []).encode()
+
+
+async def _fill(backend: Backend, log: str, count: int) -> None:
+    limit = asyncio.Semaphore(32)
+
+    async def one(number: int) -> None:
+        async with limit:
+            await backend.create(txlog.record_key(log, number), _record())
+
+    await asyncio.gather(*(one(n) for n in range(1, count + 1)))
+
+
+def _timed_append(backend: Counting, log: str) -> dict[str, Any]:
+    backend.counts.clear()
+    start = time.perf_counter()
+    number, _ = run_sync(txlog.append(backend, log, _record()))
+    return {"s": time.perf_counter() - start, "number": number, "requests": dict(backend.counts)}
+
+
+def measure_length(url: str, options: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for length in lengths:
+        backend = Counting(registry.open_backend(url, options))
+        log = f"len{length}-{uuid.uuid4().hex[:6]}/log"
+        run_sync(_fill(backend.inner, log, length))
+        first = _timed_append(backend, log)  # no hint: lists the whole log
+        later = [_timed_append(backend, log) for _ in range(5)]  # from the hint
+        rows.append({"length": length, "first": first, "later": later})
+    return rows
+
+
+def _writer(url: str, options: dict[str, Any], log: str, count: int, go: float, out: Any) -> None:
+    backend = registry.open_backend(url, options)
+    run_sync(backend.exists(f"{log}/warm-up"))  # loop, connections: not part of a commit
+    time.sleep(max(0.0, go - time.time()))
+    latencies = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run_sync(txlog.append(backend, log, _record()))
+        latencies.append(time.perf_counter() - start)
+    out.put((time.time(), latencies))
+
+
+def measure_writers(
+    url: str, options: dict[str, Any], writers: list[int], count: int
+) -> list[dict[str, Any]]:
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for k in writers:
+        log = f"k{k}-{uuid.uuid4().hex[:6]}/log"
+        out = context.Queue()
+        go = time.time() + 8.0 + 0.5 * k  # every worker imported and waiting
+        procs = [
+            context.Process(target=_writer, args=(url, options, log, count, go, out))
+            for _ in range(k)
+        ]
+        for proc in procs:
+            proc.start()
+        reports = [out.get(timeout=600) for _ in procs]
+        for proc in procs:
+            proc.join()
+        latencies = [s for _, each in reports for s in each]
+        wall = max(end for end, _ in reports) - go
+        median = statistics.median(latencies)
+        rows.append(
+            {
+                "writers": k,
+                "commits": len(latencies),
+                "commits_per_s": len(latencies) / wall,
+                "p50_s": median,
+                "max_s": max(latencies),
+                "max_over_median": max(latencies) / median,
+            }
+        )
+    return rows
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", default="", help="log lengths (default 10,300,10000)")
+    parser.add_argument("--writers", default="", help="writer counts (default 1,4,16)")
+    parser.add_argument("--per-writer", type=int, default=0, help="appends per writer (10)")
+
+
+def _ints(text: str, default: list[int]) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()] if text else default
+
+
+def measure(run: Run) -> Measured:
+    args = run.args
+    lengths = _ints(args.lengths, [10, 100] if args.quick else [10, 300, 10000])
+    writers = _ints(args.writers, [1, 2] if args.quick else [1, 4, 16])
+    per_writer = args.per_writer or (3 if args.quick else 10)
+    body: dict[str, Any] = {"stores": {}}
+    with started_stores(args.stores, run.scratch) as stores:
+        for name, env in stores.items():
+            url, options = env.fresh("log"), dict(env.storage_options)
+            body["stores"][name] = {
+                "length": measure_length(url, options, lengths),
+                "writers": measure_writers(url, options, writers, per_writer),
+            }
+    config = {"lengths": lengths, "writers": writers, "per_writer": per_writer}
+    return Measured(config=config, body=body, status=0)
+
+
+def render(result: dict[str, Any]) -> str:
+    out = ["## Log appends against log length and writers", ""]
+    for store, data in result["stores"].items():
+        out += [f"### {store}: append at log length N", ""]
+        out += ["| N | first append (no hint) | requests | later appends (hint), median | requests |"]
+        out += ["|---|---|---|---|---|"]
+        for row in data["length"]:
+            later = statistics.median(r["s"] for r in row["later"])
+            out.append(
+                f"| {row['length']} | {row['first']['s'] * 1e3:.1f} ms | "
+                f"{row['first']['requests']} | {later * 1e3:.1f} ms | "
+                f"{row['later'][-1]['requests']} |"
+            )
+        out += ["", f"### {store}: K writers on one log", ""]
+        out += ["| K | commits | commits/s | p50 | max | max/p50 |", "|---|---|---|---|---|---|"]
+        for row in data["writers"]:
+            out.append(
+                f"| {row['writers']} | {row['commits']} | {row['commits_per_s']:.1f} | "
+                f"{row['p50_s'] * 1e3:.0f} ms | {row['max_s'] * 1e3:.0f} ms | "
+                f"{row['max_over_median']:.1f} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+SCRIPT = Script(
+    name="log_scale",
+    description="Log appends against the log's length and the number of writers.",
+    stores=("s3", "local"),
+    add_arguments=_add_arguments,
+    measure=measure,
+    render=render,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return SCRIPT.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
