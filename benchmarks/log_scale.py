@@ -190,7 +190,7 @@ def render(result: dict[str, Any]) -> str:
     out = ["## Log appends against log length and writers", ""]
     for store, data in result["stores"].items():
         out += [f"### {store}: append at log length N", ""]
-        out += ["| N | first append (no hint) | requests | later appends (hint), median | requests |"]
+        out += ["| N | first (no hint) | requests | later (hint), median | requests |"]
         out += ["|---|---|---|---|---|"]
         for row in data["length"]:
             later = statistics.median(r["s"] for r in row["later"])
