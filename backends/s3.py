@@ -314,16 +314,13 @@ class S3Backend(BucketBackend):
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
         prefix = validate_key(prefix, allow_empty=True)
-        base = self._dir(prefix)
+        base, fast_dir = self._dir(prefix), f"{prefix}/" if prefix else ""
         full_after = None if start_after is None else self._full_name(start_after)
 
         async def attempt(state: Attempt) -> list[str]:
             fast = self._fast
-            names = await self._via_fast(
-                state,
-                lambda: fast.list(f"{prefix}/" if prefix else "", start_after),
-                mutating=False,
-            )
+            ask = lambda: fast.list(fast_dir, start_after)  # noqa: E731
+            names = await self._via_fast(state, ask, mutating=False)
             if names is not None:
                 return names
             keys, _ = await self._list_raw(base, None, full_after)
@@ -370,11 +367,9 @@ class S3Backend(BucketBackend):
             await fs.set_session()
             client = await fs.get_s3(self.bucket)
             paginator = client.get_paginator("list_objects_v2")
+            optional = {"Delimiter": delimiter, "StartAfter": start_after}
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            if delimiter:
-                kwargs["Delimiter"] = delimiter
-            if start_after is not None:
-                kwargs["StartAfter"] = start_after
+            kwargs.update({name: value for name, value in optional.items() if value})
             keys: list[str] = []
             dirs: list[str] = []
             async for page in paginator.paginate(**kwargs):

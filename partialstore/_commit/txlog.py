@@ -146,11 +146,13 @@ def session_of(entries: Sequence[LogEntry]) -> list[LogEntry]:
     return list(entries)
 
 
-def _check_dense(log_prefix: str, numbers: Sequence[int], entries: Sequence[LogEntry]) -> None:
+def _check_dense(
+    log_prefix: str, numbers: Sequence[int], entries: Sequence[LogEntry], first: int = 1
+) -> None:
     """Raise if records are missing where the protocol never deletes any."""
     last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
     live = [n for n in numbers if n > last_marker]
-    expected = last_marker + 1 if last_marker else 1
+    expected = last_marker + 1 if last_marker else first
     for number in live:
         if number != expected:
             raise CorruptCheckpointError(
@@ -161,18 +163,24 @@ def _check_dense(log_prefix: str, numbers: Sequence[int], entries: Sequence[LogE
         expected += 1
 
 
-async def read_log(backend: Backend, log_prefix: str) -> list[LogEntry]:
+async def read_log(
+    backend: Backend, log_prefix: str, *, first: int = 1, last: int | None = None
+) -> list[LogEntry]:
     """Every record of the log in log order, checked for gaps; ``[]`` for no log.
 
     Records before the last discard marker may vanish while this reads (the
     discard deletes them): it then lists again. A gap after the last marker,
-    or missing first records with no marker, is damage.
+    or missing first records with no marker, is damage. ``first`` and
+    ``last`` read only the records from ``first`` (listing only the log's
+    tail) up to ``last``; the records read must then start at ``first``,
+    unless a discard marker among them starts the session later.
 
     Raises:
       CorruptCheckpointError: a record is missing or malformed.
     """
     for attempt in range(_REREADS):
-        numbers = await list_numbers(backend, log_prefix)
+        numbers = await list_numbers(backend, log_prefix, after=first - 1)
+        numbers = [n for n in numbers if last is None or n <= last]
         found = await _read_present(backend, log_prefix, numbers)
         entries = [entry for entry in found if entry is not None]
         last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
@@ -181,7 +189,7 @@ async def read_log(backend: Backend, log_prefix: str) -> list[LogEntry]:
         pairs = zip(numbers, found, strict=True)
         if all(entry is not None or n < last_marker for n, entry in pairs):
             present = [e.number for e in entries]
-            _check_dense(log_prefix, present, entries)
+            _check_dense(log_prefix, present, entries, first)
             return entries
         await asyncio.sleep(0.01 * 2**attempt)
     raise CorruptCheckpointError(
