@@ -9,6 +9,11 @@ Backend contract:
   that path) and one with (every later save), each timed and counted.
 - ``writers``: K processes append M records each to one log at once;
   commits per second over the whole run, and each append's latency.
+- ``finalize``: a session of N saves (one real save, then N-1 copies of its
+  record with fresh save ids written directly, then the compaction objects
+  the writers would have written in the background), finalized, timed and
+  counted; up to ``--no-compaction-max`` saves also without compaction
+  objects (what finalize read before they existed).
 
 Usage::
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import multiprocessing
 import statistics
@@ -28,10 +34,14 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
+import partialstore
 from benchmarks.cli import Measured, Run, Script
 from benchmarks.stores import started_stores
 from partialstore import registry
 from partialstore._commit import txlog
+from partialstore._commit.location import resolve
 from partialstore._commit.records import SaveRecord
 from partialstore._runtime.aio import run as run_sync
 from partialstore.backend import Backend, Capabilities
@@ -77,6 +87,14 @@ class Counting(Backend):
     async def list(self, prefix: str = "", **kwargs: Any) -> list[str]:
         self.counts["list"] += 1
         return await self.inner.list(prefix, **kwargs)
+
+    async def list_children(self, prefix: str = "") -> list[str]:
+        self.counts["list"] += 1
+        return await self.inner.list_children(prefix)
+
+    async def rename(self, src_prefix: str, dst_prefix: str) -> None:
+        self.counts["rename"] += 1
+        await self.inner.rename(src_prefix, dst_prefix)
 
 
 def _record() -> bytes:
@@ -159,7 +177,64 @@ def measure_writers(
     return rows
 
 
+def _session(path: str, options: dict[str, Any], saves: int, compacted: bool) -> Any:
+    """A session of ``saves`` saves at ``path`` (see the module docstring); its location."""
+    from partialstore._commit import compaction  # only here: older trees lack it
+
+    tree = {"step": 1, "w": np.ones(16, np.float32), "layer": {"a": np.zeros(4), "b": 2}}
+    partialstore.save(path, tree, storage_options=options)
+    location = resolve(path, options)
+    log = location.log_prefix
+    template = run_sync(location.backend.read(txlog.record_key(log, 1)))
+    entries = run_sync(txlog.read_log(location.backend, log))
+    save_id = entries[0].record.save_id  # type: ignore[union-attr]
+
+    async def fill() -> None:
+        limit = asyncio.Semaphore(32)
+
+        async def one(number: int) -> None:
+            body = template.replace(save_id.encode(), uuid.uuid4().hex.encode())
+            async with limit:
+                await location.backend.create(txlog.record_key(log, number), body)
+
+        await asyncio.gather(*(one(n) for n in range(2, saves + 1)))
+
+    run_sync(fill())
+    if compacted:
+        for number in range(compaction.COMPACT_EVERY, saves + 1, compaction.COMPACT_EVERY):
+            run_sync(compaction.compact(location, number))
+    return location
+
+
+def measure_finalize(
+    root: str, options: dict[str, Any], counts: list[int], plain_max: int
+) -> list[dict[str, Any]]:
+    from partialstore._commit import finalizing
+
+    rows = []
+    for saves in [n for n in counts if n > 0]:
+        for compacted in (True, False) if saves <= plain_max else (True,):
+            path = f"{root}/fin{saves}-{'c' if compacted else 'p'}-{uuid.uuid4().hex[:6]}"
+            location = _session(path, options, saves, compacted)
+            counting = Counting(location.backend)
+            start = time.perf_counter()
+            run_sync(finalizing.finalize(dataclasses.replace(location, backend=counting)))
+            seconds = time.perf_counter() - start
+            row = {"saves": saves, "compaction": compacted, "s": seconds}
+            rows.append({**row, "requests": dict(counting.counts)})
+    return rows
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--finalize-counts", default="", help="saves (default 10,1000,10000; 0: none)"
+    )
+    parser.add_argument(
+        "--no-compaction-max",
+        type=int,
+        default=1000,
+        help="largest session also finalized without compaction objects (default 1000)",
+    )
     parser.add_argument("--lengths", default="", help="log lengths (default 10,300,10000)")
     parser.add_argument("--writers", default="", help="writer counts (default 1,4,16)")
     parser.add_argument("--per-writer", type=int, default=0, help="appends per writer (10)")
@@ -174,6 +249,7 @@ def measure(run: Run) -> Measured:
     lengths = _ints(args.lengths, [10, 100] if args.quick else [10, 300, 10000])
     writers = _ints(args.writers, [1, 2] if args.quick else [1, 4, 16])
     per_writer = args.per_writer or (3 if args.quick else 10)
+    counts = _ints(args.finalize_counts, [10, 200] if args.quick else [10, 1000, 10000])
     body: dict[str, Any] = {"stores": {}}
     with started_stores(args.stores, run.scratch) as stores:
         for name, env in stores.items():
@@ -181,8 +257,10 @@ def measure(run: Run) -> Measured:
             body["stores"][name] = {
                 "length": measure_length(url, options, lengths),
                 "writers": measure_writers(url, options, writers, per_writer),
+                "finalize": measure_finalize(url, options, counts, args.no_compaction_max),
             }
     config = {"lengths": lengths, "writers": writers, "per_writer": per_writer}
+    config["finalize_counts"] = counts
     return Measured(config=config, body=body, status=0)
 
 
@@ -206,6 +284,13 @@ def render(result: dict[str, Any]) -> str:
                 f"| {row['writers']} | {row['commits']} | {row['commits_per_s']:.1f} | "
                 f"{row['p50_s'] * 1e3:.0f} ms | {row['max_s'] * 1e3:.0f} ms | "
                 f"{row['max_over_median']:.1f} |"
+            )
+        out += ["", f"### {store}: finalize of N saves", ""]
+        out += ["| N | compaction objects | finalize | requests |", "|---|---|---|---|"]
+        for row in data["finalize"]:
+            out.append(
+                f"| {row['saves']} | {'yes' if row['compaction'] else 'no'} | "
+                f"{row['s'] * 1e3:.0f} ms | {row['requests']} |"
             )
         out.append("")
     return "\n".join(out)
