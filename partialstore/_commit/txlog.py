@@ -2,9 +2,12 @@
 
 Each committed save is one record ``log/NNNNNNNN.json``; finalize appends a
 seal record, and discard a discard marker. Records are appended with the
-backend's atomic ``create`` at the next free number (list, take max+1, retry
-when another writer took it), so the log is dense: number k is only ever
-created by a writer that saw k-1. Hence nothing can be appended after a
+backend's atomic ``create`` at the next free number (list, take max+1; a
+loser of a race goes on after the record it read back), so the log is
+dense: number k is only ever created by a writer that saw k-1. A writer
+lists only the log's tail after the last record it saw
+(:mod:`partialstore._commit.loghints`), so an append costs the same however
+long the log is. Hence nothing can be appended after a
 seal, and every record before the seal is in the checkpoint. This is the
 commit point of saves, finalize and discard alike, and what makes them
 linearizable across processes and hosts.
