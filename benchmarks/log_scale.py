@@ -97,6 +97,10 @@ class Counting(Backend):
         await self.inner.rename(src_prefix, dst_prefix)
 
 
+def _progress(text: str) -> None:
+    print(f"[log_scale] {text}", file=sys.stderr, flush=True)
+
+
 def _record() -> bytes:
     created = datetime.datetime.now(datetime.UTC).isoformat()
     return SaveRecord(uuid.uuid4().hex, created, WRITER, None, [], []).encode()
@@ -128,6 +132,7 @@ def measure_length(url: str, options: dict[str, Any], lengths: list[int]) -> lis
         first = _timed_append(backend, log)  # no hint: lists the whole log
         later = [_timed_append(backend, log) for _ in range(5)]  # from the hint
         rows.append({"length": length, "first": first, "later": later})
+        _progress(f"length {length}: first {first['s']:.3f} s, later {later[-1]['s']:.3f} s")
     return rows
 
 
@@ -174,6 +179,7 @@ def measure_writers(
                 "max_over_median": max(latencies) / median,
             }
         )
+        _progress(f"writers {k}: {rows[-1]['commits_per_s']:.1f} commits/s")
     return rows
 
 
@@ -222,6 +228,7 @@ def measure_finalize(
             seconds = time.perf_counter() - start
             row = {"saves": saves, "compaction": compacted, "s": seconds}
             rows.append({**row, "requests": dict(counting.counts)})
+            _progress(f"finalize {saves} (compaction {compacted}): {seconds:.3f} s")
     return rows
 
 
