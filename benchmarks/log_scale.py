@@ -132,7 +132,7 @@ def measure_length(url: str, options: dict[str, Any], lengths: list[int]) -> lis
         first = _timed_append(backend, log)  # no hint: lists the whole log
         later = [_timed_append(backend, log) for _ in range(5)]  # from the hint
         rows.append({"length": length, "first": first, "later": later})
-        _progress(f"length {length}: first {first['s']:.3f} s, later {later[-1]['s']:.3f} s")
+        _progress(f"length {length}: first {first}, later {later}")
     return rows
 
 
@@ -179,7 +179,7 @@ def measure_writers(
                 "max_over_median": max(latencies) / median,
             }
         )
-        _progress(f"writers {k}: {rows[-1]['commits_per_s']:.1f} commits/s")
+        _progress(f"writers {k}: {rows[-1]}")
     return rows
 
 
@@ -228,7 +228,7 @@ def measure_finalize(
             seconds = time.perf_counter() - start
             row = {"saves": saves, "compaction": compacted, "s": seconds}
             rows.append({**row, "requests": dict(counting.counts)})
-            _progress(f"finalize {saves} (compaction {compacted}): {seconds:.3f} s")
+            _progress(f"finalize {rows[-1]}")
     return rows
 
 
