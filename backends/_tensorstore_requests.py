@@ -164,17 +164,12 @@ class TensorStoreRequests:
         )
         return None if found is None else True
 
-    async def list(self, prefix_dir: str, start_after: str | None = None) -> list[str] | None:
-        """Keys under ``prefix_dir`` (``""`` or ending in ``/``), after ``start_after`` if given.
-
-        None means ask again (through the backend's own client).
-        """
+    async def list(self, prefix_dir: str) -> list[str] | None:
+        """Keys under ``prefix_dir`` (``""`` or ending in ``/``), or None to ask again."""
         # All keys starting with prefix_dir: up to the next string after its last char.
         end = prefix_dir[:-1] + chr(ord(prefix_dir[-1]) + 1) if prefix_dir else ""
-        # The smallest key after start_after is start_after + NUL.
-        start = prefix_dir if start_after is None else max(prefix_dir, start_after + "\x00")
         keys = await self._ask(
-            prefix_dir, lambda store: store.list(ts.KvStore.KeyRange(start, end))
+            prefix_dir, lambda store: store.list(ts.KvStore.KeyRange(prefix_dir, end))
         )
         if keys is None:
             return None

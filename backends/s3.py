@@ -318,9 +318,9 @@ class S3Backend(BucketBackend):
         full_after = None if start_after is None else self._full_name(start_after)
 
         async def attempt(state: Attempt) -> list[str]:
-            fast = self._fast
-            ask = lambda: fast.list(fast_dir, start_after)  # noqa: E731
-            names = await self._via_fast(state, ask, mutating=False)
+            fast = self._fast  # its listing pages through the prefix: not for a tail
+            ask = lambda: fast.list(fast_dir)  # noqa: E731
+            names = None if start_after else await self._via_fast(state, ask, mutating=False)
             if names is not None:
                 return names
             keys, _ = await self._list_raw(base, None, full_after)
