@@ -242,8 +242,13 @@ class BucketBackend(Backend):
         """Delete object ``full`` (a missing object may raise the service's not-found)."""
 
     @abc.abstractmethod
-    async def _list_raw(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[str]]:
-        """All object names and common prefixes under the object prefix ``prefix``."""
+    async def _list_raw(
+        self, prefix: str, delimiter: str | None, start_after: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """All object names and common prefixes under the object prefix ``prefix``.
+
+        With ``start_after`` (a full object name), only those after it.
+        """
 
     def _missing_bucket(self, err: BaseException) -> bool:
         """Whether a not-found ``err`` of a delete means the bucket, not the object, is missing."""
@@ -258,6 +263,10 @@ class BucketBackend(Backend):
         """The object prefix (with trailing ``/``, or ``""`` for the bucket root) of ``prefix``."""
         full = join_key(self.root, validate_key(prefix, allow_empty=True))
         return f"{full}/" if full else ""
+
+    def _full_name(self, key: str) -> str:
+        """The object name of root-relative ``key``, unchecked (a start-after bound)."""
+        return f"{self.root}/{key}" if self.root else key
 
     def _where(self, key: str) -> str:
         return f"{self._url_scheme}://{self.bucket}/{key}"
@@ -416,17 +425,21 @@ class BucketBackend(Backend):
             )
         self._bucket_seen = True
 
-    async def list(self, prefix: str = "") -> list[str]:
-        names, _ = await self._bounded_list(self._dir(prefix), None)
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
+        after = None if start_after is None else self._full_name(start_after)
+        names, _ = await self._bounded_list(self._dir(prefix), None, after)
         # A name ending in "/" is a console-made folder placeholder, not data.
         return sorted(self._relative(n) for n in names if not n.endswith("/"))
 
     # ``builtins.list``: inside the class body ``list`` names the method above.
     async def _bounded_list(
-        self, base: str, delimiter: str | None
+        self, base: str, delimiter: str | None, start_after: str | None = None
     ) -> tuple[builtins.list[str], builtins.list[str]]:
         return await self._bounded(
-            "list", self._where(base), lambda state: self._list_raw(base, delimiter), mutating=False
+            "list",
+            self._where(base),
+            lambda state: self._list_raw(base, delimiter, start_after),
+            mutating=False,
         )
 
     async def list_children(self, prefix: str = "") -> builtins.list[str]:

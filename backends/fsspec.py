@@ -357,5 +357,7 @@ class FsspecBackend(Backend):
             paths.append(path)
         return paths
 
-    async def list(self, prefix: str = "") -> list[str]:
-        return sorted(self._key_of(path) for path in await self._find(prefix))
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
+        # fsspec has no portable start-after listing: filter the full one.
+        keys = sorted(self._key_of(path) for path in await self._find(prefix))
+        return keys if start_after is None else [k for k in keys if k > start_after]

@@ -289,7 +289,9 @@ class GCSBackend(BucketBackend):
     async def _head(self, full: str) -> None:
         await self._call("GET", "b/{}/o/{}", self.bucket, full, fields="name")
 
-    async def _list_raw(self, prefix: str, delimiter: str | None) -> tuple[list[str], list[str]]:
+    async def _list_raw(
+        self, prefix: str, delimiter: str | None, start_after: str | None = None
+    ) -> tuple[list[str], list[str]]:
         names: list[str] = []
         dirs: list[str] = []
         token: str | None = None
@@ -297,10 +299,17 @@ class GCSBackend(BucketBackend):
             params: dict[str, Any] = {"prefix": prefix, "maxResults": _LIST_PAGE}
             if delimiter:
                 params["delimiter"] = delimiter
+            if start_after is not None:
+                # startOffset is inclusive: the bound itself is dropped below.
+                params["startOffset"] = start_after
             if token:
                 params["pageToken"] = token
             page = await self._call("GET", "b/{}/o", self.bucket, json_out=True, **params)
-            names.extend(item["name"] for item in page.get("items", ()))
+            names.extend(
+                item["name"]
+                for item in page.get("items", ())
+                if start_after is None or item["name"] > start_after
+            )
             dirs.extend(page.get("prefixes", ()))
             token = page.get("nextPageToken")
             if not token:

@@ -314,9 +314,10 @@ class LocalBackend(Backend):
                 if exc.errno != errno.ENOTEMPTY or attempt + 1 == _CREATE_ATTEMPTS:
                     raise
 
-    async def list(self, prefix: str = "") -> list[str]:
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
         path = self._prefix_path(prefix)
-        return await self._call("list", prefix, lambda: self._list(path))
+        keys = await self._call("list", prefix, lambda: self._list(path))
+        return keys if start_after is None else [k for k in keys if k > start_after]
 
     # ``builtins.list``: inside the class body ``list`` names the method above.
     def _list(self, base: str) -> builtins.list[str]:

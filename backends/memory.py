@@ -151,13 +151,13 @@ class MemoryBackend(Backend):
             for full in [k for k in _store if k.startswith(base)]:
                 del _store[full]
 
-    async def list(self, prefix: str = "") -> list[str]:
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
         observe.count_request()
         base = self._full_prefix(prefix)
         strip = len(self._root) + 1 if self._root else 0
         with _lock:
             found = [k[strip:] for k in _store if k.startswith(base)]
-        return sorted(found)
+        return sorted(k for k in found if start_after is None or k > start_after)
 
     async def rename(self, src_prefix: str, dst_prefix: str) -> None:
         observe.count_request()

@@ -310,18 +310,18 @@ class S3Backend(BucketBackend):
         found = await self._via_fast(state, lambda: fast.exists(key), mutating=False)
         return await super()._exists_attempt(state, key, full) if found is None else found
 
-    async def list(self, prefix: str = "") -> list[str]:
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
         prefix = validate_key(prefix, allow_empty=True)
-        base = self._dir(prefix)
+        base, fast_dir = self._dir(prefix), f"{prefix}/" if prefix else ""
+        full_after = None if start_after is None else self._full_name(start_after)
 
         async def attempt(state: Attempt) -> list[str]:
-            fast = self._fast
-            names = await self._via_fast(
-                state, lambda: fast.list(f"{prefix}/" if prefix else ""), mutating=False
-            )
+            fast = self._fast  # its listing pages through the prefix: not for a tail
+            ask = lambda: fast.list(fast_dir)  # noqa: E731
+            names = None if start_after else await self._via_fast(state, ask, mutating=False)
             if names is not None:
                 return names
-            keys, _ = await self._list_raw(base, None)
+            keys, _ = await self._list_raw(base, None, full_after)
             return sorted(self._relative(k) for k in keys)
 
         names = await self._bounded("list", self._where(base), attempt, mutating=False)
@@ -357,7 +357,7 @@ class S3Backend(BucketBackend):
         await self._s3("head_object", Key=full)
 
     async def _list_raw(  # builtins.list: in this class ``list`` names a method
-        self, prefix: str, delimiter: str | None
+        self, prefix: str, delimiter: str | None, start_after: str | None = None
     ) -> tuple[builtins.list[str], builtins.list[str]]:
         fs = self._fs
 
@@ -365,9 +365,9 @@ class S3Backend(BucketBackend):
             await fs.set_session()
             client = await fs.get_s3(self.bucket)
             paginator = client.get_paginator("list_objects_v2")
+            optional = {"Delimiter": delimiter, "StartAfter": start_after}
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            if delimiter:
-                kwargs["Delimiter"] = delimiter
+            kwargs.update({name: value for name, value in optional.items() if value})
             keys: list[str] = []
             dirs: list[str] = []
             async for page in paginator.paginate(**kwargs):

@@ -19,7 +19,7 @@ Rules every implementation keeps (the conformance suite in
   :class:`UnsupportedOperationError`; it never checks-then-writes.
 - ``write`` replaces atomically: a reader sees the old or the new bytes.
 - ``list`` is strongly consistent with every write that has returned, and
-  sorted.
+  sorted; with ``start_after`` it returns only the keys after that key.
 - ``rename`` exists only where the store renames atomically and without
   replacing; elsewhere it raises :class:`UnsupportedOperationError`.
 - Compare-and-swap (``write(..., if_version=...)`` and ``read_versioned``)
@@ -183,8 +183,15 @@ class Backend(abc.ABC):
         """Delete every key under ``prefix`` (directory semantics)."""
 
     @abc.abstractmethod
-    async def list(self, prefix: str = "") -> list[str]:
-        """Every key under ``prefix`` (directory semantics), sorted, root-relative."""
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
+        """Every key under ``prefix`` (directory semantics), sorted, root-relative.
+
+        With ``start_after`` (a root-relative key, which need not exist),
+        only the keys that sort strictly after it (S3 ``StartAfter``; on GCS
+        ``startOffset``, which is inclusive, minus that key). Stores that
+        list server-side send it with the request, so listing the tail of a
+        long prefix costs what the tail holds.
+        """
 
     # ``builtins.list``: inside the class body ``list`` names the method above.
     async def list_children(self, prefix: str = "") -> builtins.list[str]:

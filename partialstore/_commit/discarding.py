@@ -37,7 +37,7 @@ import datetime
 import re
 import uuid
 
-from partialstore._commit import records, txlog
+from partialstore._commit import compaction, records, txlog
 from partialstore._commit.location import DATA_DIR, LOG_DIR, Location
 from partialstore._commit.published import (
     already_finalized,
@@ -62,8 +62,12 @@ async def _delete_dead(location: Location, entries: list[txlog.LogEntry], marker
     the checkpoint too (those saves are not in it: they precede the marker).
     """
     dead = [e for e in entries if e.number < marker]
+    # Compaction objects first: they are derived from the records (and
+    # readers check them against the log, so one left behind is ignored).
+    await compaction.delete_before(location, location.staging_prefix, marker)
     await _delete_records_and_data(location, location.staging_prefix, dead)
     if location.uses_rename and await read_published(location) is not None:
+        await compaction.delete_before(location, location.final_prefix, marker)
         await _delete_records_and_data(location, location.final_prefix, dead)
 
 

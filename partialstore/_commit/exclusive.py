@@ -35,7 +35,7 @@ from partialstore.errors import (
     TransientBackendError,
 )
 
-__all__ = ["Created", "create_once"]
+__all__ = ["Created", "create_once", "create_or_read"]
 
 #: How many times a create is tried again after a failure that may or may not
 #: have landed. The backend already retried each request under its deadline,
@@ -58,13 +58,12 @@ class Created(enum.Enum):
     VANISHED = "vanished"
 
 
-async def _read_back(backend: Backend, key: str, data: bytes) -> Created | None:
+async def _read_back(backend: Backend, key: str) -> bytes | None:
     """What the key holds now; ``None`` when it is absent."""
     try:
-        stored = await backend.read(key)
+        return await backend.read(key)
     except NotFoundError:
         return None
-    return Created.MINE if stored == data else Created.OTHER
 
 
 async def create_once(backend: Backend, key: str, data: bytes) -> tuple[Created, bool]:
@@ -80,6 +79,34 @@ async def create_once(backend: Backend, key: str, data: bytes) -> tuple[Created,
       OutcomeUnknownError: the store kept failing, so whether ``data`` landed
         cannot be known now.
     """
+    outcome, clean, _ = await create_or_read(backend, key, data)
+    return outcome, clean
+
+
+async def create_or_read(
+    backend: Backend, key: str, data: bytes
+) -> tuple[Created, bool, bytes | None]:
+    """:func:`create_once`, also returning the bytes found when the outcome is ``OTHER``.
+
+    The read-back that tells "mine" from "another writer's" already holds
+    the other writer's object, so a caller that needs it (the log's next
+    append learns the kind of the record that beat it) reads nothing more.
+
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> from partialstore import registry
+        >>> from partialstore._runtime.aio import run
+        >>> backend = registry.open_backend(f"{tmp.name}/root")
+        >>> run(create_or_read(backend, "k", b"a"))
+        (<Created.MINE: 'mine'>, True, None)
+        >>> run(create_or_read(backend, "k", b"b"))
+        (<Created.OTHER: 'other'>, False, b'a')
+        >>> tmp.cleanup()
+
+    Raises:
+      OutcomeUnknownError: as :func:`create_once`.
+    """
     last_error: Exception | None = None
     settled = True  # whether every failed attempt was found not to have landed
     for attempt in range(ATTEMPTS):
@@ -87,20 +114,20 @@ async def create_once(backend: Backend, key: str, data: bytes) -> tuple[Created,
             await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
         try:
             await backend.create(key, data)
-            return Created.MINE, attempt == 0
+            return Created.MINE, attempt == 0, None
         except AlreadyExistsError:
             reported_exists = True
         except (TransientBackendError, OutcomeUnknownError) as error:
             reported_exists, last_error = False, error
         try:
-            seen = await _read_back(backend, key, data)
+            seen = await _read_back(backend, key)
         except (TransientBackendError, OutcomeUnknownError) as error:
             last_error, settled = error, False
             continue
         if seen is not None:
-            return seen, False
+            return (Created.MINE, False, None) if seen == data else (Created.OTHER, False, seen)
         if reported_exists:
-            return Created.VANISHED, False
+            return Created.VANISHED, False, None
         # Absent after a failed create: it never landed, so creating again is safe.
     if settled and last_error is not None:
         raise last_error  # the store failed every try, and none of them landed

@@ -36,7 +36,8 @@ from __future__ import annotations
 import datetime
 import uuid
 
-from partialstore._commit import records, txlog
+from partialstore._commit import compaction, records, txlog
+from partialstore._commit.compaction import Compacted
 from partialstore._commit.exclusive import Created, create_once
 from partialstore._commit.location import Location
 from partialstore._commit.manifest import build_manifest
@@ -61,6 +62,9 @@ from partialstore.errors import (
 )
 
 __all__ = ["finalize"]
+
+_Entry = txlog.LogEntry
+_Saves = list[txlog.LogEntry]
 
 
 async def _no_session(location: Location) -> Exception:
@@ -102,12 +106,14 @@ async def _refuse_occupied_target(location: Location) -> None:
         )
 
 
-async def _seal(
-    location: Location, finalize_id: str
-) -> tuple[list[txlog.LogEntry], txlog.LogEntry]:
-    """Make sure the session is sealed; return its save records before the seal, and the seal."""
+async def _seal(location: Location, finalize_id: str) -> tuple[Compacted | None, _Saves, _Entry]:
+    """Make sure the session is sealed; return its base, save records before the seal, the seal.
+
+    The base is the newest usable compaction object; the saves are then only
+    the records after it (see :mod:`~partialstore._commit.compaction`).
+    """
     backend, log = location.backend, location.log_prefix
-    entries = await txlog.read_log(backend, log)
+    base, entries = await compaction.read_session(location)
     session = txlog.session_of(entries)
     if not session:
         raise await _no_session(location)
@@ -121,7 +127,7 @@ async def _seal(
             )
         except CheckpointFinalizedError:
             # Another finalizer sealed first: complete the manifest its seal fixes.
-            entries = await txlog.read_log(backend, log)
+            entries = await _tail_or_log(location, base, entries)
         else:
             crash_point("finalize.after_seal")
             known = {entry.number for entry in entries}
@@ -133,12 +139,23 @@ async def _seal(
                 read_back = records.decode_record("seal", seal.encode())
                 entries.append(txlog.LogEntry(number, read_back))
             except NotFoundError:  # a discard before our seal is deleting its records
-                entries = await txlog.read_log(backend, log)
+                base, entries = None, await txlog.read_log(backend, log)
+        if base is not None and any(txlog.is_discard(e.record) for e in entries):
+            base = None  # a discard came between: entries is then the session after it
         session = txlog.session_of(entries)
     seal_index = next((i for i, e in enumerate(session) if txlog.is_seal(e.record)), None)
     if seal_index is None:  # the sealed session was renamed away between our reads
         raise await _no_session(location)
-    return session[:seal_index], session[seal_index]
+    saves = [e for e in session[:seal_index] if base is None or e.number > base.through]
+    return base, saves, session[seal_index]
+
+
+async def _tail_or_log(
+    location: Location, base: Compacted | None, entries: list[txlog.LogEntry]
+) -> list[txlog.LogEntry]:
+    """The log read again: from the base's record on if there is a base, else all of it."""
+    first = entries[0].number if base is not None and entries else 1
+    return await txlog.read_log(location.backend, location.log_prefix, first=first)
 
 
 async def finalize(location: Location) -> None:
@@ -202,7 +219,7 @@ async def _seal_merge_publish(location: Location, finalize_id: str) -> SealRecor
       CheckpointFinalizedError: the session was sealed and published before.
     """
     backend = location.backend
-    saves, seal = await _seal(location, finalize_id)
+    base, saves, seal = await _seal(location, finalize_id)
     sealed = _sealed_by(seal)
     ours = sealed.finalize_id == finalize_id
     if not ours:  # sealed before this call: maybe published already
@@ -215,7 +232,7 @@ async def _seal_merge_publish(location: Location, finalize_id: str) -> SealRecor
                 return None
             raise already_finalized(location, published)
         ours = is_ours(location, sealed) or gone
-    body = build_manifest(saves, seal, location.log_prefix)
+    body = build_manifest(saves, seal, location.log_prefix, base.state if base else None)
     if location.uses_rename:
         await backend.write(location.staging_manifest_key, body)
         crash_point("finalize.after_manifest_write")

@@ -34,7 +34,7 @@ from partialstore._commit.txlog import LogEntry, record_key
 from partialstore._pytree.keypaths import KeyPath
 from partialstore.errors import CorruptCheckpointError
 
-__all__ = ["FORMAT", "VERSION", "build_manifest", "merge_metadata"]
+__all__ = ["FORMAT", "VERSION", "build_manifest", "merge_metadata", "merge_state"]
 
 FORMAT = MANIFEST_FORMAT
 VERSION = MANIFEST_VERSION
@@ -90,8 +90,18 @@ class _Tree:
         self.put(leaf)
 
 
-def build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str) -> bytes:
+def build_manifest(
+    entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str, base: Manifest | None = None
+) -> bytes:
     """Merge the save records before ``seal`` into manifest bytes.
+
+    ``base`` is the merge of the session's earlier records (a compaction
+    object's state, :mod:`partialstore._commit.compaction`); ``entries`` are
+    then only the records after it. The bytes are the same as merging every
+    record from the start: the merge only ever appends an entry, replaces one
+    in place or removes one, so the order of nodes among nodes and of leaves
+    among leaves, which is all a manifest keeps, goes on from the base as it
+    would have from the records that made it.
 
     ``log_prefix`` is only used to name records in error messages.
 
@@ -99,7 +109,43 @@ def build_manifest(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str)
       CorruptCheckpointError: ``entries`` holds a record that is not a save.
     """
     with paused_gc():
-        return _merge(entries, seal, log_prefix).encode()
+        tree, custom_metadata, saves = _fold(entries, log_prefix, base)
+        sealed = _expect(seal, SealRecord, log_prefix)
+        return Manifest(
+            finalized=sealed.created,
+            finalize_id=sealed.finalize_id,
+            finalized_by=sealed.writer,
+            seal=f"log/{seal.number:08d}.json",
+            custom_metadata=custom_metadata,
+            saves=saves,
+            nodes=[e for e in tree.entries.values() if isinstance(e, NodeEntry)],
+            leaves=[e for e in tree.entries.values() if isinstance(e, LeafEntry)],
+        ).encode()
+
+
+def merge_state(
+    entries: Sequence[LogEntry], log_prefix: str, base: Manifest | None = None
+) -> Manifest:
+    """The merge of ``base`` and the save records ``entries``, unsealed (seal fields ``None``).
+
+    What a compaction object stores: :func:`build_manifest` given it as
+    ``base`` goes on from it.
+
+    Raises:
+      CorruptCheckpointError: ``entries`` holds a record that is not a save.
+    """
+    with paused_gc():
+        tree, custom_metadata, saves = _fold(entries, log_prefix, base)
+        return Manifest(
+            finalized=None,
+            finalize_id=None,
+            finalized_by=None,
+            seal=None,
+            custom_metadata=custom_metadata,
+            saves=saves,
+            nodes=[e for e in tree.entries.values() if isinstance(e, NodeEntry)],
+            leaves=[e for e in tree.entries.values() if isinstance(e, LeafEntry)],
+        )
 
 
 def _expect(entry: LogEntry, kind: type[_Record], log_prefix: str) -> _Record:
@@ -112,11 +158,23 @@ def _expect(entry: LogEntry, kind: type[_Record], log_prefix: str) -> _Record:
     return entry.record
 
 
-def _merge(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str) -> Manifest:
+def _start(base: Manifest | None) -> tuple[_Tree, Any, list[SaveSummary]]:
     tree = _Tree()
-    custom_metadata: Any = None
-    saves: list[SaveSummary] = []
-    seen: set[str] = set()
+    if base is None:
+        return tree, None, []
+    # Nodes, then leaves: only the order within each kind matters (see build_manifest).
+    for node in base.nodes:
+        tree.put(node)
+    for leaf in base.leaves:
+        tree.put(leaf)
+    return tree, base.custom_metadata, list(base.saves)
+
+
+def _fold(
+    entries: Sequence[LogEntry], log_prefix: str, base: Manifest | None
+) -> tuple[_Tree, Any, list[SaveSummary]]:
+    tree, custom_metadata, saves = _start(base)
+    seen = {save.save_id for save in saves}
     for entry in entries:
         record = _expect(entry, SaveRecord, log_prefix)
         # A create whose response was lost is retried by the HTTP client and
@@ -134,14 +192,4 @@ def _merge(entries: Sequence[LogEntry], seal: LogEntry, log_prefix: str) -> Mani
             custom_metadata = merge_metadata(custom_metadata, record.custom_metadata)
         log = f"log/{entry.number:08d}.json"
         saves.append(SaveSummary(log, record.save_id, record.created, len(record.leaves)))
-    sealed = _expect(seal, SealRecord, log_prefix)
-    return Manifest(
-        finalized=sealed.created,
-        finalize_id=sealed.finalize_id,
-        finalized_by=sealed.writer,
-        seal=f"log/{seal.number:08d}.json",
-        custom_metadata=custom_metadata,
-        saves=saves,
-        nodes=[e for e in tree.entries.values() if isinstance(e, NodeEntry)],
-        leaves=[e for e in tree.entries.values() if isinstance(e, LeafEntry)],
-    )
+    return tree, custom_metadata, saves

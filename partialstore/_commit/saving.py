@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from partialstore._arrays import arrays, descriptors
-from partialstore._commit import txlog
+from partialstore._commit import compaction, txlog
 from partialstore._commit.location import Location
 from partialstore._commit.published import drop_stray_staging, read_published, writer
 from partialstore._commit.records import LeafEntry, NodeEntry, SaveRecord
@@ -421,4 +421,5 @@ async def _write_and_append(
     )
     crash_point("save.before_log_append")
     number, _ = await txlog.append(backend, location.log_prefix, record.encode())
+    compaction.schedule(location, number)  # in the background, after this save returns
     return number

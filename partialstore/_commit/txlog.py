@@ -2,9 +2,12 @@
 
 Each committed save is one record ``log/NNNNNNNN.json``; finalize appends a
 seal record, and discard a discard marker. Records are appended with the
-backend's atomic ``create`` at the next free number (list, take max+1, retry
-when another writer took it), so the log is dense: number k is only ever
-created by a writer that saw k-1. Hence nothing can be appended after a
+backend's atomic ``create`` at the next free number (list, take max+1; a
+loser of a race goes on after the record it read back), so the log is
+dense: number k is only ever created by a writer that saw k-1. A writer
+lists only the log's tail after the last record it saw
+(:mod:`partialstore._commit.loghints`), so an append costs the same however
+long the log is. Hence nothing can be appended after a
 seal, and every record before the seal is in the checkpoint. This is the
 commit point of saves, finalize and discard alike, and what makes them
 linearizable across processes and hosts.
@@ -37,9 +40,10 @@ import asyncio
 import re
 from collections.abc import Sequence
 
-from partialstore._commit import records
-from partialstore._commit.exclusive import Created, create_once
+from partialstore._commit import loghints, records
+from partialstore._commit.exclusive import Created, create_or_read
 from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
+from partialstore._commit.listing import list_after
 from partialstore._commit.records import DiscardRecord, LogRecord, SaveRecord, SealRecord
 from partialstore.backend import Backend
 from partialstore.errors import (
@@ -99,12 +103,17 @@ class LogEntry:
         self.record = record
 
 
-async def list_numbers(backend: Backend, log_prefix: str) -> list[int]:
-    """Numbers of every record in the log, ascending; ``[]`` for no session."""
+async def list_numbers(backend: Backend, log_prefix: str, *, after: int = 0) -> list[int]:
+    """Numbers of the records after record ``after`` (every record for 0), ascending.
+
+    ``[]`` for no session. With ``after``, only the tail of the log is listed
+    (``start_after``), so the cost is what the tail holds.
+    """
     numbers = []
+    start_after = record_key(log_prefix, after) if after else None
     # list, not list_children: the log is flat, and a backend may send a
     # recursive listing through a faster client (see backends/s3.py).
-    for key in await backend.list(log_prefix):
+    for key in await list_after(backend, log_prefix, start_after):
         match = _NAME.match(key[len(log_prefix) + 1 :])
         if match:
             numbers.append(int(match.group(1)))
@@ -140,11 +149,13 @@ def session_of(entries: Sequence[LogEntry]) -> list[LogEntry]:
     return list(entries)
 
 
-def _check_dense(log_prefix: str, numbers: Sequence[int], entries: Sequence[LogEntry]) -> None:
+def _check_dense(
+    log_prefix: str, numbers: Sequence[int], entries: Sequence[LogEntry], first: int = 1
+) -> None:
     """Raise if records are missing where the protocol never deletes any."""
     last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
     live = [n for n in numbers if n > last_marker]
-    expected = last_marker + 1 if last_marker else 1
+    expected = last_marker + 1 if last_marker else first
     for number in live:
         if number != expected:
             raise CorruptCheckpointError(
@@ -155,18 +166,24 @@ def _check_dense(log_prefix: str, numbers: Sequence[int], entries: Sequence[LogE
         expected += 1
 
 
-async def read_log(backend: Backend, log_prefix: str) -> list[LogEntry]:
+async def read_log(
+    backend: Backend, log_prefix: str, *, first: int = 1, last: int | None = None
+) -> list[LogEntry]:
     """Every record of the log in log order, checked for gaps; ``[]`` for no log.
 
     Records before the last discard marker may vanish while this reads (the
     discard deletes them): it then lists again. A gap after the last marker,
-    or missing first records with no marker, is damage.
+    or missing first records with no marker, is damage. ``first`` and
+    ``last`` read only the records from ``first`` (listing only the log's
+    tail) up to ``last``; the records read must then start at ``first``,
+    unless a discard marker among them starts the session later.
 
     Raises:
       CorruptCheckpointError: a record is missing or malformed.
     """
     for attempt in range(_REREADS):
-        numbers = await list_numbers(backend, log_prefix)
+        numbers = await list_numbers(backend, log_prefix, after=first - 1)
+        numbers = [n for n in numbers if last is None or n <= last]
         found = await _read_present(backend, log_prefix, numbers)
         entries = [entry for entry in found if entry is not None]
         last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
@@ -175,7 +192,7 @@ async def read_log(backend: Backend, log_prefix: str) -> list[LogEntry]:
         pairs = zip(numbers, found, strict=True)
         if all(entry is not None or n < last_marker for n, entry in pairs):
             present = [e.number for e in entries]
-            _check_dense(log_prefix, present, entries)
+            _check_dense(log_prefix, present, entries, first)
             return entries
         await asyncio.sleep(0.01 * 2**attempt)
     raise CorruptCheckpointError(
@@ -210,8 +227,7 @@ async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None
 
 async def _discarded_after(backend: Backend, log_prefix: str, number: int) -> bool:
     """Whether a discard marker follows record ``number``."""
-    later = [n for n in await list_numbers(backend, log_prefix) if n > number]
-    for other in later:
+    for other in await list_numbers(backend, log_prefix, after=number):
         if await _kind_of(backend, log_prefix, other) == DISCARD:
             return True
     return False
@@ -248,6 +264,65 @@ def _discarded_in_flight(what: str, log_prefix: str) -> SessionDiscardedError:
     )
 
 
+async def _tail_from(backend: Backend, log_prefix: str, number: int) -> list[int] | None:
+    """Numbers of record ``number`` and those after it; ``None`` if ``number`` is gone."""
+    tail = await list_numbers(backend, log_prefix, after=number - 1)
+    return tail if tail and tail[0] == number else None
+
+
+async def _start(
+    backend: Backend, log_prefix: str, what: str, known: Sequence[LogEntry], kinds: dict[int, str]
+) -> list[int]:
+    """The numbers an append starts from: the caller's records, the tail after a hint, or all.
+
+    A hint is used only when its record still exists: the tail listing from
+    it then shows the log's end exactly as a full listing would. A hint whose
+    record is gone (a discard deleted it, or the log moved or was deleted)
+    is dropped, and the whole log is listed as before.
+    """
+    numbers = [e.number for e in known]
+    if numbers and kinds.get(numbers[-1]) == SAVE:
+        return numbers
+    hint = loghints.recall(backend, log_prefix) if what == SAVE and not known else None
+    if hint is not None:
+        number, kind = hint
+        tail = await _tail_from(backend, log_prefix, number)
+        if tail is not None:
+            kinds[number] = kind  # records are immutable: the kind noted is still right
+            return tail
+        loghints.forget(backend, log_prefix)
+    return await list_numbers(backend, log_prefix)
+
+
+async def _after_conflict(
+    backend: Backend,
+    log_prefix: str,
+    numbers: list[int],
+    taken: int,
+    theirs: bytes | None,
+    kinds: dict[int, str],
+    conflicts: int,
+) -> list[int]:
+    """Where an append looks next after another writer took number ``taken``.
+
+    ``theirs`` is that writer's record, read back by the create: this writer
+    has seen ``taken``, so the first retry goes to ``taken + 1`` without a
+    listing. A writer that loses again is behind a fast stream of appends and
+    jumps to the end of the log's tail instead. Every retry waits a random
+    (full-jitter) delay first, so losers spread out rather than collide again.
+    """
+    if theirs is None:  # taken, then deleted by a discard: look at the whole log again
+        return await list_numbers(backend, log_prefix)
+    kind = records.decode_record(record_key(log_prefix, taken), theirs).kind
+    kinds[taken] = kind
+    loghints.remember(backend, log_prefix, taken, kind)
+    await asyncio.sleep(loghints.backoff_delay(conflicts))
+    if conflicts == 1:
+        return [*numbers, taken]
+    tail = await _tail_from(backend, log_prefix, taken)
+    return [*numbers, *tail] if tail is not None else await list_numbers(backend, log_prefix)
+
+
 async def append(
     backend: Backend,
     log_prefix: str,
@@ -261,8 +336,14 @@ async def append(
     ``what`` is the record's kind (``"save"``, ``"finalize"`` or
     ``"discard"``). ``known`` are records the caller has just read (in log
     order); when the last of them is a save, the first attempt goes straight
-    to the number after it, saving a list and a read. A create whose answer
-    was lost counts as appended when the record read back is ours.
+    to the number after it, saving a list and a read. Otherwise a save starts
+    from this process's hint (:mod:`~partialstore._commit.loghints`): it lists
+    only the tail of the log from the last record it saw. A create whose
+    answer was lost counts as appended when the record read back is ours.
+
+    The numbers returned are every number before ours when ``known`` or a full
+    listing was the start (seals and discards always), and only those from
+    the hint on when a save started from a hint.
 
     Raises:
       CheckpointFinalizedError: the log is sealed (a finalize committed first).
@@ -272,9 +353,8 @@ async def append(
       OutcomeUnknownError: the store kept failing, so whether it landed is unknown.
     """
     kinds = {e.number: e.record.kind for e in known}  # records are immutable
-    numbers = [e.number for e in known]
-    if not (numbers and kinds.get(numbers[-1]) == SAVE):
-        numbers = await list_numbers(backend, log_prefix)
+    numbers = await _start(backend, log_prefix, what, known, kinds)
+    conflicts = 0
     while True:
         last = numbers[-1] if numbers else 0
         if last and last not in kinds:
@@ -284,16 +364,22 @@ async def append(
                 continue  # a discard deleted it under us; look again
             kinds[last] = kind
         if last:
+            loghints.remember(backend, log_prefix, last, kinds[last])
             _refuse(kinds[last], what, log_prefix, last)
-        outcome, clean = await create_once(backend, record_key(log_prefix, last + 1), data)
+        key = record_key(log_prefix, last + 1)
+        outcome, clean, theirs = await create_or_read(backend, key, data)
         if outcome is Created.MINE:
             # After an inconclusive answer our record may have landed, been
             # deleted by a discard, and been created again below its marker.
             if not clean and await _discarded_after_or_unknown(backend, log_prefix, last + 1):
                 raise _discarded_in_flight(what, log_prefix)
+            loghints.remember(backend, log_prefix, last + 1, what)
             return last + 1, numbers
         if outcome is Created.VANISHED and what == SAVE:
             # The number was taken and then deleted by a discard; it may have
             # been our own record, whose data the discard then deleted.
             raise _discarded_in_flight(what, log_prefix)
-        numbers = await list_numbers(backend, log_prefix)  # another writer took it
+        conflicts += 1
+        numbers = await _after_conflict(
+            backend, log_prefix, numbers, last + 1, theirs, kinds, conflicts
+        )

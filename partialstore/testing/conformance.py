@@ -266,6 +266,20 @@ class BackendConformance(CapabilityConformance, RaceConformance, OutOfBandConfor
         assert run(backend.list("b")) == []  # a key, not a prefix
         assert run(backend.list("nothing")) == []
 
+    def test_list_start_after(self, backend: Backend) -> None:
+        # The log's tail: record names sort by number, and a reader lists after one.
+        keys = [f"log/{n:08d}.json" for n in range(1, 8)] + ["log/compact/x", "logs/y", "m"]
+        for key in keys:
+            run(backend.write(key, b"r"))
+        log = sorted(k for k in keys if k.startswith("log/"))
+        for after in (None, "log/00000003.json", "log/00000003", "log/00000007.json", "a", "z"):
+            expected = [k for k in log if after is None or k > after]
+            assert run(backend.list("log", start_after=after)) == expected, after
+        # The bound is exclusive even where the service's offset is inclusive (GCS).
+        assert run(backend.list("log", start_after="log/00000006.json"))[0] == "log/00000007.json"
+        assert run(backend.list(start_after="logs/y")) == ["m"]
+        assert run(backend.list("nothing", start_after="a")) == []
+
     def test_list_children(self, backend: Backend) -> None:
         for key in ["a/x", "a/y/z", "a/y-1", "ab/x", "b"]:
             run(backend.write(key, b"."))

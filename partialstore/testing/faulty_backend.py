@@ -378,8 +378,10 @@ class FaultyBackend(RuleHost, Backend):
     async def delete_prefix(self, prefix: str) -> None:
         await self._call("delete_prefix", prefix, lambda: self.inner.delete_prefix(prefix))
 
-    async def list(self, prefix: str = "") -> list[str]:
-        return await self._call("list", prefix, lambda: self.inner.list(prefix))
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
+        return await self._call(
+            "list", prefix, lambda: self.inner.list(prefix, start_after=start_after)
+        )
 
     # ``builtins.list``: inside the class body ``list`` names the method above.
     async def list_children(self, prefix: str = "") -> builtins.list[str]:

@@ -1,0 +1,321 @@
+"""Log appends against the log's length and against the number of writers (moto S3 or local).
+
+Two series, both through ``partialstore._commit.txlog.append`` (the commit
+point of every save) on a real backend wrapped in a request counter at the
+Backend contract:
+
+- ``length``: a synthetic log of N save records is written directly through
+  the backend; then one append without a hint (a process's first save on
+  that path) and one with (every later save), each timed and counted.
+- ``writers``: K processes append M records each to one log at once;
+  commits per second over the whole run, and each append's latency.
+- ``finalize``: a session of N saves (one real save, then N-1 copies of its
+  record with fresh save ids written directly, then the compaction objects
+  the writers would have written in the background), finalized, timed and
+  counted; up to ``--no-compaction-max`` saves also without compaction
+  objects (what finalize read before they existed).
+
+Usage::
+
+    python -m benchmarks.log_scale [--quick] [--stores s3,local] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import multiprocessing
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+import partialstore
+from benchmarks.cli import Measured, Run, Script
+from benchmarks.stores import started_stores
+from partialstore import registry
+from partialstore._commit import txlog
+from partialstore._commit.location import resolve
+from partialstore._commit.records import SaveRecord
+from partialstore._runtime.aio import run as run_sync
+from partialstore.backend import Backend, Capabilities
+
+WRITER = {"host": "bench", "pid": 0, "writer_id": None}
+
+
+class Counting(Backend):
+    """Forwards every call to ``inner`` and counts them by method."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.url, self.single_writer = inner, inner.url, inner.single_writer
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities
+
+    async def create(self, key: str, data: bytes) -> None:
+        self.counts["create"] += 1
+        await self.inner.create(key, data)
+
+    async def write(self, key: str, data: bytes, **kwargs: Any) -> None:
+        self.counts["write"] += 1
+        await self.inner.write(key, data, **kwargs)
+
+    async def read(self, key: str, **kwargs: Any) -> bytes:
+        self.counts["read"] += 1
+        return await self.inner.read(key, **kwargs)
+
+    async def exists(self, key: str) -> bool:
+        self.counts["exists"] += 1
+        return await self.inner.exists(key)
+
+    async def delete(self, key: str) -> None:
+        self.counts["delete"] += 1
+        await self.inner.delete(key)
+
+    async def delete_prefix(self, prefix: str) -> None:
+        self.counts["delete_prefix"] += 1
+        await self.inner.delete_prefix(prefix)
+
+    async def list(self, prefix: str = "", **kwargs: Any) -> list[str]:
+        self.counts["list"] += 1
+        return await self.inner.list(prefix, **kwargs)
+
+    async def list_children(self, prefix: str = "") -> list[str]:
+        self.counts["list"] += 1
+        return await self.inner.list_children(prefix)
+
+    async def rename(self, src_prefix: str, dst_prefix: str) -> None:
+        self.counts["rename"] += 1
+        await self.inner.rename(src_prefix, dst_prefix)
+
+
+def _progress(text: str) -> None:
+    print(f"[log_scale] {text}", file=sys.stderr, flush=True)
+
+
+def _record() -> bytes:
+    created = datetime.datetime.now(datetime.UTC).isoformat()
+    return SaveRecord(uuid.uuid4().hex, created, WRITER, None, [], []).encode()
+
+
+async def _fill(backend: Backend, log: str, count: int) -> None:
+    limit = asyncio.Semaphore(32)
+
+    async def one(number: int) -> None:
+        async with limit:
+            await backend.create(txlog.record_key(log, number), _record())
+
+    await asyncio.gather(*(one(n) for n in range(1, count + 1)))
+
+
+def _timed_append(backend: Counting, log: str) -> dict[str, Any]:
+    backend.counts.clear()
+    start = time.perf_counter()
+    number, _ = run_sync(txlog.append(backend, log, _record()))
+    return {"s": time.perf_counter() - start, "number": number, "requests": dict(backend.counts)}
+
+
+def measure_length(url: str, options: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for length in lengths:
+        backend = Counting(registry.open_backend(url, options))
+        log = f"len{length}-{uuid.uuid4().hex[:6]}/log"
+        run_sync(_fill(backend.inner, log, length))
+        first = _timed_append(backend, log)  # no hint: lists the whole log
+        later = [_timed_append(backend, log) for _ in range(5)]  # from the hint
+        rows.append({"length": length, "first": first, "later": later})
+        _progress(f"length {length}: first {first}, later {later}")
+    return rows
+
+
+def _writer(url: str, options: dict[str, Any], log: str, count: int, go: float, out: Any) -> None:
+    backend = registry.open_backend(url, options)
+    run_sync(backend.exists(f"{log}/warm-up"))  # loop, connections: not part of a commit
+    time.sleep(max(0.0, go - time.time()))
+    latencies = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run_sync(txlog.append(backend, log, _record()))
+        latencies.append(time.perf_counter() - start)
+    out.put((time.time(), latencies))
+
+
+def measure_writers(
+    url: str, options: dict[str, Any], writers: list[int], count: int
+) -> list[dict[str, Any]]:
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for k in writers:
+        log = f"k{k}-{uuid.uuid4().hex[:6]}/log"
+        out = context.Queue()
+        go = time.time() + 8.0 + 0.5 * k  # every worker imported and waiting
+        procs = [
+            context.Process(target=_writer, args=(url, options, log, count, go, out))
+            for _ in range(k)
+        ]
+        for proc in procs:
+            proc.start()
+        reports = [out.get(timeout=600) for _ in procs]
+        for proc in procs:
+            proc.join()
+        latencies = [s for _, each in reports for s in each]
+        wall = max(end for end, _ in reports) - go
+        median = statistics.median(latencies)
+        rows.append(
+            {
+                "writers": k,
+                "commits": len(latencies),
+                "commits_per_s": len(latencies) / wall,
+                "p50_s": median,
+                "max_s": max(latencies),
+                "max_over_median": max(latencies) / median,
+            }
+        )
+        _progress(f"writers {k}: {rows[-1]}")
+    return rows
+
+
+def _session(path: str, options: dict[str, Any], saves: int, compacted: bool) -> Any:
+    """A session of ``saves`` saves at ``path`` (see the module docstring); its location."""
+    from partialstore._commit import compaction  # only here: older trees lack it
+
+    tree = {"step": 1, "w": np.ones(16, np.float32), "layer": {"a": np.zeros(4), "b": 2}}
+    partialstore.save(path, tree, storage_options=options)
+    location = resolve(path, options)
+    log = location.log_prefix
+    template = run_sync(location.backend.read(txlog.record_key(log, 1)))
+    entries = run_sync(txlog.read_log(location.backend, log))
+    save_id = entries[0].record.save_id  # type: ignore[union-attr]
+
+    async def fill() -> None:
+        limit = asyncio.Semaphore(32)
+
+        async def one(number: int) -> None:
+            body = template.replace(save_id.encode(), uuid.uuid4().hex.encode())
+            async with limit:
+                await location.backend.create(txlog.record_key(log, number), body)
+
+        await asyncio.gather(*(one(n) for n in range(2, saves + 1)))
+
+    run_sync(fill())
+    if compacted:
+        for number in range(compaction.COMPACT_EVERY, saves + 1, compaction.COMPACT_EVERY):
+            run_sync(compaction.compact(location, number))
+    return location
+
+
+def measure_finalize(
+    root: str, options: dict[str, Any], counts: list[int], plain_max: int
+) -> list[dict[str, Any]]:
+    from partialstore._commit import finalizing
+
+    rows = []
+    for saves in [n for n in counts if n > 0]:
+        for compacted in (True, False) if saves <= plain_max else (True,):
+            path = f"{root}/fin{saves}-{'c' if compacted else 'p'}-{uuid.uuid4().hex[:6]}"
+            location = _session(path, options, saves, compacted)
+            counting = Counting(location.backend)
+            start = time.perf_counter()
+            run_sync(finalizing.finalize(dataclasses.replace(location, backend=counting)))
+            seconds = time.perf_counter() - start
+            row = {"saves": saves, "compaction": compacted, "s": seconds}
+            rows.append({**row, "requests": dict(counting.counts)})
+            _progress(f"finalize {rows[-1]}")
+    return rows
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--finalize-counts", default="", help="saves (default 10,1000,10000; 0: none)"
+    )
+    parser.add_argument(
+        "--no-compaction-max",
+        type=int,
+        default=1000,
+        help="largest session also finalized without compaction objects (default 1000)",
+    )
+    parser.add_argument("--lengths", default="", help="log lengths (default 10,300,10000)")
+    parser.add_argument("--writers", default="", help="writer counts (default 1,4,16)")
+    parser.add_argument("--per-writer", type=int, default=0, help="appends per writer (10)")
+
+
+def _ints(text: str, default: list[int]) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()] if text else default
+
+
+def measure(run: Run) -> Measured:
+    args = run.args
+    lengths = _ints(args.lengths, [10, 100] if args.quick else [10, 300, 10000])
+    writers = _ints(args.writers, [1, 2] if args.quick else [1, 4, 16])
+    per_writer = args.per_writer or (3 if args.quick else 10)
+    counts = _ints(args.finalize_counts, [10, 200] if args.quick else [10, 1000, 10000])
+    body: dict[str, Any] = {"stores": {}}
+    with started_stores(args.stores, run.scratch) as stores:
+        for name, env in stores.items():
+            url, options = env.fresh("log"), dict(env.storage_options)
+            body["stores"][name] = {
+                "length": measure_length(url, options, lengths),
+                "writers": measure_writers(url, options, writers, per_writer),
+                "finalize": measure_finalize(url, options, counts, args.no_compaction_max),
+            }
+    config = {"lengths": lengths, "writers": writers, "per_writer": per_writer}
+    config["finalize_counts"] = counts
+    return Measured(config=config, body=body, status=0)
+
+
+def render(result: dict[str, Any]) -> str:
+    out = ["## Log appends against log length and writers", ""]
+    for store, data in result["stores"].items():
+        out += [f"### {store}: append at log length N", ""]
+        out += ["| N | first (no hint) | requests | later (hint), median | requests |"]
+        out += ["|---|---|---|---|---|"]
+        for row in data["length"]:
+            later = statistics.median(r["s"] for r in row["later"])
+            out.append(
+                f"| {row['length']} | {row['first']['s'] * 1e3:.1f} ms | "
+                f"{row['first']['requests']} | {later * 1e3:.1f} ms | "
+                f"{row['later'][-1]['requests']} |"
+            )
+        out += ["", f"### {store}: K writers on one log", ""]
+        out += ["| K | commits | commits/s | p50 | max | max/p50 |", "|---|---|---|---|---|---|"]
+        for row in data["writers"]:
+            out.append(
+                f"| {row['writers']} | {row['commits']} | {row['commits_per_s']:.1f} | "
+                f"{row['p50_s'] * 1e3:.0f} ms | {row['max_s'] * 1e3:.0f} ms | "
+                f"{row['max_over_median']:.1f} |"
+            )
+        out += ["", f"### {store}: finalize of N saves", ""]
+        out += ["| N | compaction objects | finalize | requests |", "|---|---|---|---|"]
+        for row in data["finalize"]:
+            out.append(
+                f"| {row['saves']} | {'yes' if row['compaction'] else 'no'} | "
+                f"{row['s'] * 1e3:.0f} ms | {row['requests']} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+SCRIPT = Script(
+    name="log_scale",
+    description="Log appends against the log's length and the number of writers.",
+    stores=("s3", "local"),
+    add_arguments=_add_arguments,
+    measure=measure,
+    render=render,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return SCRIPT.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

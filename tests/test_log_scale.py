@@ -1,0 +1,208 @@
+"""Appends that do not list the whole log: conflict losers and per-process hints.
+
+A loser of a race for number k has read record k back, so it goes to k+1
+without listing (requests counted at the Backend contract). A writer that
+appended before lists only the log's tail from the last record it saw, and
+that hint stays correct when another process discards or finalizes in
+between: the save lands after a discard marker, or is refused by the seal,
+exactly as without a hint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import partialstore
+from partialstore import registry
+from partialstore._commit import loghints, records, txlog
+from partialstore._commit.location import resolve
+from partialstore._commit.records import DiscardRecord, SaveRecord, SealRecord
+from partialstore._runtime.aio import run
+from partialstore.backend import Backend
+from partialstore.errors import CheckpointFinalizedError
+from partialstore.testing.faulty_backend import FaultyBackend
+
+WRITER = {"host": "test", "pid": 1, "writer_id": None}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def _save_record() -> bytes:
+    return SaveRecord(
+        save_id=uuid.uuid4().hex,
+        created=_now(),
+        writer=WRITER,
+        custom_metadata=None,
+        nodes=[],
+        leaves=[],
+    ).encode()
+
+
+def _seal() -> bytes:
+    return SealRecord(finalize_id=uuid.uuid4().hex, created=_now(), writer=WRITER).encode()
+
+
+def _marker() -> bytes:
+    return DiscardRecord(discard_id=uuid.uuid4().hex, created=_now(), writer=WRITER).encode()
+
+
+def _kinds(backend: Backend, log: str) -> list[tuple[int, str]]:
+    return [(e.number, e.record.kind) for e in run(txlog.read_log(backend, log))]
+
+
+def _in_other_process(call: str, path: str, options: dict[str, Any]) -> str:
+    """Run ``partialstore.<call>(path)`` in a fresh interpreter; its error type or "ok"."""
+    code = (
+        "import json, sys, partialstore\n"
+        "try:\n"
+        f"    partialstore.{call}(sys.argv[1], storage_options=json.loads(sys.argv[2]))\n"
+        "    print('ok')\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, path, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def faulty() -> FaultyBackend:
+    return FaultyBackend(registry.open_backend(f"memory://{uuid.uuid4().hex}"))
+
+
+def test_conflict_loser_goes_to_the_next_number_without_listing(faulty: FaultyBackend) -> None:
+    log = "ck/log"
+    run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
+    known = run(txlog.read_log(faulty.inner, log))
+    run(faulty.inner.create(txlog.record_key(log, 2), _save_record()))  # another writer's
+    number, numbers = run(txlog.append(faulty, log, _save_record(), known=known))
+    assert (number, numbers) == (3, [1, 2])
+    assert faulty.calls("list") == []
+    creates = [(c.key, c.outcome) for c in faulty.calls("create")]
+    assert creates == [("ck/log/00000002.json", "error"), ("ck/log/00000003.json", "ok")]
+    # One read: the conflict's read-back, which told the loser record 2's kind.
+    assert [c.key for c in faulty.calls("read")] == ["ck/log/00000002.json"]
+    assert _kinds(faulty.inner, log) == [(1, "save"), (2, "save"), (3, "save")]
+
+
+def test_conflict_loser_meets_a_seal_without_listing(faulty: FaultyBackend) -> None:
+    log = "ck/log"
+    run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
+    known = run(txlog.read_log(faulty.inner, log))
+    run(faulty.inner.create(txlog.record_key(log, 2), _seal()))
+    with pytest.raises(CheckpointFinalizedError):
+        run(txlog.append(faulty, log, _save_record(), known=known))
+    assert faulty.calls("list") == []
+    assert _kinds(faulty.inner, log) == [(1, "save"), (2, "finalize")]
+
+
+def test_repeated_conflicts_jump_to_the_tail(faulty: FaultyBackend) -> None:
+    log = "ck/log"
+    run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
+    known = run(txlog.read_log(faulty.inner, log))
+    for number in range(2, 7):  # others appended five records meanwhile
+        run(faulty.inner.create(txlog.record_key(log, number), _save_record()))
+    number, _ = run(txlog.append(faulty, log, _save_record(), known=known))
+    assert number == 7
+    # Two conflicts (at 2, then 3), then one listing of the tail from record 3.
+    assert len(faulty.calls("create")) == 3
+    assert len(faulty.calls("list")) == 1
+    assert [e.number for e in run(txlog.read_log(faulty.inner, log))] == list(range(1, 8))
+
+
+def test_a_second_save_lists_only_the_tail(tmp_path: Path) -> None:
+    inner = registry.open_backend(str(tmp_path / "root"))
+    faulty = FaultyBackend(inner)
+    log = "ck/log"
+    for _ in range(30):
+        run(inner.create(txlog.record_key(log, len(run(inner.list(log))) + 1), _save_record()))
+    first, _ = run(txlog.append(faulty, log, _save_record()))  # no hint yet: full listing
+    run(inner.create(txlog.record_key(log, 32), _save_record()))  # another writer
+    second, numbers = run(txlog.append(faulty, log, _save_record()))
+    assert (first, second, numbers) == (31, 33, [31, 32])
+    lists = faulty.calls("list")
+    assert len(lists) == 2
+    # What the wrapper's inner backend returned for the hinted listing: the tail only.
+    assert run(faulty.inner.list(log, start_after=txlog.record_key(log, 30))) == [
+        txlog.record_key(log, n) for n in (31, 32, 33)
+    ]
+
+
+def _state(tag: str) -> dict[str, Any]:
+    return {"tag": tag, "w": np.full(4, len(tag), np.float32)}
+
+
+def test_hint_below_a_discard_lands_after_the_marker(s3_url: tuple[str, dict[str, Any]]) -> None:
+    root, options = s3_url
+    path = f"{root}/ck"
+    partialstore.save(path, _state("old1"), storage_options=options)
+    partialstore.save(path, _state("old2"), storage_options=options)  # hint: record 2
+    assert _in_other_process("discard", path, options) == "ok"  # marker 3, deletes 1 and 2
+    partialstore.save(path, _state("new"), storage_options=options)
+    location = resolve(path, options)
+    assert _kinds(location.backend, location.log_prefix) == [(3, "discard"), (4, "save")]
+    partialstore.finalize(path, storage_options=options)
+    loaded = partialstore.load(path, storage_options=options)
+    assert loaded["tag"] == "new"
+
+
+def test_hint_before_an_unfinished_discard_starts_a_new_session(
+    s3_url: tuple[str, dict[str, Any]],
+) -> None:
+    root, options = s3_url
+    path = f"{root}/ck"
+    partialstore.save(path, _state("old"), storage_options=options)  # hint: record 1
+    location = resolve(path, options)
+    backend, log = location.backend, location.log_prefix
+    # A discard that appended its marker and died before deleting anything.
+    run(backend.create(txlog.record_key(log, 2), _marker()))
+    partialstore.save(path, _state("new"), storage_options=options)
+    assert _kinds(backend, log) == [(1, "save"), (2, "discard"), (3, "save")]
+    partialstore.finalize(path, storage_options=options)
+    manifest = records.decode_manifest("m", run(backend.read(location.manifest_key)))
+    assert [s.log for s in manifest.saves] == ["log/00000003.json"]
+    assert partialstore.load(path, storage_options=options)["tag"] == "new"
+
+
+def test_hint_after_another_process_finalized_is_refused(
+    s3_url: tuple[str, dict[str, Any]],
+) -> None:
+    root, options = s3_url
+    path = f"{root}/ck"
+    partialstore.save(path, _state("a"), storage_options=options)  # hint: record 1
+    assert _in_other_process("finalize", path, options) == "ok"
+    with pytest.raises(CheckpointFinalizedError):
+        partialstore.save(path, _state("late"), storage_options=options)
+    location = resolve(path, options)
+    assert _kinds(location.backend, location.log_prefix) == [(1, "save"), (2, "finalize")]
+    assert partialstore.load(path, storage_options=options)["tag"] == "a"
+
+
+def test_hint_on_a_deleted_and_restarted_log(tmp_path: Path) -> None:
+    path = str(tmp_path / "root" / "ck")
+    for tag in ("a", "b", "c"):
+        partialstore.save(path, _state(tag))  # hint: record 3
+    location = resolve(path)
+    hint = loghints.recall(location.backend, location.log_prefix)
+    assert hint == (3, "save")
+    run(location.backend.delete_prefix(location.staging_prefix))  # a user removed it all
+    partialstore.save(path, _state("fresh"))
+    assert _kinds(location.backend, location.log_prefix) == [(1, "save")]
+    partialstore.finalize(path)
+    assert partialstore.load(path)["tag"] == "fresh"
