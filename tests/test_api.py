@@ -326,3 +326,24 @@ def test_user_keys_never_become_storage_paths(ckpt):
 def test_bad_paths_are_rejected(bad):
     with pytest.raises((ValueError, TypeError)):
         partialstore.save(bad, {"a": 1})
+
+
+def test_not_finalized_hint_costs_one_listing_and_one_read(tmp_path):
+    # The hint reads only the log's last record, however long the session is.
+    from partialstore import observe
+    from partialstore._commit import txlog
+    from partialstore._commit.location import resolve
+    from partialstore._runtime.aio import run
+
+    path = str(tmp_path / "ck")
+    for number in range(20):
+        partialstore.save(path, {f"k{number}": number})
+    location = resolve(path)
+    with observe.counting() as counts:
+        assert run(txlog.has_session(location.backend, location.log_prefix)) is True
+    assert counts.requests == 2
+    partialstore.discard(path)  # the last record is now the discard marker: no session
+    assert run(txlog.has_session(location.backend, location.log_prefix)) is False
+    with pytest.raises(FileNotFoundError) as raised:
+        partialstore.load(path)
+    assert type(raised.value) is partialstore.errors.NotFoundError

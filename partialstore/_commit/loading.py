@@ -26,7 +26,6 @@ from partialstore._commit.location import Location
 from partialstore._commit.records import LeafEntry, Manifest
 from partialstore._pytree import tree
 from partialstore.errors import (
-    CorruptCheckpointError,
     InvalidInputError,
     NotFinalizedError,
     NotFoundError,
@@ -152,15 +151,6 @@ class CheckpointMetadata:
         return tree.build_tree(self._nodes, dict(zip(paths, leaves, strict=True)))
 
 
-async def _has_open_session(location: Location) -> bool:
-    """Whether the log holds saves after its last discard marker (for an error's hint)."""
-    try:
-        entries = await txlog.read_log(location.backend, location.log_prefix)
-    except CorruptCheckpointError:
-        return True  # something is there; finalize will say what is wrong with it
-    return bool(txlog.session_of(entries))
-
-
 async def read_manifest(location: Location) -> Manifest:
     """Read and check the manifest of the finalized checkpoint at ``location``.
 
@@ -190,7 +180,7 @@ async def read_manifest(location: Location) -> Manifest:
     try:
         body = await backend.read(location.manifest_key)
     except NotFoundError as error:
-        if await _has_open_session(location):
+        if await txlog.has_session(location.backend, location.log_prefix):
             raise NotFinalizedError(
                 f"No finalized checkpoint at {location.path}. A partial save session exists "
                 "there: call partialstore.finalize first."

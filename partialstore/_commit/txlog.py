@@ -60,6 +60,7 @@ __all__ = [
     "VERSION",
     "LogEntry",
     "append",
+    "has_session",
     "is_discard",
     "is_seal",
     "list_numbers",
@@ -223,6 +224,23 @@ async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None
         return (await _read(backend, log_prefix, number)).kind
     except NotFoundError:
         return None
+
+
+async def has_session(backend: Backend, log_prefix: str) -> bool:
+    """Whether a session is open (or sealed): the log's last record is not a discard marker.
+
+    One listing and one read, whatever the log's length: the session is the
+    records after the last marker, so it is empty exactly when the last
+    record is a marker (or there is none).
+    """
+    numbers = await list_numbers(backend, log_prefix)
+    if not numbers:
+        return False
+    try:
+        kind = await _kind_of(backend, log_prefix, numbers[-1])
+    except CorruptCheckpointError:
+        return True  # something is there; finalize will say what is wrong with it
+    return kind != DISCARD
 
 
 async def _discarded_after(backend: Backend, log_prefix: str, number: int) -> bool:
