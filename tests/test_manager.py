@@ -371,7 +371,11 @@ def test_index_updates_survive_lost_answers(inner: str, tmp_path: Path) -> None:
     faulty.clear()
     index = json.loads(run(faulty.inner.read(INDEX_KEY)))
     assert (index["steps"], index["pending"], index["deleting"]) == ([3, 4], [], [])
-    assert [r.outcome for r in faulty.calls("write", key=INDEX_KEY)].count("error") == 3
+    writes = faulty.calls("write", key=INDEX_KEY)
+    assert [r.outcome for r in writes if r.faults] == ["error"] * 3
+    # The only other failures allowed are lost compare-and-swaps: retention's background
+    # index update may race the next finalize's, and the loser reads the index again.
+    assert {r.error for r in writes if not r.faults and r.outcome == "error"} <= {"ConflictError"}
 
 
 def test_retention_on_s3_deletes_in_batches(proxied_s3_url: Any) -> None:
