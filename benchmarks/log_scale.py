@@ -8,7 +8,11 @@ Backend contract:
   the backend; then one append without a hint (a process's first save on
   that path) and one with (every later save), each timed and counted.
 - ``writers``: K processes append M records each to one log at once;
-  commits per second over the whole run, and each append's latency.
+  commits per second over the whole run, each append's latency, and the
+  contract calls per commit.
+- ``saves``: whole ``partialstore.save`` calls, the first of a session
+  against one after N records (the synthetic session below, with the hint
+  the process that made those saves holds).
 - ``finalize``: a session of N saves (one real save, then N-1 copies of its
   record with fresh save ids written directly, then the compaction objects
   the writers would have written in the background), finalized, timed and
@@ -17,7 +21,7 @@ Backend contract:
 
 Usage::
 
-    python -m benchmarks.log_scale [--quick] [--stores s3,local] [--out DIR]
+    python -m benchmarks.log_scale [--quick] [--stores s3,local] [--network plain,20ms] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ from typing import Any
 import numpy as np
 
 import partialstore
+from benchmarks import network
 from benchmarks.cli import Measured, Run, Script
 from benchmarks.stores import started_stores
 from partialstore import registry
-from partialstore._commit import txlog
+from partialstore._commit import loghints, txlog
 from partialstore._commit.location import resolve
 from partialstore._commit.records import SaveRecord
 from partialstore._runtime.aio import run as run_sync
@@ -136,16 +141,51 @@ def measure_length(url: str, options: dict[str, Any], lengths: list[int]) -> lis
     return rows
 
 
+def _tree(step: int) -> dict[str, Any]:
+    return {"step": step, "w": np.ones(16, np.float32), "layer": {"a": np.zeros(4), "b": 2}}
+
+
+def measure_saves(root: str, options: dict[str, Any], lengths: list[int]) -> list[dict[str, Any]]:
+    """Whole ``partialstore.save`` calls: the 1st of a session, and the one after N records.
+
+    The N records are the synthetic session of :func:`_session`; the process
+    then holds the hint a process that made those saves would hold (the log's
+    last record), as every save of a training job after its first does.
+    """
+    rows = []
+    for length in lengths:
+        path = f"{root}/saves{length}-{uuid.uuid4().hex[:6]}"
+        start = time.perf_counter()
+        location = _session(path, options, length, compacted=False)
+        first_s = time.perf_counter() - start  # includes the fill: only the row's label uses it
+        loghints.remember(location.backend, location.log_prefix, length, txlog.SAVE)
+        later = []
+        for step in range(5):
+            start = time.perf_counter()
+            partialstore.save(path, {f"more{step}": _tree(step)}, storage_options=options)
+            later.append(time.perf_counter() - start)
+        fresh = f"{root}/fresh{length}-{uuid.uuid4().hex[:6]}"
+        firsts = []
+        for step in range(5):
+            start = time.perf_counter()
+            partialstore.save(f"{fresh}-{step}", _tree(step), storage_options=options)
+            firsts.append(time.perf_counter() - start)
+        rows.append({"length": length, "first_saves_s": firsts, "later_saves_s": later})
+        _progress(f"saves at {length}: {rows[-1]} (setup {first_s:.1f} s)")
+    return rows
+
+
 def _writer(url: str, options: dict[str, Any], log: str, count: int, go: float, out: Any) -> None:
-    backend = registry.open_backend(url, options)
+    backend = Counting(registry.open_backend(url, options))
     run_sync(backend.exists(f"{log}/warm-up"))  # loop, connections: not part of a commit
+    backend.counts.clear()
     time.sleep(max(0.0, go - time.time()))
     latencies = []
     for _ in range(count):
         start = time.perf_counter()
         run_sync(txlog.append(backend, log, _record()))
         latencies.append(time.perf_counter() - start)
-    out.put((time.time(), latencies))
+    out.put((time.time(), latencies, dict(backend.counts)))
 
 
 def measure_writers(
@@ -166,8 +206,11 @@ def measure_writers(
         reports = [out.get(timeout=600) for _ in procs]
         for proc in procs:
             proc.join()
-        latencies = [s for _, each in reports for s in each]
-        wall = max(end for end, _ in reports) - go
+        latencies = [s for _, each, _ in reports for s in each]
+        wall = max(end for end, _, _ in reports) - go
+        requests: Counter[str] = Counter()
+        for _, _, counts in reports:
+            requests.update(counts)
         median = statistics.median(latencies)
         rows.append(
             {
@@ -177,6 +220,8 @@ def measure_writers(
                 "p50_s": median,
                 "max_s": max(latencies),
                 "max_over_median": max(latencies) / median,
+                "requests_per_commit": sum(requests.values()) / len(latencies),
+                "requests": dict(requests),
             }
         )
         _progress(f"writers {k}: {rows[-1]}")
@@ -187,8 +232,7 @@ def _session(path: str, options: dict[str, Any], saves: int, compacted: bool) ->
     """A session of ``saves`` saves at ``path`` (see the module docstring); its location."""
     from partialstore._commit import compaction  # only here: older trees lack it
 
-    tree = {"step": 1, "w": np.ones(16, np.float32), "layer": {"a": np.zeros(4), "b": 2}}
-    partialstore.save(path, tree, storage_options=options)
+    partialstore.save(path, _tree(1), storage_options=options)
     location = resolve(path, options)
     log = location.log_prefix
     template = run_sync(location.backend.read(txlog.record_key(log, 1)))
@@ -233,6 +277,7 @@ def measure_finalize(
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    network.add_network_arguments(parser)
     parser.add_argument(
         "--finalize-counts", default="", help="saves (default 10,1000,10000; 0: none)"
     )
@@ -258,16 +303,20 @@ def measure(run: Run) -> Measured:
     per_writer = args.per_writer or (3 if args.quick else 10)
     counts = _ints(args.finalize_counts, [10, 200] if args.quick else [10, 1000, 10000])
     body: dict[str, Any] = {"stores": {}}
-    with started_stores(args.stores, run.scratch) as stores:
+    profile = network.profile_of(args)
+    labels = network.store_labels(args.stores, args.network, profile)
+    with started_stores(labels, run.scratch, profile) as stores:
         for name, env in stores.items():
             url, options = env.fresh("log"), dict(env.storage_options)
             body["stores"][name] = {
                 "length": measure_length(url, options, lengths),
                 "writers": measure_writers(url, options, writers, per_writer),
+                "saves": measure_saves(url, options, lengths),
                 "finalize": measure_finalize(url, options, counts, args.no_compaction_max),
             }
     config = {"lengths": lengths, "writers": writers, "per_writer": per_writer}
     config["finalize_counts"] = counts
+    config["network"] = {"profiles": list(args.network), **profile.to_json()}
     return Measured(config=config, body=body, status=0)
 
 
@@ -285,12 +334,15 @@ def render(result: dict[str, Any]) -> str:
                 f"{row['later'][-1]['requests']} |"
             )
         out += ["", f"### {store}: K writers on one log", ""]
-        out += ["| K | commits | commits/s | p50 | max | max/p50 |", "|---|---|---|---|---|---|"]
+        out += ["| K | commits | commits/s | vs K=1 | p50 | max | max/p50 | requests/commit |"]
+        out += ["|---|---|---|---|---|---|---|---|"]
+        single = next((r for r in data["writers"] if r["writers"] == 1), None)
         for row in data["writers"]:
+            ratio = f"{row['commits_per_s'] / single['commits_per_s']:.2f}x" if single else ""
             out.append(
-                f"| {row['writers']} | {row['commits']} | {row['commits_per_s']:.1f} | "
+                f"| {row['writers']} | {row['commits']} | {row['commits_per_s']:.1f} | {ratio} | "
                 f"{row['p50_s'] * 1e3:.0f} ms | {row['max_s'] * 1e3:.0f} ms | "
-                f"{row['max_over_median']:.1f} |"
+                f"{row['max_over_median']:.1f} | {row.get('requests_per_commit', 0):.1f} |"
             )
         out += ["", f"### {store}: finalize of N saves", ""]
         out += ["| N | compaction objects | finalize | requests |", "|---|---|---|---|"]
@@ -298,6 +350,16 @@ def render(result: dict[str, Any]) -> str:
             out.append(
                 f"| {row['saves']} | {'yes' if row['compaction'] else 'no'} | "
                 f"{row['s'] * 1e3:.0f} ms | {row['requests']} |"
+            )
+        out += ["", f"### {store}: whole saves, the 1st of a session and after N records", ""]
+        out += ["| N | 1st save, median | save after N records, median | ratio |"]
+        out += ["|---|---|---|---|"]
+        for row in data.get("saves", []):
+            first = statistics.median(row["first_saves_s"])
+            later = statistics.median(row["later_saves_s"])
+            out.append(
+                f"| {row['length']} | {first * 1e3:.1f} ms | {later * 1e3:.1f} ms | "
+                f"{later / first:.2f}x |"
             )
         out.append("")
     return "\n".join(out)

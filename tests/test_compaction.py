@@ -183,3 +183,22 @@ def test_kill_during_compaction_leaves_a_correct_checkpoint(tmp_path: Path) -> N
     assert _published(location) == _merged_from_whole_log(location)
     loaded = partialstore.load(path)
     assert loaded["step"] == 11
+
+
+def test_a_compaction_reads_by_key_without_listing(tmp_path: Path) -> None:
+    """The writer of record k compacts from the object due at k - EVERY and the records
+    after it, read by key: no listing, and the object equals one built from the whole log."""
+    url, faulty = install_faulty("local://" + str(tmp_path))
+    path = f"{url}/ck"
+    _save_many(path, range(10))  # objects at 5 and 10 (written in the background)
+    location = resolve(path)
+    key = f"{compaction.compact_prefix(location)}/00000010.json"
+    built_in_background = compaction.decode(key, run(location.backend.read(key)))
+    run(location.backend.delete(key))
+    faulty.reset_log()
+    assert run(compaction.compact(location, 10)) is True
+    assert faulty.calls("list") == []
+    reads = sorted(c.key.rsplit("/", 2)[-2] + "/" + c.key[-13:] for c in faulty.calls("read"))
+    assert reads == ["compact/00000005.json"] + [f"log/{n:08d}.json" for n in range(5, 11)]
+    again = compaction.decode(key, run(location.backend.read(key)))
+    assert again.state == built_in_background.state and again.through == 10

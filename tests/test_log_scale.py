@@ -23,7 +23,7 @@ import pytest
 
 import partialstore
 from partialstore import registry
-from partialstore._commit import loghints, records, txlog
+from partialstore._commit import contention, loghints, records, txlog
 from partialstore._commit.location import resolve
 from partialstore._commit.records import DiscardRecord, SaveRecord, SealRecord
 from partialstore._runtime.aio import run
@@ -124,6 +124,59 @@ def test_repeated_conflicts_jump_to_the_tail(faulty: FaultyBackend) -> None:
     assert len(faulty.calls("create")) == 3
     assert len(faulty.calls("list")) == 1
     assert [e.number for e in run(txlog.read_log(faulty.inner, log))] == list(range(1, 8))
+
+
+def test_a_contended_loser_lists_the_tail_at_once(faulty: FaultyBackend) -> None:
+    """Where others were seen appending between this process's records, a loser's pause
+    lets several more land: it lists the tail from the record it lost to, not walk on."""
+    log = "ck/log"
+    contention.note_commit(faulty, log, 1)
+    contention.note_commit(faulty, log, 20)  # 18 records by others between two of ours
+    assert contention.contended(faulty, log)
+    run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
+    known = run(txlog.read_log(faulty.inner, log))
+    for number in range(2, 7):
+        run(faulty.inner.create(txlog.record_key(log, number), _save_record()))
+    number, numbers = run(txlog.append(faulty, log, _save_record(), known=known))
+    assert (number, numbers) == (7, [1, 2, 3, 4, 5, 6])
+    assert [(c.key[-13:], c.outcome) for c in faulty.calls("create")] == [
+        ("00000002.json", "error"),
+        ("00000007.json", "ok"),
+    ]
+    assert [c.detail["start_after"] for c in faulty.calls("list")] == [txlog.record_key(log, 1)]
+
+
+def test_the_pause_is_sized_by_round_trip_and_contention(faulty: FaultyBackend) -> None:
+    log = "ck/log"
+    contention.note_round_trip(faulty, log, 0.02)
+    lone = contention.pause_window(faulty, log)
+    round_trip = contention.MIN_ROUND_TRIP + 0.3 * (0.02 - contention.MIN_ROUND_TRIP)
+    assert lone == pytest.approx(2 * round_trip)  # a lone writer: as if one other
+    for number in range(0, 200, 16):  # 15 others between each pair of ours
+        contention.note_commit(faulty, log, number, round_trip=0.02)
+    crowded = contention.pause_window(faulty, log)
+    assert crowded > 5 * lone and crowded <= contention.MAX_PAUSE
+    assert 10 < contention.others_per_commit(faulty, log) < 15.01
+    for _ in range(50):  # full jitter: every pause within the window
+        assert 0.0 <= contention.pause(faulty, log) <= crowded
+
+
+def test_a_stale_hint_under_a_discard_in_progress_lands_after_the_marker(
+    faulty: FaultyBackend,
+) -> None:
+    """This process's hint (record 1) still exists while a discard (marker 4) has deleted
+    the records after it: the tail listing shows the marker, so the save lands after it.
+    (An existence check of the hint alone would put it at 2, below the marker.)"""
+    log = "ck/log"
+    first, _ = run(txlog.append(faulty, log, _save_record()))
+    for number in (2, 3):
+        run(faulty.inner.create(txlog.record_key(log, number), _save_record()))
+    run(faulty.inner.create(txlog.record_key(log, 4), _marker()))
+    for number in (3, 2):  # the discard's deletions, not yet at record 1
+        run(faulty.inner.delete(txlog.record_key(log, number)))
+    number, _ = run(txlog.append(faulty, log, _save_record()))
+    assert (first, number) == (1, 5)
+    assert _kinds(faulty.inner, log) == [(1, "save"), (4, "discard"), (5, "save")]
 
 
 def test_a_second_save_lists_only_the_tail(tmp_path: Path) -> None:

@@ -15,7 +15,10 @@ and carry the save id the object names, and no discard marker may follow it.
 A missing, damaged or stale object only makes the reader go back to an
 older one, or to the whole log. Finalize then reads the newest object and the
 records from k on (a ``start_after`` listing of the log's tail), and writes
-the same manifest bytes as from the whole log.
+the same manifest bytes as from the whole log. The compaction itself, whose
+writer has just created record k, reads the object due at the previous
+multiple of :data:`COMPACT_EVERY` and the records up to k by key, with no
+listing (a marker after k makes readers reject the object, see above).
 
 Example:
     >>> import tempfile
@@ -155,14 +158,27 @@ async def _numbers(backend: Backend, prefix: str) -> list[int]:
 
 
 async def _checked(
-    location: Location, number: int
+    location: Location, number: int, last: int | None = None
 ) -> tuple[Compacted, list[txlog.LogEntry]] | None:
-    """Compaction object ``number`` and the log's records from it on, if it is usable."""
+    """Compaction object ``number`` and the log's records from it on, if it is usable.
+
+    The records are the whole tail (a listing), or with ``last`` those up to
+    record ``last``, read by key.
+    """
     backend, log = location.backend, location.log_prefix
     try:
         key = _key(location, number)
-        base = decode(key, await backend.read(key))
-        entries = await txlog.read_log(backend, log, first=number)
+        if last is None:
+            base = decode(key, await backend.read(key))
+            entries = await txlog.read_log(backend, log, first=number)
+        else:
+            body, found = await asyncio.gather(
+                backend.read(key), txlog.read_range(backend, log, number, last)
+            )
+            base = decode(key, body)
+            if found is None:
+                return None
+            entries = found
     except (NotFoundError, CorruptCheckpointError) as why:
         _log.debug("compaction object %s not used: %s", number, why)
         return None
@@ -174,18 +190,49 @@ async def _checked(
     return base, entries
 
 
+async def _read_known(
+    location: Location, before: int | None, last: int
+) -> tuple[Compacted | None, list[txlog.LogEntry]] | None:
+    """:func:`read_session` up to record ``last``, known to exist, without a listing.
+
+    Compaction objects are due at every multiple of :data:`COMPACT_EVERY`, so
+    the newest one up to ``last`` is read by key, with the records from it
+    to ``last``; before the first is due, records 1 to ``last``. ``None`` when
+    no object is usable or a record is missing (a discard's deletions,
+    another log): the caller lists.
+    """
+    top = min(last, before - 1) if before is not None else last
+    newest = top // COMPACT_EVERY * COMPACT_EVERY
+    for number in range(newest, 0, -COMPACT_EVERY)[:_CANDIDATES]:
+        found = await _checked(location, number, last)
+        if found is not None:
+            return found
+    if top >= COMPACT_EVERY:
+        return None  # objects were due but none is usable: list rather than read it all
+    entries = await txlog.read_range(location.backend, location.log_prefix, 1, last)
+    return None if entries is None else (None, entries)
+
+
 async def read_session(
-    location: Location, before: int | None = None
+    location: Location, before: int | None = None, last: int | None = None
 ) -> tuple[Compacted | None, list[txlog.LogEntry]]:
     """The newest usable compaction object (numbered below ``before``) and the records from it.
 
     With an object at k, the records returned are k and every one after it
     (no discard marker among them); without one, the whole log as
-    :func:`~partialstore._commit.txlog.read_log` reads it.
+    :func:`~partialstore._commit.txlog.read_log` reads it. ``last``, a record
+    the caller has just created, makes this read by key up to it, with no
+    listing, for a caller that needs nothing after it (the compaction of
+    record ``last``); it must not decide where to append, since records after
+    ``last`` (a discard marker) are not looked at.
 
     Raises:
       CorruptCheckpointError: the log itself is damaged.
     """
+    if last is not None:
+        found = await _read_known(location, before, last)
+        if found is not None:
+            return found
     try:
         numbers = await _numbers(location.backend, compact_prefix(location))
     except BackendError as why:  # a cache: the log alone still answers
@@ -206,7 +253,7 @@ async def compact(location: Location, number: int) -> bool:
     ``number``. Does nothing when record ``number`` is not a save of the live
     session as far as the log shows.
     """
-    base, entries = await read_session(location, before=number)
+    base, entries = await read_session(location, before=number, last=number)
     entries = [e for e in entries if e.number <= number]
     session = txlog.session_of(entries)
     if not session or session[-1].number != number:

@@ -113,6 +113,8 @@ async def _seal(location: Location, finalize_id: str) -> tuple[Compacted | None,
     the records after it (see :mod:`~partialstore._commit.compaction`).
     """
     backend, log = location.backend, location.log_prefix
+    # A listing, even in the process that made the saves and knows the log's last
+    # record: records after it may be another writer's, ended by a discard marker.
     base, entries = await compaction.read_session(location)
     session = txlog.session_of(entries)
     if not session:

@@ -1,4 +1,4 @@
-"""What this process last saw of each log, and how long a loser of a race waits.
+"""What this process last saw of each log: the number and kind of its last record.
 
 A writer that appended to a log before remembers the number and kind of the
 last record it created or read there (a *hint*). Its next append lists only
@@ -16,28 +16,19 @@ Example:
     (7, 'save')
     >>> recall(backend, "other/log") is None
     True
-    >>> 0.0 <= backoff_delay(3) <= BACKOFF_CAP
-    True
 """
 
 from __future__ import annotations
 
-import random
 import threading
 from collections import OrderedDict
 
 from partialstore.backend import Backend
 
-__all__ = ["BACKOFF_BASE", "BACKOFF_CAP", "backoff_delay", "forget", "recall", "remember"]
+__all__ = ["forget", "recall", "remember"]
 
 #: How many logs a process keeps hints for (least recently used dropped first).
 HINT_LIMIT = 4096
-#: Full-jitter backoff between conflicts: the n-th conflict in a row waits a
-#: random time in [0, min(CAP, BASE * 2**(n-1))] seconds. The cap is small
-#: because a late loser must not fall far behind the others (fairness), and
-#: the base is below one request's round trip.
-BACKOFF_BASE = 0.005
-BACKOFF_CAP = 0.1
 
 _hints: OrderedDict[tuple[str, str], tuple[int, str]] = OrderedDict()
 _lock = threading.Lock()
@@ -63,8 +54,3 @@ def forget(backend: Backend, log_prefix: str) -> None:
     """Drop the hint of ``log_prefix`` (it pointed at a record that is gone)."""
     with _lock:
         _hints.pop((backend.url, log_prefix), None)
-
-
-def backoff_delay(conflicts: int) -> float:
-    """Seconds to wait after the ``conflicts``-th lost race in a row (full jitter)."""
-    return random.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(conflicts - 1, 0)))

@@ -7,7 +7,8 @@ loser of a race goes on after the record it read back), so the log is
 dense: number k is only ever created by a writer that saw k-1. A writer
 lists only the log's tail after the last record it saw
 (:mod:`partialstore._commit.loghints`), so an append costs the same however
-long the log is. Hence nothing can be appended after a
+long the log is; a loser of a race waits a pause sized by the contention seen
+(:mod:`partialstore._commit.contention`). Hence nothing can be appended after a
 seal, and every record before the seal is in the checkpoint. This is the
 commit point of saves, finalize and discard alike, and what makes them
 linearizable across processes and hosts.
@@ -38,9 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Sequence
 
-from partialstore._commit import loghints, records
+from partialstore._commit import contention, loghints, records
 from partialstore._commit.exclusive import Created, create_or_read
 from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
 from partialstore._commit.listing import list_after
@@ -65,6 +67,7 @@ __all__ = [
     "is_seal",
     "list_numbers",
     "read_log",
+    "read_range",
     "session_of",
 ]
 
@@ -140,6 +143,27 @@ async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]
             return LogEntry(number, await _read(backend, log_prefix, number))
 
     return list(await asyncio.gather(*(one(n) for n in numbers)))
+
+
+async def read_range(
+    backend: Backend, log_prefix: str, first: int, last: int
+) -> list[LogEntry] | None:
+    """Records ``first`` to ``last`` read by key, without a listing; ``None`` if one is missing.
+
+    For a caller that knows record ``last`` exists (its own append, or this
+    process's hint): the reads cost what a listing's follow-up reads cost, and
+    no listing is paid (a LIST is a slower, pricier request than a GET on
+    S3, and grows with the bucket on some servers). A missing record (a
+    discard deleted it, or the hint is from another log) makes the caller
+    read the log by listing instead.
+
+    Raises:
+      CorruptCheckpointError: a record is malformed.
+    """
+    found = await _read_present(backend, log_prefix, range(first, last + 1))
+    if any(entry is None for entry in found):
+        return None
+    return [entry for entry in found if entry is not None]
 
 
 def session_of(entries: Sequence[LogEntry]) -> list[LogEntry]:
@@ -304,6 +328,10 @@ async def _start(
     hint = loghints.recall(backend, log_prefix) if what == SAVE and not known else None
     if hint is not None:
         number, kind = hint
+        # A listing, not an existence check of the hinted record: while a discard
+        # deletes the records below its marker, the hinted record may still be
+        # there when the next ones are gone, and a create after it would land
+        # below the marker. The listing shows the marker, which is never deleted.
         tail = await _tail_from(backend, log_prefix, number)
         if tail is not None:
             kinds[number] = kind  # records are immutable: the kind noted is still right
@@ -324,18 +352,20 @@ async def _after_conflict(
     """Where an append looks next after another writer took number ``taken``.
 
     ``theirs`` is that writer's record, read back by the create: this writer
-    has seen ``taken``, so the first retry goes to ``taken + 1`` without a
-    listing. A writer that loses again is behind a fast stream of appends and
-    jumps to the end of the log's tail instead. Every retry waits a random
-    (full-jitter) delay first, so losers spread out rather than collide again.
+    has seen ``taken``. Every retry first waits a random pause sized by the
+    contention seen (:func:`partialstore._commit.contention.pause`), so losers
+    spread out rather than all try ``taken + 1`` at once. After a first
+    conflict on an uncontended log the retry goes to ``taken + 1`` without a
+    listing; otherwise others have appended during the pause, and the writer
+    lists the tail from ``taken`` to go on after the log's end.
     """
     if theirs is None:  # taken, then deleted by a discard: look at the whole log again
         return await list_numbers(backend, log_prefix)
     kind = records.decode_record(record_key(log_prefix, taken), theirs).kind
     kinds[taken] = kind
     loghints.remember(backend, log_prefix, taken, kind)
-    await asyncio.sleep(loghints.backoff_delay(conflicts))
-    if conflicts == 1:
+    await asyncio.sleep(contention.pause(backend, log_prefix))
+    if conflicts == 1 and not contention.contended(backend, log_prefix):
         return [*numbers, taken]
     tail = await _tail_from(backend, log_prefix, taken)
     return [*numbers, *tail] if tail is not None else await list_numbers(backend, log_prefix)
@@ -385,8 +415,11 @@ async def append(
             loghints.remember(backend, log_prefix, last, kinds[last])
             _refuse(kinds[last], what, log_prefix, last)
         key = record_key(log_prefix, last + 1)
+        started = time.monotonic()
         outcome, clean, theirs = await create_or_read(backend, key, data)
+        round_trip = time.monotonic() - started
         if outcome is Created.MINE:
+            contention.note_commit(backend, log_prefix, last + 1, round_trip)
             # After an inconclusive answer our record may have landed, been
             # deleted by a discard, and been created again below its marker.
             if not clean and await _discarded_after_or_unknown(backend, log_prefix, last + 1):
@@ -398,6 +431,7 @@ async def append(
             # been our own record, whose data the discard then deleted.
             raise _discarded_in_flight(what, log_prefix)
         conflicts += 1
+        contention.note_round_trip(backend, log_prefix, round_trip)
         numbers = await _after_conflict(
             backend, log_prefix, numbers, last + 1, theirs, kinds, conflicts
         )

@@ -380,7 +380,10 @@ class FaultyBackend(RuleHost, Backend):
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
         return await self._call(
-            "list", prefix, lambda: self.inner.list(prefix, start_after=start_after)
+            "list",
+            prefix,
+            lambda: self.inner.list(prefix, start_after=start_after),
+            start_after=start_after,
         )
 
     # ``builtins.list``: inside the class body ``list`` names the method above.
