@@ -371,6 +371,21 @@ async def _after_conflict(
     return [*numbers, *tail] if tail is not None else await list_numbers(backend, log_prefix)
 
 
+async def _create_noted(
+    backend: Backend, log_prefix: str, number: int, data: bytes
+) -> tuple[Created, bool, bytes | None]:
+    """Create record ``number`` (see :func:`create_or_read`), noting its round trip and,
+    when it is ours, the records others appended since our last one."""
+    started = time.monotonic()
+    outcome, clean, theirs = await create_or_read(backend, record_key(log_prefix, number), data)
+    round_trip = time.monotonic() - started
+    if outcome is Created.MINE:
+        contention.note_commit(backend, log_prefix, number, round_trip)
+    else:
+        contention.note_round_trip(backend, log_prefix, round_trip)
+    return outcome, clean, theirs
+
+
 async def append(
     backend: Backend,
     log_prefix: str,
@@ -414,12 +429,8 @@ async def append(
         if last:
             loghints.remember(backend, log_prefix, last, kinds[last])
             _refuse(kinds[last], what, log_prefix, last)
-        key = record_key(log_prefix, last + 1)
-        started = time.monotonic()
-        outcome, clean, theirs = await create_or_read(backend, key, data)
-        round_trip = time.monotonic() - started
+        outcome, clean, theirs = await _create_noted(backend, log_prefix, last + 1, data)
         if outcome is Created.MINE:
-            contention.note_commit(backend, log_prefix, last + 1, round_trip)
             # After an inconclusive answer our record may have landed, been
             # deleted by a discard, and been created again below its marker.
             if not clean and await _discarded_after_or_unknown(backend, log_prefix, last + 1):
@@ -431,7 +442,6 @@ async def append(
             # been our own record, whose data the discard then deleted.
             raise _discarded_in_flight(what, log_prefix)
         conflicts += 1
-        contention.note_round_trip(backend, log_prefix, round_trip)
         numbers = await _after_conflict(
             backend, log_prefix, numbers, last + 1, theirs, kinds, conflicts
         )
