@@ -47,11 +47,10 @@ from benchmarks.stores import started_stores
 from partialstore import registry
 from partialstore._commit import loghints, txlog
 from partialstore._commit.location import resolve
+from partialstore._commit.published import writer
 from partialstore._commit.records import SaveRecord
 from partialstore._runtime.aio import run as run_sync
 from partialstore.backend import Backend, Capabilities
-
-WRITER = {"host": "bench", "pid": 0, "writer_id": None}
 
 
 class Counting(Backend):
@@ -108,7 +107,8 @@ def _progress(text: str) -> None:
 
 def _record() -> bytes:
     created = datetime.datetime.now(datetime.UTC).isoformat()
-    return SaveRecord(uuid.uuid4().hex, created, WRITER, None, [], []).encode()
+    # This process as the writer, as a real save names it: writers can tell each other apart.
+    return SaveRecord(uuid.uuid4().hex, created, writer(), None, [], []).encode()
 
 
 async def _fill(backend: Backend, log: str, count: int) -> None:

@@ -25,6 +25,7 @@ import partialstore
 from partialstore import registry
 from partialstore._commit import contention, loghints, records, txlog
 from partialstore._commit.location import resolve
+from partialstore._commit.published import writer
 from partialstore._commit.records import DiscardRecord, SaveRecord, SealRecord
 from partialstore._runtime.aio import run
 from partialstore.backend import Backend
@@ -86,12 +87,19 @@ def faulty() -> FaultyBackend:
     return FaultyBackend(registry.open_backend(f"memory://{uuid.uuid4().hex}"))
 
 
+def _own_save_record() -> bytes:
+    """A record by this process (another actor of it): not a rival."""
+    return SaveRecord(uuid.uuid4().hex, _now(), writer(), None, [], []).encode()
+
+
 def test_conflict_loser_goes_to_the_next_number_without_listing(faulty: FaultyBackend) -> None:
+    """Beaten by this process's own record, a loser has no rival to wait for: it tries the
+    next number at once, without listing."""
     log = "ck/log"
     run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
     known = run(txlog.read_log(faulty.inner, log))
-    run(faulty.inner.create(txlog.record_key(log, 2), _save_record()))  # another writer's
-    number, numbers = run(txlog.append(faulty, log, _save_record(), known=known))
+    run(faulty.inner.create(txlog.record_key(log, 2), _own_save_record()))
+    number, numbers = run(txlog.append(faulty, log, _own_save_record(), known=known))
     assert (number, numbers) == (3, [1, 2])
     assert faulty.calls("list") == []
     creates = [(c.key, c.outcome) for c in faulty.calls("create")]
@@ -105,60 +113,46 @@ def test_conflict_loser_meets_a_seal_without_listing(faulty: FaultyBackend) -> N
     log = "ck/log"
     run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
     known = run(txlog.read_log(faulty.inner, log))
-    run(faulty.inner.create(txlog.record_key(log, 2), _seal()))
+    run(faulty.inner.create(txlog.record_key(log, 2), _seal()))  # a rival's: refused at once
     with pytest.raises(CheckpointFinalizedError):
         run(txlog.append(faulty, log, _save_record(), known=known))
     assert faulty.calls("list") == []
     assert _kinds(faulty.inner, log) == [(1, "save"), (2, "finalize")]
 
 
-def test_repeated_conflicts_jump_to_the_tail(faulty: FaultyBackend) -> None:
+def test_a_rival_conflict_pauses_then_lists_the_tail(faulty: FaultyBackend) -> None:
+    """Beaten by another writer, a loser waits its pause and lists the tail from the record
+    it lost to (others appended meanwhile), then goes on after the log's end."""
     log = "ck/log"
     run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
     known = run(txlog.read_log(faulty.inner, log))
-    for number in range(2, 7):  # others appended five records meanwhile
+    for number in range(2, 7):  # a rival appended five records meanwhile
         run(faulty.inner.create(txlog.record_key(log, number), _save_record()))
-    number, _ = run(txlog.append(faulty, log, _save_record(), known=known))
-    assert number == 7
-    # Two conflicts (at 2, then 3), then one listing of the tail from record 3.
-    assert len(faulty.calls("create")) == 3
-    assert len(faulty.calls("list")) == 1
-    assert [e.number for e in run(txlog.read_log(faulty.inner, log))] == list(range(1, 8))
-
-
-def test_a_contended_loser_lists_the_tail_at_once(faulty: FaultyBackend) -> None:
-    """Where others were seen appending between this process's records, a loser's pause
-    lets several more land: it lists the tail from the record it lost to, not walk on."""
-    log = "ck/log"
-    contention.note_commit(faulty, log, 1)
-    contention.note_commit(faulty, log, 20)  # 18 records by others between two of ours
-    assert contention.contended(faulty, log)
-    run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
-    known = run(txlog.read_log(faulty.inner, log))
-    for number in range(2, 7):
-        run(faulty.inner.create(txlog.record_key(log, number), _save_record()))
-    number, numbers = run(txlog.append(faulty, log, _save_record(), known=known))
+    number, numbers = run(txlog.append(faulty, log, _own_save_record(), known=known))
     assert (number, numbers) == (7, [1, 2, 3, 4, 5, 6])
+    assert contention.writers(faulty, log) == 2  # this process and the rival
     assert [(c.key[-13:], c.outcome) for c in faulty.calls("create")] == [
         ("00000002.json", "error"),
         ("00000007.json", "ok"),
     ]
     assert [c.detail["start_after"] for c in faulty.calls("list")] == [txlog.record_key(log, 1)]
+    assert [e.number for e in run(txlog.read_log(faulty.inner, log))] == list(range(1, 8))
 
 
-def test_the_pause_is_sized_by_round_trip_and_contention(faulty: FaultyBackend) -> None:
+def test_the_pause_is_sized_by_writers_round_trip_and_races_lost(faulty: FaultyBackend) -> None:
     log = "ck/log"
+    assert contention.pause(faulty, log) == 0.0  # a lone writer never waits
     contention.note_round_trip(faulty, log, 0.02)
-    lone = contention.pause_window(faulty, log)
     round_trip = contention.MIN_ROUND_TRIP + 0.3 * (0.02 - contention.MIN_ROUND_TRIP)
-    assert lone == pytest.approx(2 * round_trip)  # a lone writer: as if one other
-    for number in range(0, 200, 16):  # 15 others between each pair of ours
-        contention.note_commit(faulty, log, number, round_trip=0.02)
-    crowded = contention.pause_window(faulty, log)
-    assert crowded > 5 * lone and crowded <= contention.MAX_PAUSE
-    assert 10 < contention.others_per_commit(faulty, log) < 15.01
-    for _ in range(50):  # full jitter: every pause within the window
-        assert 0.0 <= contention.pause(faulty, log) <= crowded
+    for pid in range(15):  # fifteen other writers seen
+        contention.note_rival(faulty, log, {"host": "other", "pid": pid, "writer_id": None})
+    contention.note_rival(faulty, log, writer())  # this process is not its own rival
+    assert contention.writers(faulty, log) == 16
+    slot = contention.ATTEMPT_ROUND_TRIPS * round_trip
+    assert contention.pause_window(faulty, log) == pytest.approx(16 * slot)
+    assert contention.pause_window(faulty, log, lost=3) == pytest.approx(4 * slot)
+    for _ in range(50):  # full jitter: every pause within its window
+        assert 0.0 <= contention.pause(faulty, log, lost=1) <= 8 * slot + 1e-9
 
 
 def test_a_stale_hint_under_a_discard_in_progress_lands_after_the_marker(

@@ -1,4 +1,4 @@
-"""How contended each log is, as this process sees it, and how long a loser of a race waits.
+"""How contended each log is, as this process sees it, and how long an append waits.
 
 Appends race for the log's next number (:func:`partialstore._commit.txlog.append`):
 one create wins, the others lose and try again. If every loser tried the
@@ -7,27 +7,28 @@ from every other writer (a thundering herd), and the requests per record
 would grow with the number of writers. Instead this process keeps, per log:
 
 - the *round trip* of its creates there (a moving average), and
-- the *others per commit*: how many records other writers appended between
-  two of this process's records (a moving average; 0 for a lone writer).
+- the *rivals*: the other writers (host, process, writer id) whose records
+  it read there in the last :data:`RIVAL_MEMORY` seconds: the record that
+  beat it in a race, or the last record of a tail it listed.
 
-A loser waits a random time up to ``round trip x (1 + others per commit)``
-(full jitter over a window as wide as the queue of writers ahead of it),
-then lists the log's tail to go on after its end. So K writers spread their
-attempts over about K round trips and the next number is usually tried by
-one of them, which keeps the requests per record flat in K (the rate of
-records is one per round trip or two whatever K). A lone writer never
-waits: it never loses.
+A writer's turn on a contended log (one with rivals) is a *slot* of
+:data:`ATTEMPT_ROUND_TRIPS` round trips, and with ``K`` writers (this one and
+its rivals) a writer waits a random time up to ``K`` slots (full jitter)
+before each attempt: before its first one too, so that the writer that just
+won does not take the next number from the writers that lost to it
+(capture). A loser's window shrinks with each race it lost in a row, so the
+writers that waited longest go first. A lone writer never waits.
 
 Example:
     >>> from partialstore import registry
     >>> backend = registry.open_backend("memory://contention-doc")
-    >>> others_per_commit(backend, "ck/log")
-    0.0
-    >>> note_commit(backend, "ck/log", 10, round_trip=0.02)
-    >>> note_commit(backend, "ck/log", 14, round_trip=0.02)  # 3 records by others between
-    >>> others_per_commit(backend, "ck/log") > 0
-    True
-    >>> 0.0 <= pause(backend, "ck/log") <= MAX_PAUSE
+    >>> contended(backend, "ck/log")
+    False
+    >>> note_round_trip(backend, "ck/log", 0.02)
+    >>> note_rival(backend, "ck/log", {"host": "h", "pid": 7, "writer_id": None})
+    >>> contended(backend, "ck/log"), writers(backend, "ck/log")
+    (True, 2)
+    >>> 0.0 <= pause(backend, "ck/log", lost=1) <= MAX_PAUSE
     True
 """
 
@@ -36,27 +37,38 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+import time
 from collections import OrderedDict
+from typing import Any
 
+from partialstore._commit.published import writer
 from partialstore.backend import Backend
 
 __all__ = [
     "MAX_PAUSE",
     "MIN_ROUND_TRIP",
+    "RIVAL_MEMORY",
     "contended",
-    "note_commit",
+    "note_rival",
     "note_round_trip",
-    "others_per_commit",
     "pause",
     "pause_window",
+    "writers",
 ]
 
 #: The shortest round trip assumed (a local disk answers in microseconds, but
 #: a process still needs this long to notice and retry).
 MIN_ROUND_TRIP = 0.001
-#: The longest a loser waits before trying again, however crowded the log.
+#: The longest any pause lasts, however crowded the log.
 MAX_PAUSE = 2.0
-#: Weight of the newest observation in the moving averages.
+#: How long a writer seen on a log counts as a rival there.
+RIVAL_MEMORY = 10.0
+#: How many create round trips one writer's turn takes. An attempt on a contended
+#: log is three (list the tail, read its end, create), but only its last two
+#: exclude another writer's create; 1, 2 and 3 were measured, and 2 gave the most
+#: commits per second at an equal spread (benchmarks/README.md, "contention").
+ATTEMPT_ROUND_TRIPS = 2
+#: Weight of the newest observation in the round-trip average.
 _ALPHA = 0.3
 #: How many logs a process keeps state for (least recently used dropped first).
 _LIMIT = 4096
@@ -65,8 +77,7 @@ _LIMIT = 4096
 @dataclasses.dataclass
 class _State:
     round_trip: float = MIN_ROUND_TRIP
-    others: float = 0.0  # records by others between two of ours (moving average)
-    last_mine: int | None = None
+    rivals: dict[tuple[Any, ...], float] = dataclasses.field(default_factory=dict)
 
 
 _states: OrderedDict[tuple[str, str], _State] = OrderedDict()
@@ -84,47 +95,58 @@ def _state(backend: Backend, log_prefix: str) -> _State:
     return state
 
 
+def _identity(who: Any) -> tuple[Any, ...] | None:
+    if not isinstance(who, dict):
+        return None
+    return (who.get("host"), who.get("pid"), who.get("writer_id"))
+
+
 def note_round_trip(backend: Backend, log_prefix: str, seconds: float) -> None:
     """Note how long one create on ``log_prefix`` took (answered either way)."""
     with _lock:
         state = _state(backend, log_prefix)
-        seconds = max(seconds, MIN_ROUND_TRIP)
-        state.round_trip += _ALPHA * (seconds - state.round_trip)
+        state.round_trip += _ALPHA * (max(seconds, MIN_ROUND_TRIP) - state.round_trip)
 
 
-def note_commit(
-    backend: Backend, log_prefix: str, number: int, round_trip: float | None = None
-) -> None:
-    """Note that this process created record ``number``; update the others-per-commit average."""
+def note_rival(backend: Backend, log_prefix: str, who: Any) -> None:
+    """Note that writer ``who`` (a record's ``writer`` field) appended to ``log_prefix``.
+
+    Records of this process itself, or without a writer, are not rivals.
+    """
+    identity = _identity(who)
+    if identity is None or identity == _identity(writer()):
+        return
+    with _lock:
+        _state(backend, log_prefix).rivals[identity] = time.monotonic()
+
+
+def writers(backend: Backend, log_prefix: str) -> int:
+    """This process and the rivals seen on ``log_prefix`` in the last :data:`RIVAL_MEMORY` s."""
+    now = time.monotonic()
     with _lock:
         state = _state(backend, log_prefix)
-        if round_trip is not None:
-            state.round_trip += _ALPHA * (max(round_trip, MIN_ROUND_TRIP) - state.round_trip)
-        if state.last_mine is not None and number > state.last_mine:
-            between = number - state.last_mine - 1
-            state.others += _ALPHA * (between - state.others)
-        state.last_mine = number
-
-
-def others_per_commit(backend: Backend, log_prefix: str) -> float:
-    """About how many records other writers append to ``log_prefix`` between two of ours."""
-    with _lock:
-        return _state(backend, log_prefix).others
+        state.rivals = {k: t for k, t in state.rivals.items() if now - t < RIVAL_MEMORY}
+        return 1 + len(state.rivals)
 
 
 def contended(backend: Backend, log_prefix: str) -> bool:
     """Whether other writers were seen appending to ``log_prefix`` lately."""
-    return others_per_commit(backend, log_prefix) >= 0.5
+    return writers(backend, log_prefix) > 1
 
 
-def pause_window(backend: Backend, log_prefix: str) -> float:
-    """The longest :func:`pause` on ``log_prefix`` now: round trip x (1 + others), capped."""
+def pause_window(backend: Backend, log_prefix: str, lost: int = 0) -> float:
+    """The longest :func:`pause` now: ``writers`` slots, divided by ``lost + 1``, capped."""
+    count = writers(backend, log_prefix)
     with _lock:
-        state = _state(backend, log_prefix)
-        window = state.round_trip * (1.0 + max(state.others, 1.0))
-    return min(MAX_PAUSE, window)
+        slot = ATTEMPT_ROUND_TRIPS * _state(backend, log_prefix).round_trip
+    return min(MAX_PAUSE, slot * count / (lost + 1))
 
 
-def pause(backend: Backend, log_prefix: str) -> float:
-    """Seconds a loser of a race on ``log_prefix`` waits before trying again (full jitter)."""
-    return random.uniform(0.0, pause_window(backend, log_prefix))
+def pause(backend: Backend, log_prefix: str, lost: int = 0) -> float:
+    """Seconds to wait before an attempt, after ``lost`` lost races in a row (full jitter).
+
+    Zero on an uncontended log: a lone writer never waits.
+    """
+    if not contended(backend, log_prefix):
+        return 0.0
+    return random.uniform(0.0, pause_window(backend, log_prefix, lost))

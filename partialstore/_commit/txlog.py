@@ -245,9 +245,11 @@ async def _read_present(
 async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None:
     """The kind of record ``number``; ``None`` if it no longer exists."""
     try:
-        return (await _read(backend, log_prefix, number)).kind
+        record = await _read(backend, log_prefix, number)
     except NotFoundError:
         return None
+    contention.note_rival(backend, log_prefix, record.writer)
+    return record.kind
 
 
 async def has_session(backend: Backend, log_prefix: str) -> bool:
@@ -352,21 +354,26 @@ async def _after_conflict(
     """Where an append looks next after another writer took number ``taken``.
 
     ``theirs`` is that writer's record, read back by the create: this writer
-    has seen ``taken``. Every retry first waits a random pause sized by the
-    contention seen (:func:`partialstore._commit.contention.pause`), so losers
-    spread out rather than all try ``taken + 1`` at once. After a first
-    conflict on an uncontended log the retry goes to ``taken + 1`` without a
-    listing; otherwise others have appended during the pause, and the writer
-    lists the tail from ``taken`` to go on after the log's end.
+    has seen ``taken``. Among rivals it first waits a random pause sized by
+    the contention seen (:func:`partialstore._commit.contention.pause`), so
+    losers spread out rather than all try ``taken + 1`` at once, and then
+    lists the tail from ``taken``: the read-back is stale by then. With no
+    rival seen (the winner was this process), it tries ``taken + 1`` at once,
+    without a listing.
     """
     if theirs is None:  # taken, then deleted by a discard: look at the whole log again
         return await list_numbers(backend, log_prefix)
-    kind = records.decode_record(record_key(log_prefix, taken), theirs).kind
-    kinds[taken] = kind
-    loghints.remember(backend, log_prefix, taken, kind)
-    await asyncio.sleep(contention.pause(backend, log_prefix))
-    if conflicts == 1 and not contention.contended(backend, log_prefix):
+    record = records.decode_record(record_key(log_prefix, taken), theirs)
+    kinds[taken] = record.kind
+    loghints.remember(backend, log_prefix, taken, record.kind)
+    contention.note_rival(backend, log_prefix, record.writer)
+    # A seal or marker decides at once (refused, or a new session after it).
+    waited = contention.pause(backend, log_prefix, lost=conflicts) if record.kind == SAVE else 0
+    if not waited:  # the next number now, as close to the read-back as a listing would be
         return [*numbers, taken]
+    # After a pause, what was read back is stale: a create after it could even
+    # land where a discard has just deleted records below its marker. Look again.
+    await asyncio.sleep(waited)
     tail = await _tail_from(backend, log_prefix, taken)
     return [*numbers, *tail] if tail is not None else await list_numbers(backend, log_prefix)
 
@@ -374,15 +381,11 @@ async def _after_conflict(
 async def _create_noted(
     backend: Backend, log_prefix: str, number: int, data: bytes
 ) -> tuple[Created, bool, bytes | None]:
-    """Create record ``number`` (see :func:`create_or_read`), noting its round trip and,
-    when it is ours, the records others appended since our last one."""
+    """Create record ``number`` (see :func:`create_or_read`), noting its round trip."""
     started = time.monotonic()
     outcome, clean, theirs = await create_or_read(backend, record_key(log_prefix, number), data)
     round_trip = time.monotonic() - started
-    if outcome is Created.MINE:
-        contention.note_commit(backend, log_prefix, number, round_trip)
-    else:
-        contention.note_round_trip(backend, log_prefix, round_trip)
+    contention.note_round_trip(backend, log_prefix, round_trip)
     return outcome, clean, theirs
 
 
@@ -416,6 +419,8 @@ async def append(
       OutcomeUnknownError: the store kept failing, so whether it landed is unknown.
     """
     kinds = {e.number: e.record.kind for e in known}  # records are immutable
+    if what == SAVE:  # after others on a contended log, not ahead of them (see contention)
+        await asyncio.sleep(contention.pause(backend, log_prefix))
     numbers = await _start(backend, log_prefix, what, known, kinds)
     conflicts = 0
     while True:
