@@ -324,6 +324,8 @@ async def _start(
     record is gone (a discard deleted it, or the log moved or was deleted)
     is dropped, and the whole log is listed as before.
     """
+    if what == SAVE:  # after others on a contended log, not ahead of them (see contention)
+        await asyncio.sleep(contention.pause(backend, log_prefix))
     numbers = [e.number for e in known]
     if numbers and kinds.get(numbers[-1]) == SAVE:
         return numbers
@@ -419,8 +421,6 @@ async def append(
       OutcomeUnknownError: the store kept failing, so whether it landed is unknown.
     """
     kinds = {e.number: e.record.kind for e in known}  # records are immutable
-    if what == SAVE:  # after others on a contended log, not ahead of them (see contention)
-        await asyncio.sleep(contention.pause(backend, log_prefix))
     numbers = await _start(backend, log_prefix, what, known, kinds)
     conflicts = 0
     while True:
