@@ -319,10 +319,12 @@ async def _start(
 ) -> list[int]:
     """The numbers an append starts from: the caller's records, the tail after a hint, or all.
 
-    A hint is used only when its record still exists: the tail listing from
-    it then shows the log's end exactly as a full listing would. A hint whose
-    record is gone (a discard deleted it, or the log moved or was deleted)
-    is dropped, and the whole log is listed as before.
+    A save on a log where rivals were seen first waits its pause
+    (:func:`partialstore._commit.contention.pause`). A hint is used only when
+    its record still exists: the tail listing from it then shows the log's
+    end exactly as a full listing would. A hint whose record is gone (a
+    discard deleted it, or the log moved or was deleted) is dropped, and the
+    whole log is listed as before.
     """
     if what == SAVE:  # after others on a contended log, not ahead of them (see contention)
         await asyncio.sleep(contention.pause(backend, log_prefix))
