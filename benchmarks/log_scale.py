@@ -368,7 +368,7 @@ def render(result: dict[str, Any]) -> str:
 SCRIPT = Script(
     name="log_scale",
     description="Log appends against the log's length and the number of writers.",
-    stores=("s3", "local"),
+    stores=("s3", "gcs", "local"),
     add_arguments=_add_arguments,
     measure=measure,
     render=render,
