@@ -31,6 +31,7 @@ from benchmarks import (  # noqa: E402
     cli,
     finalize_latency,
     lifecycle,
+    log_scale,
     network,
     report,
     rounds,
@@ -672,3 +673,22 @@ def test_raw_results_default_to_a_folder_git_ignores() -> None:
         timeout=30,
     ).stdout.split()
     assert tracked and all(Path(name).suffix in (".md", ".png") for name in tracked), tracked
+
+
+def test_log_scale_quick_on_local(tmp_path: Path, capsys: Any) -> None:
+    """The log benchmark runs, and its request counter keeps tail listings tails: a
+    wrapper that hid ``start_after`` would make every hinted append list the whole log."""
+    from partialstore import registry
+    from partialstore._commit.listing import _takes_start_after
+
+    counting = log_scale.Counting(registry.open_backend("memory://log-scale-quick"))
+    assert _takes_start_after(counting)
+    argv = ["--quick", "--stores", "local", "--network", "plain", "--writers", "1"]
+    argv += ["--per-writer", "2", "--finalize-counts", "10", "--out", str(tmp_path)]
+    assert log_scale.main(argv) == 0
+    body = json.loads((tmp_path / "log_scale.json").read_text())["stores"]["local"]
+    later = [append["requests"] for row in body["length"] for append in row["later"]]
+    assert later and all(requests == {"list": 1, "create": 1} for requests in later)
+    assert [row["requests_per_commit"] for row in body["writers"]] == [2.0]
+    assert {row["saves"] for row in body["finalize"]} == {10}
+    assert "whole saves" in capsys.readouterr().out
