@@ -316,17 +316,26 @@ class LocalBackend(Backend):
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[str]:
         path = self._prefix_path(prefix)
-        keys = await self._call("list", prefix, lambda: self._list(path))
-        return keys if start_after is None else [k for k in keys if k > start_after]
+        return await self._call("list", prefix, lambda: self._list(path, start_after or ""))
 
     # ``builtins.list``: inside the class body ``list`` names the method above.
-    def _list(self, base: str) -> builtins.list[str]:
+    def _list(self, base: str, start_after: str = "") -> builtins.list[str]:
+        """Keys under ``base`` that sort after ``start_after``, sorted.
+
+        A directory has no server-side start: every name is read, but only the
+        keys after ``start_after`` are built and sorted (a log's tail of a few
+        names out of thousands costs the directory read, not a sort of all).
+        """
         keys: list[str] = []
         root_len = len(self.root.rstrip(os.sep)) + 1
         for directory, _dirs, files in os.walk(base):
-            for name in files:
-                if not is_temp_name(name):
-                    keys.append(os.path.join(directory, name)[root_len:].replace(os.sep, "/"))
+            relative = directory[root_len:].replace(os.sep, "/")
+            head = f"{relative}/" if relative else ""
+            keys.extend(
+                key
+                for key in map(head.__add__, files)
+                if key > start_after and not is_temp_name(key.rpartition("/")[2])
+            )
         return sorted(keys)
 
     async def rename(self, src_prefix: str, dst_prefix: str) -> None:
