@@ -331,11 +331,10 @@ class LocalBackend(Backend):
         for directory, _dirs, files in os.walk(base):
             relative = directory[root_len:].replace(os.sep, "/")
             head = f"{relative}/" if relative else ""
-            keys.extend(
-                key
-                for key in map(head.__add__, files)
-                if key > start_after and not is_temp_name(key.rpartition("/")[2])
-            )
+            for name in files:
+                key = head + name
+                if key > start_after and not is_temp_name(name):
+                    keys.append(key)
         return sorted(keys)
 
     async def rename(self, src_prefix: str, dst_prefix: str) -> None:

@@ -135,18 +135,19 @@ def contended(backend: Backend, log_prefix: str) -> bool:
 
 
 def pause_window(backend: Backend, log_prefix: str, lost: int = 0) -> float:
-    """The longest :func:`pause` now: ``writers`` slots, divided by ``lost + 1``, capped."""
+    """The longest :func:`pause` now: ``writers`` slots, divided by ``lost + 1``, capped.
+
+    Zero on an uncontended log: a lone writer never waits.
+    """
     count = writers(backend, log_prefix)
+    if count == 1:
+        return 0.0
     with _lock:
         slot = ATTEMPT_ROUND_TRIPS * _state(backend, log_prefix).round_trip
     return min(MAX_PAUSE, slot * count / (lost + 1))
 
 
 def pause(backend: Backend, log_prefix: str, lost: int = 0) -> float:
-    """Seconds to wait before an attempt, after ``lost`` lost races in a row (full jitter).
-
-    Zero on an uncontended log: a lone writer never waits.
-    """
-    if not contended(backend, log_prefix):
-        return 0.0
-    return random.uniform(0.0, pause_window(backend, log_prefix, lost))
+    """Seconds to wait before an attempt, after ``lost`` lost races in a row (full jitter)."""
+    window = pause_window(backend, log_prefix, lost)
+    return random.uniform(0.0, window) if window else 0.0
