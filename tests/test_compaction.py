@@ -202,3 +202,23 @@ def test_a_compaction_reads_by_key_without_listing(tmp_path: Path) -> None:
     assert reads == ["compact/00000005.json"] + [f"log/{n:08d}.json" for n in range(5, 11)]
     again = compaction.decode(key, run(location.backend.read(key)))
     assert again.state == built_in_background.state and again.through == 10
+
+
+def test_a_compaction_whose_reads_fail_leaves_no_object_and_finalize_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    """A 503 burst (transient errors past the retries) on the record reads of a by-key
+    compaction: the background compaction gives up without writing, and finalize, reading
+    the log instead, publishes what the whole log gives."""
+    url, faulty = install_faulty("local://" + str(tmp_path))
+    path = f"{url}/ck"
+    _save_many(path, range(9))  # object at 5 only
+    location = resolve(path)
+    rule = faulty.add(BackendFault(before(), method="read", key=r"/log/0000001", times=None))
+    _save_many(path, range(9, 10))  # record 10: its compaction reads 5..10 by key and fails
+    assert [k.rsplit("/", 1)[1] for k in _compacted(location)] == ["00000005.json"]
+    assert rule.fired > 0  # the compaction did read by key, and was refused
+    faulty.remove(rule)
+    partialstore.finalize(path)
+    assert _published(location) == _merged_from_whole_log(location)
+    assert partialstore.load(path)["step"] == 9
