@@ -14,6 +14,7 @@ import datetime
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,13 @@ from partialstore._commit.records import DiscardRecord, SaveRecord, SealRecord
 from partialstore._runtime.aio import run
 from partialstore.backend import Backend
 from partialstore.errors import CheckpointFinalizedError
-from partialstore.testing.faulty_backend import FaultyBackend
+from partialstore.testing.faulty_backend import (
+    BackendFault,
+    FaultyBackend,
+    call,
+    hang,
+    install_faulty,
+)
 
 WRITER = {"host": "test", "pid": 1, "writer_id": None}
 
@@ -253,3 +260,94 @@ def test_hint_on_a_deleted_and_restarted_log(tmp_path: Path) -> None:
     assert _kinds(location.backend, location.log_prefix) == [(1, "save")]
     partialstore.finalize(path)
     assert partialstore.load(path)["tag"] == "fresh"
+
+
+def _calls_on_log(faulty: FaultyBackend, method: str) -> list[str]:
+    return [c.key for c in faulty.calls(method) if "/log" in c.key]
+
+
+def test_a_save_looks_at_the_log_while_its_data_uploads(tmp_path: Path) -> None:
+    """With the save's data write held, the log's tail is listed already; once the data
+    lands, the create is the only request left (one round trip after the data)."""
+    url, faulty = install_faulty(str(tmp_path / "root"))
+    path = f"{url}/ck"
+    partialstore.save(path, {"a": np.ones(3)})  # record 1; this process now holds a hint
+    listed_before = len(_calls_on_log(faulty, "list"))
+    held = faulty.add(BackendFault(hang(), method="write", key=r"/data/"))
+    response = partialstore.save_async(path, {"a": np.zeros(3)})
+    assert held.wait(1, timeout=10)
+    deadline = time.monotonic() + 10
+    while len(_calls_on_log(faulty, "list")) == listed_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(_calls_on_log(faulty, "list")) == listed_before + 1  # looked, data still held
+    log = "ck.partial_save/log"  # local disk stages under a prefix it renames on finalize
+    assert _calls_on_log(faulty, "create") == [f"{log}/00000001.json"]  # nothing created yet
+    held.release()
+    response.result()
+    assert _calls_on_log(faulty, "list")[listed_before:] == [log]
+    assert _calls_on_log(faulty, "create")[1:] == [f"{log}/00000002.json"]
+    partialstore.finalize(path)
+    assert partialstore.load(path)["a"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_pipelined_saves_commit_after_their_own_record_without_a_look(tmp_path: Path) -> None:
+    """A save in flight when this process created the log's last record appends right after
+    it: two save_async calls list the log once between them; a later save lists again."""
+    url, faulty = install_faulty(str(tmp_path / "root"))
+    path, log = f"{url}/ck", "ck.partial_save/log"
+    first = partialstore.save_async(path, {"a": np.ones(3)})
+    second = partialstore.save_async(path, {"b": np.ones(3)})  # called before record 1 exists
+    first.result()
+    second.result()
+    assert len(_calls_on_log(faulty, "list")) == 1
+    assert _calls_on_log(faulty, "create") == [f"{log}/00000001.json", f"{log}/00000002.json"]
+    partialstore.save(path, {"c": np.ones(3)})  # called after record 2 landed: looks again
+    assert len(_calls_on_log(faulty, "list")) == 2
+    partialstore.finalize(path)
+    assert sorted(partialstore.load(path)) == ["a", "b", "c"]
+
+
+def test_a_discard_between_pipelined_saves_starts_a_new_session(tmp_path: Path) -> None:
+    """Another process discards right after the first save's record landed; the second save,
+    in flight since before, goes straight to number 2, finds the marker there and lands after
+    it, in a new session of its own."""
+    root = str(tmp_path / "root")
+    url, faulty = install_faulty(root)
+    path = f"{url}/ck"
+
+    def discard_as_another_process(_record: object) -> None:
+        partialstore.discard(f"{root}/ck")  # the inner URL: not queued behind our saves
+
+    faulty.add(
+        BackendFault(
+            call(discard_as_another_process, when="after"),
+            method="create",
+            key=r"/log/00000001\.json",
+        )
+    )
+    first = partialstore.save_async(path, {"a": np.ones(3)})
+    second = partialstore.save_async(path, {"b": np.ones(3)})
+    first.result()
+    second.result()
+    location = resolve(f"{root}/ck")
+    assert _kinds(location.backend, location.log_prefix) == [(2, "discard"), (3, "save")]
+    partialstore.finalize(path)
+    assert sorted(partialstore.load(path)) == ["b"]
+
+
+def test_a_look_older_than_its_bound_is_taken_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save whose data took longer than LOOK_FRESH_S lists the log again before its create,
+    so a concurrent discard has no more than a listing's time to take a number from under it."""
+    url, faulty = install_faulty(str(tmp_path / "root"))
+    path = f"{url}/ck"
+    partialstore.save(path, {"a": np.ones(3)})
+    listed = len(_calls_on_log(faulty, "list"))
+    partialstore.save(path, {"b": np.ones(3)})  # fresh look: one listing
+    assert len(_calls_on_log(faulty, "list")) == listed + 1
+    monkeypatch.setattr(txlog, "LOOK_FRESH_S", -1.0)  # every look is already too old
+    partialstore.save(path, {"c": np.ones(3)})
+    assert len(_calls_on_log(faulty, "list")) == listed + 3
+    partialstore.finalize(path)
+    assert sorted(partialstore.load(path)) == ["a", "b", "c"]

@@ -6,7 +6,10 @@ the log's tail from that record on, instead of the whole log: records are
 immutable, so the kind is still right, and the listing shows whether the
 record still exists and what came after it (see
 :func:`partialstore._commit.txlog.append`). A hint is only a starting point:
-whatever it says is checked against the store before anything is created.
+whatever it says is checked against the store before anything is created,
+with one exception: a save that was already in flight when this process
+created the hinted record may append right after it (see
+:func:`created_since`).
 
 Example:
     >>> from partialstore import registry
@@ -21,24 +24,28 @@ Example:
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 
 from partialstore.backend import Backend
 
-__all__ = ["forget", "recall", "remember"]
+__all__ = ["created_since", "forget", "recall", "remember"]
 
 #: How many logs a process keeps hints for (least recently used dropped first).
 HINT_LIMIT = 4096
 
-_hints: OrderedDict[tuple[str, str], tuple[int, str]] = OrderedDict()
+# (number, kind, when this process created it: time.monotonic(), or None if read)
+_hints: OrderedDict[tuple[str, str], tuple[int, str, float | None]] = OrderedDict()
 _lock = threading.Lock()
 
 
-def remember(backend: Backend, log_prefix: str, number: int, kind: str) -> None:
-    """Note that record ``number`` of ``log_prefix`` was just read or created, and its kind."""
+def remember(
+    backend: Backend, log_prefix: str, number: int, kind: str, *, created: bool = False
+) -> None:
+    """Note that record ``number`` of ``log_prefix`` was just read or ``created``, and its kind."""
     key = (backend.url, log_prefix)
     with _lock:
-        _hints[key] = (number, kind)
+        _hints[key] = (number, kind, time.monotonic() if created else None)
         _hints.move_to_end(key)
         while len(_hints) > HINT_LIMIT:
             _hints.popitem(last=False)
@@ -47,7 +54,34 @@ def remember(backend: Backend, log_prefix: str, number: int, kind: str) -> None:
 def recall(backend: Backend, log_prefix: str) -> tuple[int, str] | None:
     """The last ``(number, kind)`` noted for ``log_prefix``, if any."""
     with _lock:
-        return _hints.get((backend.url, log_prefix))
+        hint = _hints.get((backend.url, log_prefix))
+    return None if hint is None else hint[:2]
+
+
+def created_since(backend: Backend, log_prefix: str, since: float) -> int | None:
+    """The hinted record's number if this process created it, as a save, after ``since``.
+
+    ``since`` is when a save was called (``time.monotonic()``). Everything
+    that happened to the log after that record landed is then concurrent
+    with the save, so the save may be ordered before it: its create may go
+    straight to the next number, as if no time had passed (a rival's record
+    there is met by the create itself, see ``txlog.append``).
+
+    Example:
+        >>> from partialstore import registry
+        >>> backend = registry.open_backend("memory://loghints-since-doc")
+        >>> called = time.monotonic()
+        >>> remember(backend, "ck/log", 3, "save", created=True)
+        >>> created_since(backend, "ck/log", called)  # the save was in flight: no look needed
+        3
+        >>> created_since(backend, "ck/log", time.monotonic()) is None  # a later save looks
+        True
+    """
+    with _lock:
+        hint = _hints.get((backend.url, log_prefix))
+    if hint is None or hint[1] != "save" or hint[2] is None or hint[2] <= since:
+        return None
+    return hint[0]
 
 
 def forget(backend: Backend, log_prefix: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Mapping
 from typing import Any
@@ -56,7 +57,7 @@ Descriptors = dict[int, descriptors.Leaf]
 class Snapshot:
     """A tree flattened and copied to host memory, ready to be written."""
 
-    __slots__ = ("custom_metadata", "leaves", "nodes")
+    __slots__ = ("called", "custom_metadata", "leaves", "nodes")
 
     def __init__(
         self, leaves: list[tree.Leaf], nodes: list[tree.Node], custom_metadata: Any
@@ -64,6 +65,9 @@ class Snapshot:
         self.leaves = leaves
         self.nodes = nodes
         self.custom_metadata = custom_metadata
+        # When the save was called: what the log went through after that is
+        # concurrent with it (see loghints.created_since).
+        self.called = time.monotonic()
 
 
 def _check_custom_metadata(custom_metadata: Any) -> Any:
@@ -404,12 +408,23 @@ async def _write_and_append(
     backend = location.backend
     if written is None:
         written = _write_data(location, snap, save_id)
-    by_leaf = await written
-    if op is not None:
-        # Every process must have written its shards before the record exists.
-        statuses = await multihost.gather_to_primary(f"{op}/wrote", multihost.encode_outcome(None))
-        for status in statuses or []:
-            multihost.decode_outcome(status, "Writing the save's shards")
+    # Where the record goes is looked up while the data uploads: only the
+    # create must wait for the data, so one round trip is left after it.
+    looking = asyncio.ensure_future(
+        txlog.look_ahead(backend, location.log_prefix, called=snap.called)
+    )
+    try:
+        by_leaf = await written
+        if op is not None:
+            # Every process must have written its shards before the record exists.
+            statuses = await multihost.gather_to_primary(
+                f"{op}/wrote", multihost.encode_outcome(None)
+            )
+            for status in statuses or []:
+                multihost.decode_outcome(status, "Writing the save's shards")
+    finally:
+        # A failed look only costs the append its own look, after the data.
+        start = (await asyncio.gather(looking, return_exceptions=True))[0]
     crash_point("save.after_data")
     record = SaveRecord(
         save_id=save_id,
@@ -420,6 +435,11 @@ async def _write_and_append(
         leaves=[_leaf_entry(leaf, by_leaf.get(id(leaf))) for leaf in snap.leaves],
     )
     crash_point("save.before_log_append")
-    number, _ = await txlog.append(backend, location.log_prefix, record.encode())
+    number, _ = await txlog.append(
+        backend,
+        location.log_prefix,
+        record.encode(),
+        start=start if isinstance(start, txlog.AppendStart) else None,
+    )
     compaction.schedule(location, number)  # in the background, after this save returns
     return number

@@ -38,15 +38,25 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Sequence
 
 from partialstore._commit import contention, loghints, records
 from partialstore._commit.exclusive import Created, create_or_read
 from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
-from partialstore._commit.listing import list_after
-from partialstore._commit.records import DiscardRecord, LogRecord, SaveRecord, SealRecord
+from partialstore._commit.logread import (
+    LogEntry,
+    is_discard,
+    is_seal,
+    list_numbers,
+    read_entries,
+    read_log,
+    read_range,
+    read_record,
+    record_key,
+    session_of,
+)
+from partialstore._commit.records import DiscardRecord, SaveRecord, SealRecord
 from partialstore.backend import Backend
 from partialstore.errors import (
     BackendError,
@@ -60,192 +70,37 @@ from partialstore.errors import (
 __all__ = [
     "FORMAT",
     "VERSION",
+    "AppendStart",
     "LogEntry",
     "append",
     "has_session",
     "is_discard",
     "is_seal",
     "list_numbers",
+    "look_ahead",
+    "read_entries",
     "read_log",
     "read_range",
+    "record_key",
     "session_of",
 ]
 
 FORMAT = LOG_FORMAT
 VERSION = LOG_VERSION
-_NAME = re.compile(r"^(\d{8})\.json$")
-# Reading records is latency bound on object stores; bound the fan-out so a
-# log of thousands of saves does not open thousands of connections at once.
-_READ_CONCURRENCY = 64
-# How often a reader lists again when records vanish under it (a concurrent discard).
-_REREADS = 8
 SAVE, SEAL, DISCARD = SaveRecord.kind, SealRecord.kind, DiscardRecord.kind
-
-
-def record_key(log_prefix: str, number: int) -> str:
-    """Key of log record ``number`` (1-based, 8 digits so names sort numerically)."""
-    return f"{log_prefix}/{number:08d}.json"
-
-
-def is_seal(record: LogRecord) -> bool:
-    """Whether ``record`` is the finalize seal."""
-    return isinstance(record, SealRecord)
-
-
-def is_discard(record: LogRecord) -> bool:
-    """Whether ``record`` is a discard marker (the session before it is abandoned)."""
-    return isinstance(record, DiscardRecord)
-
-
-class LogEntry:
-    """One decoded record and its position in the log."""
-
-    __slots__ = ("number", "record")
-
-    def __init__(self, number: int, record: LogRecord) -> None:
-        self.number = number
-        self.record = record
-
-
-async def list_numbers(backend: Backend, log_prefix: str, *, after: int = 0) -> list[int]:
-    """Numbers of the records after record ``after`` (every record for 0), ascending.
-
-    ``[]`` for no session. With ``after``, only the tail of the log is listed
-    (``start_after``), so the cost is what the tail holds.
-    """
-    numbers = []
-    start_after = record_key(log_prefix, after) if after else None
-    # list, not list_children: the log is flat, and a backend may send a
-    # recursive listing through a faster client (see backends/s3.py).
-    for key in await list_after(backend, log_prefix, start_after):
-        match = _NAME.match(key[len(log_prefix) + 1 :])
-        if match:
-            numbers.append(int(match.group(1)))
-    numbers.sort()
-    return numbers
-
-
-async def _read(backend: Backend, log_prefix: str, number: int) -> LogRecord:
-    key = record_key(log_prefix, number)
-    return records.decode_record(key, await backend.read(key))
-
-
-async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]) -> list[LogEntry]:
-    """Read the given records concurrently, in order.
-
-    Raises:
-      NotFoundError: one of them does not exist (any more).
-    """
-    limit = asyncio.Semaphore(_READ_CONCURRENCY)
-
-    async def one(number: int) -> LogEntry:
-        async with limit:
-            return LogEntry(number, await _read(backend, log_prefix, number))
-
-    return list(await asyncio.gather(*(one(n) for n in numbers)))
-
-
-async def read_range(
-    backend: Backend, log_prefix: str, first: int, last: int
-) -> list[LogEntry] | None:
-    """Records ``first`` to ``last`` read by key, without a listing; ``None`` if one is missing.
-
-    For a caller that knows record ``last`` exists (its own append, or this
-    process's hint): the reads cost what a listing's follow-up reads cost, and
-    no listing is paid (a LIST is a slower, pricier request than a GET on
-    S3, and grows with the bucket on some servers). A missing record (a
-    discard deleted it, or the hint is from another log) makes the caller
-    read the log by listing instead.
-
-    Raises:
-      CorruptCheckpointError: a record is malformed.
-    """
-    found = await _read_present(backend, log_prefix, range(first, last + 1))
-    if any(entry is None for entry in found):
-        return None
-    return [entry for entry in found if entry is not None]
-
-
-def session_of(entries: Sequence[LogEntry]) -> list[LogEntry]:
-    """The records of the live session: those after the last discard marker."""
-    for index in range(len(entries) - 1, -1, -1):
-        if is_discard(entries[index].record):
-            return list(entries[index + 1 :])
-    return list(entries)
-
-
-def _check_dense(
-    log_prefix: str, numbers: Sequence[int], entries: Sequence[LogEntry], first: int = 1
-) -> None:
-    """Raise if records are missing where the protocol never deletes any."""
-    last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
-    live = [n for n in numbers if n > last_marker]
-    expected = last_marker + 1 if last_marker else first
-    for number in live:
-        if number != expected:
-            raise CorruptCheckpointError(
-                f"Log record {record_key(log_prefix, expected)} is missing (the log goes on "
-                f"at {record_key(log_prefix, number)}): a committed save was deleted or never "
-                "copied. The session cannot be finalized as it is."
-            )
-        expected += 1
-
-
-async def read_log(
-    backend: Backend, log_prefix: str, *, first: int = 1, last: int | None = None
-) -> list[LogEntry]:
-    """Every record of the log in log order, checked for gaps; ``[]`` for no log.
-
-    Records before the last discard marker may vanish while this reads (the
-    discard deletes them): it then lists again. A gap after the last marker,
-    or missing first records with no marker, is damage. ``first`` and
-    ``last`` read only the records from ``first`` (listing only the log's
-    tail) up to ``last``; the records read must then start at ``first``,
-    unless a discard marker among them starts the session later.
-
-    Raises:
-      CorruptCheckpointError: a record is missing or malformed.
-    """
-    for attempt in range(_REREADS):
-        numbers = await list_numbers(backend, log_prefix, after=first - 1)
-        numbers = [n for n in numbers if last is None or n <= last]
-        found = await _read_present(backend, log_prefix, numbers)
-        entries = [entry for entry in found if entry is not None]
-        last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
-        # Records below the last marker may vanish (that discard deletes them);
-        # one above it vanished because a newer discard came: list again.
-        pairs = zip(numbers, found, strict=True)
-        if all(entry is not None or n < last_marker for n, entry in pairs):
-            present = [e.number for e in entries]
-            _check_dense(log_prefix, present, entries, first)
-            return entries
-        await asyncio.sleep(0.01 * 2**attempt)
-    raise CorruptCheckpointError(
-        f"Log records under {log_prefix} kept vanishing while being read, and no discard "
-        "explains it. Is another tool deleting them?"
-    )
-
-
-async def _read_present(
-    backend: Backend, log_prefix: str, numbers: Sequence[int]
-) -> list[LogEntry | None]:
-    """Read the given records concurrently; ``None`` for one that no longer exists."""
-    limit = asyncio.Semaphore(_READ_CONCURRENCY)
-
-    async def one(number: int) -> LogEntry | None:
-        async with limit:
-            try:
-                return LogEntry(number, await _read(backend, log_prefix, number))
-            except NotFoundError:
-                return None
-
-    return list(await asyncio.gather(*(one(n) for n in numbers)))
+#: How long a save may create by a look taken before its data was written
+#: (seconds). A discard that lands its marker and deletes records between the
+#: look and the create can take a number back from under the look, and the
+#: save then lands below the marker (docs/protocol.md, "Concurrent discards");
+#: an older look is taken again, so that window stays about as short as a
+#: listing followed by a create, whatever the size of the upload.
+LOOK_FRESH_S = 1.0
 
 
 async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None:
     """The kind of record ``number``; ``None`` if it no longer exists."""
     try:
-        record = await _read(backend, log_prefix, number)
+        record = await read_record(backend, log_prefix, number)
     except NotFoundError:
         return None
     contention.note_rival(backend, log_prefix, record.writer)
@@ -315,22 +170,33 @@ async def _tail_from(backend: Backend, log_prefix: str, number: int) -> list[int
 
 
 async def _start(
-    backend: Backend, log_prefix: str, what: str, known: Sequence[LogEntry], kinds: dict[int, str]
+    backend: Backend,
+    log_prefix: str,
+    what: str,
+    known: Sequence[LogEntry],
+    kinds: dict[int, str],
+    called: float | None = None,
 ) -> list[int]:
     """The numbers an append starts from: the caller's records, the tail after a hint, or all.
 
     A save on a log where rivals were seen first waits its pause
-    (:func:`partialstore._commit.contention.pause`). A hint is used only when
-    its record still exists: the tail listing from it then shows the log's
-    end exactly as a full listing would. A hint whose record is gone (a
-    discard deleted it, or the log moved or was deleted) is dropped, and the
-    whole log is listed as before.
+    (:func:`partialstore._commit.contention.pause`). A save ``called``
+    before this process created the hinted record starts right after it
+    (:func:`partialstore._commit.loghints.created_since`). Otherwise a hint is
+    used only when its record still exists: the tail listing from it then
+    shows the log's end exactly as a full listing would. A hint whose record
+    is gone (a discard deleted it, or the log moved or was deleted) is
+    dropped, and the whole log is listed as before.
     """
     if what == SAVE:  # after others on a contended log, not ahead of them (see contention)
         await asyncio.sleep(contention.pause(backend, log_prefix))
     numbers = [e.number for e in known]
     if numbers and kinds.get(numbers[-1]) == SAVE:
         return numbers
+    own = None if called is None else loghints.created_since(backend, log_prefix, called)
+    if what == SAVE and not known and own is not None:
+        kinds[own] = SAVE
+        return [own]
     hint = loghints.recall(backend, log_prefix) if what == SAVE and not known else None
     if hint is not None:
         number, kind = hint
@@ -382,6 +248,70 @@ async def _after_conflict(
     return [*numbers, *tail] if tail is not None else await list_numbers(backend, log_prefix)
 
 
+class AppendStart:
+    """Where an append begins: the numbers it saw, the kinds it knows, and when it looked."""
+
+    __slots__ = ("kinds", "looked", "numbers")
+
+    def __init__(self, numbers: list[int], kinds: dict[int, str], looked: float) -> None:
+        self.numbers = numbers
+        self.kinds = kinds
+        self.looked = looked  # time.monotonic() when the look began
+
+    def fresh(self) -> bool:
+        """Whether a create may still go by this look (see :data:`LOOK_FRESH_S`)."""
+        return time.monotonic() - self.looked <= LOOK_FRESH_S
+
+
+async def look_ahead(
+    backend: Backend,
+    log_prefix: str,
+    *,
+    what: str = SAVE,
+    known: Sequence[LogEntry] = (),
+    called: float | None = None,
+) -> AppendStart:
+    """Find where an append of a ``what`` record begins, before the record is ready.
+
+    A save runs this while its data uploads, so that only the create is left
+    once the data is there: a record must never name data that is not
+    there, but nothing orders the look before it. The look may be stale by
+    the time of the create, which then meets the records appended since
+    and goes on after them, as after any race (:func:`append`). ``called``
+    is when the save was called (``time.monotonic()``): if this process
+    created the log's last record after that, the look needs no request.
+
+    Example:
+        >>> from partialstore.backends.memory import MemoryBackend
+        >>> from partialstore._runtime.aio import run
+        >>> backend = MemoryBackend("memory://look-ahead-example", {})
+        >>> start = run(look_ahead(backend, "ck/log"))  # an empty log: record 1 is next
+        >>> run(append(backend, "ck/log", b'{}', start=start))
+        (1, [])
+    """
+    looked = time.monotonic()
+    kinds = {e.number: e.record.kind for e in known}  # records are immutable
+    numbers = await _start(backend, log_prefix, what, known, kinds, called)
+    return AppendStart(await _with_last_kind(backend, log_prefix, numbers, kinds), kinds, looked)
+
+
+async def _with_last_kind(
+    backend: Backend, log_prefix: str, numbers: list[int], kinds: dict[int, str]
+) -> list[int]:
+    """``numbers``, once the kind of the last of them is in ``kinds`` (read if need be).
+
+    A last record that vanished (a discard deleted it under us) sends the
+    look to the whole log again.
+    """
+    while numbers and numbers[-1] not in kinds:
+        kind = await _kind_of(backend, log_prefix, numbers[-1])
+        if kind is None:
+            numbers = await list_numbers(backend, log_prefix)
+            continue
+        kinds[numbers[-1]] = kind
+    return numbers
+
+
 async def _create_noted(
     backend: Backend, log_prefix: str, number: int, data: bytes
 ) -> tuple[Created, bool, bytes | None]:
@@ -400,6 +330,7 @@ async def append(
     *,
     what: str = SAVE,
     known: Sequence[LogEntry] = (),
+    start: AppendStart | None = None,
 ) -> tuple[int, list[int]]:
     """Append ``data`` as the next record; return its number and the numbers before it.
 
@@ -408,8 +339,10 @@ async def append(
     order); when the last of them is a save, the first attempt goes straight
     to the number after it, saving a list and a read. Otherwise a save starts
     from this process's hint (:mod:`~partialstore._commit.loghints`): it lists
-    only the tail of the log from the last record it saw. A create whose
-    answer was lost counts as appended when the record read back is ours.
+    only the tail of the log from the last record it saw. ``start`` is that
+    beginning found ahead by :func:`look_ahead` (a save looks while its data
+    uploads). A create whose answer was lost counts as appended when the
+    record read back is ours.
 
     The numbers returned are every number before ours when ``known`` or a full
     listing was the start (seals and discards always), and only those from
@@ -422,17 +355,13 @@ async def append(
         being appended (only after a lost answer).
       OutcomeUnknownError: the store kept failing, so whether it landed is unknown.
     """
-    kinds = {e.number: e.record.kind for e in known}  # records are immutable
-    numbers = await _start(backend, log_prefix, what, known, kinds)
+    if start is None or not start.fresh():
+        start = await look_ahead(backend, log_prefix, what=what, known=known)
+    numbers, kinds = start.numbers, start.kinds
     conflicts = 0
     while True:
+        numbers = await _with_last_kind(backend, log_prefix, numbers, kinds)
         last = numbers[-1] if numbers else 0
-        if last and last not in kinds:
-            kind = await _kind_of(backend, log_prefix, last)
-            if kind is None:
-                numbers = await list_numbers(backend, log_prefix)
-                continue  # a discard deleted it under us; look again
-            kinds[last] = kind
         if last:
             loghints.remember(backend, log_prefix, last, kinds[last])
             _refuse(kinds[last], what, log_prefix, last)
@@ -442,7 +371,7 @@ async def append(
             # deleted by a discard, and been created again below its marker.
             if not clean and await _discarded_after_or_unknown(backend, log_prefix, last + 1):
                 raise _discarded_in_flight(what, log_prefix)
-            loghints.remember(backend, log_prefix, last + 1, what)
+            loghints.remember(backend, log_prefix, last + 1, what, created=True)
             return last + 1, numbers
         if outcome is Created.VANISHED and what == SAVE:
             # The number was taken and then deleted by a discard; it may have

@@ -1,0 +1,210 @@
+"""Reading the transaction log: record keys, listings, and records checked for gaps.
+
+:mod:`partialstore._commit.txlog` appends to the log and re-exports what is
+here; finalize, compaction and discard read the log through these.
+
+Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> import partialstore
+    >>> from partialstore._commit.location import resolve
+    >>> from partialstore._runtime.aio import run
+    >>> partialstore.save(f"{tmp.name}/ckpt", {"step": 1})  # appends record 1
+    >>> location = resolve(f"{tmp.name}/ckpt")
+    >>> run(list_numbers(location.backend, location.log_prefix))
+    [1]
+    >>> tmp.cleanup()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+
+from partialstore._commit import records
+from partialstore._commit.listing import list_after
+from partialstore._commit.records import DiscardRecord, LogRecord, SealRecord
+from partialstore.backend import Backend
+from partialstore.errors import CorruptCheckpointError, NotFoundError
+
+__all__ = [
+    "LogEntry",
+    "is_discard",
+    "is_seal",
+    "list_numbers",
+    "read_entries",
+    "read_log",
+    "read_present",
+    "read_range",
+    "read_record",
+    "record_key",
+    "session_of",
+]
+
+_NAME = re.compile(r"^(\d{8})\.json$")
+# Reading records is latency bound on object stores; bound the fan-out so a
+# log of thousands of saves does not open thousands of connections at once.
+_READ_CONCURRENCY = 64
+# How often a reader lists again when records vanish under it (a concurrent discard).
+_REREADS = 8
+
+
+def record_key(log_prefix: str, number: int) -> str:
+    """Key of log record ``number`` (1-based, 8 digits so names sort numerically)."""
+    return f"{log_prefix}/{number:08d}.json"
+
+
+def is_seal(record: LogRecord) -> bool:
+    """Whether ``record`` is the finalize seal."""
+    return isinstance(record, SealRecord)
+
+
+def is_discard(record: LogRecord) -> bool:
+    """Whether ``record`` is a discard marker (the session before it is abandoned)."""
+    return isinstance(record, DiscardRecord)
+
+
+class LogEntry:
+    """One decoded record and its position in the log."""
+
+    __slots__ = ("number", "record")
+
+    def __init__(self, number: int, record: LogRecord) -> None:
+        self.number = number
+        self.record = record
+
+
+async def list_numbers(backend: Backend, log_prefix: str, *, after: int = 0) -> list[int]:
+    """Numbers of the records after record ``after`` (every record for 0), ascending.
+
+    ``[]`` for no session. With ``after``, only the tail of the log is listed
+    (``start_after``), so the cost is what the tail holds.
+    """
+    numbers = []
+    start_after = record_key(log_prefix, after) if after else None
+    # list, not list_children: the log is flat, and a backend may send a
+    # recursive listing through a faster client (see backends/s3.py).
+    for key in await list_after(backend, log_prefix, start_after):
+        match = _NAME.match(key[len(log_prefix) + 1 :])
+        if match:
+            numbers.append(int(match.group(1)))
+    numbers.sort()
+    return numbers
+
+
+async def read_record(backend: Backend, log_prefix: str, number: int) -> LogRecord:
+    key = record_key(log_prefix, number)
+    return records.decode_record(key, await backend.read(key))
+
+
+async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]) -> list[LogEntry]:
+    """Read the given records concurrently, in order.
+
+    Raises:
+      NotFoundError: one of them does not exist (any more).
+    """
+    limit = asyncio.Semaphore(_READ_CONCURRENCY)
+
+    async def one(number: int) -> LogEntry:
+        async with limit:
+            return LogEntry(number, await read_record(backend, log_prefix, number))
+
+    return list(await asyncio.gather(*(one(n) for n in numbers)))
+
+
+async def read_range(
+    backend: Backend, log_prefix: str, first: int, last: int
+) -> list[LogEntry] | None:
+    """Records ``first`` to ``last`` read by key, without a listing; ``None`` if one is missing.
+
+    For a caller that knows record ``last`` exists (its own append, or this
+    process's hint): the reads cost what a listing's follow-up reads cost, and
+    no listing is paid (a LIST is a slower, pricier request than a GET on
+    S3, and grows with the bucket on some servers). A missing record (a
+    discard deleted it, or the hint is from another log) makes the caller
+    read the log by listing instead.
+
+    Raises:
+      CorruptCheckpointError: a record is malformed.
+    """
+    found = await read_present(backend, log_prefix, range(first, last + 1))
+    if any(entry is None for entry in found):
+        return None
+    return [entry for entry in found if entry is not None]
+
+
+def session_of(entries: Sequence[LogEntry]) -> list[LogEntry]:
+    """The records of the live session: those after the last discard marker."""
+    for index in range(len(entries) - 1, -1, -1):
+        if is_discard(entries[index].record):
+            return list(entries[index + 1 :])
+    return list(entries)
+
+
+def _check_dense(
+    log_prefix: str, numbers: Sequence[int], entries: Sequence[LogEntry], first: int = 1
+) -> None:
+    """Raise if records are missing where the protocol never deletes any."""
+    last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
+    live = [n for n in numbers if n > last_marker]
+    expected = last_marker + 1 if last_marker else first
+    for number in live:
+        if number != expected:
+            raise CorruptCheckpointError(
+                f"Log record {record_key(log_prefix, expected)} is missing (the log goes on "
+                f"at {record_key(log_prefix, number)}): a committed save was deleted or never "
+                "copied. The session cannot be finalized as it is."
+            )
+        expected += 1
+
+
+async def read_log(
+    backend: Backend, log_prefix: str, *, first: int = 1, last: int | None = None
+) -> list[LogEntry]:
+    """Every record of the log in log order, checked for gaps; ``[]`` for no log.
+
+    Records before the last discard marker may vanish while this reads (the
+    discard deletes them): it then lists again. A gap after the last marker,
+    or missing first records with no marker, is damage. ``first`` and
+    ``last`` read only the records from ``first`` (listing only the log's
+    tail) up to ``last``; the records read must then start at ``first``,
+    unless a discard marker among them starts the session later.
+
+    Raises:
+      CorruptCheckpointError: a record is missing or malformed.
+    """
+    for attempt in range(_REREADS):
+        numbers = await list_numbers(backend, log_prefix, after=first - 1)
+        numbers = [n for n in numbers if last is None or n <= last]
+        found = await read_present(backend, log_prefix, numbers)
+        entries = [entry for entry in found if entry is not None]
+        last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
+        # Records below the last marker may vanish (that discard deletes them);
+        # one above it vanished because a newer discard came: list again.
+        pairs = zip(numbers, found, strict=True)
+        if all(entry is not None or n < last_marker for n, entry in pairs):
+            present = [e.number for e in entries]
+            _check_dense(log_prefix, present, entries, first)
+            return entries
+        await asyncio.sleep(0.01 * 2**attempt)
+    raise CorruptCheckpointError(
+        f"Log records under {log_prefix} kept vanishing while being read, and no discard "
+        "explains it. Is another tool deleting them?"
+    )
+
+
+async def read_present(
+    backend: Backend, log_prefix: str, numbers: Sequence[int]
+) -> list[LogEntry | None]:
+    """Read the given records concurrently; ``None`` for one that no longer exists."""
+    limit = asyncio.Semaphore(_READ_CONCURRENCY)
+
+    async def one(number: int) -> LogEntry | None:
+        async with limit:
+            try:
+                return LogEntry(number, await read_record(backend, log_prefix, number))
+            except NotFoundError:
+                return None
+
+    return list(await asyncio.gather(*(one(n) for n in numbers)))
