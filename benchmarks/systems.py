@@ -56,26 +56,39 @@ class PartialstoreSystem:
     name = "partialstore"
     cost_exponent = 1.0
 
-    def __init__(self, storage_options: Mapping[str, Any]) -> None:
+    def __init__(self, storage_options: Mapping[str, Any], *, pipelined: bool = False) -> None:
         import partialstore
 
         self._ps = partialstore
         self._options = dict(storage_options) or None
+        # Pipelined: each save is a save_async, so the next save's arrays upload
+        # while the previous one commits; finalize waits for them all.
+        self._pipelined = pipelined
+        self._pending: list[Any] = []
 
     def save(self, url: str, state: Any) -> None:
-        self._ps.save(url, state, storage_options=self._options)
+        if self._pipelined:
+            self._pending.append(self._ps.save_async(url, state, storage_options=self._options))
+        else:
+            self._ps.save(url, state, storage_options=self._options)
 
     def finalize(self, url: str) -> None:
+        pending, self._pending = self._pending, []
+        for response in pending:
+            response.result()  # a failed save must fail the measurement
         self._ps.finalize(url, storage_options=self._options)
 
     def load(self, url: str) -> Any:
         return self._ps.load(url, storage_options=self._options)
 
 
-def make_checkpoint_system(name: str, store: Any) -> CheckpointSystem:
-    """Build the checkpoint system ``name`` (``partialstore`` or ``orbax``) for ``store``."""
+def make_checkpoint_system(name: str, store: Any, *, pipelined: bool = False) -> CheckpointSystem:
+    """Build the checkpoint system ``name`` (``partialstore`` or ``orbax``) for ``store``.
+
+    ``pipelined`` makes partialstore's saves ``save_async`` calls, waited for by finalize.
+    """
     if name == "partialstore":
-        return PartialstoreSystem(store.storage_options)
+        return PartialstoreSystem(store.storage_options, pipelined=pipelined)
     if name == "orbax":
         from benchmarks.baselines import OrbaxSystem
 

@@ -91,6 +91,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "so workload c is 256 MiB there: 1 GiB x 3 repetitions x 2 systems through an "
         "emulator on the same 2 cores would take minutes and measure the emulator)",
     )
+    parser.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="partialstore saves with save_async (each save's arrays upload while the "
+        "previous save commits) and finalize waits for them: read save+finalize, since "
+        "the save calls then return before their data is written",
+    )
 
 
 def _plan(
@@ -120,6 +127,7 @@ def _plan(
                     "workloads": [work.to_json()],
                     "reps": 1,
                     "budget_s": args.budget_s,
+                    "pipelined": args.pipelined,
                 }
                 for system in rotated(order, rnd)
             )
@@ -263,6 +271,12 @@ def _network_tables(result: dict[str, Any]) -> list[str]:
 def render_tables(result: dict[str, Any]) -> str:
     """The markdown report of a throughput result (what is printed on stdout)."""
     out = [f"## Save / load throughput ({'quick' if result['quick'] else 'full'} run)", ""]
+    if result.get("config", {}).get("pipelined"):
+        out.append(
+            "partialstore saved with `save_async` (`--pipelined`): its save calls return "
+            "before their data is written, so read save+finalize."
+        )
+        out.append("")
     if result.get("orbax"):
         out.append("Orbax on each store (probed with a tiny save/finalize/load in this run):")
         out.append("")
@@ -400,6 +414,7 @@ def measure(run: Run) -> Measured:
         "emulator_max_bytes": args.emulator_max_bytes,
         "network": args.network,
         "profile": args.profile.to_json(),
+        "pipelined": args.pipelined,
     }
     body = {
         "stores": store_info,

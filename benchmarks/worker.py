@@ -321,9 +321,11 @@ def _job_throughput(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
     """
     name = job["system"]
     raw = name in ("tensorstore", "numpy")
-    system = None if raw else _SYSTEMS.get(name)
+    pipelined = bool(job.get("pipelined"))
+    system = None if raw else _SYSTEMS.get(f"{name}/{pipelined}")
     if not raw and system is None:
-        system = _SYSTEMS[name] = make_checkpoint_system(name, store)
+        system = make_checkpoint_system(name, store, pipelined=pipelined)
+        _SYSTEMS[f"{name}/{pipelined}"] = system
         _warm_up_checkpoint(system, store)
     reps = int(job["reps"])
     for data in job["workloads"]:

@@ -692,3 +692,16 @@ def test_log_scale_quick_on_local(tmp_path: Path, capsys: Any) -> None:
     assert [row["requests_per_commit"] for row in body["writers"]] == [2.0]
     assert {row["saves"] for row in body["finalize"]} == {10}
     assert "whole saves" in capsys.readouterr().out
+
+
+def test_throughput_pipelined_saves_with_save_async(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "out"
+    argv = ["--quick", "--stores", "local", "--workloads", "d", "--out", str(out)]
+    rc = throughput.main([*argv, "--systems", "partialstore,tensorstore", "--pipelined"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "saved with `save_async` (`--pipelined`)" in stdout
+    result = json.loads((out / "throughput.json").read_text())
+    assert result["config"]["pipelined"] is True
+    ps = next(r for r in result["results"] if r["system"] == "partialstore")
+    assert ps["status"] == "ok" and ps["verified"]  # every save landed, loaded back equal
