@@ -46,7 +46,7 @@ from benchmarks.cli import Measured, Run, Script
 from benchmarks.stores import started_stores
 from partialstore import registry
 from partialstore._commit import loghints, txlog
-from partialstore._commit.location import resolve
+from partialstore._commit.location import Location, resolve
 from partialstore._commit.published import writer
 from partialstore._commit.records import SaveRecord
 from partialstore._runtime.aio import run as run_sync
@@ -172,9 +172,36 @@ def measure_saves(root: str, options: dict[str, Any], lengths: list[int]) -> lis
             start = time.perf_counter()
             partialstore.save(f"{fresh}-{step}", _tree(step), storage_options=options)
             firsts.append(time.perf_counter() - start)
-        rows.append({"length": length, "first_saves_s": firsts, "later_saves_s": later})
+        rows.append(
+            {
+                "length": length,
+                "first_saves_s": firsts,
+                "later_saves_s": later,
+                "first_listing_s": _tail_listings(resolve(f"{fresh}-0", options)),
+                "later_listing_s": _tail_listings(location),
+            }
+        )
         _progress(f"saves at {length}: {rows[-1]} (setup {first_s:.1f} s)")
     return rows
+
+
+_LISTINGS = ("first_listing_s", "later_listing_s")
+
+
+def _tail_listings(location: Location, times: int = 5) -> list[float]:
+    """The store's time for the listing a save's look makes: from the last record on.
+
+    The floor under a save's time that the store sets; emulators scan their
+    keys on a LIST, so it grows with the log there (S3 and GCS read one page).
+    """
+    numbers = run_sync(txlog.list_numbers(location.backend, location.log_prefix))
+    start_after = txlog.record_key(location.log_prefix, numbers[-1])
+    spent = []
+    for _ in range(times):
+        start = time.perf_counter()
+        run_sync(location.backend.list(location.log_prefix, start_after=start_after))
+        spent.append(time.perf_counter() - start)
+    return spent
 
 
 def _writer(url: str, options: dict[str, Any], log: str, count: int, go: float, out: Any) -> None:
@@ -354,14 +381,18 @@ def render(result: dict[str, Any]) -> str:
                 f"{row['s'] * 1e3:.0f} ms | {row['requests']} |"
             )
         out += ["", f"### {store}: whole saves, the 1st of a session and after N records", ""]
-        out += ["| N | 1st save, median | save after N records, median | ratio |"]
-        out += ["|---|---|---|---|"]
+        out += [
+            "| N | 1st save, median | save after N records, median | ratio "
+            "| the look's listing alone, 1st / after N |"
+        ]
+        out += ["|---|---|---|---|---|"]
         for row in data.get("saves", []):
             first = statistics.median(row["first_saves_s"])
             later = statistics.median(row["later_saves_s"])
+            listings = [statistics.median(row.get(k) or [0.0]) for k in _LISTINGS]
             out.append(
                 f"| {row['length']} | {first * 1e3:.1f} ms | {later * 1e3:.1f} ms | "
-                f"{later / first:.2f}x |"
+                f"{later / first:.2f}x | {listings[0] * 1e3:.1f} ms / {listings[1] * 1e3:.1f} ms |"
             )
         out.append("")
     return "\n".join(out)

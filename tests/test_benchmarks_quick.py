@@ -691,7 +691,11 @@ def test_log_scale_quick_on_local(tmp_path: Path, capsys: Any) -> None:
     assert later and all(requests == {"list": 1, "create": 1} for requests in later)
     assert [row["requests_per_commit"] for row in body["writers"]] == [2.0]
     assert {row["saves"] for row in body["finalize"]} == {10}
-    assert "whole saves" in capsys.readouterr().out
+    for row in body["saves"]:  # the store's floor under each save: its look's listing
+        assert len(row["first_listing_s"]) == len(row["later_listing_s"]) == 5
+        assert all(seconds > 0 for seconds in row["first_listing_s"] + row["later_listing_s"])
+    assert body["saves"]
+    assert "the look's listing alone" in capsys.readouterr().out
 
 
 def test_throughput_pipelined_saves_with_save_async(tmp_path: Path, capsys: Any) -> None:
