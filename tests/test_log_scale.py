@@ -34,6 +34,7 @@ from partialstore.errors import CheckpointFinalizedError
 from partialstore.testing.faulty_backend import (
     BackendFault,
     FaultyBackend,
+    before,
     call,
     hang,
     install_faulty,
@@ -351,3 +352,18 @@ def test_a_look_older_than_its_bound_is_taken_again(
     assert len(_calls_on_log(faulty, "list")) == listed + 3
     partialstore.finalize(path)
     assert sorted(partialstore.load(path)) == ["a", "b", "c"]
+
+
+def test_a_look_that_fails_is_taken_again_after_the_data(tmp_path: Path) -> None:
+    """A 503 on the look's listing (past the backend's retries) costs the save nothing but
+    a second look once its data is written; the save commits after record 1."""
+    url, faulty = install_faulty(str(tmp_path / "root"))
+    path = f"{url}/ck"
+    partialstore.save(path, {"a": np.ones(3)})
+    listed = len(_calls_on_log(faulty, "list"))
+    failed = faulty.add(BackendFault(before(), method="list", key=r"/log$"))
+    partialstore.save(path, {"b": np.ones(3)})
+    assert failed.fired == 1
+    assert len(_calls_on_log(faulty, "list")) == listed + 2  # the failed look, then the retry
+    partialstore.finalize(path)
+    assert sorted(partialstore.load(path)) == ["a", "b"]
