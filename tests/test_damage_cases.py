@@ -139,6 +139,7 @@ MANIFEST_CASES: dict[str, tuple[Edit, list[str]]] = {
     "nodes not a list": (lambda b: b.__setitem__("nodes", None), ALL),
     "another format": (lambda b: b.__setitem__("format", "orbax"), ALL),
     "version 2": (lambda b: b.__setitem__("version", 2), ALL),
+    "version true": (lambda b: b.__setitem__("version", True), ALL),
     # unknown fields are ignored: newer writers may add some
     "unknown top-level field": (lambda b: b.__setitem__("finalize_id", "abc"), []),
     "unknown entry fields": (
@@ -228,6 +229,7 @@ RECORD_CASES: dict[str, Edit] = {
     "escaping array path": setter("big", "path", "data/../../x/a00000"),
     "path deeper than MAX_DEPTH": setter("step", "path", [["key", "k"]] * (MAX_DEPTH + 1), leaf),
     "version 2": lambda r: r.__setitem__("version", 2),
+    "version true": lambda r: r.__setitem__("version", True),
 }
 
 

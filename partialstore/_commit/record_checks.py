@@ -75,7 +75,7 @@ def parse_versioned(what: str, data: bytes, *, fmt: str, version: int) -> dict[s
         ) from None
     if not isinstance(body, dict) or body.get("format") != fmt:
         raise CorruptCheckpointError(f"{what} is not a {fmt} object. The checkpoint is damaged.")
-    if body.get("version") != version:
+    if isinstance(body.get("version"), bool) or body.get("version") != version:  # true == 1
         raise CorruptCheckpointError(
             f"{what} has format version {short_repr(body.get('version'), 40)}; this "
             f"partialstore reads version {version}. Upgrade partialstore to read it."
