@@ -30,7 +30,7 @@ from partialstore._commit.published import writer
 from partialstore._commit.records import DiscardRecord, SaveRecord, SealRecord
 from partialstore._runtime.aio import run
 from partialstore.backend import Backend
-from partialstore.errors import CheckpointFinalizedError
+from partialstore.errors import CheckpointFinalizedError, TransientBackendError
 from partialstore.testing.faulty_backend import (
     BackendFault,
     FaultyBackend,
@@ -365,5 +365,28 @@ def test_a_look_that_fails_is_taken_again_after_the_data(tmp_path: Path) -> None
     partialstore.save(path, {"b": np.ones(3)})
     assert failed.fired == 1
     assert len(_calls_on_log(faulty, "list")) == listed + 2  # the failed look, then the retry
+    partialstore.finalize(path)
+    assert sorted(partialstore.load(path)) == ["a", "b"]
+
+
+def test_a_save_whose_data_fails_does_not_wait_for_its_look(tmp_path: Path) -> None:
+    """The data write fails (a 503 burst past the retries) while the look's listing hangs:
+    the save raises the data's error at once and cancels its look, rather than waiting for
+    a listing whose answer nothing needs any more."""
+    url, faulty = install_faulty(str(tmp_path / "root"))
+    path = f"{url}/ck"
+    partialstore.save(path, {"a": np.ones(3)})
+    hung = faulty.add(BackendFault(hang(), method="list", key=r"/log$"))
+    failed = faulty.add(BackendFault(before(), method="write", key=r"/data/", times=None))
+    response = partialstore.save_async(path, {"b": np.ones(3)})
+    assert hung.wait(1, timeout=10)
+    with pytest.raises(TransientBackendError):
+        response.result(timeout=10)  # the listing is still held: only a cancelled look returns
+    assert failed.fired >= 1
+    (look,) = [c for c in faulty.calls("list") if c.key.endswith("/log")][-1:]
+    assert (look.outcome, look.error) == ("error", "CancelledError")
+    hung.release()
+    failed.remove()
+    partialstore.save(path, {"b": np.ones(3)})  # the path still works: the save commits
     partialstore.finalize(path)
     assert sorted(partialstore.load(path)) == ["a", "b"]

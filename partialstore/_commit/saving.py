@@ -422,9 +422,12 @@ async def _write_and_append(
             )
             for status in statuses or []:
                 multihost.decode_outcome(status, "Writing the save's shards")
-    finally:
-        # A failed look only costs the append its own look, after the data.
-        start = (await asyncio.gather(looking, return_exceptions=True))[0]
+    except BaseException:
+        looking.cancel()  # the save failed: nothing needs the look's answer
+        await asyncio.gather(looking, return_exceptions=True)
+        raise
+    # A failed look only costs the append its own look, after the data.
+    start = (await asyncio.gather(looking, return_exceptions=True))[0]
     crash_point("save.after_data")
     record = SaveRecord(
         save_id=save_id,
