@@ -194,12 +194,12 @@ def _tail_listings(location: Location, times: int = 5) -> list[float]:
     The floor under a save's time that the store sets; emulators scan their
     keys on a LIST, so it grows with the log there (S3 and GCS read one page).
     """
-    numbers = run_sync(txlog.list_numbers(location.backend, location.log_prefix))
-    start_after = txlog.record_key(location.log_prefix, numbers[-1])
+    backend, log = location.backend, location.log_prefix
+    last = run_sync(txlog.list_numbers(backend, log))[-1]
     spent = []
     for _ in range(times):
         start = time.perf_counter()
-        run_sync(location.backend.list(location.log_prefix, start_after=start_after))
+        run_sync(txlog.list_numbers(backend, log, after=last))  # what the look calls
         spent.append(time.perf_counter() - start)
     return spent
 

@@ -104,13 +104,11 @@ async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]
     Raises:
       NotFoundError: one of them does not exist (any more).
     """
-    limit = asyncio.Semaphore(_READ_CONCURRENCY)
-
-    async def one(number: int) -> LogEntry:
-        async with limit:
-            return LogEntry(number, await read_record(backend, log_prefix, number))
-
-    return list(await asyncio.gather(*(one(n) for n in numbers)))
+    found = await read_present(backend, log_prefix, numbers)
+    missing = [number for number, entry in zip(numbers, found, strict=True) if entry is None]
+    if missing:
+        raise NotFoundError(f"Log record {record_key(log_prefix, missing[0])} no longer exists.")
+    return [entry for entry in found if entry is not None]
 
 
 async def read_range(

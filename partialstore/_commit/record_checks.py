@@ -75,9 +75,10 @@ def parse_versioned(what: str, data: bytes, *, fmt: str, version: int) -> dict[s
         ) from None
     if not isinstance(body, dict) or body.get("format") != fmt:
         raise CorruptCheckpointError(f"{what} is not a {fmt} object. The checkpoint is damaged.")
-    if isinstance(body.get("version"), bool) or body.get("version") != version:  # true == 1
+    found = body.get("version")
+    if isinstance(found, bool) or found != version:  # in Python, true == 1
         raise CorruptCheckpointError(
-            f"{what} has format version {short_repr(body.get('version'), 40)}; this "
+            f"{what} has format version {short_repr(found, 40)}; this "
             f"partialstore reads version {version}. Upgrade partialstore to read it."
         )
     return body
