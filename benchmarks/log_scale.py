@@ -160,7 +160,8 @@ def measure_saves(root: str, options: dict[str, Any], lengths: list[int]) -> lis
         start = time.perf_counter()
         location = _session(path, options, length, compacted=False)
         first_s = time.perf_counter() - start  # includes the fill: only the row's label uses it
-        loghints.remember(location.backend, location.log_prefix, length, txlog.SAVE)
+        hint = (length, txlog.SAVE)
+        loghints.remember(location.backend, location.log_prefix, *hint, version=txlog.VERSION)
         later = []
         for step in range(5):
             start = time.perf_counter()

@@ -255,7 +255,7 @@ def test_hint_on_a_deleted_and_restarted_log(tmp_path: Path) -> None:
         partialstore.save(path, _state(tag))  # hint: record 3
     location = resolve(path)
     hint = loghints.recall(location.backend, location.log_prefix)
-    assert hint == (3, "save")
+    assert hint is not None and (hint.number, hint.kind) == (3, "save")
     run(location.backend.delete_prefix(location.staging_prefix))  # a user removed it all
     partialstore.save(path, _state("fresh"))
     assert _kinds(location.backend, location.log_prefix) == [(1, "save")]

@@ -64,9 +64,10 @@ MAX_PAUSE = 2.0
 #: How long a writer seen on a log counts as a rival there.
 RIVAL_MEMORY = 10.0
 #: How many create round trips one writer's turn takes. An attempt on a contended
-#: log is three (list the tail, read its end, create), but only its last two
-#: exclude another writer's create; 1, 2 and 3 were measured, and 2 gave the most
-#: commits per second at an equal spread (benchmarks/README.md, "contention").
+#: log is two round trips in a log of version 2 (list the tail, create) and three
+#: in one of version 1 (a read of the tail's end between them). 1 and 2 were
+#: measured in both: 1 gives a few percent more commits per second, and a worst
+#: append past 5 times the median (benchmarks/README.md, "contention").
 ATTEMPT_ROUND_TRIPS = 2
 #: Weight of the newest observation in the round-trip average.
 _ALPHA = 0.3

@@ -1,8 +1,8 @@
 """Finalize: seal the log, merge its saves into the manifest, publish it.
 
-Finalize never moves an array byte. It appends a seal to the log (after
-which no save can commit), merges the records before the seal into the
-manifest, and publishes:
+Finalize never moves an array byte. It writes the log's seal notice, then
+appends a seal to the log (after which no save can commit), merges the
+records before the seal into the manifest, and publishes:
 
 - with atomic rename: write ``<staging>/partialstore.json``, then rename the
   staging prefix to the final one (no-replace);
@@ -33,10 +33,12 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import json
 import uuid
 
-from partialstore._commit import compaction, records, txlog
+from partialstore._commit import compaction, loghints, records, txlog
 from partialstore._commit.compaction import Compacted
 from partialstore._commit.exclusive import Created, create_once
 from partialstore._commit.location import Location
@@ -65,6 +67,7 @@ __all__ = ["finalize"]
 
 _Entry = txlog.LogEntry
 _Saves = list[txlog.LogEntry]
+NOTICE_FORMAT = "partialstore.seal-notice"
 
 
 async def _no_session(location: Location) -> Exception:
@@ -79,6 +82,48 @@ async def _no_session(location: Location) -> Exception:
 def _seal_record(finalize_id: str) -> SealRecord:
     created = datetime.datetime.now(datetime.UTC).isoformat()
     return SealRecord(finalize_id=finalize_id, created=created, writer=writer())
+
+
+async def _write_notice(location: Location, finalize_id: str) -> None:
+    """Write the log's seal notice, which must be there before any seal of version 2.
+
+    Saves that list the log and see no notice know that no seal is there
+    (docs/protocol.md, "Seal notices"). Its content is for people; it is
+    never deleted, and writing it again changes nothing that matters.
+    """
+    body = {
+        "format": NOTICE_FORMAT,
+        "version": 1,
+        "finalize_id": finalize_id,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "writer": writer(),
+    }
+    data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    await location.backend.write(txlog.notice_key(location.log_prefix), data)
+
+
+async def _read_session(
+    location: Location, finalize_id: str
+) -> tuple[Compacted | None, _Saves, bool]:
+    """The session as :func:`compaction.read_session` reads it; whether the notice is written.
+
+    A process that appended a save to this log writes the notice alongside
+    the reads, so that it costs finalize no round trip (a session is then
+    there but for a discard or a deleted path, where a notice only makes
+    later saves read a record more). Any other waits to see a session first.
+    """
+    hint = loghints.recall(location.backend, location.log_prefix)
+    if hint is None or hint.kind not in (txlog.SAVE, txlog.UNSEALED):
+        return *(await compaction.read_session(location)), False
+    writing = asyncio.ensure_future(_write_notice(location, finalize_id))
+    try:
+        base, entries = await compaction.read_session(location)
+    except BaseException:
+        writing.cancel()
+        await asyncio.gather(writing, return_exceptions=True)
+        raise
+    await writing
+    return base, entries, True
 
 
 def _sealed_by(entry: txlog.LogEntry) -> SealRecord:
@@ -115,12 +160,14 @@ async def _seal(location: Location, finalize_id: str) -> tuple[Compacted | None,
     backend, log = location.backend, location.log_prefix
     # A listing, even in the process that made the saves and knows the log's last
     # record: records after it may be another writer's, ended by a discard marker.
-    base, entries = await compaction.read_session(location)
+    base, entries, noticed = await _read_session(location, finalize_id)
     session = txlog.session_of(entries)
     if not session:
         raise await _no_session(location)
     if not txlog.is_seal(session[-1].record):
         await _refuse_occupied_target(location)
+        if not noticed:
+            await _write_notice(location, finalize_id)
         crash_point("finalize.before_seal")
         seal = _seal_record(finalize_id)
         try:

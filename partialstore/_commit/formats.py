@@ -9,7 +9,7 @@ Example:
     >>> import json
     >>> with paused_gc():
     ...     body = json.loads(b'{"format": "partialstore.log", "version": 1}')
-    >>> body["format"] == LOG_FORMAT and body["version"] == LOG_VERSION
+    >>> body["format"] == LOG_FORMAT and body["version"] in LOG_VERSIONS_READ
     True
 """
 
@@ -19,10 +19,25 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
-__all__ = ["LOG_FORMAT", "LOG_VERSION", "MANIFEST_FORMAT", "MANIFEST_VERSION", "paused_gc"]
+__all__ = [
+    "LOG_FORMAT",
+    "LOG_VERSION",
+    "LOG_VERSIONS_READ",
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "paused_gc",
+]
 
 LOG_FORMAT = "partialstore.log"
-LOG_VERSION = 1
+#: The version of the log records this partialstore writes. Version 2 adds
+#: one rule to version 1: a finalize writes the log's seal notice before its
+#: seal, so a save that sees no notice knows no seal is there without
+#: reading a record (docs/protocol.md, "Seal notices"). A version-1 reader
+#: refuses version-2 records, which is what keeps a version-1 finalizer,
+#: which writes no notice, out of a log where saves rely on it.
+LOG_VERSION = 2
+#: The log record versions this partialstore reads (version-1 logs still load).
+LOG_VERSIONS_READ = (1, 2)
 MANIFEST_FORMAT = "partialstore"
 MANIFEST_VERSION = 1
 

@@ -14,9 +14,9 @@ created the hinted record may append right after it (see
 Example:
     >>> from partialstore import registry
     >>> backend = registry.open_backend("memory://loghints-doc")
-    >>> remember(backend, "ck/log", 7, "save")
-    >>> recall(backend, "ck/log")
-    (7, 'save')
+    >>> remember(backend, "ck/log", 7, "save", version=2)
+    >>> recall(backend, "ck/log")[:3]
+    (7, 'save', 2)
     >>> recall(backend, "other/log") is None
     True
 """
@@ -26,36 +26,51 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from typing import NamedTuple
 
 from partialstore.backend import Backend
 
-__all__ = ["created_since", "forget", "recall", "remember"]
+__all__ = ["Hint", "created_since", "forget", "recall", "remember"]
 
 #: How many logs a process keeps hints for (least recently used dropped first).
 HINT_LIMIT = 4096
 
-# (number, kind, when this process created it: time.monotonic(), or None if read)
-_hints: OrderedDict[tuple[str, str], tuple[int, str, float | None]] = OrderedDict()
+
+class Hint(NamedTuple):
+    """The last record this process created or read in a log."""
+
+    number: int
+    kind: str
+    version: int  # the record's format version
+    created: float | None  # when this process created it (time.monotonic()), or None if read
+
+
+_hints: OrderedDict[tuple[str, str], Hint] = OrderedDict()
 _lock = threading.Lock()
 
 
 def remember(
-    backend: Backend, log_prefix: str, number: int, kind: str, *, created: bool = False
+    backend: Backend,
+    log_prefix: str,
+    number: int,
+    kind: str,
+    *,
+    version: int,
+    created: bool = False,
 ) -> None:
     """Note that record ``number`` of ``log_prefix`` was just read or ``created``, and its kind."""
     key = (backend.url, log_prefix)
     with _lock:
-        _hints[key] = (number, kind, time.monotonic() if created else None)
+        _hints[key] = Hint(number, kind, version, time.monotonic() if created else None)
         _hints.move_to_end(key)
         while len(_hints) > HINT_LIMIT:
             _hints.popitem(last=False)
 
 
-def recall(backend: Backend, log_prefix: str) -> tuple[int, str] | None:
-    """The last ``(number, kind)`` noted for ``log_prefix``, if any."""
+def recall(backend: Backend, log_prefix: str) -> Hint | None:
+    """The last record noted for ``log_prefix``, if any."""
     with _lock:
-        hint = _hints.get((backend.url, log_prefix))
-    return None if hint is None else hint[:2]
+        return _hints.get((backend.url, log_prefix))
 
 
 def created_since(backend: Backend, log_prefix: str, since: float) -> int | None:
@@ -71,7 +86,7 @@ def created_since(backend: Backend, log_prefix: str, since: float) -> int | None
         >>> from partialstore import registry
         >>> backend = registry.open_backend("memory://loghints-since-doc")
         >>> called = time.monotonic()
-        >>> remember(backend, "ck/log", 3, "save", created=True)
+        >>> remember(backend, "ck/log", 3, "save", version=2, created=True)
         >>> created_since(backend, "ck/log", called)  # the save was in flight: no look needed
         3
         >>> created_since(backend, "ck/log", time.monotonic()) is None  # a later save looks
@@ -79,9 +94,9 @@ def created_since(backend: Backend, log_prefix: str, since: float) -> int | None
     """
     with _lock:
         hint = _hints.get((backend.url, log_prefix))
-    if hint is None or hint[1] != "save" or hint[2] is None or hint[2] <= since:
+    if hint is None or hint.kind != "save" or hint.created is None or hint.created <= since:
         return None
-    return hint[0]
+    return hint.number
 
 
 def forget(backend: Backend, log_prefix: str) -> None:

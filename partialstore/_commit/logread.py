@@ -29,10 +29,14 @@ from partialstore.backend import Backend
 from partialstore.errors import CorruptCheckpointError, NotFoundError
 
 __all__ = [
+    "NOTICE_NAME",
     "LogEntry",
+    "LogTail",
     "is_discard",
     "is_seal",
     "list_numbers",
+    "list_tail",
+    "notice_key",
     "read_entries",
     "read_log",
     "read_present",
@@ -43,6 +47,9 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^(\d{8})\.json$")
+#: The seal notice: written by finalize before its seal (log version 2). It
+#: sorts after every record name, so every tail listing of the log shows it.
+NOTICE_NAME = "seal-notice.json"
 # Reading records is latency bound on object stores; bound the fan-out so a
 # log of thousands of saves does not open thousands of connections at once.
 _READ_CONCURRENCY = 64
@@ -53,6 +60,11 @@ _REREADS = 8
 def record_key(log_prefix: str, number: int) -> str:
     """Key of log record ``number`` (1-based, 8 digits so names sort numerically)."""
     return f"{log_prefix}/{number:08d}.json"
+
+
+def notice_key(log_prefix: str) -> str:
+    """Key of the log's seal notice (see :data:`NOTICE_NAME`)."""
+    return f"{log_prefix}/{NOTICE_NAME}"
 
 
 def is_seal(record: LogRecord) -> bool:
@@ -75,22 +87,44 @@ class LogEntry:
         self.record = record
 
 
-async def list_numbers(backend: Backend, log_prefix: str, *, after: int = 0) -> list[int]:
-    """Numbers of the records after record ``after`` (every record for 0), ascending.
+class LogTail:
+    """What one listing of the log showed: record numbers, and whether a seal notice is there."""
 
-    ``[]`` for no session. With ``after``, only the tail of the log is listed
-    (``start_after``), so the cost is what the tail holds.
+    __slots__ = ("noticed", "numbers")
+
+    def __init__(self, numbers: list[int], noticed: bool) -> None:
+        self.numbers = numbers
+        self.noticed = noticed
+
+
+async def list_tail(backend: Backend, log_prefix: str, *, after: int = 0) -> LogTail:
+    """The numbers of the records after record ``after`` (ascending), and the seal notice.
+
+    With ``after``, only the tail of the log is listed (``start_after``), so
+    the cost is what the tail holds; the notice sorts after every record, so
+    every tail shows it.
     """
     numbers = []
+    noticed = False
     start_after = record_key(log_prefix, after) if after else None
     # list, not list_children: the log is flat, and a backend may send a
     # recursive listing through a faster client (see backends/s3.py).
     for key in await list_after(backend, log_prefix, start_after):
-        match = _NAME.match(key[len(log_prefix) + 1 :])
+        name = key[len(log_prefix) + 1 :]
+        match = _NAME.match(name)
         if match:
             numbers.append(int(match.group(1)))
+        noticed = noticed or name == NOTICE_NAME
     numbers.sort()
-    return numbers
+    return LogTail(numbers, noticed)
+
+
+async def list_numbers(backend: Backend, log_prefix: str, *, after: int = 0) -> list[int]:
+    """Numbers of the records after record ``after`` (every record for 0), ascending.
+
+    ``[]`` for no session. See :func:`list_tail`.
+    """
+    return (await list_tail(backend, log_prefix, after=after)).numbers
 
 
 async def read_record(backend: Backend, log_prefix: str, number: int) -> LogRecord:

@@ -49,8 +49,12 @@ def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"the non-JSON constant {name} is not allowed")
 
 
-def parse_versioned(what: str, data: bytes, *, fmt: str, version: int) -> dict[str, Any]:
-    """Parse a JSON object of format ``fmt`` and version ``version``; ``what`` names it.
+def parse_versioned(
+    what: str, data: bytes, *, fmt: str, version: int | tuple[int, ...]
+) -> dict[str, Any]:
+    """Parse a JSON object of format ``fmt`` and version ``version`` (or one of several).
+
+    ``what`` names the object in errors.
 
     Example:
         >>> parse_versioned("Manifest x", b'{"format": "partialstore", "version": 1}',
@@ -76,10 +80,13 @@ def parse_versioned(what: str, data: bytes, *, fmt: str, version: int) -> dict[s
     if not isinstance(body, dict) or body.get("format") != fmt:
         raise CorruptCheckpointError(f"{what} is not a {fmt} object. The checkpoint is damaged.")
     found = body.get("version")
-    if isinstance(found, bool) or found != version:  # in Python, true == 1
+    versions = version if isinstance(version, tuple) else (version,)
+    # In Python true == 1, and an unhashable list or dict is never a version.
+    if isinstance(found, bool) or not isinstance(found, int) or found not in versions:
+        readable = " and ".join(str(v) for v in versions)
         raise CorruptCheckpointError(
             f"{what} has format version {short_repr(found, 40)}; this "
-            f"partialstore reads version {version}. Upgrade partialstore to read it."
+            f"partialstore reads version {readable}. Upgrade partialstore to read it."
         )
     return body
 

@@ -66,6 +66,7 @@ from partialstore._commit.entries import NODE_KINDS, LeafEntry, NodeEntry, decod
 from partialstore._commit.formats import (
     LOG_FORMAT,
     LOG_VERSION,
+    LOG_VERSIONS_READ,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
     paused_gc,
@@ -105,9 +106,9 @@ __all__ = [
 Writer = dict[str, Any]
 
 
-def _encode_log(body: dict[str, Any]) -> bytes:
+def _encode_log(version: int, body: dict[str, Any]) -> bytes:
     """A log record's bytes: deterministic (sorted keys, no whitespace)."""
-    full = {"format": LOG_FORMAT, "version": LOG_VERSION, **body}
+    full = {"format": LOG_FORMAT, "version": version, **body}
     return json.dumps(full, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -122,10 +123,14 @@ class SaveRecord:
     custom_metadata: Any
     nodes: Sequence[NodeEntry]
     leaves: Sequence[LeafEntry]
+    #: The format version the record was read with, or is written with
+    #: (:data:`~partialstore._commit.formats.LOG_VERSION` for a new one).
+    version: int = dataclasses.field(default=LOG_VERSION, repr=False, compare=False)
 
     def encode(self) -> bytes:
         """The record's bytes (see the module docstring for an example)."""
         return _encode_log(
+            self.version,
             {
                 "created": self.created,
                 "custom_metadata": self.custom_metadata,
@@ -134,7 +139,7 @@ class SaveRecord:
                 "nodes": [node.encode() for node in self.nodes],
                 "save_id": self.save_id,
                 "writer": self.writer,
-            }
+            },
         )
 
 
@@ -146,6 +151,9 @@ class SealRecord:
     finalize_id: str | None
     created: str | None
     writer: Writer | None
+    #: The format version the record was read with, or is written with
+    #: (:data:`~partialstore._commit.formats.LOG_VERSION` for a new one).
+    version: int = dataclasses.field(default=LOG_VERSION, repr=False, compare=False)
 
     def encode(self) -> bytes:
         """The record's bytes.
@@ -155,12 +163,13 @@ class SealRecord:
             b'{"created":null,"finalize_id":"f1","format":"partialstore.log","kind":"finalize",...'
         """
         return _encode_log(
+            self.version,
             {
                 "created": self.created,
                 "finalize_id": self.finalize_id,
                 "kind": self.kind,
                 "writer": self.writer,
-            }
+            },
         )
 
 
@@ -172,16 +181,20 @@ class DiscardRecord:
     discard_id: str | None
     created: str | None
     writer: Writer | None
+    #: The format version the record was read with, or is written with
+    #: (:data:`~partialstore._commit.formats.LOG_VERSION` for a new one).
+    version: int = dataclasses.field(default=LOG_VERSION, repr=False, compare=False)
 
     def encode(self) -> bytes:
         """The record's bytes (``SealRecord.encode``'s, with a ``discard_id``)."""
         return _encode_log(
+            self.version,
             {
                 "created": self.created,
                 "discard_id": self.discard_id,
                 "kind": self.kind,
                 "writer": self.writer,
-            }
+            },
         )
 
 
@@ -196,18 +209,21 @@ RECORD_KINDS = frozenset({SaveRecord.kind, SealRecord.kind, DiscardRecord.kind})
 
 
 def _decode_body(body: dict[str, Any]) -> LogRecord:
+    # decode_record checked it (parse_versioned); a body built by hand is taken as new
+    version = body.get("version", LOG_VERSION)
     kind = kind_of(body)
     if kind not in RECORD_KINDS:
         raise fail("", f"unknown record kind {short_repr(body.get('kind'), 40)}")
     created = optional_str(body, "created", "")
     writer = optional_object(body, "writer", "")
     if kind == SealRecord.kind:
-        return SealRecord(optional_str(body, "finalize_id", ""), created, writer)
+        return SealRecord(optional_str(body, "finalize_id", ""), created, writer, version)
     if kind == DiscardRecord.kind:
-        return DiscardRecord(optional_str(body, "discard_id", ""), created, writer)
+        return DiscardRecord(optional_str(body, "discard_id", ""), created, writer, version)
     save_id = save_id_of(body.get("save_id"), "")
     nodes, leaves = decode_entries(body, f"{descriptors.DATA_PREFIX}/{save_id}/")
-    return SaveRecord(save_id, created, writer, body.get("custom_metadata"), nodes, leaves)
+    metadata = body.get("custom_metadata")
+    return SaveRecord(save_id, created, writer, metadata, nodes, leaves, version)
 
 
 def check_record(key: str, body: dict[str, Any]) -> LogRecord:
@@ -244,10 +260,10 @@ def decode_record(key: str, data: bytes) -> LogRecord:
         >>> tmp.cleanup()
 
     Raises:
-      CorruptCheckpointError: not a version-1 log record, or malformed (the
+      CorruptCheckpointError: not a version 1 or 2 log record, or malformed (the
         message names ``key`` and the entry).
     """
-    body = parse_versioned(f"Log record {key}", data, fmt=LOG_FORMAT, version=LOG_VERSION)
+    body = parse_versioned(f"Log record {key}", data, fmt=LOG_FORMAT, version=LOG_VERSIONS_READ)
     return check_record(key, body)
 
 

@@ -13,6 +13,14 @@ seal, and every record before the seal is in the checkpoint. This is the
 commit point of saves, finalize and discard alike, and what makes them
 linearizable across processes and hosts.
 
+A writer must know the kind of the record it appends after (nothing may
+follow a seal). In a log of version 2 a save need not read it: a finalize
+writes the log's seal notice before its seal, and once a version-2 record
+is in the log, every record after it is of version 2 (a version-1 writer
+refuses to append after one). So a save whose listing shows a version-2
+record it knows and no notice knows that no seal is among the records
+listed (docs/protocol.md, "Seal notices").
+
 The session is the records after the last discard marker. A discard
 appends its marker first, then deletes the records before it and the data
 they name; readers ignore (and tolerate gaps in) everything before the last
@@ -45,10 +53,14 @@ from partialstore._commit import contention, loghints, records
 from partialstore._commit.exclusive import Created, create_or_read
 from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
 from partialstore._commit.logread import (
+    NOTICE_NAME,
     LogEntry,
+    LogTail,
     is_discard,
     is_seal,
     list_numbers,
+    list_tail,
+    notice_key,
     read_entries,
     read_log,
     read_range,
@@ -56,7 +68,7 @@ from partialstore._commit.logread import (
     record_key,
     session_of,
 )
-from partialstore._commit.records import DiscardRecord, SaveRecord, SealRecord
+from partialstore._commit.records import DiscardRecord, LogRecord, SaveRecord, SealRecord
 from partialstore.backend import Backend
 from partialstore.errors import (
     BackendError,
@@ -69,15 +81,20 @@ from partialstore.errors import (
 
 __all__ = [
     "FORMAT",
+    "NOTICE_NAME",
+    "UNSEALED",
     "VERSION",
     "AppendStart",
     "LogEntry",
+    "LogTail",
     "append",
     "has_session",
     "is_discard",
     "is_seal",
     "list_numbers",
+    "list_tail",
     "look_ahead",
+    "notice_key",
     "read_entries",
     "read_log",
     "read_range",
@@ -88,6 +105,9 @@ __all__ = [
 FORMAT = LOG_FORMAT
 VERSION = LOG_VERSION
 SAVE, SEAL, DISCARD = SaveRecord.kind, SealRecord.kind, DiscardRecord.kind
+#: The kind a save gives a record it did not read but knows is no seal (a
+#: save or a discard marker): see :func:`_unsealed`.
+UNSEALED = "unsealed"
 #: How long a save may create by a look taken before its data was written
 #: (seconds). A discard that lands its marker and deletes records between the
 #: look and the create can take a number back from under the look, and the
@@ -97,14 +117,53 @@ SAVE, SEAL, DISCARD = SaveRecord.kind, SealRecord.kind, DiscardRecord.kind
 LOOK_FRESH_S = 1.0
 
 
-async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None:
-    """The kind of record ``number``; ``None`` if it no longer exists."""
+async def _read_or_none(backend: Backend, log_prefix: str, number: int) -> LogRecord | None:
+    """Record ``number``; ``None`` if it no longer exists."""
     try:
         record = await read_record(backend, log_prefix, number)
     except NotFoundError:
         return None
     contention.note_rival(backend, log_prefix, record.writer)
-    return record.kind
+    return record
+
+
+async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None:
+    """The kind of record ``number``; ``None`` if it no longer exists."""
+    record = await _read_or_none(backend, log_prefix, number)
+    return None if record is None else record.kind
+
+
+class _Seen:
+    """What an append knows of the log's records: their kinds, and which are of version 2.
+
+    Records are immutable, so what was seen of one stays true.
+    """
+
+    __slots__ = ("kinds", "v2")
+
+    def __init__(self, entries: Sequence[LogEntry] = ()) -> None:
+        self.kinds = {e.number: e.record.kind for e in entries}
+        self.v2 = {e.number for e in entries if e.record.version >= 2}
+
+    def note(self, number: int, kind: str, version: int) -> None:
+        self.kinds[number] = kind
+        if version >= 2:
+            self.v2.add(number)
+
+    def version(self, number: int) -> int:
+        """2 for a record known to be of version 2 or later; 1 otherwise (not known)."""
+        return 2 if number in self.v2 else 1
+
+
+def _unsealed(tail: LogTail, seen: _Seen) -> bool:
+    """Whether no record of ``tail`` can be a seal, without reading any.
+
+    True when the listing showed no seal notice and a record of version 2
+    this append knows: every record after it is then of version 2, and a
+    finalize of version 2 writes the notice before its seal, so a seal among
+    the records listed would have shown its notice in the same listing.
+    """
+    return not tail.noticed and any(number in seen.v2 for number in tail.numbers)
 
 
 async def has_session(backend: Backend, log_prefix: str) -> bool:
@@ -163,10 +222,15 @@ def _discarded_in_flight(what: str, log_prefix: str) -> SessionDiscardedError:
     )
 
 
-async def _tail_from(backend: Backend, log_prefix: str, number: int) -> list[int] | None:
-    """Numbers of record ``number`` and those after it; ``None`` if ``number`` is gone."""
-    tail = await list_numbers(backend, log_prefix, after=number - 1)
-    return tail if tail and tail[0] == number else None
+async def _tail_from(backend: Backend, log_prefix: str, number: int) -> LogTail | None:
+    """Record ``number`` and those after it, as listed; ``None`` if ``number`` is gone."""
+    tail = await list_tail(backend, log_prefix, after=number - 1)
+    return tail if tail.numbers and tail.numbers[0] == number else None
+
+
+def _unlisted(numbers: list[int]) -> LogTail:
+    """A tail known without a listing: whether a notice is there is not known."""
+    return LogTail(numbers, noticed=True)
 
 
 async def _start(
@@ -174,9 +238,9 @@ async def _start(
     log_prefix: str,
     what: str,
     known: Sequence[LogEntry],
-    kinds: dict[int, str],
+    seen: _Seen,
     called: float | None = None,
-) -> list[int]:
+) -> LogTail:
     """The numbers an append starts from: the caller's records, the tail after a hint, or all.
 
     A save on a log where rivals were seen first waits its pause
@@ -191,25 +255,24 @@ async def _start(
     if what == SAVE:  # after others on a contended log, not ahead of them (see contention)
         await asyncio.sleep(contention.pause(backend, log_prefix))
     numbers = [e.number for e in known]
-    if numbers and kinds.get(numbers[-1]) == SAVE:
-        return numbers
+    if numbers and seen.kinds.get(numbers[-1]) == SAVE:
+        return _unlisted(numbers)
     own = None if called is None else loghints.created_since(backend, log_prefix, called)
     if what == SAVE and not known and own is not None:
-        kinds[own] = SAVE
-        return [own]
+        seen.note(own, SAVE, VERSION)
+        return _unlisted([own])
     hint = loghints.recall(backend, log_prefix) if what == SAVE and not known else None
     if hint is not None:
-        number, kind = hint
         # A listing, not an existence check of the hinted record: while a discard
         # deletes the records below its marker, the hinted record may still be
         # there when the next ones are gone, and a create after it would land
         # below the marker. The listing shows the marker, which is never deleted.
-        tail = await _tail_from(backend, log_prefix, number)
+        tail = await _tail_from(backend, log_prefix, hint.number)
         if tail is not None:
-            kinds[number] = kind  # records are immutable: the kind noted is still right
+            seen.note(hint.number, hint.kind, hint.version)  # still right: records are immutable
             return tail
         loghints.forget(backend, log_prefix)
-    return await list_numbers(backend, log_prefix)
+    return await list_tail(backend, log_prefix)
 
 
 async def _after_conflict(
@@ -218,9 +281,9 @@ async def _after_conflict(
     numbers: list[int],
     taken: int,
     theirs: bytes | None,
-    kinds: dict[int, str],
+    seen: _Seen,
     conflicts: int,
-) -> list[int]:
+) -> LogTail:
     """Where an append looks next after another writer took number ``taken``.
 
     ``theirs`` is that writer's record, read back by the create: this writer
@@ -232,30 +295,32 @@ async def _after_conflict(
     without a listing.
     """
     if theirs is None:  # taken, then deleted by a discard: look at the whole log again
-        return await list_numbers(backend, log_prefix)
+        return await list_tail(backend, log_prefix)
     record = records.decode_record(record_key(log_prefix, taken), theirs)
-    kinds[taken] = record.kind
-    loghints.remember(backend, log_prefix, taken, record.kind)
+    seen.note(taken, record.kind, record.version)
+    loghints.remember(backend, log_prefix, taken, record.kind, version=record.version)
     contention.note_rival(backend, log_prefix, record.writer)
     # A seal or marker decides at once (refused, or a new session after it).
     waited = contention.pause(backend, log_prefix, lost=conflicts) if record.kind == SAVE else 0
     if not waited:  # the next number now, as close to the read-back as a listing would be
-        return [*numbers, taken]
+        return _unlisted([*numbers, taken])
     # After a pause, what was read back is stale: a create after it could even
     # land where a discard has just deleted records below its marker. Look again.
     await asyncio.sleep(waited)
     tail = await _tail_from(backend, log_prefix, taken)
-    return [*numbers, *tail] if tail is not None else await list_numbers(backend, log_prefix)
+    if tail is None:
+        return await list_tail(backend, log_prefix)
+    return LogTail([*numbers, *tail.numbers], tail.noticed)
 
 
 class AppendStart:
-    """Where an append begins: the numbers it saw, the kinds it knows, and when it looked."""
+    """Where an append begins: the log's tail it saw, what it knows of it, and when it looked."""
 
-    __slots__ = ("kinds", "looked", "numbers")
+    __slots__ = ("looked", "seen", "tail")
 
-    def __init__(self, numbers: list[int], kinds: dict[int, str], looked: float) -> None:
-        self.numbers = numbers
-        self.kinds = kinds
+    def __init__(self, tail: LogTail, seen: _Seen, looked: float) -> None:
+        self.tail = tail
+        self.seen = seen
         self.looked = looked  # time.monotonic() when the look began
 
     def fresh(self) -> bool:
@@ -290,26 +355,32 @@ async def look_ahead(
         (1, [])
     """
     looked = time.monotonic()
-    kinds = {e.number: e.record.kind for e in known}  # records are immutable
-    numbers = await _start(backend, log_prefix, what, known, kinds, called)
-    return AppendStart(await _with_last_kind(backend, log_prefix, numbers, kinds), kinds, looked)
+    seen = _Seen(known)
+    tail = await _start(backend, log_prefix, what, known, seen, called)
+    return AppendStart(await _with_last_kind(backend, log_prefix, tail, seen, what), seen, looked)
 
 
 async def _with_last_kind(
-    backend: Backend, log_prefix: str, numbers: list[int], kinds: dict[int, str]
-) -> list[int]:
-    """``numbers``, once the kind of the last of them is in ``kinds`` (read if need be).
+    backend: Backend, log_prefix: str, tail: LogTail, seen: _Seen, what: str
+) -> LogTail:
+    """``tail``, once the kind of its last record is in ``seen`` (read if need be).
 
-    A last record that vanished (a discard deleted it under us) sends the
-    look to the whole log again.
+    A save that knows no seal can be in the tail (:func:`_unsealed`) notes
+    the last record as :data:`UNSEALED` without reading it. A last record
+    that vanished (a discard deleted it under us) sends the look to the
+    whole log again.
     """
-    while numbers and numbers[-1] not in kinds:
-        kind = await _kind_of(backend, log_prefix, numbers[-1])
-        if kind is None:
-            numbers = await list_numbers(backend, log_prefix)
+    while tail.numbers and tail.numbers[-1] not in seen.kinds:
+        last = tail.numbers[-1]
+        if what == SAVE and _unsealed(tail, seen):
+            seen.note(last, UNSEALED, VERSION)  # after a version-2 record: version 2 too
+            break
+        record = await _read_or_none(backend, log_prefix, last)
+        if record is None:
+            tail = await list_tail(backend, log_prefix)
             continue
-        kinds[numbers[-1]] = kind
-    return numbers
+        seen.note(last, record.kind, record.version)
+    return tail
 
 
 async def _create_noted(
@@ -357,27 +428,29 @@ async def append(
     """
     if start is None or not start.fresh():
         start = await look_ahead(backend, log_prefix, what=what, known=known)
-    numbers, kinds = start.numbers, start.kinds
+    tail, seen = start.tail, start.seen
     conflicts = 0
     while True:
-        numbers = await _with_last_kind(backend, log_prefix, numbers, kinds)
+        tail = await _with_last_kind(backend, log_prefix, tail, seen, what)
+        numbers = tail.numbers
         last = numbers[-1] if numbers else 0
         if last:
-            loghints.remember(backend, log_prefix, last, kinds[last])
-            _refuse(kinds[last], what, log_prefix, last)
+            kind = seen.kinds[last]
+            loghints.remember(backend, log_prefix, last, kind, version=seen.version(last))
+            _refuse(kind, what, log_prefix, last)
         outcome, clean, theirs = await _create_noted(backend, log_prefix, last + 1, data)
         if outcome is Created.MINE:
             # After an inconclusive answer our record may have landed, been
             # deleted by a discard, and been created again below its marker.
             if not clean and await _discarded_after_or_unknown(backend, log_prefix, last + 1):
                 raise _discarded_in_flight(what, log_prefix)
-            loghints.remember(backend, log_prefix, last + 1, what, created=True)
+            loghints.remember(backend, log_prefix, last + 1, what, version=VERSION, created=True)
             return last + 1, numbers
         if outcome is Created.VANISHED and what == SAVE:
             # The number was taken and then deleted by a discard; it may have
             # been our own record, whose data the discard then deleted.
             raise _discarded_in_flight(what, log_prefix)
         conflicts += 1
-        numbers = await _after_conflict(
-            backend, log_prefix, numbers, last + 1, theirs, kinds, conflicts
+        tail = await _after_conflict(
+            backend, log_prefix, numbers, last + 1, theirs, seen, conflicts
         )
