@@ -279,8 +279,9 @@ def test_finalize_moves_no_array_bytes(ckpt):
     }
     partialstore.finalize(path, storage_options=opts)
     after = _relative_keys(location, location.final_prefix)
-    # Finalize adds exactly the seal and the manifest; array objects are untouched.
-    assert after - before == {"log/00000003.json", "partialstore.json"}
+    # Finalize adds exactly the seal notice, the seal and the manifest; array
+    # objects are untouched.
+    assert after - before == {"log/seal-notice.json", "log/00000003.json", "partialstore.json"}
     assert before <= after
     for key, data in data_before.items():
         assert run(location.backend.read(f"{location.final_prefix}/{key}")) == data
