@@ -83,7 +83,7 @@ def test_with_a_notice_a_save_reads_the_record_before_it_and_meets_the_seal(
 ) -> None:
     run(txlog.append(faulty, LOG, _save_record()))
     # A finalizer of version 2: the notice first, then the seal.
-    run(faulty.inner.write(txlog.notice_key(LOG), b"{}"))
+    run(faulty.inner.create(txlog.notice_key(LOG), b"{}"))
     run(faulty.inner.create(txlog.record_key(LOG, 2), _seal()))
     with pytest.raises(CheckpointFinalizedError):
         run(txlog.append(faulty, LOG, _save_record()))
@@ -129,7 +129,7 @@ def test_finalize_writes_the_notice_before_its_seal(tmp_path: Path, saved_here: 
     faulty.reset_log()
     partialstore.finalize(path)
     calls = [(c.method, c.key) for c in faulty.calls() if c.method in ("write", "create")]
-    notice = ("write", "ck.partial_save/log/seal-notice.json")
+    notice = ("create", "ck.partial_save/log/seal-notice.json")
     seal = ("create", "ck.partial_save/log/00000002.json")
     assert notice in calls and seal in calls
     assert calls.index(notice) < calls.index(seal)

@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import uuid
@@ -88,8 +89,10 @@ async def _write_notice(location: Location, finalize_id: str) -> None:
     """Write the log's seal notice, which must be there before any seal of version 2.
 
     Saves that list the log and see no notice know that no seal is there
-    (docs/protocol.md, "Seal notices"). Its content is for people; it is
-    never deleted, and writing it again changes nothing that matters.
+    (docs/protocol.md, "Seal notices"). Its content is for people, and it is
+    never deleted: an existing notice (an earlier finalize's, or ours after
+    a lost answer) is all the rule needs. A create, not a write: it goes
+    the way of the log's other requests (TensorStore on S3).
     """
     body = {
         "format": NOTICE_FORMAT,
@@ -99,7 +102,8 @@ async def _write_notice(location: Location, finalize_id: str) -> None:
         "writer": writer(),
     }
     data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    await location.backend.write(txlog.notice_key(location.log_prefix), data)
+    with contextlib.suppress(AlreadyExistsError):
+        await location.backend.create(txlog.notice_key(location.log_prefix), data)
 
 
 async def _read_session(
