@@ -63,8 +63,9 @@ def test_requests_match_the_wire_and_503s_count_as_retries(
     partialstore.save(path, {"step": 1}, storage_options=target.options)
     target.proxy.wait_idle()
     target.proxy.reset_log()
-    # Two 503s on the seal's upload: each is retried by the backend's one retry layer.
-    rule = target.proxy.add(Fault(error(503, retry_after=0), method="PUT", key="/log/", times=2))
+    # Two 503s on the seal's upload (a record key, not the seal notice's): each is
+    # retried by the backend's one retry layer.
+    rule = target.proxy.add(Fault(error(503, retry_after=0), method="PUT", key="/log/0", times=2))
     partialstore.finalize(path, storage_options=target.options)
     target.proxy.wait_idle()
     assert rule.wait(2)
