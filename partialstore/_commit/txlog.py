@@ -53,7 +53,6 @@ from partialstore._commit import contention, loghints, records
 from partialstore._commit.exclusive import Created, create_or_read
 from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
 from partialstore._commit.logread import (
-    NOTICE_NAME,
     LogEntry,
     LogTail,
     is_discard,
@@ -81,18 +80,15 @@ from partialstore.errors import (
 
 __all__ = [
     "FORMAT",
-    "NOTICE_NAME",
     "UNSEALED",
     "VERSION",
     "AppendStart",
     "LogEntry",
-    "LogTail",
     "append",
     "has_session",
     "is_discard",
     "is_seal",
     "list_numbers",
-    "list_tail",
     "look_ahead",
     "notice_key",
     "read_entries",
@@ -163,7 +159,7 @@ def _unsealed(tail: LogTail, seen: _Seen) -> bool:
     finalize of version 2 writes the notice before its seal, so a seal among
     the records listed would have shown its notice in the same listing.
     """
-    return not tail.noticed and any(number in seen.v2 for number in tail.numbers)
+    return not tail.noticed and not seen.v2.isdisjoint(tail.numbers)
 
 
 async def has_session(backend: Backend, log_prefix: str) -> bool:
