@@ -13,6 +13,7 @@ Requests are counted at the Backend contract (:class:`FaultyBackend`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -33,8 +34,14 @@ from partialstore._commit.location import resolve
 from partialstore._commit.records import SaveRecord, SealRecord
 from partialstore._runtime.aio import run
 from partialstore.backend import Backend
-from partialstore.errors import CheckpointFinalizedError
-from partialstore.testing.faulty_backend import FaultyBackend, install_faulty
+from partialstore.errors import CheckpointFinalizedError, TransientBackendError
+from partialstore.testing.faulty_backend import (
+    BackendFault,
+    FaultyBackend,
+    before,
+    hang,
+    install_faulty,
+)
 
 RIVAL = {"host": "rival", "pid": 7, "writer_id": None}
 LOG = "ck/log"
@@ -137,6 +144,35 @@ def test_finalize_writes_the_notice_before_its_seal(tmp_path: Path, saved_here: 
     assert json.loads((tmp_path / "root/ck/log/seal-notice.json").read_bytes())["format"] == (
         "partialstore.seal-notice"
     )
+
+
+def test_a_finalize_whose_reads_fail_does_not_wait_for_its_hung_notice(tmp_path: Path) -> None:
+    """The notice is created alongside finalize's reads (this process saved here): when the
+    reads fail, finalize raises at once, cancels the notice's create, and seals nothing;
+    called again once the store answers, it succeeds."""
+    url, faulty = install_faulty(str(tmp_path / "root"))
+    path = f"{url}/ck"
+    partialstore.save(path, _state("a"))
+    hung = faulty.add(BackendFault(hang(), method="create", key=r"seal-notice"))
+    failed = faulty.add(BackendFault(before(), method="list", key=r"/log$", times=None))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        response = pool.submit(partialstore.finalize, path)
+        try:
+            assert hung.wait(1, timeout=10)
+            with pytest.raises(TransientBackendError):
+                response.result(
+                    timeout=10
+                )  # the notice is still held: only a cancelled one returns
+        finally:
+            hung.release()  # so that a finalize that waited for it ends too
+    (notice,) = faulty.calls("create", key=r"seal-notice")
+    assert (notice.outcome, notice.error) == ("error", "CancelledError")
+    assert [c.key for c in faulty.calls("create") if "seal-notice" not in c.key] == [
+        "ck.partial_save/log/00000001.json"  # the save's record; no seal
+    ]
+    failed.remove()
+    partialstore.finalize(path)
+    assert partialstore.load(path)["tag"] == "a"
 
 
 # ------------------------------------------------------ the real version-1 code
