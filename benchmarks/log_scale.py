@@ -210,12 +210,13 @@ def _writer(url: str, options: dict[str, Any], log: str, count: int, go: float, 
     run_sync(backend.exists(f"{log}/warm-up"))  # loop, connections: not part of a commit
     backend.counts.clear()
     time.sleep(max(0.0, go - time.time()))
-    latencies = []
+    appends = []  # (seconds, attempts): an attempt is a create
     for _ in range(count):
+        creates = backend.counts["create"]
         start = time.perf_counter()
         run_sync(txlog.append(backend, log, _record()))
-        latencies.append(time.perf_counter() - start)
-    out.put((time.time(), latencies, dict(backend.counts)))
+        appends.append((time.perf_counter() - start, backend.counts["create"] - creates))
+    out.put((time.time(), appends, dict(backend.counts)))
 
 
 def measure_writers(
@@ -236,7 +237,8 @@ def measure_writers(
         reports = [out.get(timeout=600) for _ in procs]
         for proc in procs:
             proc.join()
-        latencies = [s for _, each, _ in reports for s in each]
+        appends = sorted(pair for _, each, _ in reports for pair in each)
+        latencies = [seconds for seconds, _ in appends]
         wall = max(end for end, _, _ in reports) - go
         requests: Counter[str] = Counter()
         for _, _, counts in reports:
@@ -250,6 +252,10 @@ def measure_writers(
                 "p50_s": median,
                 "max_s": max(latencies),
                 "max_over_median": max(latencies) / median,
+                # the attempts (creates) of the slowest appends, slowest first: a
+                # long tail of lost races, or long pauses between few attempts
+                "slowest_attempts": [tries for _, tries in appends[::-1][:5]],
+                "attempts_max": max(tries for _, tries in appends),
                 "requests_per_commit": sum(requests.values()) / len(latencies),
                 "requests": dict(requests),
             }
@@ -364,15 +370,19 @@ def render(result: dict[str, Any]) -> str:
                 f"{row['later'][-1]['requests']} |"
             )
         out += ["", f"### {store}: K writers on one log", ""]
-        out += ["| K | commits | commits/s | vs K=1 | p50 | max | max/p50 | requests/commit |"]
-        out += ["|---|---|---|---|---|---|---|---|"]
+        out += [
+            "| K | commits | commits/s | vs K=1 | p50 | max | max/p50 | requests/commit "
+            "| attempts of the 5 slowest |"
+        ]
+        out += ["|---|---|---|---|---|---|---|---|---|"]
         single = next((r for r in data["writers"] if r["writers"] == 1), None)
         for row in data["writers"]:
             ratio = f"{row['commits_per_s'] / single['commits_per_s']:.2f}x" if single else ""
             out.append(
                 f"| {row['writers']} | {row['commits']} | {row['commits_per_s']:.1f} | {ratio} | "
                 f"{row['p50_s'] * 1e3:.0f} ms | {row['max_s'] * 1e3:.0f} ms | "
-                f"{row['max_over_median']:.1f} | {row.get('requests_per_commit', 0):.1f} |"
+                f"{row['max_over_median']:.1f} | {row.get('requests_per_commit', 0):.1f} | "
+                f"{', '.join(map(str, row.get('slowest_attempts', [])))} |"
             )
         out += ["", f"### {store}: finalize of N saves", ""]
         out += ["| N | compaction objects | finalize | requests |", "|---|---|---|---|"]

@@ -158,9 +158,52 @@ def test_the_pause_is_sized_by_writers_round_trip_and_races_lost(faulty: FaultyB
     assert contention.writers(faulty, log) == 16
     slot = contention.ATTEMPT_ROUND_TRIPS * round_trip
     assert contention.pause_window(faulty, log) == pytest.approx(16 * slot)
-    assert contention.pause_window(faulty, log, lost=3) == pytest.approx(4 * slot)
+    assert contention.pause_window(faulty, log, lost=1) == pytest.approx(8 * slot)
     for _ in range(50):  # full jitter: every pause within its window
         assert 0.0 <= contention.pause(faulty, log, lost=1) <= 8 * slot + 1e-9
+    assert contention.pause_window(faulty, log, lost=contention.PRIORITY_AFTER) == 0.0
+
+
+def test_a_writer_that_lost_races_in_a_row_lists_and_creates_without_pausing(
+    faulty: FaultyBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rival wins three races in a row. The loser pauses before its first attempt and
+    after its first loss; from :data:`contention.PRIORITY_AFTER` losses on it waits
+    nothing, yet still lists the tail from the record it lost to before it creates."""
+    log = "ck/log"
+    run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
+    known = run(txlog.read_log(faulty.inner, log))
+    for pid in range(15):
+        contention.note_rival(faulty, log, {"host": "other", "pid": pid, "writer_id": None})
+    windows: list[tuple[int, float]] = []
+    real_window = contention.pause_window
+
+    def recorded(backend: Backend, log_prefix: str, lost: int = 0) -> float:
+        windows.append((lost, real_window(backend, log_prefix, lost)))
+        return windows[-1][1]
+
+    monkeypatch.setattr(contention, "pause_window", recorded)
+
+    async def rival_first(record: Any) -> None:
+        await faulty.inner.create(record.key, _save_record())
+
+    faulty.add(BackendFault(call(rival_first), method="create", times=3))
+    number, _ = run(txlog.append(faulty, log, _own_save_record(), known=known))
+    assert number == 5
+    assert [lost for lost, _ in windows] == [0, 1, 2, 3]
+    assert [window > 0 for _, window in windows] == [True, True, False, False]
+    creates = [(c.key[-13:], c.outcome) for c in faulty.calls("create")]
+    assert creates == [
+        ("00000002.json", "error"),
+        ("00000003.json", "error"),
+        ("00000004.json", "error"),
+        ("00000005.json", "ok"),
+    ]
+    # After every loss a listing that shows the record lost to and what follows it:
+    # never a create straight from the read-back.
+    assert [c.detail["start_after"] for c in faulty.calls("list")] == [
+        txlog.record_key(log, n) for n in (1, 2, 3)
+    ]
 
 
 def test_a_stale_hint_under_a_discard_in_progress_lands_after_the_marker(

@@ -16,8 +16,12 @@ A writer's turn on a contended log (one with rivals) is a *slot* of
 its rivals) a writer waits a random time up to ``K`` slots (full jitter)
 before each attempt: before its first one too, so that the writer that just
 won does not take the next number from the writers that lost to it
-(capture). A loser's window shrinks with each race it lost in a row, so the
-writers that waited longest go first. A lone writer never waits.
+(capture). A loser's window shrinks with each race it lost in a row, and
+after :data:`PRIORITY_AFTER` losses in a row it does not wait at all: it
+lists the tail and creates after it at once. A shrinking window alone does
+not end a run of losses (every attempt collides with the others' as likely
+as before; it only comes sooner), so without this one writer in a few
+hundred lost ten races or more. A lone writer never waits.
 
 Example:
     >>> from partialstore import registry
@@ -47,6 +51,7 @@ from partialstore.backend import Backend
 __all__ = [
     "MAX_PAUSE",
     "MIN_ROUND_TRIP",
+    "PRIORITY_AFTER",
     "RIVAL_MEMORY",
     "contended",
     "note_rival",
@@ -69,6 +74,10 @@ RIVAL_MEMORY = 10.0
 #: measured in both: 1 gives a few percent more commits per second, and a worst
 #: append past 5 times the median (benchmarks/README.md, "contention").
 ATTEMPT_ROUND_TRIPS = 2
+#: After this many races lost in a row a writer no longer pauses (see the module
+#: docstring). 1, 2 and 3 were measured: 2 kept the worst append closest to the
+#: median for the fewest requests (benchmarks/README.md, "contention").
+PRIORITY_AFTER = 2
 #: Weight of the newest observation in the round-trip average.
 _ALPHA = 0.3
 #: How many logs a process keeps state for (least recently used dropped first).
@@ -138,10 +147,11 @@ def contended(backend: Backend, log_prefix: str) -> bool:
 def pause_window(backend: Backend, log_prefix: str, lost: int = 0) -> float:
     """The longest :func:`pause` now: ``writers`` slots, divided by ``lost + 1``, capped.
 
-    Zero on an uncontended log: a lone writer never waits.
+    Zero on an uncontended log (a lone writer never waits) and after
+    :data:`PRIORITY_AFTER` races lost in a row.
     """
     count = writers(backend, log_prefix)
-    if count == 1:
+    if count == 1 or lost >= PRIORITY_AFTER:
         return 0.0
     with _lock:
         slot = ATTEMPT_ROUND_TRIPS * _state(backend, log_prefix).round_trip

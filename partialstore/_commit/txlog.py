@@ -285,9 +285,13 @@ async def _after_conflict(
     ``theirs`` is that writer's record, read back by the create: this writer
     has seen ``taken``. Among rivals it first waits a random pause sized by
     the contention seen (:func:`partialstore._commit.contention.pause`), so
-    losers spread out rather than all try ``taken + 1`` at once, and then
-    lists the tail from ``taken``: the read-back is stale by then. With no
-    rival seen (the winner was this process), it tries ``taken + 1`` at once,
+    losers spread out rather than all try ``taken + 1`` at once (no pause
+    after :data:`~partialstore._commit.contention.PRIORITY_AFTER` losses in
+    a row), and then lists the tail from ``taken``: the read-back is stale by
+    then. Even with no pause it lists: rivals append while the create fails
+    and its read-back comes, so a loser that tried ``taken + 1`` from the
+    read-back would chase the log's end one number behind. With no rival
+    seen (the winner was this process), it tries ``taken + 1`` at once,
     without a listing.
     """
     if theirs is None:  # taken, then deleted by a discard: look at the whole log again
@@ -297,12 +301,11 @@ async def _after_conflict(
     loghints.remember(backend, log_prefix, taken, record.kind, version=record.version)
     contention.note_rival(backend, log_prefix, record.writer)
     # A seal or marker decides at once (refused, or a new session after it).
-    waited = contention.pause(backend, log_prefix, lost=conflicts) if record.kind == SAVE else 0
-    if not waited:  # the next number now, as close to the read-back as a listing would be
-        return _unlisted([*numbers, taken])
-    # After a pause, what was read back is stale: a create after it could even
-    # land where a discard has just deleted records below its marker. Look again.
-    await asyncio.sleep(waited)
+    if record.kind != SAVE or not contention.contended(backend, log_prefix):
+        return _unlisted([*numbers, taken])  # as close to the read-back as a listing
+    # What was read back is stale: a create after it could even land where a
+    # discard has just deleted records below its marker. Look again.
+    await asyncio.sleep(contention.pause(backend, log_prefix, lost=conflicts))
     tail = await _tail_from(backend, log_prefix, taken)
     if tail is None:
         return await list_tail(backend, log_prefix)
