@@ -161,15 +161,18 @@ def test_the_pause_is_sized_by_writers_round_trip_and_races_lost(faulty: FaultyB
     assert contention.pause_window(faulty, log, lost=1) == pytest.approx(8 * slot)
     for _ in range(50):  # full jitter: every pause within its window
         assert 0.0 <= contention.pause(faulty, log, lost=1) <= 8 * slot + 1e-9
-    assert contention.pause_window(faulty, log, lost=contention.PRIORITY_AFTER) == 0.0
+    priority = contention.PRIORITY_SLOTS * slot  # however many writers
+    assert contention.pause_window(faulty, log, lost=contention.PRIORITY_AFTER) == priority
+    assert contention.pause_window(faulty, log, lost=10) == priority
 
 
-def test_a_writer_that_lost_races_in_a_row_lists_and_creates_without_pausing(
+def test_a_writer_that_lost_races_in_a_row_goes_first_and_still_lists(
     faulty: FaultyBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A rival wins three races in a row. The loser pauses before its first attempt and
-    after its first loss; from :data:`contention.PRIORITY_AFTER` losses on it waits
-    nothing, yet still lists the tail from the record it lost to before it creates."""
+    """A rival wins three races in a row among 16 writers. The loser's window is a slot per
+    writer before its first attempt and half that after its first loss; from
+    :data:`contention.PRIORITY_AFTER` losses on it is :data:`contention.PRIORITY_SLOTS`
+    slots, and the loser still lists the tail from the record it lost to before it creates."""
     log = "ck/log"
     run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
     known = run(txlog.read_log(faulty.inner, log))
@@ -178,7 +181,11 @@ def test_a_writer_that_lost_races_in_a_row_lists_and_creates_without_pausing(
     windows: list[tuple[int, float]] = []
     real_window = contention.pause_window
 
+    seen_slots: list[float] = []
+
     def recorded(backend: Backend, log_prefix: str, lost: int = 0) -> float:
+        writers = contention.writers(backend, log_prefix)  # uncapped: the round trip is short
+        seen_slots.append(real_window(backend, log_prefix, lost=0) / writers)
         windows.append((lost, real_window(backend, log_prefix, lost)))
         return windows[-1][1]
 
@@ -191,7 +198,11 @@ def test_a_writer_that_lost_races_in_a_row_lists_and_creates_without_pausing(
     number, _ = run(txlog.append(faulty, log, _own_save_record(), known=known))
     assert number == 5
     assert [lost for lost, _ in windows] == [0, 1, 2, 3]
-    assert [window > 0 for _, window in windows] == [True, True, False, False]
+    # In slots, at the round trip each pause saw: 16, then 17 / 2 (the rival who won is a
+    # 17th writer), then PRIORITY_SLOTS twice.
+    slots = [window / slot for (_, window), slot in zip(windows, seen_slots, strict=True)]
+    priority = contention.PRIORITY_SLOTS
+    assert slots == pytest.approx([16, 17 / 2, priority, priority])
     creates = [(c.key[-13:], c.outcome) for c in faulty.calls("create")]
     assert creates == [
         ("00000002.json", "error"),

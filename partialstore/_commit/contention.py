@@ -17,11 +17,13 @@ its rivals) a writer waits a random time up to ``K`` slots (full jitter)
 before each attempt: before its first one too, so that the writer that just
 won does not take the next number from the writers that lost to it
 (capture). A loser's window shrinks with each race it lost in a row, and
-after :data:`PRIORITY_AFTER` losses in a row it does not wait at all: it
-lists the tail and creates after it at once. A shrinking window alone does
-not end a run of losses (every attempt collides with the others' as likely
-as before; it only comes sooner), so without this one writer in a few
-hundred lost ten races or more. A lone writer never waits.
+after :data:`PRIORITY_AFTER` losses in a row it is :data:`PRIORITY_SLOTS`
+slots, however many writers there are: such a writer goes ahead of every
+writer that has not lost. A shrinking window alone does not end a run of
+losses (each attempt collides with the others' as likely as before; it
+only comes sooner), and one writer in a few hundred lost ten races or more.
+The window does not fall to zero: the losers of one race learn of it at
+the same moment and would collide again at once. A lone writer never waits.
 
 Example:
     >>> from partialstore import registry
@@ -52,6 +54,7 @@ __all__ = [
     "MAX_PAUSE",
     "MIN_ROUND_TRIP",
     "PRIORITY_AFTER",
+    "PRIORITY_SLOTS",
     "RIVAL_MEMORY",
     "contended",
     "note_rival",
@@ -74,10 +77,15 @@ RIVAL_MEMORY = 10.0
 #: measured in both: 1 gives a few percent more commits per second, and a worst
 #: append past 5 times the median (benchmarks/README.md, "contention").
 ATTEMPT_ROUND_TRIPS = 2
-#: After this many races lost in a row a writer no longer pauses (see the module
-#: docstring). 1, 2 and 3 were measured: 2 kept the worst append closest to the
-#: median for the fewest requests (benchmarks/README.md, "contention").
+#: After this many races lost in a row a writer's window is :data:`PRIORITY_SLOTS`
+#: (see the module docstring). 1, 2 and 3 were measured: 2 kept the worst append
+#: closest to the median for the fewest requests (benchmarks/README.md, "runs of
+#: lost races").
 PRIORITY_AFTER = 2
+#: The window, in slots, of a writer that lost :data:`PRIORITY_AFTER` races in a
+#: row. 0, 0.5 and 1 were measured: 0.5 kept the worst append nearest the median
+#: both at 20 ms and on a server short of CPU (benchmarks/README.md, same place).
+PRIORITY_SLOTS = 0.5
 #: Weight of the newest observation in the round-trip average.
 _ALPHA = 0.3
 #: How many logs a process keeps state for (least recently used dropped first).
@@ -147,14 +155,17 @@ def contended(backend: Backend, log_prefix: str) -> bool:
 def pause_window(backend: Backend, log_prefix: str, lost: int = 0) -> float:
     """The longest :func:`pause` now: ``writers`` slots, divided by ``lost + 1``, capped.
 
-    Zero on an uncontended log (a lone writer never waits) and after
-    :data:`PRIORITY_AFTER` races lost in a row.
+    Zero on an uncontended log: a lone writer never waits. After
+    :data:`PRIORITY_AFTER` races lost in a row, :data:`PRIORITY_SLOTS` slots
+    whatever the number of writers.
     """
     count = writers(backend, log_prefix)
-    if count == 1 or lost >= PRIORITY_AFTER:
+    if count == 1:
         return 0.0
     with _lock:
         slot = ATTEMPT_ROUND_TRIPS * _state(backend, log_prefix).round_trip
+    if lost >= PRIORITY_AFTER:
+        return PRIORITY_SLOTS * slot
     return min(MAX_PAUSE, slot * count / (lost + 1))
 
 

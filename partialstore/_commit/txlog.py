@@ -285,12 +285,12 @@ async def _after_conflict(
     ``theirs`` is that writer's record, read back by the create: this writer
     has seen ``taken``. Among rivals it first waits a random pause sized by
     the contention seen (:func:`partialstore._commit.contention.pause`), so
-    losers spread out rather than all try ``taken + 1`` at once (no pause
-    after :data:`~partialstore._commit.contention.PRIORITY_AFTER` losses in
-    a row), and then lists the tail from ``taken``: the read-back is stale by
-    then. Even with no pause it lists: rivals append while the create fails
-    and its read-back comes, so a loser that tried ``taken + 1`` from the
-    read-back would chase the log's end one number behind. With no rival
+    losers spread out rather than all try ``taken + 1`` at once (a short
+    one after :data:`~partialstore._commit.contention.PRIORITY_AFTER` losses
+    in a row), and then lists the tail from ``taken``: the read-back is stale
+    by then. However short the pause, it lists: rivals append while the
+    create fails and its read-back comes, so a loser that tried ``taken + 1``
+    from the read-back would chase the log's end one number behind. With no rival
     seen (the winner was this process), it tries ``taken + 1`` at once,
     without a listing.
     """
