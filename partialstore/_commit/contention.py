@@ -75,12 +75,12 @@ RIVAL_MEMORY = 10.0
 #: log is two round trips in a log of version 2 (list the tail, create) and three
 #: in one of version 1 (a read of the tail's end between them). 1 and 2 were
 #: measured in both: 1 gives a few percent more commits per second, and a worst
-#: append past 5 times the median (benchmarks/README.md, "contention").
+#: append past 5 times the median (benchmarks/README.md, "K = 16 with seal notices").
 ATTEMPT_ROUND_TRIPS = 2
 #: After this many races lost in a row a writer's window is :data:`PRIORITY_SLOTS`
 #: (see the module docstring). 1, 2 and 3 were measured: 2 kept the worst append
-#: closest to the median for the fewest requests (benchmarks/README.md, "runs of
-#: lost races").
+#: closest to the median for the fewest requests (benchmarks/README.md, "K = 16:
+#: runs of lost races").
 PRIORITY_AFTER = 2
 #: The window, in slots, of a writer that lost :data:`PRIORITY_AFTER` races in a
 #: row. 0, 0.5 and 1 were measured: 0.5 kept the worst append nearest the median
