@@ -30,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from any
 from benchmarks import (  # noqa: E402
     cli,
     finalize_latency,
+    inner_chunks,
     lifecycle,
     log_scale,
     network,
@@ -709,3 +710,23 @@ def test_throughput_pipelined_saves_with_save_async(tmp_path: Path, capsys: Any)
     assert result["config"]["pipelined"] is True
     ps = next(r for r in result["results"] if r["system"] == "partialstore")
     assert ps["status"] == "ok" and ps["verified"]  # every save landed, loaded back equal
+
+
+def test_inner_chunks_quick_saves_at_each_limit_and_restores_the_rule(tmp_path: Path) -> None:
+    """The inner-chunk benchmark saves with each limit (each within its count) and leaves
+    the save path's inner-chunk rule as it found it."""
+    from partialstore._arrays import zarr3
+
+    rule = zarr3.inner_chunks
+    argv = ["--quick", "--limits", "none,64,16", "--rounds", "1", "--out", str(tmp_path)]
+    assert inner_chunks.main(argv) == 0
+    assert zarr3.inner_chunks is rule
+    rows = json.loads((tmp_path / "inner_chunks.json").read_text())["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row["times_s"]) == {"none", "64", "16"}
+        assert all(len(times) == 1 and times[0] > 0 for times in row["times_s"].values())
+        shapes = row["inner_shape"]
+        whole = math.prod(shapes["none"])
+        assert whole // math.prod(shapes["64"]) <= 64
+        assert whole // math.prod(shapes["16"]) <= 16 < whole // math.prod(shapes["64"])

@@ -32,10 +32,13 @@ __all__ = [
 #: while 16 KiB still splits a 1 MiB array 8 ways along each of two axes.
 MIN_INNER_BYTES = 16 << 10
 
-#: A stored chunk holds at most this many inner chunks, so a 16 MiB chunk
-#: gets 64 KiB inner chunks, few enough that saves keep their speed
-#: (``python -m benchmarks.throughput``; bytes read: ``benchmarks.load_bytes``).
-MAX_INNER_CHUNKS = 256
+#: A stored chunk holds at most this many inner chunks (a 16 MiB chunk: 256 KiB
+#: ones). Writing a chunk costs time per inner chunk, and fewer, larger ones
+#: are fewer ranged reads; 64 = 8 x 8 still splits a chunk 8 ways along each
+#: of two axes, so a load over 8 processes reads what it returns
+#: (``python -m benchmarks.inner_chunks`` for the save time, 32 and 256
+#: measured too; ``benchmarks.load_bytes`` for the bytes; benchmarks/README.md).
+MAX_INNER_CHUNKS = 64
 
 
 def choose_chunks(shape: Sequence[int], itemsize: int, target: int) -> list[int]:
@@ -116,7 +119,7 @@ def inner_chunks(
 
     Example:
         >>> inner_chunks([65536, 4096], [1024, 4096], 4)
-        [512, 32]
+        [1024, 64]
         >>> inner_chunks([512, 512], [512, 512], 4)
         [64, 64]
         >>> inner_chunks([100], [100], 1)

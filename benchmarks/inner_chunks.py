@@ -1,0 +1,142 @@
+"""What inner chunks cost a save: whole saves on local disk at several inner-chunk limits.
+
+Each stored chunk object is split into inner chunks (zarr3's
+``sharding_indexed``) so that loads with another sharding read only what
+they need (``benchmarks.load_bytes``). Writing a chunk costs time per inner
+chunk, so the limit :data:`partialstore._arrays.sharded.MAX_INNER_CHUNKS`
+trades save speed against how finely a load can pick. This script saves
+the same trees with each limit in turn, and with no inner chunks at all
+(``none``, the layout before inner chunks), interleaved in rounds so that
+disk and page-cache drift hits every limit alike, and reports the median
+save time per limit against ``none``.
+
+Local disk only: there the write itself is cheap and the encoding shows;
+on an object store the requests are the same at every limit.
+
+Usage::
+
+    python -m benchmarks.inner_chunks --out /tmp/inner              # about 2 minutes
+    python -m benchmarks.inner_chunks --quick --out /tmp/inner      # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import partialstore
+from benchmarks.cli import Measured, Run, Script
+from partialstore._arrays import sharded, zarr3
+from partialstore._arrays.arrays import CHUNK_BYTES
+
+InnerRule = Callable[[Sequence[int], Sequence[int], int], list[int]]
+
+
+def _no_inner_chunks(shape: Sequence[int], chunks: Sequence[int], itemsize: int) -> list[int]:
+    return list(chunks)
+
+
+def _rule(limit: str) -> InnerRule:
+    """The inner-chunk shape rule for ``limit``: ``"none"`` or a maximum count per chunk."""
+    if limit == "none":
+        return _no_inner_chunks
+    return functools.partial(sharded.inner_chunks, max_count=int(limit))
+
+
+def _trees(quick: bool) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    big, side = ((2048, 1024), 512) if quick else ((16384, 4096), 2048)
+    return {
+        f"one {big[0]}x{big[1]} float32": {"a": rng.standard_normal(big, dtype=np.float32)},
+        f"8 x {side}x{side} float32": {
+            f"w{i}": rng.standard_normal((side, side), dtype=np.float32) for i in range(8)
+        },
+    }
+
+
+def _timed_save(root: Path, tree: dict[str, np.ndarray], rule: InnerRule) -> float:
+    path = root / uuid.uuid4().hex
+    zarr3.inner_chunks = rule  # what the save's zarr3 writer calls
+    start = time.perf_counter()
+    partialstore.save(str(path), tree)
+    spent = time.perf_counter() - start
+    for written in root.glob(f"{path.name}*"):  # the checkpoint and its staging folder
+        shutil.rmtree(written)
+    return spent
+
+
+def measure(run: Run) -> Measured:
+    limits = [x.strip() for x in run.args.limits.split(",") if x.strip()]
+    rounds = run.args.rounds or (2 if run.args.quick else 15)
+    root = Path(run.scratch) / "inner"
+    root.mkdir()
+    real = zarr3.inner_chunks
+    rows = []
+    try:
+        for name, tree in _trees(run.args.quick).items():
+            times: dict[str, list[float]] = {limit: [] for limit in limits}
+            for limit in limits:  # warm-up: imports, TensorStore contexts, page cache
+                _timed_save(root, tree, _rule(limit))
+            for _ in range(rounds):
+                for limit in limits:
+                    times[limit].append(_timed_save(root, tree, _rule(limit)))
+            first = next(iter(tree.values()))
+            chunks = sharded.choose_chunks(first.shape, first.itemsize, CHUNK_BYTES)
+            shapes = {limit: _rule(limit)(first.shape, chunks, first.itemsize) for limit in limits}
+            rows.append({"tree": name, "times_s": times, "inner_shape": shapes})
+    finally:
+        zarr3.inner_chunks = real
+    return Measured(config={"limits": limits, "rounds": rounds}, body={"rows": rows}, status=0)
+
+
+def render(result: dict[str, Any]) -> str:
+    out = ["## Saves on local disk against the inner-chunk limit", ""]
+    out += ["| tree | limit | inner shape (first leaf) | median save | vs none |"]
+    out += ["|---|---|---|---|---|"]
+    for row in result["rows"]:
+        medians = {k: statistics.median(v) for k, v in row["times_s"].items()}
+        base = medians.get("none")
+        for limit, median in medians.items():
+            ratio = f"{median / base:.2f}x" if base else ""
+            out.append(
+                f"| {row['tree']} | {limit} | {row['inner_shape'][limit]} | "
+                f"{median * 1e3:.0f} ms | {ratio} |"
+            )
+    return "\n".join([*out, ""])
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--limits",
+        default="none,256,64,32,16",
+        help="inner chunks per chunk at most ('none': no inner chunks); default none,256,64,32,16",
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="rounds (default 15; quick: 2)")
+
+
+SCRIPT = Script(
+    name="inner_chunks",
+    description="Save time on local disk against the limit on inner chunks per chunk.",
+    stores=("local",),
+    add_arguments=_add_arguments,
+    measure=measure,
+    render=render,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return SCRIPT.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
