@@ -164,6 +164,10 @@ def test_the_pause_is_sized_by_writers_round_trip_and_races_lost(faulty: FaultyB
     priority = contention.PRIORITY_SLOTS * slot  # however many writers
     assert contention.pause_window(faulty, log, lost=contention.PRIORITY_AFTER) == priority
     assert contention.pause_window(faulty, log, lost=10) == priority
+    contention.note_round_trip(faulty, log, 1e6)  # a store that hangs: still capped
+    assert contention.pause_window(faulty, log, lost=contention.PRIORITY_AFTER) == (
+        contention.MAX_PAUSE
+    )
 
 
 def test_a_writer_that_lost_races_in_a_row_goes_first_and_still_lists(

@@ -164,9 +164,8 @@ def pause_window(backend: Backend, log_prefix: str, lost: int = 0) -> float:
         return 0.0
     with _lock:
         slot = ATTEMPT_ROUND_TRIPS * _state(backend, log_prefix).round_trip
-    if lost >= PRIORITY_AFTER:
-        return PRIORITY_SLOTS * slot
-    return min(MAX_PAUSE, slot * count / (lost + 1))
+    slots = PRIORITY_SLOTS if lost >= PRIORITY_AFTER else count / (lost + 1)
+    return min(MAX_PAUSE, slot * slots)
 
 
 def pause(backend: Backend, log_prefix: str, lost: int = 0) -> float:
