@@ -726,7 +726,8 @@ def test_inner_chunks_quick_saves_at_each_limit_and_restores_the_rule(tmp_path: 
     for row in rows:
         assert set(row["times_s"]) == {"none", "64", "16"}
         assert all(len(times) == 1 and times[0] > 0 for times in row["times_s"].values())
-        shapes = row["inner_shape"]
-        whole = math.prod(shapes["none"])
-        assert whole // math.prod(shapes["64"]) <= 64
-        assert whole // math.prod(shapes["16"]) <= 16 < whole // math.prod(shapes["64"])
+        chunk, inner = row["layout"]["none"]
+        assert chunk == inner  # no inner chunks: one per chunk
+        for limit in (64, 16):
+            chunk, inner = row["layout"][str(limit)]
+            assert math.prod(chunk) // math.prod(inner) <= limit
