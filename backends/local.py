@@ -322,15 +322,19 @@ class LocalBackend(Backend):
     def _list(self, base: str, start_after: str = "") -> builtins.list[str]:
         """Keys under ``base`` that sort after ``start_after``, sorted.
 
-        A directory has no server-side start: every name is read, but only the
-        keys after ``start_after`` are built and sorted (a log's tail of a few
-        names out of thousands costs the directory read, not a sort of all).
+        A directory has no server-side start: every name of a directory that
+        may hold such keys is read, but only the keys after ``start_after``
+        are built and sorted, and a subdirectory whose keys all sort before
+        it is not read at all (a log of version 3 keeps its records in
+        folders of a thousand, so its tail costs one folder's read).
         """
         keys: list[str] = []
         root_len = len(self.root.rstrip(os.sep)) + 1
-        for directory, _dirs, files in os.walk(base):
+        for directory, dirs, files in os.walk(base):
             relative = directory[root_len:].replace(os.sep, "/")
             head = f"{relative}/" if relative else ""
+            if start_after:
+                dirs[:] = [d for d in dirs if _may_follow(f"{head}{d}/", start_after)]
             for name in files:
                 key = head + name
                 if key > start_after and not is_temp_name(name):
@@ -382,3 +386,17 @@ class LocalBackend(Backend):
             {'driver': 'file', 'path': '/tmp/c/data/x/'}
         """
         return {"driver": "file", "path": self._prefix_path(prefix).rstrip(os.sep) + "/"}
+
+
+def _may_follow(folder: str, start_after: str) -> bool:
+    """Whether a key under ``folder`` (ending in ``/``) may sort after ``start_after``.
+
+    Example:
+        >>> _may_follow("log/00012/", "log/00012/00012345.json")  # the folder of the start
+        True
+        >>> _may_follow("log/00011/", "log/00012/00012345.json")  # every key sorts before
+        False
+        >>> _may_follow("log/00013/", "log/00012/00012345.json")
+        True
+    """
+    return folder > start_after or start_after.startswith(folder)

@@ -107,10 +107,14 @@ def _progress(text: str) -> None:
     print(f"[log_scale] {text}", file=sys.stderr, flush=True)
 
 
-def _record() -> bytes:
+def _record_object() -> SaveRecord:
     created = datetime.datetime.now(datetime.UTC).isoformat()
     # This process as the writer, as a real save names it: writers can tell each other apart.
-    return SaveRecord(uuid.uuid4().hex, created, writer(), None, [], []).encode()
+    return SaveRecord(uuid.uuid4().hex, created, writer(), None, [], [])
+
+
+def _record() -> bytes:
+    return _record_object().encode()
 
 
 async def _fill(backend: Backend, log: str, count: int) -> None:
@@ -126,7 +130,7 @@ async def _fill(backend: Backend, log: str, count: int) -> None:
 def _timed_append(backend: Counting, log: str) -> dict[str, Any]:
     backend.counts.clear()
     start = time.perf_counter()
-    number, _ = run_sync(txlog.append(backend, log, _record()))
+    number, *_ = run_sync(txlog.append(backend, log, _record_object()))
     return {"s": time.perf_counter() - start, "number": number, "requests": dict(backend.counts)}
 
 
@@ -214,7 +218,7 @@ def _writer(url: str, options: dict[str, Any], log: str, count: int, go: float, 
     for _ in range(count):
         creates = backend.counts["create"]
         start = time.perf_counter()
-        run_sync(txlog.append(backend, log, _record()))
+        run_sync(txlog.append(backend, log, _record_object()))
         appends.append((time.perf_counter() - start, backend.counts["create"] - creates))
     out.put((time.time(), appends, dict(backend.counts)))
 

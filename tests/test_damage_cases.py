@@ -228,7 +228,7 @@ RECORD_CASES: dict[str, Edit] = {
     "array in another save's directory": setter("w", "path", "data/elsewhere/packed-0000.bin"),
     "escaping array path": setter("big", "path", "data/../../x/a00000"),
     "path deeper than MAX_DEPTH": setter("step", "path", [["key", "k"]] * (MAX_DEPTH + 1), leaf),
-    "version 3": lambda r: r.__setitem__("version", 3),
+    "version 4": lambda r: r.__setitem__("version", 4),
     "version true": lambda r: r.__setitem__("version", True),
 }
 

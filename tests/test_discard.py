@@ -83,7 +83,7 @@ def test_finalize_after_a_discard_marker_finds_no_session(ckpt):
     location = resolve(path, opts)
     entries = run(txlog.read_log(location.backend, location.log_prefix))
     # A discard whose marker landed, then died before deleting anything.
-    run(txlog.append(location.backend, location.log_prefix, discarding._marker(), what="discard"))
+    run(txlog.append(location.backend, location.log_prefix, discarding._marker()))
     with pytest.raises(FileNotFoundError):
         partialstore.finalize(path, storage_options=opts)
     # Discard again: nothing to discard, but it finishes the deletions.
@@ -128,7 +128,7 @@ def test_discard_never_follows_a_tampered_save_id(ckpt):
     record = SaveRecord(
         "keep", created=None, writer=None, custom_metadata=None, nodes=[], leaves=[]
     )
-    run(txlog.append(location.backend, location.log_prefix, record.encode()))
+    run(txlog.append(location.backend, location.log_prefix, record))
     partialstore.discard(path, storage_options=opts)
     assert run(location.backend.read(victim)) == b"mine"
 

@@ -47,7 +47,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
 
-def _save_record() -> bytes:
+def _save() -> SaveRecord:
     return SaveRecord(
         save_id=uuid.uuid4().hex,
         created=_now(),
@@ -55,7 +55,11 @@ def _save_record() -> bytes:
         custom_metadata=None,
         nodes=[],
         leaves=[],
-    ).encode()
+    )
+
+
+def _save_record() -> bytes:
+    return _save().encode()
 
 
 def _seal() -> bytes:
@@ -95,9 +99,13 @@ def faulty() -> FaultyBackend:
     return FaultyBackend(registry.open_backend(f"memory://{uuid.uuid4().hex}"))
 
 
-def _own_save_record() -> bytes:
+def _own_save() -> SaveRecord:
     """A record by this process (another actor of it): not a rival."""
-    return SaveRecord(uuid.uuid4().hex, _now(), writer(), None, [], []).encode()
+    return SaveRecord(uuid.uuid4().hex, _now(), writer(), None, [], [])
+
+
+def _own_save_record() -> bytes:
+    return _own_save().encode()
 
 
 def test_conflict_loser_goes_to_the_next_number_without_listing(faulty: FaultyBackend) -> None:
@@ -107,7 +115,7 @@ def test_conflict_loser_goes_to_the_next_number_without_listing(faulty: FaultyBa
     run(faulty.inner.create(txlog.record_key(log, 1), _save_record()))
     known = run(txlog.read_log(faulty.inner, log))
     run(faulty.inner.create(txlog.record_key(log, 2), _own_save_record()))
-    number, numbers = run(txlog.append(faulty, log, _own_save_record(), known=known))
+    number, numbers, _ = run(txlog.append(faulty, log, _own_save(), known=known))
     assert (number, numbers) == (3, [1, 2])
     assert faulty.calls("list") == []
     creates = [(c.key, c.outcome) for c in faulty.calls("create")]
@@ -123,7 +131,7 @@ def test_conflict_loser_meets_a_seal_without_listing(faulty: FaultyBackend) -> N
     known = run(txlog.read_log(faulty.inner, log))
     run(faulty.inner.create(txlog.record_key(log, 2), _seal()))  # a rival's: refused at once
     with pytest.raises(CheckpointFinalizedError):
-        run(txlog.append(faulty, log, _save_record(), known=known))
+        run(txlog.append(faulty, log, _save(), known=known))
     assert faulty.calls("list") == []
     assert _kinds(faulty.inner, log) == [(1, "save"), (2, "finalize")]
 
@@ -136,7 +144,7 @@ def test_a_rival_conflict_pauses_then_lists_the_tail(faulty: FaultyBackend) -> N
     known = run(txlog.read_log(faulty.inner, log))
     for number in range(2, 7):  # a rival appended five records meanwhile
         run(faulty.inner.create(txlog.record_key(log, number), _save_record()))
-    number, numbers = run(txlog.append(faulty, log, _own_save_record(), known=known))
+    number, numbers, _ = run(txlog.append(faulty, log, _own_save(), known=known))
     assert (number, numbers) == (7, [1, 2, 3, 4, 5, 6])
     assert contention.writers(faulty, log) == 2  # this process and the rival
     assert [(c.key[-13:], c.outcome) for c in faulty.calls("create")] == [
@@ -199,7 +207,7 @@ def test_a_writer_that_lost_races_in_a_row_goes_first_and_still_lists(
         await faulty.inner.create(record.key, _save_record())
 
     faulty.add(BackendFault(call(rival_first), method="create", times=3))
-    number, _ = run(txlog.append(faulty, log, _own_save_record(), known=known))
+    number, *_ = run(txlog.append(faulty, log, _own_save(), known=known))
     assert number == 5
     assert [lost for lost, _ in windows] == [0, 1, 2, 3]
     # In slots, at the round trip each pause saw: 16, then 17 / 2 (the rival who won is a
@@ -228,13 +236,13 @@ def test_a_stale_hint_under_a_discard_in_progress_lands_after_the_marker(
     the records after it: the tail listing shows the marker, so the save lands after it.
     (An existence check of the hint alone would put it at 2, below the marker.)"""
     log = "ck/log"
-    first, _ = run(txlog.append(faulty, log, _save_record()))
+    first, *_ = run(txlog.append(faulty, log, _save()))
     for number in (2, 3):
         run(faulty.inner.create(txlog.record_key(log, number), _save_record()))
     run(faulty.inner.create(txlog.record_key(log, 4), _marker()))
     for number in (3, 2):  # the discard's deletions, not yet at record 1
         run(faulty.inner.delete(txlog.record_key(log, number)))
-    number, _ = run(txlog.append(faulty, log, _save_record()))
+    number, *_ = run(txlog.append(faulty, log, _save()))
     assert (first, number) == (1, 5)
     assert _kinds(faulty.inner, log) == [(1, "save"), (4, "discard"), (5, "save")]
 
@@ -245,9 +253,9 @@ def test_a_second_save_lists_only_the_tail(tmp_path: Path) -> None:
     log = "ck/log"
     for _ in range(30):
         run(inner.create(txlog.record_key(log, len(run(inner.list(log))) + 1), _save_record()))
-    first, _ = run(txlog.append(faulty, log, _save_record()))  # no hint yet: full listing
+    first, *_ = run(txlog.append(faulty, log, _save()))  # no hint yet: full listing
     run(inner.create(txlog.record_key(log, 32), _save_record()))  # another writer
-    second, numbers = run(txlog.append(faulty, log, _save_record()))
+    second, numbers, _ = run(txlog.append(faulty, log, _save()))
     assert (first, second, numbers) == (31, 33, [31, 32])
     lists = faulty.calls("list")
     assert len(lists) == 2

@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 
 import partialstore
 from partialstore import errors
+from partialstore._commit import logread
 
 # Examples per backend: the merge, encoding and error rules live in the core,
 # so the fast stores run the most; the emulated object stores enough to meet
@@ -463,11 +464,16 @@ class PartialStoreMachine(RuleBasedStateMachine):
 
 
 def test_api_matches_model(
-    any_backend_url: tuple[str, dict[str, Any]], request: pytest.FixtureRequest
+    any_backend_url: tuple[str, dict[str, Any]],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Random sequences of API calls on one backend behave exactly as the model says."""
     base, options = any_backend_url
     kind = request.node.callspec.params["any_backend_url"]
+    # Logs of version 3 keep records from number segment() on in folders: at ten
+    # instead of a thousand, the examples' logs cross into them (test_log_version_3).
+    monkeypatch.setattr(logread, "SEGMENT_DIGITS", 1)
     machine = type(
         "PartialStoreMachineOnBackend", (PartialStoreMachine,), {"base": base, "options": options}
     )

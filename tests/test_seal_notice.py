@@ -17,15 +17,12 @@ import concurrent.futures
 import dataclasses
 import datetime
 import json
-import os
-import subprocess
-import sys
-import tarfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _older_code import archive, run_older
 
 import partialstore
 from partialstore import registry
@@ -45,7 +42,6 @@ from partialstore.testing.faulty_backend import (
 
 RIVAL = {"host": "rival", "pid": 7, "writer_id": None}
 LOG = "ck/log"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The last commit whose code writes log records of version 1.
 VERSION_1_COMMIT = "50adc34"
 
@@ -54,9 +50,12 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
 
+def _save(version: int = txlog.VERSION) -> SaveRecord:
+    return SaveRecord(uuid.uuid4().hex, _now(), RIVAL, None, [], [], version)
+
+
 def _save_record(version: int = txlog.VERSION) -> bytes:
-    record = SaveRecord(uuid.uuid4().hex, _now(), RIVAL, None, [], [], version)
-    return record.encode()
+    return _save(version).encode()
 
 
 def _seal(version: int = txlog.VERSION) -> bytes:
@@ -74,10 +73,10 @@ def faulty() -> FaultyBackend:
 
 
 def test_a_save_goes_after_rival_records_without_reading_them(faulty: FaultyBackend) -> None:
-    first, _ = run(txlog.append(faulty, LOG, _save_record()))  # this process's: version 2
+    first, *_ = run(txlog.append(faulty, LOG, _save()))  # this process's: version 2
     for number in (2, 3):  # a rival's saves meanwhile
         run(faulty.inner.create(txlog.record_key(LOG, number), _save_record()))
-    number, _ = run(txlog.append(faulty, LOG, _save_record()))
+    number, *_ = run(txlog.append(faulty, LOG, _save()))
     assert (first, number) == (1, 4)
     # The first append read nothing (an empty log), the second only listed the tail.
     assert faulty.calls("read") == []
@@ -88,12 +87,12 @@ def test_a_save_goes_after_rival_records_without_reading_them(faulty: FaultyBack
 def test_with_a_notice_a_save_reads_the_record_before_it_and_meets_the_seal(
     faulty: FaultyBackend,
 ) -> None:
-    run(txlog.append(faulty, LOG, _save_record()))
+    run(txlog.append(faulty, LOG, _save()))
     # A finalizer of version 2: the notice first, then the seal.
     run(faulty.inner.create(txlog.notice_key(LOG), b"{}"))
     run(faulty.inner.create(txlog.record_key(LOG, 2), _seal()))
     with pytest.raises(CheckpointFinalizedError):
-        run(txlog.append(faulty, LOG, _save_record()))
+        run(txlog.append(faulty, LOG, _save()))
     assert [c.key for c in faulty.calls("read")] == [txlog.record_key(LOG, 2)]
     assert [k[:2] for k in _kinds(faulty.inner, LOG)] == [(1, "save"), (2, "finalize")]
 
@@ -106,7 +105,7 @@ def test_a_seal_without_notice_after_version_1_records_is_read_and_refuses(
     run(faulty.inner.create(txlog.record_key(LOG, 2), _seal(version=1)))
     loghints.remember(faulty, LOG, 1, txlog.SAVE, version=1)  # this process read record 1
     with pytest.raises(CheckpointFinalizedError):
-        run(txlog.append(faulty, LOG, _save_record()))
+        run(txlog.append(faulty, LOG, _save()))
     assert [c.key for c in faulty.calls("read")] == [txlog.record_key(LOG, 2)]
     assert faulty.calls("create") == []
 
@@ -116,7 +115,7 @@ def test_a_save_after_version_1_records_reads_the_last_then_appends_version_2(
 ) -> None:
     for number in (1, 2):
         run(faulty.inner.create(txlog.record_key(LOG, number), _save_record(version=1)))
-    number, _ = run(txlog.append(faulty, LOG, _save_record()))
+    number, *_ = run(txlog.append(faulty, LOG, _save()))
     assert number == 3
     assert [c.key for c in faulty.calls("read")] == [txlog.record_key(LOG, 2)]
     assert _kinds(faulty.inner, LOG) == [(1, "save", 1), (2, "save", 1), (3, "save", 2)]
@@ -180,59 +179,24 @@ def test_a_finalize_whose_reads_fail_does_not_wait_for_its_hung_notice(tmp_path:
 
 @pytest.fixture(scope="module")
 def version_1_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The package as of :data:`VERSION_1_COMMIT`, backends inside it, ready for PYTHONPATH.
-
-    Taken with ``git archive`` from this repository's history: the test
-    needs a clone, as CI makes.
-    """
-    root = tmp_path_factory.mktemp("version1")
-    archive = root / "v1.tar"
-    subprocess.run(
-        ["git", "archive", "-o", str(archive), VERSION_1_COMMIT, "partialstore", "backends"],
-        cwd=REPO_ROOT,
-        check=True,
-        timeout=60,
-    )
-    with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
-    (root / "backends").rename(root / "partialstore" / "backends")
-    return root
+    """The package as of :data:`VERSION_1_COMMIT` (see :mod:`tests._older_code`)."""
+    return archive(VERSION_1_COMMIT, tmp_path_factory.mktemp("version1"))
 
 
 def _version_1(code: Path, call: str, path: str) -> str:
-    """Run ``call`` with the version-1 code in a fresh interpreter: "ok" or the error."""
-    script = (
-        "import sys, numpy as np, partialstore\n"
-        "assert partialstore.__file__.startswith(sys.argv[1]), partialstore.__file__\n"
-        "try:\n"
-        f"    {call}\n"
-        "    print('ok')\n"
-        "except Exception as error:\n"
-        "    print(type(error).__name__, error)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(code)}
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(code), path],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-        cwd=code,  # not the repository, whose partialstore would come first on sys.path
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
+    return run_older(code, call, path)
 
 
-def test_version_1_code_refuses_to_finalize_or_save_after_version_2_records(
+def test_version_1_code_refuses_to_finalize_or_save_after_newer_records(
     version_1_code: Path, tmp_path: Path
 ) -> None:
     path = str(tmp_path / "root" / "ck")
-    partialstore.save(path, _state("new"))  # record 1, version 2
+    partialstore.save(path, _state("new"))  # record 1, of today's version (2 or later)
+    newer = f"version {txlog.VERSION}"
     finalized = _version_1(version_1_code, "partialstore.finalize(sys.argv[2])", path)
-    assert finalized.startswith("CorruptCheckpointError") and "version 2" in finalized
+    assert finalized.startswith("CorruptCheckpointError") and newer in finalized
     saved = _version_1(version_1_code, "partialstore.save(sys.argv[2], {'x': 1})", path)
-    assert saved.startswith("CorruptCheckpointError") and "version 2" in saved
+    assert saved.startswith("CorruptCheckpointError") and newer in saved
     location = resolve(path)
     assert [k[:2] for k in _kinds(location.backend, location.log_prefix)] == [(1, "save")]
     partialstore.finalize(path)  # the version-2 code finalizes what it saved

@@ -37,7 +37,8 @@ import datetime
 import re
 import uuid
 
-from partialstore._commit import compaction, records, txlog
+from partialstore._commit import compaction, logread, records, txlog
+from partialstore._commit.formats import SEGMENTED_FROM_VERSION
 from partialstore._commit.location import DATA_DIR, LOG_DIR, Location
 from partialstore._commit.published import (
     already_finalized,
@@ -81,12 +82,28 @@ async def _delete_records_and_data(
         if isinstance(record, SaveRecord) and SAVE_ID.match(record.save_id):
             await backend.delete_prefix(f"{root}/{location.data_dir(record.save_id)}")
     for entry in dead:
-        await backend.delete(f"{root}/{LOG_DIR}/{entry.number:08d}.json")
+        if _fences_older_writers(entry):
+            continue  # its data went above; the record stays
+        key = txlog.record_key(f"{root}/{LOG_DIR}", entry.number, entry.record.version)
+        await backend.delete(key)
 
 
-def _marker() -> bytes:
+def _fences_older_writers(entry: txlog.LogEntry) -> bool:
+    """Whether ``entry`` is the record a discard never deletes: ``segment() - 1``, version 3.
+
+    Older writers list only the records below ``logread.segment()`` (they do not see
+    the folders), so among those they must always find one of version 3,
+    which they refuse. In a log that never reached it that is the
+    last marker (a marker is deleted only by a discard after it); in one
+    that did, record ``segment() - 1`` is kept, as every discard after it
+    leaves it (docs/protocol.md, "Log version 3").
+    """
+    return entry.number == logread.segment() - 1 and entry.record.version >= SEGMENTED_FROM_VERSION
+
+
+def _marker() -> DiscardRecord:
     created = datetime.datetime.now(datetime.UTC).isoformat()
-    return DiscardRecord(discard_id=uuid.uuid4().hex, created=created, writer=writer()).encode()
+    return DiscardRecord(discard_id=uuid.uuid4().hex, created=created, writer=writer())
 
 
 async def discard(location: Location) -> None:
@@ -118,9 +135,7 @@ async def discard(location: Location) -> None:
     if txlog.is_seal(session[-1].record):
         raise _sealed(location, session[-1].number)
     try:
-        number, numbers = await txlog.append(
-            backend, log, _marker(), what=txlog.DISCARD, known=entries
-        )
+        number, numbers, _ = await txlog.append(backend, log, _marker(), known=entries)
     except CheckpointFinalizedError as error:
         raise _sealed(location, None) from error
     if location.uses_rename and await read_published(location) is not None:

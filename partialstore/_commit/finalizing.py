@@ -175,9 +175,7 @@ async def _seal(location: Location, finalize_id: str) -> tuple[Compacted | None,
         crash_point("finalize.before_seal")
         seal = _seal_record(finalize_id)
         try:
-            number, numbers = await txlog.append(
-                backend, log, seal.encode(), what=txlog.SEAL, known=entries
-            )
+            number, numbers, sealed = await txlog.append(backend, log, seal, known=entries)
         except CheckpointFinalizedError:
             # Another finalizer sealed first: complete the manifest its seal fixes.
             entries = await _tail_or_log(location, base, entries)
@@ -189,7 +187,7 @@ async def _seal(location: Location, finalize_id: str) -> tuple[Compacted | None,
                     backend, log, [n for n in numbers if n not in known]
                 )
                 # As other finalizers read it back, so every one merges the same bytes.
-                read_back = records.decode_record("seal", seal.encode())
+                read_back = records.decode_record("seal", sealed.encode())
                 entries.append(txlog.LogEntry(number, read_back))
             except NotFoundError:  # a discard before our seal is deleting its records
                 base, entries = None, await txlog.read_log(backend, log)

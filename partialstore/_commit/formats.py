@@ -25,19 +25,25 @@ __all__ = [
     "LOG_VERSIONS_READ",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
+    "SEGMENTED_FROM_VERSION",
     "paused_gc",
 ]
 
 LOG_FORMAT = "partialstore.log"
-#: The version of the log records this partialstore writes. Version 2 adds
-#: one rule to version 1: a finalize writes the log's seal notice before its
-#: seal, so a save that sees no notice knows no seal is there without
-#: reading a record (docs/protocol.md, "Seal notices"). A version-1 reader
-#: refuses version-2 records, which is what keeps a version-1 finalizer,
-#: which writes no notice, out of a log where saves rely on it.
-LOG_VERSION = 2
-#: The log record versions this partialstore reads (version-1 logs still load).
-LOG_VERSIONS_READ = (1, 2)
+#: The version of the log records this partialstore writes in a new log.
+#: Version 2 added one rule to version 1: a finalize writes the log's seal
+#: notice before its seal, so a save that sees no notice knows no seal is
+#: there without reading a record (docs/protocol.md, "Seal notices"). A
+#: version-1 reader refuses version-2 records, which is what keeps a
+#: version-1 finalizer, which writes no notice, out of a log where saves rely
+#: on it. Version 3 keeps records from number ``logread.segment()`` on in
+#: folders (docs/protocol.md, "Log version 3"); a log begun in an older
+#: version goes on in that version (records of version 2 after version 2).
+LOG_VERSION = 3
+#: The first version whose logs keep records in folders.
+SEGMENTED_FROM_VERSION = 3
+#: The log record versions this partialstore reads (older logs still load).
+LOG_VERSIONS_READ = (1, 2, 3)
 MANIFEST_FORMAT = "partialstore"
 MANIFEST_VERSION = 1
 

@@ -73,8 +73,8 @@ def recall(backend: Backend, log_prefix: str) -> Hint | None:
         return _hints.get((backend.url, log_prefix))
 
 
-def created_since(backend: Backend, log_prefix: str, since: float) -> int | None:
-    """The hinted record's number if this process created it, as a save, after ``since``.
+def created_since(backend: Backend, log_prefix: str, since: float) -> Hint | None:
+    """The hint, if this process created its record, as a save, after ``since``.
 
     ``since`` is when a save was called (``time.monotonic()``). Everything
     that happened to the log after that record landed is then concurrent
@@ -87,7 +87,7 @@ def created_since(backend: Backend, log_prefix: str, since: float) -> int | None
         >>> backend = registry.open_backend("memory://loghints-since-doc")
         >>> called = time.monotonic()
         >>> remember(backend, "ck/log", 3, "save", version=2, created=True)
-        >>> created_since(backend, "ck/log", called)  # the save was in flight: no look needed
+        >>> created_since(backend, "ck/log", called).number  # the save was in flight: no look
         3
         >>> created_since(backend, "ck/log", time.monotonic()) is None  # a later save looks
         True
@@ -96,7 +96,7 @@ def created_since(backend: Backend, log_prefix: str, since: float) -> int | None
         hint = _hints.get((backend.url, log_prefix))
     if hint is None or hint.kind != "save" or hint.created is None or hint.created <= since:
         return None
-    return hint.number
+    return hint
 
 
 def forget(backend: Backend, log_prefix: str) -> None:

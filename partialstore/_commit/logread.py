@@ -23,6 +23,7 @@ import re
 from collections.abc import Sequence
 
 from partialstore._commit import records
+from partialstore._commit.formats import LOG_VERSION, SEGMENTED_FROM_VERSION
 from partialstore._commit.listing import list_after
 from partialstore._commit.records import DiscardRecord, LogRecord, SealRecord
 from partialstore.backend import Backend
@@ -30,6 +31,7 @@ from partialstore.errors import CorruptCheckpointError, NotFoundError
 
 __all__ = [
     "NOTICE_NAME",
+    "SEGMENT_DIGITS",
     "LogEntry",
     "LogTail",
     "is_discard",
@@ -37,16 +39,40 @@ __all__ = [
     "list_numbers",
     "list_tail",
     "notice_key",
+    "number_of_key",
     "read_entries",
     "read_log",
     "read_present",
     "read_range",
     "read_record",
     "record_key",
+    "segment",
     "session_of",
 ]
 
 _NAME = re.compile(r"^(\d{8})\.json$")
+_SEGMENTED_NAME = re.compile(r"^(\d+)/(\d{8})\.json$")
+#: In a log of version 3, records from number ``10 ** SEGMENT_DIGITS`` (see
+#: :func:`segment`) on are kept in folders of that many, named by the leading
+#: digits of their numbers (``log/00012/00012345.json``), so that a listing of
+#: the log's tail on a store without a listing from a key (a POSIX directory)
+#: reads one folder, not the whole log. Below it, and in logs of versions 1
+#: and 2, records are named ``log/NNNNNNNN.json`` (docs/format.md, "The log").
+#: A folder's name being the leading digits of its records' names is what
+#: makes a record's segmented key sort just before its flat one.
+SEGMENT_DIGITS = 3
+
+
+def segment() -> int:
+    """The number from which a log of version 3 keeps records in folders (and their size).
+
+    Example:
+        >>> segment()
+        1000
+    """
+    return int(10**SEGMENT_DIGITS)  # int: ** of ints is typed Any
+
+
 #: The seal notice: written by finalize before its seal (log version 2). It
 #: sorts after every record name, so every tail listing of the log shows it.
 NOTICE_NAME = "seal-notice.json"
@@ -57,9 +83,49 @@ _READ_CONCURRENCY = 64
 _REREADS = 8
 
 
-def record_key(log_prefix: str, number: int) -> str:
-    """Key of log record ``number`` (1-based, 8 digits so names sort numerically)."""
-    return f"{log_prefix}/{number:08d}.json"
+def record_key(log_prefix: str, number: int, version: int = LOG_VERSION) -> str:
+    """Key of log record ``number`` in a log of ``version`` (see :data:`SEGMENT_DIGITS`).
+
+    Example:
+        >>> record_key("ck/log", 7), record_key("ck/log", 12345)
+        ('ck/log/00000007.json', 'ck/log/00012/00012345.json')
+        >>> record_key("ck/log", 12345, version=2)  # versions 1 and 2 keep one folder
+        'ck/log/00012345.json'
+    """
+    name = f"{number:08d}"
+    if version >= SEGMENTED_FROM_VERSION and number >= segment():
+        return f"{log_prefix}/{name[:-SEGMENT_DIGITS]}/{name}.json"
+    return f"{log_prefix}/{name}.json"
+
+
+def number_of_key(key: str) -> int:
+    """The number of the record at ``key`` (either naming, see :data:`SEGMENT_DIGITS`).
+
+    Example:
+        >>> number_of_key("log/00000007.json"), number_of_key("log/00012/00012345.json")
+        (7, 12345)
+    """
+    return int(key.rsplit("/", 1)[-1].removesuffix(".json"))
+
+
+def _keys_of(log_prefix: str, number: int) -> tuple[str, ...]:
+    """Where record ``number`` may be, the likelier first (a log's version is not always known)."""
+    segmented = record_key(log_prefix, number, SEGMENTED_FROM_VERSION)
+    flat = record_key(log_prefix, number, 1)
+    return (segmented, flat) if segmented != flat else (flat,)
+
+
+def _number_of(name: str) -> int | None:
+    """The record number a name under the log stands for, or ``None`` (not a record)."""
+    match = _NAME.match(name)
+    if match:
+        return int(match.group(1))
+    match = _SEGMENTED_NAME.match(name)
+    if match:
+        folder, digits = match.groups()
+        if int(digits) >= segment() and folder == digits[:-SEGMENT_DIGITS]:
+            return int(digits)
+    return None
 
 
 def notice_key(log_prefix: str) -> str:
@@ -104,19 +170,22 @@ async def list_tail(backend: Backend, log_prefix: str, *, after: int = 0) -> Log
     the cost is what the tail holds; the notice sorts after every record, so
     every tail shows it.
     """
-    numbers = []
+    found: set[int] = set()
     noticed = False
-    start_after = record_key(log_prefix, after) if after else None
-    # list, not list_children: the log is flat, and a backend may send a
-    # recursive listing through a faster client (see backends/s3.py).
+    # From the segmented key: it sorts before the flat one (``/`` before any
+    # digit), so the listing holds the tail whatever the log's version (in a
+    # log of version 1 or 2 also the few records of the same thousand before
+    # ``after``, dropped here).
+    start_after = record_key(log_prefix, after, SEGMENTED_FROM_VERSION) if after else None
+    # list, not list_children: a backend may send a recursive listing
+    # through a faster client (see backends/s3.py).
     for key in await list_after(backend, log_prefix, start_after):
         name = key[len(log_prefix) + 1 :]
-        match = _NAME.match(name)
-        if match:
-            numbers.append(int(match.group(1)))
+        number = _number_of(name)
+        if number is not None and number > after:
+            found.add(number)
         noticed = noticed or name == NOTICE_NAME
-    numbers.sort()
-    return LogTail(numbers, noticed)
+    return LogTail(sorted(found), noticed)
 
 
 async def list_numbers(backend: Backend, log_prefix: str, *, after: int = 0) -> list[int]:
@@ -128,8 +197,18 @@ async def list_numbers(backend: Backend, log_prefix: str, *, after: int = 0) -> 
 
 
 async def read_record(backend: Backend, log_prefix: str, number: int) -> LogRecord:
-    key = record_key(log_prefix, number)
-    return records.decode_record(key, await backend.read(key))
+    """Record ``number``, wherever its log's version keeps it (see :data:`SEGMENT_DIGITS`).
+
+    Raises:
+      NotFoundError: it does not exist (any more).
+    """
+    *likelier, last = _keys_of(log_prefix, number)
+    for key in likelier:
+        try:
+            return records.decode_record(key, await backend.read(key))
+        except NotFoundError:
+            pass  # a log of version 1 or 2 beyond segment() records: the flat name
+    return records.decode_record(last, await backend.read(last))
 
 
 async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]) -> list[LogEntry]:

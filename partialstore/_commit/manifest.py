@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from partialstore._commit.formats import MANIFEST_FORMAT, MANIFEST_VERSION, paused_gc
+from partialstore._commit.location import LOG_DIR
 from partialstore._commit.records import (
     LeafEntry,
     Manifest,
@@ -115,7 +116,7 @@ def build_manifest(
             finalized=sealed.created,
             finalize_id=sealed.finalize_id,
             finalized_by=sealed.writer,
-            seal=f"log/{seal.number:08d}.json",
+            seal=record_key(LOG_DIR, seal.number, sealed.version),
             custom_metadata=custom_metadata,
             saves=saves,
             nodes=[e for e in tree.entries.values() if isinstance(e, NodeEntry)],
@@ -190,6 +191,6 @@ def _fold(
             tree.apply_leaf(leaf)
         if record.custom_metadata is not None:
             custom_metadata = merge_metadata(custom_metadata, record.custom_metadata)
-        log = f"log/{entry.number:08d}.json"
+        log = record_key(LOG_DIR, entry.number, record.version)
         saves.append(SaveSummary(log, record.save_id, record.created, len(record.leaves)))
     return tree, custom_metadata, saves

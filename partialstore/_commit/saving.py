@@ -321,7 +321,7 @@ async def _published_with(location: Location, save_id: str) -> int | None:
     manifest = await read_published(location)
     for save in manifest.saves if manifest is not None else ():
         if save.save_id == save_id:
-            return int(save.log.removeprefix("log/").removesuffix(".json"))
+            return txlog.number_of_key(save.log)
     return None
 
 
@@ -438,11 +438,12 @@ async def _write_and_append(
         leaves=[_leaf_entry(leaf, by_leaf.get(id(leaf))) for leaf in snap.leaves],
     )
     crash_point("save.before_log_append")
-    number, _ = await txlog.append(
+    appended = await txlog.append(
         backend,
         location.log_prefix,
-        record.encode(),
+        record,
         start=start if isinstance(start, txlog.AppendStart) else None,
     )
+    number = appended.number
     compaction.schedule(location, number)  # in the background, after this save returns
     return number

@@ -46,12 +46,14 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from partialstore._commit import contention, loghints, records
 from partialstore._commit.exclusive import Created, create_or_read
-from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
+from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION, SEGMENTED_FROM_VERSION
 from partialstore._commit.logread import (
     LogEntry,
     LogTail,
@@ -60,6 +62,7 @@ from partialstore._commit.logread import (
     list_numbers,
     list_tail,
     notice_key,
+    number_of_key,
     read_entries,
     read_log,
     read_range,
@@ -83,6 +86,7 @@ __all__ = [
     "UNSEALED",
     "VERSION",
     "AppendStart",
+    "Appended",
     "LogEntry",
     "append",
     "has_session",
@@ -91,11 +95,13 @@ __all__ = [
     "list_numbers",
     "look_ahead",
     "notice_key",
+    "number_of_key",
     "read_entries",
     "read_log",
     "read_range",
     "record_key",
     "session_of",
+    "version_after",
 ]
 
 FORMAT = LOG_FORMAT
@@ -130,36 +136,54 @@ async def _kind_of(backend: Backend, log_prefix: str, number: int) -> str | None
 
 
 class _Seen:
-    """What an append knows of the log's records: their kinds, and which are of version 2.
+    """What an append knows of the log's records: their kinds and format versions.
 
     Records are immutable, so what was seen of one stays true.
     """
 
-    __slots__ = ("kinds", "v2")
+    __slots__ = ("kinds", "versions")
 
     def __init__(self, entries: Sequence[LogEntry] = ()) -> None:
         self.kinds = {e.number: e.record.kind for e in entries}
-        self.v2 = {e.number for e in entries if e.record.version >= 2}
+        self.versions = {e.number: e.record.version for e in entries}
 
     def note(self, number: int, kind: str, version: int) -> None:
         self.kinds[number] = kind
-        if version >= 2:
-            self.v2.add(number)
+        self.versions[number] = version
 
-    def version(self, number: int) -> int:
-        """2 for a record known to be of version 2 or later; 1 otherwise (not known)."""
-        return 2 if number in self.v2 else 1
+    def newest_known(self, numbers: Sequence[int]) -> int:
+        """The highest version among the records of ``numbers`` this append knows (0: none)."""
+        return max((self.versions[n] for n in numbers if n in self.versions), default=0)
 
 
 def _unsealed(tail: LogTail, seen: _Seen) -> bool:
     """Whether no record of ``tail`` can be a seal, without reading any.
 
     True when the listing showed no seal notice and a record of version 2
-    this append knows: every record after it is then of version 2, and a
-    finalize of version 2 writes the notice before its seal, so a seal among
-    the records listed would have shown its notice in the same listing.
+    or later this append knows: every record after it is then of version 2
+    or later, and such a finalize writes the notice before its seal, so a
+    seal among the records listed would have shown its notice in the same
+    listing.
     """
-    return not tail.noticed and not seen.v2.isdisjoint(tail.numbers)
+    return not tail.noticed and seen.newest_known(tail.numbers) >= 2
+
+
+def version_after(previous: int | None) -> int:
+    """The version of a record appended after one of version ``previous`` (``None``: first).
+
+    A log keeps the version it was begun in (at least 2): a log of version 3
+    holds records of version 3 only, and one begun before holds none. That
+    is what keeps older writers out of a log of version 3 (they must read a
+    record of it before they append, and they refuse it), and what tells
+    where a record of any number is (docs/protocol.md, "Log version 3").
+
+    Example:
+        >>> version_after(None), version_after(3), version_after(2), version_after(1)
+        (3, 3, 2, 2)
+    """
+    if previous is None or previous >= SEGMENTED_FROM_VERSION:
+        return VERSION
+    return 2
 
 
 async def has_session(backend: Backend, log_prefix: str) -> bool:
@@ -255,8 +279,8 @@ async def _start(
         return _unlisted(numbers)
     own = None if called is None else loghints.created_since(backend, log_prefix, called)
     if what == SAVE and not known and own is not None:
-        seen.note(own, SAVE, VERSION)
-        return _unlisted([own])
+        seen.note(own.number, SAVE, own.version)
+        return _unlisted([own.number])
     hint = loghints.recall(backend, log_prefix) if what == SAVE and not known else None
     if hint is not None:
         # A listing, not an existence check of the hinted record: while a discard
@@ -279,10 +303,12 @@ async def _after_conflict(
     theirs: bytes | None,
     seen: _Seen,
     conflicts: int,
+    version: int,
 ) -> LogTail:
     """Where an append looks next after another writer took number ``taken``.
 
-    ``theirs`` is that writer's record, read back by the create: this writer
+    ``theirs`` is that writer's record, read back by the create (at the key
+    of a record of ``version``): this writer
     has seen ``taken``. Among rivals it first waits a random pause sized by
     the contention seen (:func:`partialstore._commit.contention.pause`), so
     losers spread out rather than all try ``taken + 1`` at once (a short
@@ -296,7 +322,7 @@ async def _after_conflict(
     """
     if theirs is None:  # taken, then deleted by a discard: look at the whole log again
         return await list_tail(backend, log_prefix)
-    record = records.decode_record(record_key(log_prefix, taken), theirs)
+    record = records.decode_record(record_key(log_prefix, taken, version), theirs)
     seen.note(taken, record.kind, record.version)
     loghints.remember(backend, log_prefix, taken, record.kind, version=record.version)
     contention.note_rival(backend, log_prefix, record.writer)
@@ -350,8 +376,10 @@ async def look_ahead(
         >>> from partialstore._runtime.aio import run
         >>> backend = MemoryBackend("memory://look-ahead-example", {})
         >>> start = run(look_ahead(backend, "ck/log"))  # an empty log: record 1 is next
-        >>> run(append(backend, "ck/log", b'{}', start=start))
-        (1, [])
+        >>> record = SaveRecord("0" * 32, None, None, None, [], [])
+        >>> appended = run(append(backend, "ck/log", record, start=start))
+        >>> appended.number, appended.numbers, appended.record.version
+        (1, [], 3)
     """
     looked = time.monotonic()
     seen = _Seen(known)
@@ -372,7 +400,8 @@ async def _with_last_kind(
     while tail.numbers and tail.numbers[-1] not in seen.kinds:
         last = tail.numbers[-1]
         if what == SAVE and _unsealed(tail, seen):
-            seen.note(last, UNSEALED, VERSION)  # after a version-2 record: version 2 too
+            # After a record of version 2 or 3: of that version too (version_after).
+            seen.note(last, UNSEALED, seen.newest_known(tail.numbers))
             break
         record = await _read_or_none(backend, log_prefix, last)
         if record is None:
@@ -383,40 +412,51 @@ async def _with_last_kind(
 
 
 async def _create_noted(
-    backend: Backend, log_prefix: str, number: int, data: bytes
+    backend: Backend, log_prefix: str, number: int, record: LogRecord
 ) -> tuple[Created, bool, bytes | None]:
-    """Create record ``number`` (see :func:`create_or_read`), noting its round trip."""
+    """Create ``record`` as number ``number`` (see :func:`create_or_read`), noting its round trip.
+
+    Its key is that of a record of its version (:func:`record_key`).
+    """
+    key = record_key(log_prefix, number, record.version)
     started = time.monotonic()
-    outcome, clean, theirs = await create_or_read(backend, record_key(log_prefix, number), data)
+    outcome, clean, theirs = await create_or_read(backend, key, record.encode())
     round_trip = time.monotonic() - started
     contention.note_round_trip(backend, log_prefix, round_trip)
     return outcome, clean, theirs
 
 
+class Appended(NamedTuple):
+    """What :func:`append` did: the number it took, the numbers before it, and the record."""
+
+    number: int
+    #: Every number before ``number`` when the caller's records or a full
+    #: listing was the start (seals and discards always); only those from the
+    #: hint on when a save started from a hint.
+    numbers: list[int]
+    #: The record as written: its ``version`` is the log's (:func:`version_after`).
+    record: LogRecord
+
+
 async def append(
     backend: Backend,
     log_prefix: str,
-    data: bytes,
+    record: LogRecord,
     *,
-    what: str = SAVE,
     known: Sequence[LogEntry] = (),
     start: AppendStart | None = None,
-) -> tuple[int, list[int]]:
-    """Append ``data`` as the next record; return its number and the numbers before it.
+) -> Appended:
+    """Append ``record`` as the next record of the log.
 
-    ``what`` is the record's kind (``"save"``, ``"finalize"`` or
-    ``"discard"``). ``known`` are records the caller has just read (in log
-    order); when the last of them is a save, the first attempt goes straight
-    to the number after it, saving a list and a read. Otherwise a save starts
-    from this process's hint (:mod:`~partialstore._commit.loghints`): it lists
-    only the tail of the log from the last record it saw. ``start`` is that
-    beginning found ahead by :func:`look_ahead` (a save looks while its data
-    uploads). A create whose answer was lost counts as appended when the
-    record read back is ours.
-
-    The numbers returned are every number before ours when ``known`` or a full
-    listing was the start (seals and discards always), and only those from
-    the hint on when a save started from a hint.
+    ``known`` are records the caller has just read (in log order); when the
+    last of them is a save, the first attempt goes straight to the number
+    after it, saving a list and a read. Otherwise a save starts from this
+    process's hint (:mod:`~partialstore._commit.loghints`): it lists only the
+    tail of the log from the last record it saw. ``start`` is that beginning
+    found ahead by :func:`look_ahead` (a save looks while its data uploads).
+    A create whose answer was lost counts as appended when the record read
+    back is ours. The record is written in the version of the record it goes
+    after (:func:`version_after`), whatever version it came with.
 
     Raises:
       CheckpointFinalizedError: the log is sealed (a finalize committed first).
@@ -425,6 +465,7 @@ async def append(
         being appended (only after a lost answer).
       OutcomeUnknownError: the store kept failing, so whether it landed is unknown.
     """
+    what = record.kind
     if start is None or not start.fresh():
         start = await look_ahead(backend, log_prefix, what=what, known=known)
     tail, seen = start.tail, start.seen
@@ -433,23 +474,27 @@ async def append(
         tail = await _with_last_kind(backend, log_prefix, tail, seen, what)
         numbers = tail.numbers
         last = numbers[-1] if numbers else 0
+        previous = seen.versions[last] if last else None
         if last:
             kind = seen.kinds[last]
-            loghints.remember(backend, log_prefix, last, kind, version=seen.version(last))
+            loghints.remember(backend, log_prefix, last, kind, version=seen.versions[last])
             _refuse(kind, what, log_prefix, last)
-        outcome, clean, theirs = await _create_noted(backend, log_prefix, last + 1, data)
+        ours = dataclasses.replace(record, version=version_after(previous))
+        outcome, clean, theirs = await _create_noted(backend, log_prefix, last + 1, ours)
         if outcome is Created.MINE:
             # After an inconclusive answer our record may have landed, been
             # deleted by a discard, and been created again below its marker.
             if not clean and await _discarded_after_or_unknown(backend, log_prefix, last + 1):
                 raise _discarded_in_flight(what, log_prefix)
-            loghints.remember(backend, log_prefix, last + 1, what, version=VERSION, created=True)
-            return last + 1, numbers
+            loghints.remember(
+                backend, log_prefix, last + 1, what, version=ours.version, created=True
+            )
+            return Appended(last + 1, numbers, ours)
         if outcome is Created.VANISHED and what == SAVE:
             # The number was taken and then deleted by a discard; it may have
             # been our own record, whose data the discard then deleted.
             raise _discarded_in_flight(what, log_prefix)
         conflicts += 1
         tail = await _after_conflict(
-            backend, log_prefix, numbers, last + 1, theirs, seen, conflicts
+            backend, log_prefix, numbers, last + 1, theirs, seen, conflicts, ours.version
         )

@@ -280,6 +280,25 @@ class BackendConformance(CapabilityConformance, RaceConformance, OutOfBandConfor
         assert run(backend.list(start_after="logs/y")) == ["m"]
         assert run(backend.list("nothing", start_after="a")) == []
 
+    def test_list_start_after_inside_folders(self, backend: Backend) -> None:
+        # A log of version 3 keeps records in folders; a tail listing starts inside one
+        # and must skip whole folders before it, however the backend walks them.
+        keys = [f"log/{n:08d}.json" for n in (998, 999)] + [
+            f"log/{n // 1000:05d}/{n:08d}.json" for n in (1000, 1999, 2000, 2001, 3000)
+        ]
+        keys += ["log/00001000.json", "log/seal-notice.json"]  # a flat name sorts after
+        for key in keys:
+            run(backend.write(key, b"r"))
+        ordered = sorted(keys)
+        for after in ("log/00002/00002000.json", "log/00001/00001000.json", "log/00001/"):
+            expected = [k for k in ordered if k > after]
+            assert run(backend.list("log", start_after=after)) == expected, after
+        assert run(backend.list("log", start_after="log/00002/00002000.json")) == [
+            "log/00002/00002001.json",
+            "log/00003/00003000.json",
+            "log/seal-notice.json",
+        ]
+
     def test_list_children(self, backend: Backend) -> None:
         for key in ["a/x", "a/y/z", "a/y-1", "ab/x", "b"]:
             run(backend.write(key, b"."))
