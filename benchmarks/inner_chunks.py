@@ -8,7 +8,11 @@ trades save speed against how finely a load can pick. This script saves
 the same trees with each limit in turn, and with no inner chunks at all
 (``none``, the layout before inner chunks), interleaved in rounds so that
 disk and page-cache drift hits every limit alike, and reports the median
-save time per limit against ``none``.
+save time per limit against ``none``. Beside each save, raw TensorStore
+writes the same arrays with the layout that save stored (chunks, inner
+chunks and codecs, read from its ``zarr.json`` files): what the same layout
+costs with no checkpoint around it, so the two ratios tell whose cost an
+inner chunk is.
 
 Local disk only: there the write itself is cheap and the encoding shows;
 on an object store the requests are the same at every limit.
@@ -30,11 +34,14 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import fsspec
 import numpy as np
 
 import partialstore
+from benchmarks import baselines
 from benchmarks.cli import Measured, Run, Script
 from partialstore._arrays import sharded, zarr3
 
@@ -63,23 +70,45 @@ def _trees(quick: bool) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def _timed_save(root: Path, tree: dict[str, np.ndarray], rule: InnerRule) -> float:
+def _timed_save(
+    root: Path, tree: dict[str, np.ndarray], rule: InnerRule, keep: bool = False
+) -> tuple[float, Path]:
     path = root / uuid.uuid4().hex
     zarr3.inner_chunks = rule  # what the save's zarr3 writer calls
     start = time.perf_counter()
     partialstore.save(str(path), tree)
     spent = time.perf_counter() - start
-    for written in root.glob(f"{path.name}*"):  # the checkpoint and its staging folder
+    if not keep:
+        _remove(root, path.name)
+    return spent, path
+
+
+def _remove(root: Path, name: str) -> None:
+    for written in root.glob(f"{name}*"):  # the checkpoint and its staging folder
         shutil.rmtree(written)
+
+
+def _timed_raw_write(root: Path, tree: dict[str, np.ndarray], layouts: list[Any]) -> float:
+    """Raw TensorStore writing ``tree`` with ``layouts``, each array its own zarr3 array."""
+    name = uuid.uuid4().hex
+    start = time.perf_counter()
+    sources = baselines.raw_write({"driver": "file", "path": f"{root / name}/"}, tree, layouts)
+    spent = time.perf_counter() - start
+    _remove(root, name)
+    if set(sources) != {"partialstore"}:
+        raise RuntimeError(f"raw TensorStore did not find the save's layout: {sources}")
     return spent
 
 
-def _warm_up(root: Path, tree: dict[str, np.ndarray], rule: InnerRule) -> list[list[int]]:
-    """Save ``tree`` once, untimed; return the stored chunk and inner shape of a leaf.
+def _warm_up(
+    root: Path, tree: dict[str, np.ndarray], rule: InnerRule
+) -> tuple[list[list[int]], list[Any]]:
+    """Save ``tree`` once, untimed; the stored chunk and inner shape of a leaf, and the layouts.
 
     Taken from the save itself: the save path picks the chunks (a 16 MiB array
     is split into 4 MiB chunks to write in parallel), not the benchmark. Every
     leaf of a tree here has the same shape, so any leaf's layout is the tree's.
+    The layouts are the save's ``zarr.json`` files, for raw TensorStore.
     """
     seen: list[list[list[int]]] = []
 
@@ -88,8 +117,12 @@ def _warm_up(root: Path, tree: dict[str, np.ndarray], rule: InnerRule) -> list[l
         seen.append([list(chunks), list(inner)])
         return inner
 
-    _timed_save(root, tree, recording)
-    return seen[0]
+    _, path = _timed_save(root, tree, recording, keep=True)
+    local = SimpleNamespace(filesystem=lambda: fsspec.filesystem("file"), is_local=True)
+    layouts = baselines.discover_layouts(local, f"{path}.partial_save")
+    _remove(root, path.name)
+    _timed_raw_write(root, tree, layouts)  # TensorStore's own warm-up for this layout
+    return seen[0], layouts
 
 
 def measure(run: Run) -> Measured:
@@ -102,12 +135,15 @@ def measure(run: Run) -> Measured:
     try:
         for name, tree in _trees(run.args.quick).items():
             times: dict[str, list[float]] = {limit: [] for limit in limits}
+            raw: dict[str, list[float]] = {limit: [] for limit in limits}
             # The warm-up (imports, TensorStore contexts, page cache) records the layout.
-            layouts = {limit: _warm_up(root, tree, _rule(limit)) for limit in limits}
+            warmed = {limit: _warm_up(root, tree, _rule(limit)) for limit in limits}
             for _ in range(rounds):
                 for limit in limits:
-                    times[limit].append(_timed_save(root, tree, _rule(limit)))
-            rows.append({"tree": name, "times_s": times, "layout": layouts})
+                    times[limit].append(_timed_save(root, tree, _rule(limit))[0])
+                    raw[limit].append(_timed_raw_write(root, tree, warmed[limit][1]))
+            layout = {limit: shapes for limit, (shapes, _) in warmed.items()}
+            rows.append({"tree": name, "times_s": times, "raw_s": raw, "layout": layout})
     finally:
         zarr3.inner_chunks = real
     return Measured(config={"limits": limits, "rounds": rounds}, body={"rows": rows}, status=0)
@@ -115,18 +151,25 @@ def measure(run: Run) -> Measured:
 
 def render(result: dict[str, Any]) -> str:
     out = ["## Saves on local disk against the inner-chunk limit", ""]
-    out += ["| tree | limit | chunk, inner chunk (each leaf) | median save | vs none |"]
-    out += ["|---|---|---|---|---|"]
+    out += [
+        "| tree | limit | chunk, inner chunk (each leaf) | median save | vs none "
+        "| raw TensorStore, same layout | vs none |"
+    ]
+    out += ["|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        medians = {k: statistics.median(v) for k, v in row["times_s"].items()}
-        base = medians.get("none")
-        for limit, median in medians.items():
-            ratio = f"{median / base:.2f}x" if base else ""
+        saves = {k: statistics.median(v) for k, v in row["times_s"].items()}
+        raws = {k: statistics.median(v) for k, v in row["raw_s"].items()}
+        for limit, median in saves.items():
             out.append(
                 f"| {row['tree']} | {limit} | {row['layout'][limit]} | "
-                f"{median * 1e3:.0f} ms | {ratio} |"
+                f"{median * 1e3:.0f} ms | {_against(median, saves.get('none'))} | "
+                f"{raws[limit] * 1e3:.0f} ms | {_against(raws[limit], raws.get('none'))} |"
             )
     return "\n".join([*out, ""])
+
+
+def _against(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}x" if base else ""
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
