@@ -29,7 +29,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -274,6 +274,66 @@ def raw_read(kvstore: Mapping[str, Any], names: list[str]) -> dict[str, np.ndarr
         opened[name] = ts.open({"driver": "zarr3", "kvstore": kv}, open=True, context=context)
     reads = {name: future.result().read() for name, future in opened.items()}
     return {name: np.asarray(future.result()) for name, future in reads.items()}
+
+
+class TensorStorePerSaveSystem:
+    """Raw TensorStore, one blocking call per save: the bound of blocking saves.
+
+    Each ``save`` writes the state's arrays as :func:`raw_write` does (every
+    array its own zarr3 array, in partialstore's layout, all at once) and
+    returns when they are written; ``finalize`` does nothing; ``load`` reads
+    them all back into the merged tree. It runs through the same per-call
+    measurement as partialstore, so the two differ only by the checkpoint
+    protocol, where raw TensorStore in one call also has every save's
+    arrays in flight together.
+
+    Example::
+
+        system = TensorStorePerSaveSystem(store)
+        system.layouts = discover_layouts(store, partialstore_url)
+        system.save(url, {"s0": {"w": np.ones(3)}})
+    """
+
+    name = "tensorstore-per-save"
+    cost_exponent = 1.0
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        #: partialstore's layouts for the workload (set by the worker before each one).
+        self.layouts: list[dict[str, Any]] = []
+        self._paths: dict[str, dict[str, tuple[str, ...]]] = {}  # url -> array -> key path
+
+    def save(self, url: str, state: Any) -> None:
+        paths = self._paths.setdefault(url, {})
+        arrays = {}
+        for path, array in _leaves(state):
+            name = f"a{len(paths)}"
+            paths[name] = path
+            arrays[name] = array
+        raw_write(self._store.kvstore(url), arrays, self.layouts)
+
+    def finalize(self, url: str) -> None:
+        pass  # nothing to publish: every save's arrays are already where load reads them
+
+    def load(self, url: str) -> Any:
+        paths = self._paths.pop(url, {})
+        loaded = raw_read(self._store.kvstore(url), list(paths))
+        tree: dict[str, Any] = {}
+        for name, path in paths.items():
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = loaded[name]
+        return tree
+
+
+def _leaves(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """The arrays of a tree of dicts, with their key paths."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield path, tree
 
 
 # ---------------------------------------------------------------------------

@@ -123,7 +123,13 @@ def _pyplot() -> Any:
     return plt
 
 
-_STYLE = {"partialstore": "-", "orbax": "--", "tensorstore": ":", "numpy": "-."}
+_STYLE = {
+    "partialstore": "-",
+    "orbax": "--",
+    "tensorstore": ":",
+    "tensorstore-per-save": (0, (1, 3)),
+    "numpy": "-.",
+}
 _MARKER = {"local": "o", "s3": "s", "gcs": "^"}
 
 

@@ -29,6 +29,11 @@ from typing import Any, Protocol
 import numpy as np
 
 CHECKPOINT_SYSTEMS = ("partialstore", "orbax")
+#: Raw TensorStore writing each save's arrays in a blocking call of its own,
+#: measured call by call as the checkpoint systems are (the bound of blocking
+#: saves; ``benchmarks.baselines.TensorStorePerSaveSystem``). Throughput only:
+#: it has nothing to finalize.
+PER_SAVE_RAW_SYSTEM = "tensorstore-per-save"
 RAW_SYSTEMS = ("tensorstore", "numpy")
 
 
@@ -93,6 +98,10 @@ def make_checkpoint_system(name: str, store: Any, *, pipelined: bool = False) ->
         from benchmarks.baselines import OrbaxSystem
 
         return OrbaxSystem()
+    if name == "tensorstore-per-save":
+        from benchmarks.baselines import TensorStorePerSaveSystem
+
+        return TensorStorePerSaveSystem(store)
     raise ValueError(f"unknown checkpoint system {name!r}; choose from {CHECKPOINT_SYSTEMS}")
 
 

@@ -50,9 +50,9 @@ from benchmarks.common import (
 from benchmarks.rounds import RoundBudget, merge_rounds, rotated
 from benchmarks.runner import exit_status
 from benchmarks.stores import STORE_NAMES
-from benchmarks.systems import CHECKPOINT_SYSTEMS, RAW_SYSTEMS, Workload
+from benchmarks.systems import CHECKPOINT_SYSTEMS, PER_SAVE_RAW_SYSTEM, RAW_SYSTEMS, Workload
 
-SYSTEMS = CHECKPOINT_SYSTEMS + RAW_SYSTEMS
+SYSTEMS = (*CHECKPOINT_SYSTEMS, PER_SAVE_RAW_SYSTEM, *RAW_SYSTEMS)
 WORKLOADS = ("a", "b", "c", "d", "e")
 
 
@@ -111,7 +111,7 @@ def _plan(
     """
     if store != "local":
         works = [w.scaled_to(args.emulator_max_bytes) for w in works]
-    order = [s for s in ("partialstore", "orbax", "tensorstore", "numpy") if s in systems]
+    order = [s for s in ("partialstore", *SYSTEMS[1:]) if s in systems]
     if store != "local" and "numpy" in order:
         order.remove("numpy")  # np.save writes files: local disk only
     jobs: list[dict[str, Any]] = []
@@ -182,6 +182,9 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ),
                 "load_vs_tensorstore": ratio(
                     med("partialstore", "load"), med("tensorstore", "load")
+                ),
+                "save_vs_tensorstore_per_save": ratio(
+                    med("partialstore", "save_total"), med("tensorstore-per-save", "save_total")
                 ),
                 "save_vs_numpy": ratio(
                     med("partialstore", "save_total"), med("numpy", "save_total")
@@ -336,6 +339,7 @@ def render_tables(result: dict[str, Any]) -> str:
                 "workload",
                 "store",
                 "save / raw TS",
+                "save / raw TS per save",
                 "save+finalize / raw TS",
                 "load / raw TS",
                 "save / np.save",
@@ -349,6 +353,7 @@ def render_tables(result: dict[str, Any]) -> str:
                     r["workload"],
                     r["store"],
                     fmt_ratio(r["save_vs_tensorstore"]),
+                    fmt_ratio(r.get("save_vs_tensorstore_per_save")),
                     fmt_ratio(r["save_finalize_vs_tensorstore"]),
                     fmt_ratio(r["load_vs_tensorstore"]),
                     fmt_ratio(r["save_vs_numpy"]),
@@ -387,7 +392,7 @@ def measure(run: Run) -> Measured:
                 continue
             budget.prepare(store, job)
             # The raw TensorStore baseline writes with partialstore's own chunking.
-            if job["system"] == "tensorstore":
+            if job["system"] in ("tensorstore", "tensorstore-per-save"):
                 job["layouts"] = {
                     w["name"]: layouts.get((store, w["name"]), []) for w in job["workloads"]
                 }

@@ -346,6 +346,8 @@ def _job_throughput(job: dict[str, Any], store: StoreEnv, emit: Emit) -> None:
             # Untimed warm-up on this store with this workload's first array, the
             # same for every system: each repetition runs in a fresh worker, and
             # the first large write of a process sets up TensorStore's pools.
+            if hasattr(system, "layouts"):  # raw TensorStore per save: partialstore's layouts
+                system.layouts = layouts  # type: ignore[union-attr]
             if raw:
                 first = dict(list(arrays.items())[:1])
                 _measure_raw_rep(name, store, WARMUP, first, layouts, verify=False)

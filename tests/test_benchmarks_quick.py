@@ -154,10 +154,11 @@ def test_throughput_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
     assert "### Ratios of medians" in stdout
 
     results = {(r["store"], r["system"], r["workload"]["name"]): r for r in result["results"]}
+    per_save = "tensorstore-per-save"  # raw TensorStore, one blocking call per save
     systems = {
-        "local": ("partialstore", "orbax", "tensorstore", "numpy"),
-        "s3": ("partialstore", "orbax", "tensorstore"),
-        "gcs": ("partialstore", "orbax", "tensorstore"),
+        "local": ("partialstore", "orbax", per_save, "tensorstore", "numpy"),
+        "s3": ("partialstore", "orbax", per_save, "tensorstore"),
+        "gcs": ("partialstore", "orbax", per_save, "tensorstore"),
     }
     expected = {(s, sys_, "c") for s, names in systems.items() for sys_ in names}
     assert set(results) == expected
@@ -166,9 +167,11 @@ def test_throughput_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
     assert [(j["system"], j["round"]) for j in local["jobs"]] == [
         ("partialstore", 0),
         ("orbax", 0),
+        (per_save, 0),
         ("tensorstore", 0),
         ("numpy", 0),
         ("orbax", 1),
+        (per_save, 1),
         ("tensorstore", 1),
         ("numpy", 1),
         ("partialstore", 1),
@@ -183,7 +186,7 @@ def test_throughput_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
         _check_stats(r["save_total"], min_n=2)
         _check_stats(r["load"], min_n=2)
         _check_stats(r["save_plus_finalize"], min_n=2)
-        if system in ("partialstore", "orbax"):
+        if system in ("partialstore", "orbax", per_save):
             _check_stats(r["save_per_call"], min_n=2)
             _check_stats(r["finalize"], min_n=2)
         else:
@@ -202,6 +205,7 @@ def test_throughput_quick_on_three_stores(tmp_path: Path, capsys: Any) -> None:
     assert set(ratios) == {("c", s) for s in ("local", "s3", "gcs")}
     for (_, store), row in ratios.items():
         assert row["save_vs_tensorstore"] > 0
+        assert row["save_vs_tensorstore_per_save"] > 0
         assert row["load_vs_tensorstore"] > 0
         if store == "local":
             assert row["save_vs_numpy"] > 0
