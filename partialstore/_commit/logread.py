@@ -220,7 +220,7 @@ async def read_entries(backend: Backend, log_prefix: str, numbers: Sequence[int]
     found = await read_present(backend, log_prefix, numbers)
     missing = [number for number, entry in zip(numbers, found, strict=True) if entry is None]
     if missing:
-        raise NotFoundError(f"Log record {record_key(log_prefix, missing[0])} no longer exists.")
+        raise NotFoundError(f"Log record {missing[0]} of {log_prefix} no longer exists.")
     return [entry for entry in found if entry is not None]
 
 
@@ -260,12 +260,13 @@ def _check_dense(
     last_marker = max((e.number for e in entries if is_discard(e.record)), default=0)
     live = [n for n in numbers if n > last_marker]
     expected = last_marker + 1 if last_marker else first
+    version = max((e.record.version for e in entries), default=LOG_VERSION)  # the log's
     for number in live:
         if number != expected:
             raise CorruptCheckpointError(
-                f"Log record {record_key(log_prefix, expected)} is missing (the log goes on "
-                f"at {record_key(log_prefix, number)}): a committed save was deleted or never "
-                "copied. The session cannot be finalized as it is."
+                f"Log record {record_key(log_prefix, expected, version)} is missing (the log "
+                f"goes on at {record_key(log_prefix, number, version)}): a committed save was "
+                "deleted or never copied. The session cannot be finalized as it is."
             )
         expected += 1
 

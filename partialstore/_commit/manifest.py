@@ -152,7 +152,7 @@ def merge_state(
 def _expect(entry: LogEntry, kind: type[_Record], log_prefix: str) -> _Record:
     """``entry``'s record, which must be a ``kind`` (the caller split the log by kind)."""
     if not isinstance(entry.record, kind):
-        where = record_key(log_prefix, entry.number)
+        where = record_key(log_prefix, entry.number, entry.record.version)
         raise CorruptCheckpointError(
             f"Log record {where} is a {entry.record.kind}, not a {kind.kind}."
         )

@@ -217,7 +217,7 @@ async def _discarded_after_or_unknown(backend: Backend, log_prefix: str, number:
         return await _discarded_after(backend, log_prefix, number)
     except BackendError as error:
         raise OutcomeUnknownError(
-            f"Log record {record_key(log_prefix, number)} landed after a lost answer, but "
+            f"Log record {number} of {log_prefix} landed after a lost answer, but "
             f"whether a discard removed its session meanwhile could not be checked: {error}"
         ) from error
 
