@@ -412,15 +412,15 @@ async def _with_last_kind(
 
 
 async def _create_noted(
-    backend: Backend, log_prefix: str, number: int, record: LogRecord
+    backend: Backend, log_prefix: str, number: int, version: int, data: bytes
 ) -> tuple[Created, bool, bytes | None]:
-    """Create ``record`` as number ``number`` (see :func:`create_or_read`), noting its round trip.
+    """Create record ``number`` of ``version`` (see :func:`create_or_read`), noting its round trip.
 
     Its key is that of a record of its version (:func:`record_key`).
     """
-    key = record_key(log_prefix, number, record.version)
+    key = record_key(log_prefix, number, version)
     started = time.monotonic()
-    outcome, clean, theirs = await create_or_read(backend, key, record.encode())
+    outcome, clean, theirs = await create_or_read(backend, key, data)
     round_trip = time.monotonic() - started
     contention.note_round_trip(backend, log_prefix, round_trip)
     return outcome, clean, theirs
@@ -470,6 +470,9 @@ async def append(
         start = await look_ahead(backend, log_prefix, what=what, known=known)
     tail, seen = start.tail, start.seen
     conflicts = 0
+    # The record in each version it may be written in, encoded once: a save
+    # record names every leaf, and a contended append makes many attempts.
+    encoded: dict[int, tuple[LogRecord, bytes]] = {}
     while True:
         tail = await _with_last_kind(backend, log_prefix, tail, seen, what)
         numbers = tail.numbers
@@ -479,8 +482,12 @@ async def append(
             kind = seen.kinds[last]
             loghints.remember(backend, log_prefix, last, kind, version=seen.versions[last])
             _refuse(kind, what, log_prefix, last)
-        ours = dataclasses.replace(record, version=version_after(previous))
-        outcome, clean, theirs = await _create_noted(backend, log_prefix, last + 1, ours)
+        version = version_after(previous)
+        if version not in encoded:
+            versioned = dataclasses.replace(record, version=version)
+            encoded[version] = (versioned, versioned.encode())
+        ours, data = encoded[version]
+        outcome, clean, theirs = await _create_noted(backend, log_prefix, last + 1, version, data)
         if outcome is Created.MINE:
             # After an inconclusive answer our record may have landed, been
             # deleted by a discard, and been created again below its marker.
