@@ -34,18 +34,20 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import fsspec
 import numpy as np
 
 import partialstore
 from benchmarks import baselines
 from benchmarks.cli import Measured, Run, Script
+from benchmarks.stores import StoreEnv
 from partialstore._arrays import sharded, zarr3
 
 InnerRule = Callable[[Sequence[int], Sequence[int], int], list[int]]
+#: Local disk, for raw TensorStore's kvstore and reading a save's layouts (any root:
+#: both take absolute paths).
+_LOCAL = StoreEnv("local", "/")
 
 
 def _no_inner_chunks(shape: Sequence[int], chunks: Sequence[int], itemsize: int) -> list[int]:
@@ -92,7 +94,7 @@ def _timed_raw_write(root: Path, tree: dict[str, np.ndarray], layouts: list[Any]
     """Raw TensorStore writing ``tree`` with ``layouts``, each array its own zarr3 array."""
     name = uuid.uuid4().hex
     start = time.perf_counter()
-    sources = baselines.raw_write({"driver": "file", "path": f"{root / name}/"}, tree, layouts)
+    sources = baselines.raw_write(_LOCAL.kvstore(str(root / name)), tree, layouts)
     spent = time.perf_counter() - start
     _remove(root, name)
     if set(sources) != {"partialstore"}:
@@ -118,8 +120,7 @@ def _warm_up(
         return inner
 
     _, path = _timed_save(root, tree, recording, keep=True)
-    local = SimpleNamespace(filesystem=lambda: fsspec.filesystem("file"), is_local=True)
-    layouts = baselines.discover_layouts(local, f"{path}.partial_save")
+    layouts = baselines.discover_layouts(_LOCAL, f"{path}.partial_save")
     _remove(root, path.name)
     _timed_raw_write(root, tree, layouts)  # TensorStore's own warm-up for this layout
     return seen[0], layouts
