@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -43,7 +44,10 @@ from _workers import (
 )
 
 import partialstore
+from partialstore._commit import logread, txlog
 from partialstore._commit.location import resolve
+from partialstore._commit.records import DiscardRecord
+from partialstore._runtime.aio import run
 from partialstore._runtime.faults import CRASH_POINTS
 
 CROSS_PROCESS = ("local", "s3", "gcs", "fsspec")
@@ -72,7 +76,35 @@ def assert_checkpoint_holds(path: str, options: dict[str, Any], tags: list[str])
 @pytest.mark.parametrize(("any_backend_url", "point"), _cases(), indirect=["any_backend_url"])
 def test_kill_at_crash_point(any_backend_url: tuple[str, dict[str, Any]], point: str) -> None:
     root, options = any_backend_url
+    _kill_at_and_recover(f"{root}/ckpt", options, point)
+
+
+@pytest.mark.parametrize(
+    ("any_backend_url", "point"),
+    [pytest.param(b, p, id=f"{b}-{p}") for b in ("local", "s3") for p in CRASH_POINTS],
+    indirect=["any_backend_url"],
+)
+def test_kill_at_crash_point_in_the_log_folders(
+    any_backend_url: tuple[str, dict[str, Any]], point: str
+) -> None:
+    """The same kills where a log of version 3 keeps its records in folders: a discard
+    marker at record 999 (the records before it already deleted) makes the child's saves
+    and seal records 1,000 to 1,002, the first in a folder."""
+    root, options = any_backend_url
     path = f"{root}/ckpt"
+    location = resolve(path, options)
+    marker = DiscardRecord(uuid.uuid4().hex, None, None)  # of this code's version, 3
+    last_flat = txlog.record_key(location.log_prefix, logread.segment() - 1)
+    run(location.backend.create(last_flat, marker.encode()))
+    _kill_at_and_recover(path, options, point)
+    # Finalize moved the log along with the session where it renames.
+    names = run(location.backend.list(location.staging_prefix))
+    names += run(location.backend.list(location.final_prefix))
+    assert any(name.endswith("/log/00001/00001000.json") for name in names), names
+
+
+def _kill_at_and_recover(path: str, options: dict[str, Any], point: str) -> None:
+    """Kill a child saving A and B (and finalizing) at ``point``; check what must hold."""
     in_finalize = point.startswith("finalize.")
     # Without atomic rename the manifest create *is* the publication, so
     # finalize never passes finalize.after_manifest_write: the child then

@@ -18,6 +18,7 @@ thousandth record.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from pathlib import Path
@@ -29,12 +30,20 @@ from _older_code import archive, run_older
 
 import partialstore
 from partialstore import registry
-from partialstore._commit import logread, records, txlog
+from partialstore._commit import discarding, logread, records, txlog
 from partialstore._commit.location import resolve
 from partialstore._commit.records import SaveRecord
 from partialstore._runtime.aio import run
 from partialstore.backend import Backend
-from partialstore.testing.faulty_backend import BackendFault, FaultyBackend, call
+from partialstore.testing.faulty_backend import (
+    BackendFault,
+    FaultyBackend,
+    after,
+    after_as_retry,
+    before,
+    call,
+    install_faulty,
+)
 
 #: The last commit whose code writes log records of version 2.
 VERSION_2_COMMIT = "ab21440"
@@ -225,3 +234,52 @@ def test_a_session_begun_by_version_2_code_goes_on_in_version_2(
     assert loaded["step"] == 1
     np.testing.assert_array_equal(loaded["old"], np.arange(4))
     np.testing.assert_array_equal(loaded["later"], np.arange(2))
+
+
+@pytest.mark.parametrize("fault", ["lost answer", "answered as its retry", "503 twice"])
+def test_a_record_in_a_folder_lands_once_through_create_faults(
+    small_segments: int, fault: str
+) -> None:
+    """A create at a folder key that lands but loses its answer, is answered as the
+    client's own retry would be ("exists"), or fails twice before landing: the append
+    reads back its own record there and reports it, once."""
+    faulty = FaultyBackend(registry.open_backend(f"memory://{uuid.uuid4().hex}"))
+    for number in range(1, small_segments):
+        run(faulty.inner.create(txlog.record_key(LOG, number), _save().encode()))
+    action, times = {
+        "lost answer": (after(), 1),
+        "answered as its retry": (after_as_retry(), 1),
+        "503 twice": (before(), 2),
+    }[fault]
+    rule = faulty.add(BackendFault(action, method="create", key=r"/0000001/", times=times))
+    appended = run(txlog.append(faulty, LOG, _save()))
+    assert rule.fired == times
+    assert (appended.number, appended.record.version) == (10, 3)
+    assert _names(faulty.inner, LOG)[-1] == "0000001/00000010.json"
+    assert [n for n, *_ in _versions(faulty.inner, LOG)] == list(range(1, 11))
+    stored = run(txlog.read_record(faulty.inner, LOG, 10))
+    assert isinstance(stored, SaveRecord) and stored.save_id == appended.record.save_id
+
+
+def test_a_discard_whose_marker_takes_the_folder_number_first_starts_the_next_session(
+    tmp_path: Path, small_segments: int
+) -> None:
+    """A discard lands its marker at record 10, the first in a folder, and deletes the
+    records before it, between a save's look and its create: the save goes after the
+    marker (record 11) and is the whole next session."""
+    url, faulty = install_faulty(str(tmp_path / "root"))
+    path = f"{url}/ck"
+    for step in range(1, 10):
+        partialstore.save(path, _state(step))
+    location = resolve(path)
+
+    async def discard_first(request: Any) -> None:
+        await discarding.discard(dataclasses.replace(location, backend=faulty.inner))
+
+    faulty.add(BackendFault(call(discard_first), method="create", key=r"/0000001/", times=1))
+    partialstore.save(path, _state(10))
+    names = _names(faulty.inner, location.log_prefix)
+    assert names == ["00000009.json", "0000001/00000010.json", "0000001/00000011.json"]
+    partialstore.finalize(path)
+    loaded = partialstore.load(path)
+    assert loaded["step"] == 10 and set(loaded) == {"step", "w10"}
