@@ -48,6 +48,7 @@ __all__ = [
     "record_key",
     "segment",
     "session_of",
+    "version_after",
 ]
 
 _NAME = re.compile(r"^(\d{8})\.json$")
@@ -243,6 +244,24 @@ async def read_range(
     if any(entry is None for entry in found):
         return None
     return [entry for entry in found if entry is not None]
+
+
+def version_after(previous: int | None) -> int:
+    """The version of a record appended after one of version ``previous`` (``None``: first).
+
+    A log keeps the version it was begun in (at least 2): a log of version 3
+    holds records of version 3 only, and one begun before holds none. That
+    is what keeps older writers out of a log of version 3 (they must read a
+    record of it before they append, and they refuse it), and what tells
+    where a record of any number is (docs/protocol.md, "Log version 3").
+
+    Example:
+        >>> version_after(None), version_after(3), version_after(2), version_after(1)
+        (3, 3, 2, 2)
+    """
+    if previous is None or previous >= SEGMENTED_FROM_VERSION:
+        return LOG_VERSION
+    return 2
 
 
 def session_of(entries: Sequence[LogEntry]) -> list[LogEntry]:

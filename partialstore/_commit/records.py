@@ -95,6 +95,7 @@ __all__ = [
     "SaveRecord",
     "SaveSummary",
     "SealRecord",
+    "Versioned",
     "check_record",
     "decode_manifest",
     "decode_record",
@@ -200,6 +201,35 @@ class DiscardRecord:
 
 #: Any log record.
 LogRecord = SaveRecord | SealRecord | DiscardRecord
+
+
+class Versioned:
+    """A record in each version it is written in, encoded once per version.
+
+    A log's records are written in the log's version, known only at each
+    attempt of an append; a save record names every leaf, and a contended
+    append makes many attempts.
+
+    Example:
+        >>> versions = Versioned(SealRecord("f1", None, None))
+        >>> record, data = versions.of(2)
+        >>> record.version, versions.of(2)[1] is data
+        (2, True)
+    """
+
+    __slots__ = ("_encoded", "_record")
+
+    def __init__(self, record: LogRecord) -> None:
+        self._record = record
+        self._encoded: dict[int, tuple[LogRecord, bytes]] = {}
+
+    def of(self, version: int) -> tuple[LogRecord, bytes]:
+        """The record as of ``version``, and its bytes."""
+        if version not in self._encoded:
+            versioned = dataclasses.replace(self._record, version=version)
+            self._encoded[version] = (versioned, versioned.encode())
+        return self._encoded[version]
+
 
 #: Kinds a log record may have: "save" records carry entries, "finalize" is
 #: the seal, "discard" the marker that ends a session. A new kind must be

@@ -46,14 +46,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from partialstore._commit import contention, loghints, records
 from partialstore._commit.exclusive import Created, create_or_read
-from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION, SEGMENTED_FROM_VERSION
+from partialstore._commit.formats import LOG_FORMAT, LOG_VERSION
 from partialstore._commit.logread import (
     LogEntry,
     LogTail,
@@ -69,6 +68,7 @@ from partialstore._commit.logread import (
     read_record,
     record_key,
     session_of,
+    version_after,
 )
 from partialstore._commit.records import DiscardRecord, LogRecord, SaveRecord, SealRecord
 from partialstore.backend import Backend
@@ -166,24 +166,6 @@ def _unsealed(tail: LogTail, seen: _Seen) -> bool:
     listing.
     """
     return not tail.noticed and seen.newest_known(tail.numbers) >= 2
-
-
-def version_after(previous: int | None) -> int:
-    """The version of a record appended after one of version ``previous`` (``None``: first).
-
-    A log keeps the version it was begun in (at least 2): a log of version 3
-    holds records of version 3 only, and one begun before holds none. That
-    is what keeps older writers out of a log of version 3 (they must read a
-    record of it before they append, and they refuse it), and what tells
-    where a record of any number is (docs/protocol.md, "Log version 3").
-
-    Example:
-        >>> version_after(None), version_after(3), version_after(2), version_after(1)
-        (3, 3, 2, 2)
-    """
-    if previous is None or previous >= SEGMENTED_FROM_VERSION:
-        return VERSION
-    return 2
 
 
 async def has_session(backend: Backend, log_prefix: str) -> bool:
@@ -412,13 +394,14 @@ async def _with_last_kind(
 
 
 async def _create_noted(
-    backend: Backend, log_prefix: str, number: int, version: int, data: bytes
+    backend: Backend, log_prefix: str, number: int, record: LogRecord, data: bytes
 ) -> tuple[Created, bool, bytes | None]:
-    """Create record ``number`` of ``version`` (see :func:`create_or_read`), noting its round trip.
+    """Create ``record`` (encoded as ``data``) as number ``number``, noting its round trip.
 
-    Its key is that of a record of its version (:func:`record_key`).
+    Its key is that of a record of its version (:func:`record_key`); see
+    :func:`create_or_read` for what comes back.
     """
-    key = record_key(log_prefix, number, version)
+    key = record_key(log_prefix, number, record.version)
     started = time.monotonic()
     outcome, clean, theirs = await create_or_read(backend, key, data)
     round_trip = time.monotonic() - started
@@ -470,24 +453,17 @@ async def append(
         start = await look_ahead(backend, log_prefix, what=what, known=known)
     tail, seen = start.tail, start.seen
     conflicts = 0
-    # The record in each version it may be written in, encoded once: a save
-    # record names every leaf, and a contended append makes many attempts.
-    encoded: dict[int, tuple[LogRecord, bytes]] = {}
+    versions = records.Versioned(record)
     while True:
         tail = await _with_last_kind(backend, log_prefix, tail, seen, what)
         numbers = tail.numbers
         last = numbers[-1] if numbers else 0
-        previous = seen.versions[last] if last else None
         if last:
             kind = seen.kinds[last]
             loghints.remember(backend, log_prefix, last, kind, version=seen.versions[last])
             _refuse(kind, what, log_prefix, last)
-        version = version_after(previous)
-        if version not in encoded:
-            versioned = dataclasses.replace(record, version=version)
-            encoded[version] = (versioned, versioned.encode())
-        ours, data = encoded[version]
-        outcome, clean, theirs = await _create_noted(backend, log_prefix, last + 1, version, data)
+        ours, data = versions.of(version_after(seen.versions[last] if last else None))
+        outcome, clean, theirs = await _create_noted(backend, log_prefix, last + 1, ours, data)
         if outcome is Created.MINE:
             # After an inconclusive answer our record may have landed, been
             # deleted by a discard, and been created again below its marker.
